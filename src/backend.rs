@@ -1,0 +1,196 @@
+//! The backend abstraction every implementation (reference, cpu, cuda, emulated kernels)
+//! implements with the same signatures, and the values that cross it.
+
+use ndarray::{Array1, Array3, ArrayView1, ArrayView3};
+
+use crate::config::{NoPositivePolicy, Reduction, SupConLoss};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::problem::{BatchShape, Positives};
+
+/// The gradient flowing into the loss from above (`∂(objective)/∂(loss output)`).
+#[derive(Debug, Clone, Copy)]
+pub enum Upstream<'a> {
+    /// For [`Reduction::Mean`] and [`Reduction::Sum`]: the scalar gradient (1.0 for plain
+    /// minimisation).
+    Scalar(f64),
+    /// For [`Reduction::None`]: one entry per anchor.
+    PerAnchor(ArrayView1<'a, f64>),
+}
+
+impl Default for Upstream<'_> {
+    fn default() -> Self {
+        Upstream::Scalar(1.0)
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone)]
+pub struct ForwardOutput {
+    /// The reduced loss; `None` for [`Reduction::None`] (use `per_anchor`).
+    pub loss: Option<f64>,
+    /// ℓ_i for each of the R anchors (anchors without positives hold 0).
+    pub per_anchor: Array1<f64>,
+    /// O(N) state for [`Backend::backward`].
+    pub state: SavedState,
+}
+
+/// The O(R) per-anchor statistics a backward pass needs (nothing N×N).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedState {
+    pub(crate) loss: SupConLoss,
+    pub(crate) shape: BatchShape,
+    /// log-sum-exp of s_ij over anchor i's denominator set (`-inf` when it is empty).
+    pub(crate) lse: Vec<f64>,
+    /// log Σ_j w_ij e^{s_ij} over i's kept positives (`-inf` when it has none).
+    pub(crate) lse_positive: Vec<f64>,
+    /// P_i = Σ_j w_ij over kept positives.
+    pub(crate) positive_weight: Vec<f64>,
+    /// R', the mean's denominator (1 for sum and none).
+    pub(crate) mean_denominator: f64,
+}
+
+impl SavedState {
+    /// The batch shape the state belongs to.
+    pub fn shape(&self) -> BatchShape {
+        self.shape
+    }
+    /// Per anchor: the log-sum-exp over its denominator set.
+    pub fn lse(&self) -> &[f64] {
+        &self.lse
+    }
+    /// Per anchor: the weighted log-sum-exp over its positives.
+    pub fn lse_positive(&self) -> &[f64] {
+        &self.lse_positive
+    }
+    /// Per anchor: P_i.
+    pub fn positive_weight(&self) -> &[f64] {
+        &self.positive_weight
+    }
+    /// R'.
+    pub fn mean_denominator(&self) -> f64 {
+        self.mean_denominator
+    }
+
+    /// Fails unless this state came from a forward pass of `loss` on a batch of `shape`.
+    pub(crate) fn check(&self, loss: &SupConLoss, shape: BatchShape) -> Result<()> {
+        if self.loss != *loss {
+            return Err(Error::StateMismatch(
+                "the loss configuration differs from the forward pass".into(),
+            ));
+        }
+        if self.shape != shape {
+            return Err(Error::StateMismatch(format!(
+                "features have shape {:?}, the forward pass saw {:?}",
+                shape, self.shape
+            )));
+        }
+        Ok(())
+    }
+
+    /// Per anchor: `c · u_i / R'`, the factor in front of ∂ℓ_i/∂s_ij (before `[P_i > 0]`).
+    pub(crate) fn anchor_coefficients(&self, upstream: Upstream<'_>) -> Result<Vec<f64>> {
+        let anchors = self.lse.len();
+        let reduction = self.loss.reduction();
+        let scale = self.loss.loss_scale() / self.mean_denominator;
+        match (upstream, reduction) {
+            (Upstream::Scalar(u), Reduction::Mean | Reduction::Sum) => {
+                if !u.is_finite() {
+                    return Err(Error::NonFiniteUpstream);
+                }
+                Ok(vec![scale * u; anchors])
+            }
+            (Upstream::PerAnchor(u), Reduction::None) => {
+                if u.len() != anchors {
+                    return Err(Error::UpstreamMismatch {
+                        reduction,
+                        reason: format!("{} entries for {anchors} anchors", u.len()),
+                    });
+                }
+                if u.iter().any(|x| !x.is_finite()) {
+                    return Err(Error::NonFiniteUpstream);
+                }
+                Ok(u.iter().map(|x| scale * x).collect())
+            }
+            (Upstream::Scalar(_), Reduction::None) => Err(Error::UpstreamMismatch {
+                reduction,
+                reason: "reduction none needs a per-anchor upstream gradient".into(),
+            }),
+            (Upstream::PerAnchor(_), _) => Err(Error::UpstreamMismatch {
+                reduction,
+                reason: "a reduced loss needs a scalar upstream gradient".into(),
+            }),
+        }
+    }
+}
+
+/// Applies the no-positive policy and the reduction to per-anchor losses: returns the reduced
+/// loss and R'. Sums run in anchor order (deterministic).
+///
+/// # Errors
+/// [`Error::AnchorWithoutPositives`] under [`NoPositivePolicy::Error`].
+pub(crate) fn reduce(
+    loss: &SupConLoss,
+    per_anchor: &[f64],
+    positive_weight: &[f64],
+) -> Result<(Option<f64>, f64)> {
+    let without = positive_weight.iter().position(|&p| p <= 0.0);
+    let with_positive = positive_weight.iter().filter(|&&p| p > 0.0).count();
+    let mean_denominator = match (loss.reduction(), loss.no_positive()) {
+        (_, NoPositivePolicy::Error) if without.is_some() => {
+            return Err(Error::AnchorWithoutPositives {
+                anchor: without.unwrap_or_default(),
+            })
+        }
+        (Reduction::Sum | Reduction::None, _) => 1.0,
+        (Reduction::Mean, NoPositivePolicy::Exclude) => with_positive.max(1) as f64,
+        (Reduction::Mean, _) => per_anchor.len() as f64,
+    };
+    let total: f64 = per_anchor.iter().sum();
+    let reduced = match loss.reduction() {
+        Reduction::None => None,
+        _ => Some(total / mean_denominator),
+    };
+    Ok((reduced, mean_denominator))
+}
+
+/// A SupCon implementation. Every method validates its inputs first and returns a typed error
+/// for anything wrong; none panics on user input.
+///
+/// Features are `[B, V, D]` views with any strides (backends copy non-contiguous views).
+pub trait Backend {
+    /// A short name (`"reference"`, `"cpu"`, …).
+    fn name(&self) -> &'static str;
+
+    /// The loss, the per-anchor losses and the O(N) state for [`backward`](Self::backward).
+    fn forward<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+    ) -> Result<ForwardOutput>;
+
+    /// ∂(objective)/∂features, `[B, V, D]`, from the state of [`forward`](Self::forward) on the
+    /// same features and positives.
+    fn backward<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+    ) -> Result<Array3<T::Grad>>;
+
+    /// Forward then backward in one call.
+    fn forward_backward<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        upstream: Upstream<'_>,
+    ) -> Result<(ForwardOutput, Array3<T::Grad>)> {
+        let output = self.forward(loss, features.view(), positives)?;
+        let grad = self.backward(loss, features, positives, &output.state, upstream)?;
+        Ok((output, grad))
+    }
+}
