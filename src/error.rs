@@ -95,6 +95,9 @@ pub enum Error {
         /// The unsupported option.
         what: String,
     },
+    /// No backend of that name (`reference`, `cpu`, `cuda`, `auto`).
+    #[error("unknown backend `{0}` (expected reference, cpu, cuda or auto)")]
+    UnknownBackend(String),
     /// The crate was built without the `cuda` feature.
     #[error("supcon was compiled without the `cuda` feature")]
     NotCompiledWithCuda,

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod any_backend;
 mod backend;
 mod config;
 mod element;
@@ -8,6 +9,7 @@ mod error;
 mod problem;
 pub mod reference;
 
+pub use any_backend::AnyBackend;
 pub use backend::{Backend, ForwardOutput, SavedState, Upstream};
 pub use config::{
     ContrastMode, Denominator, NoPositivePolicy, Reduction, Summation, SupConLoss,

@@ -1,0 +1,81 @@
+//! One value that can be any backend, chosen at run time by name or by availability.
+
+use ndarray::{Array3, ArrayView3};
+
+use crate::backend::{Backend, ForwardOutput, SavedState, Upstream};
+use crate::config::SupConLoss;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::problem::Positives;
+use crate::reference::ReferenceBackend;
+
+/// Any of the crate's backends, dispatching the [`Backend`] calls.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum AnyBackend {
+    /// The f64 oracle.
+    Reference(ReferenceBackend),
+}
+
+impl AnyBackend {
+    /// The backend called `name`: `reference`, or `auto` for [`AnyBackend::best_available`].
+    ///
+    /// # Errors
+    /// [`Error::UnknownBackend`] for any other name.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "auto" => Ok(Self::best_available()),
+            "reference" => Ok(AnyBackend::Reference(ReferenceBackend)),
+            other => Err(Error::UnknownBackend(other.to_string())),
+        }
+    }
+
+    /// The fastest backend that works on this machine.
+    pub fn best_available() -> Self {
+        AnyBackend::Reference(ReferenceBackend)
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $backend:ident => $call:expr) => {
+        match $self {
+            AnyBackend::Reference($backend) => $call,
+        }
+    };
+}
+
+impl Backend for AnyBackend {
+    fn name(&self) -> &'static str {
+        dispatch!(self, b => b.name())
+    }
+
+    fn forward<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+    ) -> Result<ForwardOutput> {
+        dispatch!(self, b => b.forward(loss, features, positives))
+    }
+
+    fn backward<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+    ) -> Result<Array3<T::Grad>> {
+        dispatch!(self, b => b.backward(loss, features, positives, state, upstream))
+    }
+
+    fn forward_backward<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        upstream: Upstream<'_>,
+    ) -> Result<(ForwardOutput, Array3<T::Grad>)> {
+        dispatch!(self, b => b.forward_backward(loss, features, positives, upstream))
+    }
+}
