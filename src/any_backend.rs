@@ -4,6 +4,8 @@ use ndarray::{Array3, ArrayView3};
 
 use crate::backend::{Backend, ForwardOutput, SavedState, Upstream};
 use crate::config::SupConLoss;
+use crate::cpu::CpuBackend;
+use crate::cuda::CudaBackend;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::problem::Positives;
@@ -15,24 +17,36 @@ use crate::reference::ReferenceBackend;
 pub enum AnyBackend {
     /// The f64 oracle.
     Reference(ReferenceBackend),
+    /// The fused, multithreaded CPU backend.
+    Cpu(CpuBackend),
+    /// The CUDA kernels on GPU 0 (feature `cuda`).
+    Cuda(CudaBackend),
 }
 
 impl AnyBackend {
-    /// The backend called `name`: `reference`, or `auto` for [`AnyBackend::best_available`].
+    /// The backend called `name`: `reference`, `cpu`, `cuda` (GPU 0), or `auto` for
+    /// [`AnyBackend::best_available`].
     ///
     /// # Errors
-    /// [`Error::UnknownBackend`] for any other name.
+    /// [`Error::UnknownBackend`] for any other name; for `cuda`, why it cannot run here
+    /// ([`CudaBackend::new`]: no `cuda` feature, driver, device or kernels, or an old GPU).
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "auto" => Ok(Self::best_available()),
             "reference" => Ok(AnyBackend::Reference(ReferenceBackend)),
+            "cpu" => Ok(AnyBackend::Cpu(CpuBackend)),
+            "cuda" => CudaBackend::new(0).map(AnyBackend::Cuda),
             other => Err(Error::UnknownBackend(other.to_string())),
         }
     }
 
-    /// The fastest backend that works on this machine.
+    /// The fastest backend that works on this machine: CUDA on GPU 0 when it initialises,
+    /// else the fused CPU backend.
     pub fn best_available() -> Self {
-        AnyBackend::Reference(ReferenceBackend)
+        match CudaBackend::new(0) {
+            Ok(cuda) => AnyBackend::Cuda(cuda),
+            Err(_) => AnyBackend::Cpu(CpuBackend),
+        }
     }
 }
 
@@ -40,6 +54,8 @@ macro_rules! dispatch {
     ($self:ident, $backend:ident => $call:expr) => {
         match $self {
             AnyBackend::Reference($backend) => $call,
+            AnyBackend::Cpu($backend) => $call,
+            AnyBackend::Cuda($backend) => $call,
         }
     };
 }

@@ -87,6 +87,15 @@ pub enum Error {
     /// A saved forward state was handed to a backward call it does not belong to.
     #[error("saved state does not match this backward call: {0}")]
     StateMismatch(String),
+    /// A device buffer handed to the CUDA backend does not fit the call: wrong length, or memory
+    /// of another CUDA context.
+    #[error("device buffer `{buffer}`: {reason}")]
+    InvalidDeviceBuffer {
+        /// Which argument (`features`, `labels`, `mask`, `grad`).
+        buffer: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// The backend does not implement this option or element type.
     #[error("backend `{backend}` does not support {what}")]
     Unsupported {

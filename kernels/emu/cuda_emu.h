@@ -1,0 +1,108 @@
+/*
+ * Host emulation of the little of CUDA the SupCon kernels use, so that the unmodified .cu files
+ * compile with g++ (-x c++ -include cuda_emu.h) and run on the CPU in tests.
+ *
+ * Execution model (cuda_emu.cpp): one OS thread per CUDA thread, taken from a pool that lives
+ * across launches; the blocks of a grid run one after another, all threads of a block at once.
+ * Hence:
+ *   - __shared__ becomes `static`: a __shared__ variable declared in a kernel (or device
+ *     function) is one object shared by every thread running that function, exactly the
+ *     per-block storage CUDA gives it, since only one block runs at a time (launches are
+ *     serialised too). Dynamic (extern) shared memory is not emulated: launches asking for it fail.
+ *   - __syncthreads() is a std::barrier across the block's threads.
+ *   - Warp shuffles exchange values through a per-warp buffer guarded by a per-warp barrier.
+ *   - threadIdx / blockIdx / blockDim / gridDim are thread_local variables.
+ *   - __half and __nv_bfloat16 are our own storage types with exact widening to float (the
+ *     kernels only read half-precision data), so the emulation needs no CUDA headers.
+ * Real data races in a kernel stay data races here (threads really run concurrently), so the
+ * emulated kernels can be checked with ThreadSanitizer and AddressSanitizer
+ * (scripts/sanitize-emulated.sh).
+ */
+#ifndef SUPCON_CUDA_EMU_H
+#define SUPCON_CUDA_EMU_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <type_traits>
+
+#define SUPCON_EMULATION 1
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct uint3 {
+    unsigned x, y, z;
+};
+
+struct dim3 {
+    unsigned x, y, z;
+};
+
+extern thread_local uint3 threadIdx;
+extern thread_local uint3 blockIdx;
+extern thread_local dim3 blockDim;
+extern thread_local dim3 gridDim;
+
+namespace supcon_emu {
+
+/* Waits until every thread of the current block has arrived. */
+void sync_block();
+
+/* Returns `bits` of lane (this lane ^ lane_mask) of the current warp. All lanes of the warp
+ * must take part (`mask` must name them all); anything else aborts. */
+uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask);
+
+} // namespace supcon_emu
+
+inline void __syncthreads() { supcon_emu::sync_block(); }
+
+template <typename V>
+V __shfl_xor_sync(unsigned mask, V value, int lane_mask) {
+    static_assert(std::is_trivially_copyable_v<V> && sizeof(V) <= sizeof(uint64_t), "shuffles move at most 64 bits");
+    uint64_t bits = 0;
+    memcpy(&bits, &value, sizeof value);
+    bits = supcon_emu::shuffle_xor(mask, bits, lane_mask);
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* IEEE binary16 storage. */
+struct __half {
+    uint16_t bits;
+};
+
+/* bfloat16 storage (the upper half of a binary32). */
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+
+inline float supcon_emu_float_from_bits(uint32_t bits) {
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* Exact: every binary16 value is a binary32 value. */
+inline float __half2float(__half h) {
+    const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+    const uint32_t exponent = (h.bits >> 10) & 0x1fu;
+    const uint32_t mantissa = h.bits & 0x3ffu;
+    if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24 */
+        const float magnitude = ldexpf(static_cast<float>(mantissa), -24);
+        return sign ? -magnitude : magnitude;
+    }
+    if (exponent == 0x1f) { /* infinity or NaN (payload kept) */
+        return supcon_emu_float_from_bits(sign | 0x7f800000u | (mantissa << 13));
+    }
+    return supcon_emu_float_from_bits(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+inline float __bfloat162float(__nv_bfloat16 h) { return supcon_emu_float_from_bits(static_cast<uint32_t>(h.bits) << 16); }
+
+#endif /* SUPCON_CUDA_EMU_H */

@@ -1,0 +1,204 @@
+/*
+ * SupCon backward pass: dL/dZ from Z and the saved O(R) per-anchor statistics, without the
+ * N x N matrices.
+ *
+ * The math (SPEC.md). With q_ij = e^{s_ij - LSE_i} and r_ij = w_ij e^{s_ij - LSE^P_i}, computed as
+ * (w_ij / W_i) e^{s_ij - (LSE^P_i - log W_i)} from the forward kernel's scaled statistic (see
+ * "Exact cancellations" in supcon_forward.cu; w_ij / P_i is likewise a division):
+ *     G_ij = dL/ds_ij = coef_i (q_ij [j in D_i] - w_ij / P_i)     (summation outside)
+ *                     = coef_i (q_ij [j in D_i] - r_ij)           (summation inside)
+ * where coef_i = c u_i / R' [P_i > 0] [D_i non-empty] (u: upstream gradient) is precomputed on the
+ * host, and G_ij = 0 for rows i that are not anchors. As s_kj = s_jk = z_k . z_j / tau,
+ *     dL/dz_k = (1/tau) sum_j H_kj z_j,    H_kj = G_kj + G_jk,
+ * which covers contrast mode all and one (G_jk = 0 when j is no anchor) and asymmetric masks
+ * (G_jk uses w_jk = mask[b_j, b_k]).
+ *
+ * supcon_backward_{f32,f16,bf16}: grid (ceil(N / 64), ceil(D / 128)) blocks of 128 threads.
+ * Block (x, y) owns gradient rows 64x .. 64x + 63 and feature columns 128y .. 128y + 127 and keeps
+ * that 64 x 128 slab of dZ in registers (8 x 8 per thread) for the whole pass: every gradient
+ * element is written once, by one thread, after a fixed-order sum: no atomics, deterministic.
+ * For each column tile of 64 contrast rows j:
+ *     1. the S tile from shared stages of Z (supcon_common.cuh), 8 x 4 logits per thread;
+ *     2. the H tile (both terms; weights from labels / sample / mask inside the tile) into
+ *        shared memory;
+ *     3. slab += H tile x Z[tile rows, slab columns], Z staged through shared memory 32 rows
+ *        at a time.
+ * With contrast mode one, tiles where neither side holds an anchor are zero and skipped.
+ *
+ * Cost: 2 N^2 D flops for the products with Z plus 2 N^2 D per column chunk for recomputing S
+ * (one chunk for D <= 128), ~2 exponentials per logit (one per anchor side). Memory traffic:
+ * per column tile 2 x 64 x D elements for S and 64 x min(D, 128) for step 3, mostly L2 hits;
+ * the gradient (f32) is written once.
+ */
+#include "supcon_common.cuh"
+
+namespace supcon {
+/* Internal linkage: in the host emulation the __shared__ variables below become function-local
+ * statics, and only statics outside COMDAT groups get AddressSanitizer redzones. */
+namespace {
+
+/* Rows of Z staged per step of the H x Z product. */
+constexpr int kGradStageRows = 32;
+/* Gradient columns per thread: thread column tx owns columns tx + 16n. */
+constexpr int kGradMicroCols = kGradChunk / kThreadGridCols;
+
+static_assert(kTileCols % kGradStageRows == 0, "whole stages per column tile");
+static_assert(kGradStageRows * kGradChunk % kThreads == 0, "the Z stage loader covers the stage in whole passes");
+
+/* The saved statistics of the rows of one tile. */
+struct TileStatistics {
+    float lse[kTileRows];
+    float scaled_positive_lse[kTileRows];
+    float positive_weight[kTileRows];
+    float positive_weight_max[kTileRows];
+    float coef[kTileRows]; /* 0 for rows that are not anchors or whose gradient vanishes */
+};
+
+/* Threads 0..kTileRows-1 each load one row's statistics. The caller synchronises. */
+__device__ __forceinline__ void load_statistics(TileStatistics& tile, uint32_t first_row, int count,
+                                                const SupconParams& p) {
+    const int t = threadIdx.x;
+    if (t < kTileRows && t < count) {
+        const uint32_t row = first_row + t;
+        float coef = 0.0f;
+        if (row < p.anchors) {
+            coef = reinterpret_cast<const float*>(p.anchor_grad_coef)[row];
+            tile.lse[t] = reinterpret_cast<const float*>(p.anchor_lse)[row];
+            tile.scaled_positive_lse[t] = reinterpret_cast<const float*>(p.anchor_scaled_positive_lse)[row];
+            tile.positive_weight[t] = reinterpret_cast<const float*>(p.anchor_positive_weight)[row];
+            tile.positive_weight_max[t] = reinterpret_cast<const float*>(p.anchor_positive_weight_max)[row];
+        }
+        tile.coef[t] = coef;
+    }
+}
+
+/* G_ij / coef_i for the anchor whose statistics are row a of `stats`, given s_ij and w_ij. */
+__device__ __forceinline__ float logit_gradient(const SupconParams& p, const TileStatistics& stats, int a, float s,
+                                                float weight) {
+    float g = in_denominator(p, weight) ? expf(s - stats.lse[a]) : 0.0f;
+    if (weight > 0.0f) {
+        /* Divisions, not multiplications by reciprocals: w / w is exactly 1. */
+        g -= p.summation == SUPCON_SUMMATION_OUTSIDE
+                 ? weight / stats.positive_weight[a]
+                 : weight / stats.positive_weight_max[a] * expf(s - stats.scaled_positive_lse[a]);
+    }
+    return g;
+}
+
+template <typename T>
+__device__ __forceinline__ void backward(const SupconParams& p) {
+    /* The S stages and the Z stages of step 3 are never live at the same time. */
+    union BackwardShared {
+        StageTiles stage;
+        float contrast_features[kGradStageRows][kGradChunk];
+    };
+    __shared__ BackwardShared shared;
+    __shared__ float h_tile[kTileRows][kTileCols + 1];
+    __shared__ TileRows own_rows;
+    __shared__ TileRows contrast_rows;
+    __shared__ TileStatistics own_stats;
+    __shared__ TileStatistics contrast_stats;
+
+    const T* __restrict__ features = reinterpret_cast<const T*>(p.features);
+    const int ty = threadIdx.x / kThreadGridCols;
+    const int tx = threadIdx.x % kThreadGridCols;
+    const uint32_t first_row = blockIdx.x * kTileRows;
+    const int own_count = rows_in_tile(first_row, p.rows);
+    const uint32_t first_column = blockIdx.y * kGradChunk;
+
+    describe_rows(own_rows, first_row, own_count, p);
+    load_statistics(own_stats, first_row, own_count, p);
+
+    float grad[kMicroRows][kGradMicroCols];
+#pragma unroll
+    for (int m = 0; m < kMicroRows; ++m)
+#pragma unroll
+        for (int n = 0; n < kGradMicroCols; ++n) grad[m][n] = 0.0f;
+
+    for (uint32_t first_contrast = 0; first_contrast < p.rows; first_contrast += kTileCols) {
+        /* Anchors are rows 0..R-1: from here on neither side has one, so H is zero. */
+        if (first_row >= p.anchors && first_contrast >= p.anchors) break;
+        const int contrast_count = rows_in_tile(first_contrast, p.rows);
+        describe_rows(contrast_rows, first_contrast, contrast_count, p);
+        load_statistics(contrast_stats, first_contrast, contrast_count, p);
+        __syncthreads();
+
+        float acc[kMicroRows][kMicroCols];
+        dot_tile(acc, shared.stage, features, own_rows, own_count, contrast_rows, contrast_count, p.dim);
+#pragma unroll
+        for (int m = 0; m < kMicroRows; ++m) {
+            const int r = ty + kThreadGridRows * m;
+#pragma unroll
+            for (int n = 0; n < kMicroCols; ++n) {
+                const int c = tx + kThreadGridCols * n;
+                float h = 0.0f;
+                if (r < own_count && c < contrast_count && first_row + r != first_contrast + c) {
+                    const float s = acc[m][n] * p.inv_temperature;
+                    if (own_stats.coef[r] != 0.0f) {
+                        const float w = pair_weight(p, own_rows, r, contrast_rows, c);
+                        h = own_stats.coef[r] * logit_gradient(p, own_stats, r, s, w);
+                    }
+                    if (contrast_stats.coef[c] != 0.0f) {
+                        const float w = pair_weight(p, contrast_rows, c, own_rows, r);
+                        h = fmaf(contrast_stats.coef[c], logit_gradient(p, contrast_stats, c, s, w), h);
+                    }
+                }
+                h_tile[r][c] = h;
+            }
+        }
+        __syncthreads();
+
+        for (int stage_row = 0; stage_row < kTileCols; stage_row += kGradStageRows) {
+            for (int e = threadIdx.x; e < kGradStageRows * kGradChunk; e += kThreads) {
+                const int j = e / kGradChunk;
+                const uint32_t column = first_column + e % kGradChunk;
+                shared.contrast_features[j][e % kGradChunk] =
+                    (stage_row + j < contrast_count && column < p.dim)
+                        ? load_as_float(features + contrast_rows.offset[stage_row + j] + column)
+                        : 0.0f;
+            }
+            __syncthreads();
+#pragma unroll 4
+            for (int j = 0; j < kGradStageRows; ++j) {
+                float h[kMicroRows];
+                float z[kGradMicroCols];
+#pragma unroll
+                for (int m = 0; m < kMicroRows; ++m) h[m] = h_tile[ty + kThreadGridRows * m][stage_row + j];
+#pragma unroll
+                for (int n = 0; n < kGradMicroCols; ++n) z[n] = shared.contrast_features[j][tx + kThreadGridCols * n];
+#pragma unroll
+                for (int m = 0; m < kMicroRows; ++m)
+#pragma unroll
+                    for (int n = 0; n < kGradMicroCols; ++n) grad[m][n] = fmaf(h[m], z[n], grad[m][n]);
+            }
+            __syncthreads();
+        }
+    }
+
+    float* grad_features = reinterpret_cast<float*>(p.grad_features);
+#pragma unroll
+    for (int m = 0; m < kMicroRows; ++m) {
+        const int r = ty + kThreadGridRows * m;
+        if (r >= own_count) continue;
+#pragma unroll
+        for (int n = 0; n < kGradMicroCols; ++n) {
+            const uint32_t column = first_column + tx + kThreadGridCols * n;
+            if (column < p.dim) grad_features[own_rows.offset[r] + column] = grad[m][n] * p.inv_temperature;
+        }
+    }
+}
+
+} // namespace
+} // namespace supcon
+
+extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_backward_f32(const SupconParams params) {
+    supcon::backward<float>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_backward_f16(const SupconParams params) {
+    supcon::backward<__half>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_backward_bf16(const SupconParams params) {
+    supcon::backward<__nv_bfloat16>(params);
+}

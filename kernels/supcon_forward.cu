@@ -1,0 +1,248 @@
+/*
+ * SupCon forward pass: per-anchor statistics, per-anchor losses, and the reduced loss.
+ *
+ * The math (SPEC.md). For anchor i (rows 0..R-1) and every contrast row j != i:
+ *     s_ij = z_i . z_j / tau,  w_ij = positive weight (same label / same sample / mask[b_i, b_j])
+ *     D_i  = { j != i }  (denominator all)   or   { j != i : w_ij = 0 }  (only negatives)
+ *     LSE_i   = log sum_{j in D_i} e^{s_ij}          P_i = sum_j w_ij,  W_i = max_j w_ij
+ *     LSE^P_i = log sum_j w_ij e^{s_ij}              T_i = sum_j w_ij s_ij
+ *     l_i = c (LSE_i - T_i / P_i)                    (summation outside, c = tau / tau_b)
+ *     l_i = c (LSE_i - LSE^P_i + log P_i)            (summation inside)
+ *     l_i = 0 when P_i = 0 or D_i is empty.
+ *
+ * supcon_forward_{f32,f16,bf16}: grid = ceil(R / 64) blocks of 128 threads. Block b owns anchors
+ * 64b .. 64b + 63 and streams over all N contrast rows in column tiles of 64; each tile of S is
+ * computed from shared stages of Z (supcon_common.cuh) into registers, 8 x 4 logits per thread.
+ * The thread then folds its logits into running statistics of its 8 anchor rows: an online
+ * log-sum-exp over D_i (running max m and sum l = sum e^{s - m}, rescaled once per tile when the
+ * max grows), the same over the weighted positives, and the plain sums P, T and max W. Nothing N x N is stored; the self pair and rows past N are masked
+ * inside the tile. After the last tile the 16 threads sharing an anchor row publish their
+ * partial statistics to shared memory and one thread per row merges them in a fixed order and
+ * writes LSE_i, LSE^P_i - log W_i, P_i, W_i and l_i. (The positive log-sum-exp is also kept for
+ * summation outside: the saved state holds it, and it costs an exponential only where w_ij > 0.)
+ *
+ * Exact cancellations. Where the loss of an anchor does not depend on the logits, its gradient
+ * should be 0, not rounding noise, so the statistics are formed for the backward kernel to
+ * reproduce them bit for bit: the logits are the same products scaled the same way, and the
+ * positive log-sum-exp is kept scaled by W_i, which makes it equal LSE_i bitwise when every
+ * denominator term is a positive of weight 1 (a one-class batch, summation inside) and equal
+ * s_ij when anchor i has a single positive of any weight (N = 2).
+ *
+ * Memory traffic: per column tile a block reads 64 anchor rows and 64 contrast rows, i.e. the
+ * whole launch reads 2 (R / 64) N D elements, mostly L2 hits (the anchor block is re-read from
+ * L1/L2); compute is 2 R N D flops plus ~1 exponential per logit (2 for positives). Writes are
+ * O(R). The mask (explicit weights) is read per logit from the [B, B] buffer, L2-resident for
+ * any batch that fits a training step.
+ *
+ * supcon_forward_finalize: one block of 256 threads. Thread t sums l_a and counts anchors with
+ * P_a = 0 over a = t, t + 256, ... (f64 sums), warps combine by an xor butterfly, thread 0 adds
+ * the 8 warp totals in order: a fixed summation order, so the loss is bitwise reproducible run to
+ * run (no atomics). It applies the reduction and the no-positive policy's mean denominator R'
+ * (R, or the anchors with P_i > 0, at least 1).
+ */
+#include "supcon_common.cuh"
+
+namespace supcon {
+/* Internal linkage: in the host emulation the __shared__ variables below become function-local
+ * statics, and only statics outside COMDAT groups get AddressSanitizer redzones. */
+namespace {
+
+/* One anchor row's running statistics over the contrasts seen so far. */
+struct RowStatistics {
+    float max;             /* running max of s over D_i (-inf: none yet) */
+    float sum;             /* sum_{j in D_i} e^(s_ij - max) */
+    float positive_max;    /* running max of s over positives */
+    float positive_sum;    /* sum_j w_ij e^(s_ij - positive_max) */
+    float positive_weight;     /* P_i */
+    float positive_weight_max; /* W_i (0: none yet) */
+    float positive_logit;      /* T_i = sum_j w_ij s_ij */
+};
+
+/* (max, sum) <- the log-sum-exp pair of the union of two disjoint sets. */
+__device__ __forceinline__ void merge_log_sum(float& max, float& sum, float other_max, float other_sum) {
+    const float merged = fmaxf(max, other_max);
+    if (merged == -INFINITY) return; /* both sets empty */
+    sum = sum * expf(max - merged) + other_sum * expf(other_max - merged);
+    max = merged;
+}
+
+/* Folds one tile row of logits (this thread's kMicroCols columns) into `stats`. */
+__device__ __forceinline__ void accumulate_row(RowStatistics& stats, const float (&s)[kMicroCols],
+                                               const float (&weight)[kMicroCols],
+                                               const bool (&denominator)[kMicroCols]) {
+    float tile_max = -INFINITY;
+    float tile_positive_max = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < kMicroCols; ++n) {
+        if (denominator[n]) tile_max = fmaxf(tile_max, s[n]);
+        if (weight[n] > 0.0f) tile_positive_max = fmaxf(tile_positive_max, s[n]);
+    }
+    if (tile_max > stats.max) {
+        stats.sum *= expf(stats.max - tile_max);
+        stats.max = tile_max;
+    }
+    if (tile_positive_max > stats.positive_max) {
+        stats.positive_sum *= expf(stats.positive_max - tile_positive_max);
+        stats.positive_max = tile_positive_max;
+    }
+#pragma unroll
+    for (int n = 0; n < kMicroCols; ++n) {
+        if (denominator[n]) stats.sum += expf(s[n] - stats.max);
+        if (weight[n] > 0.0f) {
+            stats.positive_sum = fmaf(weight[n], expf(s[n] - stats.positive_max), stats.positive_sum);
+            stats.positive_weight += weight[n];
+            stats.positive_weight_max = fmaxf(stats.positive_weight_max, weight[n]);
+            stats.positive_logit = fmaf(weight[n], s[n], stats.positive_logit);
+        }
+    }
+}
+
+/* Merges the kThreadGridCols partial statistics of anchor row r (fixed order) and writes the
+ * anchor's outputs. */
+__device__ __forceinline__ void finish_anchor(const RowStatistics (&partial)[kThreadGridCols], uint32_t anchor,
+                                              const SupconParams& p) {
+    RowStatistics s = partial[0];
+    for (int q = 1; q < kThreadGridCols; ++q) {
+        merge_log_sum(s.max, s.sum, partial[q].max, partial[q].sum);
+        merge_log_sum(s.positive_max, s.positive_sum, partial[q].positive_max, partial[q].positive_sum);
+        s.positive_weight += partial[q].positive_weight;
+        s.positive_weight_max = fmaxf(s.positive_weight_max, partial[q].positive_weight_max);
+        s.positive_logit += partial[q].positive_logit;
+    }
+    /* sum >= 1 (the max term) whenever the set is non-empty; likewise positive_sum >= max w. */
+    const bool has_denominator = s.sum > 0.0f;
+    const bool has_positive = s.positive_weight > 0.0f;
+    const float log_sum = has_denominator ? logf(s.sum) : 0.0f;
+    /* log sum_j (w_ij / W_i) e^(s_ij - positive_max); see "Exact cancellations" above. */
+    const float log_scaled_positive_sum = has_positive ? logf(s.positive_sum / s.positive_weight_max) : 0.0f;
+    float loss = 0.0f;
+    if (has_denominator && has_positive) {
+        /* Differences of large logits first, then the O(log N) log-sums: less cancellation. */
+        loss = p.summation == SUPCON_SUMMATION_OUTSIDE
+                   ? p.loss_scale * ((s.max - s.positive_logit / s.positive_weight) + log_sum)
+                   : p.loss_scale * ((s.max - s.positive_max) + (log_sum - log_scaled_positive_sum) +
+                                     logf(s.positive_weight / s.positive_weight_max));
+    }
+    reinterpret_cast<float*>(p.anchor_lse)[anchor] = has_denominator ? s.max + log_sum : -INFINITY;
+    reinterpret_cast<float*>(p.anchor_scaled_positive_lse)[anchor] =
+        has_positive ? s.positive_max + log_scaled_positive_sum : -INFINITY;
+    reinterpret_cast<float*>(p.anchor_positive_weight)[anchor] = s.positive_weight;
+    reinterpret_cast<float*>(p.anchor_positive_weight_max)[anchor] = s.positive_weight_max;
+    reinterpret_cast<float*>(p.anchor_loss)[anchor] = loss;
+}
+
+template <typename T>
+__device__ __forceinline__ void forward_statistics(const SupconParams& p) {
+    /* The stages are dead once the last tile is done; the partial statistics reuse them. */
+    union ForwardShared {
+        StageTiles stage;
+        RowStatistics partial[kTileRows][kThreadGridCols];
+    };
+    __shared__ ForwardShared shared;
+    __shared__ TileRows anchor_rows;
+    /* Double-buffered: a tile's description is rewritten two tiles later, after barriers that
+     * every thread reaches only when done reading it. */
+    __shared__ TileRows contrast_rows[2];
+
+    const T* __restrict__ features = reinterpret_cast<const T*>(p.features);
+    const int ty = threadIdx.x / kThreadGridCols;
+    const int tx = threadIdx.x % kThreadGridCols;
+    const uint32_t first_anchor = blockIdx.x * kTileRows;
+    const int anchor_count = rows_in_tile(first_anchor, p.anchors);
+
+    describe_rows(anchor_rows, first_anchor, anchor_count, p);
+    RowStatistics stats[kMicroRows];
+#pragma unroll
+    for (int m = 0; m < kMicroRows; ++m) stats[m] = {-INFINITY, 0.0f, -INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
+
+    int parity = 0;
+    for (uint32_t first_contrast = 0; first_contrast < p.rows; first_contrast += kTileCols, parity ^= 1) {
+        const int contrast_count = rows_in_tile(first_contrast, p.rows);
+        const TileRows& contrasts = contrast_rows[parity];
+        describe_rows(contrast_rows[parity], first_contrast, contrast_count, p);
+        __syncthreads();
+        float acc[kMicroRows][kMicroCols];
+        dot_tile(acc, shared.stage, features, anchor_rows, anchor_count, contrasts, contrast_count, p.dim);
+#pragma unroll
+        for (int m = 0; m < kMicroRows; ++m) {
+            const int r = ty + kThreadGridRows * m;
+            if (r >= anchor_count) continue;
+            float s[kMicroCols];
+            float weight[kMicroCols];
+            bool denominator[kMicroCols];
+#pragma unroll
+            for (int n = 0; n < kMicroCols; ++n) {
+                const int c = tx + kThreadGridCols * n;
+                const bool valid = c < contrast_count && first_contrast + c != first_anchor + r;
+                s[n] = acc[m][n] * p.inv_temperature;
+                weight[n] = valid ? pair_weight(p, anchor_rows, r, contrasts, c) : 0.0f;
+                denominator[n] = valid && in_denominator(p, weight[n]);
+            }
+            accumulate_row(stats[m], s, weight, denominator);
+        }
+    }
+
+    /* dot_tile ended with a barrier: the stage memory is free for the partial statistics. */
+#pragma unroll
+    for (int m = 0; m < kMicroRows; ++m) shared.partial[ty + kThreadGridRows * m][tx] = stats[m];
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < anchor_count) {
+        finish_anchor(shared.partial[threadIdx.x], first_anchor + threadIdx.x, p);
+    }
+}
+
+} // namespace
+} // namespace supcon
+
+extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_f32(const SupconParams params) {
+    supcon::forward_statistics<float>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_f16(const SupconParams params) {
+    supcon::forward_statistics<__half>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_bf16(const SupconParams params) {
+    supcon::forward_statistics<__nv_bfloat16>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(supcon::kFinalizeThreads)
+    supcon_forward_finalize(const SupconParams params) {
+    constexpr int kWarps = supcon::kFinalizeThreads / 32;
+    __shared__ double warp_loss[kWarps];
+    __shared__ uint32_t warp_without_positive[kWarps];
+
+    const float* anchor_loss = reinterpret_cast<const float*>(params.anchor_loss);
+    const float* positive_weight = reinterpret_cast<const float*>(params.anchor_positive_weight);
+    double loss = 0.0;
+    uint32_t without_positive = 0;
+    for (uint32_t a = threadIdx.x; a < params.anchors; a += supcon::kFinalizeThreads) {
+        loss += anchor_loss[a];
+        without_positive += positive_weight[a] > 0.0f ? 0u : 1u;
+    }
+    for (int lanes = 16; lanes > 0; lanes /= 2) {
+        loss += __shfl_xor_sync(0xffffffffu, loss, lanes);
+        without_positive += __shfl_xor_sync(0xffffffffu, without_positive, lanes);
+    }
+    if (threadIdx.x % 32 == 0) {
+        warp_loss[threadIdx.x / 32] = loss;
+        warp_without_positive[threadIdx.x / 32] = without_positive;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        uint32_t without = 0;
+        for (int w = 0; w < kWarps; ++w) {
+            total += warp_loss[w];
+            without += warp_without_positive[w];
+        }
+        const uint32_t with_positive = params.anchors - without;
+        double mean_denominator = params.anchors;
+        if (params.no_positive_policy == SUPCON_NO_POSITIVE_EXCLUDE) {
+            mean_denominator = with_positive > 0 ? with_positive : 1;
+        }
+        *reinterpret_cast<double*>(params.reduced_loss) =
+            params.reduction == SUPCON_REDUCTION_MEAN ? total / mean_denominator : total;
+        *reinterpret_cast<uint32_t*>(params.anchors_without_positives) = without;
+    }
+}

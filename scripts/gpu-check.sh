@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# The GPU check: run on a machine with an NVIDIA GPU and a CUDA 13 driver (>= 580), from the
+# bundle that scripts/build-gpu-bundle.sh built on a machine without one (nothing is compiled
+# or downloaded here). In under 8 minutes it runs
+#   1. every CUDA correctness test (the bundled test binaries, SUPCON_REQUIRE_CUDA=1 so that
+#      none can skip),
+#   2. compute-sanitizer memcheck and racecheck over a small ragged run, where the tool exists,
+#   3. the performance table of our kernels (bin/cuda_table) and
+#   4. the same table for the unfused PyTorch baseline (torch_baseline.py, eager and
+#      torch.compile), after checking its loss and gradient against our CUDA backend,
+# and prints a markdown report, also written to $OUT/gpu-check.md when OUT is set (with the
+# full logs in $OUT/gpu-check.log).
+#
+# Usage: bash gpu-bundle/gpu-check.sh        (the bundle's own copy; any working directory)
+# Environment: SUPCON_GPU_SIZES (default 4096,16384,65536,262144), SUPCON_GPU_DIM (128).
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+sizes=${SUPCON_GPU_SIZES:-4096,16384,65536,262144}
+dim=${SUPCON_GPU_DIM:-128}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+report=$work/report.md
+log=$work/log.txt
+last=$work/last.txt
+failures=0
+
+say() { printf '%s\n' "$*" >>"$report"; }
+# Runs a command with a time limit; its output goes to $last and is appended to the log.
+# Returns the command's status.
+logged() {
+    local limit=$1 status
+    shift
+    timeout --kill-after=10 "$limit" "$@" >"$last" 2>&1
+    status=$?
+    printf '\n==== %s (exit %s)\n' "$*" "$status" >>"$log"
+    cat "$last" >>"$log"
+    return "$status"
+}
+# Seconds left until second $1 of the run (at least 10): every stage ends by a fixed deadline,
+# so the whole check ends within 8 minutes (the last deadline is 455 s, plus 10 s of kill grace)
+# whatever hangs.
+until_second() {
+    local left=$(($1 - SECONDS))
+    echo $((left > 10 ? left : 10))
+}
+describe_status() {
+    case $1 in
+        0) echo "ok" ;;
+        124 | 137) echo "TIMED OUT" ;;
+        *) echo "FAILED (exit $1)" ;;
+    esac
+}
+
+if [[ ! -x $here/bin/cuda_table ]]; then
+    echo "gpu-check: no bundle next to this script ($here/bin/cuda_table is missing):" \
+        "build it with scripts/build-gpu-bundle.sh and run gpu-bundle/gpu-check.sh" >&2
+    exit 2
+fi
+
+say "# supcon GPU check, $(date -u +%Y-%m-%d\ %H:%M\ UTC)"
+say ""
+card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
+    head -n 1)
+say "- card: ${card:-unknown (nvidia-smi failed)}"
+while IFS= read -r line; do say "- $line"; done <"$here/BUILD_INFO"
+say ""
+
+# 1. Correctness: every test of the CUDA backend.
+say "## Correctness (CUDA backend tests)"
+say ""
+say "| test binary | filter | passed | failed | ignored | result | seconds |"
+say "|---|---|---|---|---|---|---|"
+for binary in "$here"/tests/*; do
+    name=$(basename "$binary")
+    # Binaries of CUDA tests run whole; the others only their tests with `cuda` in the path.
+    filter=cuda
+    [[ $name == *cuda* ]] && filter=""
+    start=$SECONDS
+    SUPCON_REQUIRE_CUDA=1 logged "$(until_second 120)" "$binary" ${filter:+"$filter"}
+    status=$?
+    counts=$(grep -E '^test result:' "$last" | tail -n 1 |
+        sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed; ([0-9]+) ignored.*/\1 | \2 | \3/')
+    [[ $counts == *"|"* ]] || counts="? | ? | ?"
+    ((status == 0)) || failures=$((failures + 1))
+    say "| $name | ${filter:-(all)} | $counts | $(describe_status $status) | $((SECONDS - start)) |"
+done
+say ""
+
+# 2. compute-sanitizer over a ragged problem (N = 666, D = 130: partial tiles everywhere).
+say "## compute-sanitizer"
+say ""
+sanitizer=$(command -v compute-sanitizer)
+for candidate in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
+    /opt/nvidia/*/compute-sanitizer/compute-sanitizer; do
+    [[ -z $sanitizer && -x $candidate ]] && sanitizer=$candidate
+done
+if [[ -z $sanitizer ]]; then
+    say "not available (no compute-sanitizer on this machine)"
+else
+    say "| tool | run | result | summary |"
+    say "|---|---|---|---|"
+    deadline=170
+    for tool in memcheck racecheck; do
+        deadline=$((deadline + 50))
+        logged "$(until_second $deadline)" "$sanitizer" --tool "$tool" --error-exitcode 3 \
+            "$here/bin/cuda_table" --sizes 666 --dim 130 --dtypes f32,bf16 --repeats 1 --cap-s 1
+        status=$?
+        summary=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$last" | tail -n 1 | sed 's/^=* *//')
+        ((status == 0)) || failures=$((failures + 1))
+        say "| $tool | cuda_table N = 666, D = 130, f32 + bf16, fwd + bwd | $(describe_status $status) | ${summary:-} |"
+    done
+fi
+say ""
+
+# 3 and 4. Performance.
+say "## Performance: forward + backward, D = $dim, V = 2, labels from 100 classes"
+say ""
+say "| implementation | dtype | N | D | fwd+bwd (ms) | TFLOP/s (6·N²·D) | peak memory (MiB) |"
+say "|---|---|---|---|---|---|---|"
+logged "$(until_second 330)" "$here/bin/cuda_table" --sizes "$sizes" --dim "$dim" \
+    --dtypes f32,bf16 --cap-s 8 --budget-s 80
+status=$?
+grep -E '^\| supcon' "$last" >>"$report"
+if ((status != 0)); then
+    failures=$((failures + 1))
+    say "| supcon cuda | | | | $(describe_status $status) | | |"
+fi
+if ! python3 -c 'import torch, numpy' 2>/dev/null; then
+    say "| torch | | | | not available (no python3 with torch and numpy) | | |"
+else
+    limit=$(until_second 455)
+    logged "$limit" python3 "$here/torch_baseline.py" --sizes "$sizes" --dim "$dim" \
+        --verify-with "$here/bin/supcon" --budget-s $((limit * 2 / 3))
+    status=$?
+    grep -E '^\| torch' "$last" >>"$report"
+    verify=$(grep -E '^verify:' "$last" | tail -n 1)
+    ((status == 0)) || failures=$((failures + 1))
+    say ""
+    say "PyTorch baseline: $(describe_status $status). ${verify:-verify: no result}"
+fi
+say ""
+say "Result: $( ((failures == 0)) && echo "all checks passed" || echo "$failures check(s) failed") in $SECONDS s."
+
+cat "$report"
+if [[ -n ${OUT:-} ]]; then
+    mkdir -p "$OUT"
+    cp "$report" "$OUT/gpu-check.md"
+    cp "$log" "$OUT/gpu-check.log"
+fi
+((failures == 0))

@@ -1,0 +1,405 @@
+//! The backward pass: dZ = H Z / τ with SPEC.md's symmetric H, recomputing S tile by tile.
+//!
+//! With G_ij = ∂L/∂s_ij (zero unless i is an active anchor) and s_ij = s_ji, the gradient of
+//! row k collects its anchor side G_kj z_j and its contrast side G_jk z_j:
+//! dZ_k = (1/τ) Σ_j H_kj z_j with H_kj = G_kj + G_jk. That covers contrast mode one (G is zero
+//! on non-anchor rows) and asymmetric masks (G_kj and G_jk are each computed from their own
+//! weights). For a tile (I, J), after `S = Z_I Z_Jᵀ / τ`, each entry becomes
+//!
+//!   H_ij = g(anchor i, contrast j) + g(anchor j, contrast i),
+//!   g(a, c) = den_a · [c ∈ den(a)] · e^{s − LSE_a} − positive term(a, w_ac, s)
+//!
+//! in place (two exponentials per entry; the positive term is w·a/P for L_out and
+//! w·a·e^{s − LSE^P_a} for L_in, with a = c·u_a/(R'·τ)). Then two GEMMs,
+//! dZ_I += H Z_J and dZ_J += Hᵀ Z_I (a diagonal tile holds both halves: dZ_I += H Z_I).
+//! `one_positive`'s positive terms (a pull per positive, from a softplus and a sigmoid) are
+//! computed in f64 on the positive entries only, after a sweep for each anchor's total pull.
+//!
+//! Each tile's GEMMs write f32 partials, added into f64 row accumulators in the schedule's
+//! fixed order: deterministic, and the cancellation in Σ_j H_kj z_j (Σ_j H_kj = 0 for an anchor)
+//! costs f32 precision only within one tile.
+
+use std::sync::Mutex;
+
+use super::forward::PositiveSums;
+use super::math::{exp, neutral_padding, padded, sigmoid, softplus};
+use super::relation::{in_denominator, PairWeights};
+use super::simd::TileKernel;
+use super::tiles::{flatten, Tile, BLOCK};
+use super::Batch;
+use crate::config::{Denominator, Summation};
+
+/// How a positive entry enters g(a, c) besides the denominator term.
+trait PositiveTerm {
+    /// Whether the pulls are computed separately in f64 (`one_positive`).
+    const SCALAR_PULLS: bool;
+    /// The term subtracted for weight `w` and logit `s`, given the anchor's `scale` and
+    /// `lse_positive`.
+    fn term(w: f32, s: f32, scale: f32, lse_positive: f32) -> f32;
+}
+
+/// L_out with denominator all / only-negatives: w·a/P (`scale` = a/P).
+struct Outside;
+/// L_in with denominator all / only-negatives: w·a·e^{s − LSE^P} (`scale` = a).
+struct Inside;
+/// `one_positive`: pulls come from [`Pulls`].
+struct OnePositive;
+
+impl PositiveTerm for Outside {
+    const SCALAR_PULLS: bool = false;
+    #[inline(always)]
+    fn term(w: f32, _: f32, scale: f32, _: f32) -> f32 {
+        w * scale
+    }
+}
+
+impl PositiveTerm for Inside {
+    const SCALAR_PULLS: bool = false;
+    #[inline(always)]
+    fn term(w: f32, s: f32, scale: f32, lse_positive: f32) -> f32 {
+        w * scale * exp(s - lse_positive)
+    }
+}
+
+impl PositiveTerm for OnePositive {
+    const SCALAR_PULLS: bool = true;
+    #[inline(always)]
+    fn term(_: f32, _: f32, _: f32, _: f32) -> f32 {
+        0.0
+    }
+}
+
+/// Per-row coefficients of g, padded past N with inactive rows. An inactive row (not an
+/// anchor, no positive, or an empty denominator) has LSEs of +∞ and scales of 0, so every term
+/// it contributes is exactly 0 (e^{−∞} = 0, never ∞·0).
+pub(super) struct AnchorTerms {
+    lse: Vec<f32>,
+    den_scale: Vec<f32>,
+    positive_scale: Vec<f32>,
+    lse_positive: Vec<f32>,
+}
+
+/// `one_positive`'s per-anchor f64 values for the pulls (anchors only).
+pub(super) struct Pulls {
+    summation: Summation,
+    lse: Vec<f64>,
+    /// a (L_in) or a/P (L_out); 0 for inactive anchors.
+    scale: Vec<f64>,
+    /// log A (L_in).
+    log_share: Vec<f64>,
+}
+
+impl Pulls {
+    /// The pull of a positive (weight w, logit s) on anchor `a`.
+    fn pull(&self, a: usize, w: f32, s: f32) -> f64 {
+        let (w, s, lse) = (f64::from(w), f64::from(s), self.lse[a]);
+        match self.summation {
+            Summation::Outside => self.scale[a] * w * sigmoid(lse - s),
+            Summation::Inside => {
+                let share = (w.ln() - softplus(lse - s) - self.log_share[a]).exp();
+                self.scale[a] * share * sigmoid(lse - s)
+            }
+        }
+    }
+}
+
+/// What the forward pass saved, per anchor.
+pub(super) struct Saved<'a> {
+    pub(super) lse: &'a [f64],
+    pub(super) lse_positive: &'a [f64],
+    pub(super) positive_weight: &'a [f64],
+    /// c·u_i/R' per anchor.
+    pub(super) coefficients: &'a [f64],
+}
+
+/// The coefficients of g for every row (and the pulls for `one_positive`, which need the
+/// `positive_sums` sweep).
+pub(super) fn anchor_terms(
+    batch: &Batch<'_>,
+    saved: &Saved<'_>,
+    positive_sums: Option<&[PositiveSums]>,
+) -> (AnchorTerms, Option<Pulls>) {
+    let len = padded(batch.shape.rows());
+    let mut terms = AnchorTerms {
+        lse: vec![f32::INFINITY; len],
+        den_scale: vec![0.0; len],
+        positive_scale: vec![0.0; len],
+        lse_positive: vec![f32::INFINITY; len],
+    };
+    let summation = batch.loss.summation();
+    let mut pulls = positive_sums.map(|_| Pulls {
+        summation,
+        lse: saved.lse.to_vec(),
+        scale: vec![0.0; batch.anchors],
+        log_share: vec![0.0; batch.anchors],
+    });
+    let tau = batch.loss.temperature();
+    for i in 0..batch.anchors {
+        let (lse, p) = (saved.lse[i], saved.positive_weight[i]);
+        if !(p > 0.0 && lse > f64::NEG_INFINITY) {
+            continue;
+        }
+        let a = saved.coefficients[i] / tau;
+        terms.lse[i] = lse as f32;
+        match (positive_sums, &mut pulls) {
+            (Some(sums), Some(pulls)) => {
+                let sums = &sums[i];
+                let total_pull = match summation {
+                    Summation::Outside => sums.sigmoid / p,
+                    Summation::Inside => (sums.log_pull.value() - sums.log_share.value()).exp(),
+                };
+                terms.den_scale[i] = (a * total_pull) as f32;
+                pulls.scale[i] = match summation {
+                    Summation::Outside => a / p,
+                    Summation::Inside => a,
+                };
+                pulls.log_share[i] = sums.log_share.value();
+            }
+            _ => {
+                terms.den_scale[i] = a as f32;
+                match summation {
+                    Summation::Outside => terms.positive_scale[i] = (a / p) as f32,
+                    Summation::Inside => {
+                        terms.positive_scale[i] = a as f32;
+                        terms.lse_positive[i] = saved.lse_positive[i] as f32;
+                    }
+                }
+            }
+        }
+    }
+    (terms, pulls)
+}
+
+/// Per-thread buffers of the backward sweep.
+struct Scratch {
+    /// S, then H in place.
+    logits: Vec<f32>,
+    row_weight: Vec<f32>,
+    row_bias: Vec<f32>,
+    col_weight: Vec<f32>,
+    col_bias: Vec<f32>,
+    /// `one_positive` pulls of the current tile row.
+    pull: Vec<f32>,
+    /// H Z_J (block I's rows) and Hᵀ Z_I (block J's rows).
+    grad_rows: Vec<f32>,
+    grad_cols: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(dim: usize) -> Self {
+        let lane_row = || vec![0.0; padded(BLOCK)];
+        Scratch {
+            logits: vec![0.0; BLOCK * padded(BLOCK)],
+            row_weight: lane_row(),
+            row_bias: lane_row(),
+            col_weight: lane_row(),
+            col_bias: lane_row(),
+            pull: lane_row(),
+            grad_rows: vec![0.0; BLOCK * dim],
+            grad_cols: vec![0.0; BLOCK * dim],
+        }
+    }
+}
+
+/// The elementwise work of one backward tile: S → H in place.
+struct GradientTile<'a, R, P, const NEG_ONLY: bool> {
+    pairs: &'a R,
+    tile: &'a Tile,
+    terms: &'a AnchorTerms,
+    pulls: Option<&'a Pulls>,
+    scratch: &'a mut Scratch,
+    positive_term: std::marker::PhantomData<P>,
+}
+
+impl<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool> TileKernel
+    for GradientTile<'_, R, P, NEG_ONLY>
+{
+    #[inline(always)]
+    fn run(self) {
+        let GradientTile {
+            pairs,
+            tile,
+            terms,
+            pulls,
+            scratch,
+            ..
+        } = self;
+        let stride = tile.stride();
+        let (width, cols) = (tile.cols.len(), tile.cols.clone());
+        let col_lse = &terms.lse[cols.start..][..stride];
+        let col_den = &terms.den_scale[cols.start..][..stride];
+        let col_pos = &terms.positive_scale[cols.start..][..stride];
+        let col_lse_pos = &terms.lse_positive[cols.start..][..stride];
+        let Scratch {
+            logits,
+            row_weight,
+            row_bias,
+            col_weight,
+            col_bias,
+            pull,
+            ..
+        } = scratch;
+        let (rw, rb) = (&mut row_weight[..stride], &mut row_bias[..stride]);
+        let (col_weight, col_bias) = (&mut col_weight[..stride], &mut col_bias[..stride]);
+        let pull = &mut pull[..stride];
+        let symmetric = pairs.is_symmetric();
+        for (a, i) in tile.rows.clone().enumerate() {
+            pairs.fill_anchor_row(i, cols.clone(), &mut rw[..width], &mut rb[..width]);
+            neutral_padding(rw, rb, width);
+            // Symmetric: anchor j's weight against contrast i is row i's weight of j.
+            let (cw, cb): (&[f32], &[f32]) = if symmetric {
+                (rw, rb)
+            } else {
+                pairs.fill_contrast_row(
+                    i,
+                    cols.clone(),
+                    &mut col_weight[..width],
+                    &mut col_bias[..width],
+                );
+                neutral_padding(col_weight, col_bias, width);
+                (col_weight, col_bias)
+            };
+            let (rw, rb): (&[f32], &[f32]) = (rw, rb);
+            let h = &mut logits[a * stride..][..stride];
+            if P::SCALAR_PULLS {
+                pull.fill(0.0);
+                if let Some(pulls) = pulls {
+                    for k in 0..width {
+                        let j = cols.start + k;
+                        let mut total = 0.0;
+                        if rw[k] > 0.0 && i < pulls.scale.len() && pulls.scale[i] != 0.0 {
+                            total += pulls.pull(i, rw[k], h[k]);
+                        }
+                        if cw[k] > 0.0 && j < pulls.scale.len() && pulls.scale[j] != 0.0 {
+                            total += pulls.pull(j, cw[k], h[k]);
+                        }
+                        pull[k] = total as f32;
+                    }
+                }
+            }
+            let (lse, den, pos, lse_pos) = (
+                terms.lse[i],
+                terms.den_scale[i],
+                terms.positive_scale[i],
+                terms.lse_positive[i],
+            );
+            let row = rw.iter().zip(rb.iter());
+            let col = cw.iter().zip(cb.iter());
+            let col_terms = col_lse.iter().zip(col_den).zip(col_pos).zip(col_lse_pos);
+            for (
+                (((s, pull), (&rw, &rb)), (&cw, &cb)),
+                (((&col_lse, &col_den), &col_pos), &col_lse_pos),
+            ) in h
+                .iter_mut()
+                .zip(pull.iter())
+                .zip(row)
+                .zip(col)
+                .zip(col_terms)
+            {
+                let x = *s;
+                let e_row = exp(x + rb - lse);
+                let e_col = exp(x + cb - col_lse);
+                let d_row = if in_denominator::<NEG_ONLY>(rw) {
+                    e_row
+                } else {
+                    0.0
+                };
+                let d_col = if in_denominator::<NEG_ONLY>(cw) {
+                    e_col
+                } else {
+                    0.0
+                };
+                let g_row = den * d_row - P::term(rw, x, pos, lse_pos);
+                let g_col = col_den * d_col - P::term(cw, x, col_pos, col_lse_pos);
+                *s = if P::SCALAR_PULLS {
+                    g_row + g_col - pull
+                } else {
+                    g_row + g_col
+                };
+            }
+        }
+    }
+}
+
+/// ∂L/∂z for every row, in f64, `[N, D]` row-major.
+pub(super) fn gradient<R: PairWeights>(
+    batch: &Batch<'_>,
+    pairs: &R,
+    terms: &AnchorTerms,
+    pulls: Option<&Pulls>,
+) -> Vec<f64> {
+    let neg_only = batch.only_negatives_in_denominator();
+    match (batch.loss.denominator(), batch.loss.summation(), neg_only) {
+        (Denominator::OnePositive, ..) => {
+            gradient_with::<R, OnePositive, true>(batch, pairs, terms, pulls)
+        }
+        (_, Summation::Outside, false) => {
+            gradient_with::<R, Outside, false>(batch, pairs, terms, pulls)
+        }
+        (_, Summation::Outside, true) => {
+            gradient_with::<R, Outside, true>(batch, pairs, terms, pulls)
+        }
+        (_, Summation::Inside, false) => {
+            gradient_with::<R, Inside, false>(batch, pairs, terms, pulls)
+        }
+        (_, Summation::Inside, true) => {
+            gradient_with::<R, Inside, true>(batch, pairs, terms, pulls)
+        }
+    }
+}
+
+fn gradient_with<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool>(
+    batch: &Batch<'_>,
+    pairs: &R,
+    terms: &AnchorTerms,
+    pulls: Option<&Pulls>,
+) -> Vec<f64> {
+    let dim = batch.rows.dim;
+    let states: Vec<Mutex<Vec<f64>>> = (0..batch.schedule.blocks())
+        .map(|b| Mutex::new(vec![0.0; batch.schedule.block_rows(b).len() * dim]))
+        .collect();
+    batch.schedule.for_each_tile(
+        &states,
+        || Scratch::new(dim),
+        |tile, scratch, grad_rows, grad_cols| {
+            batch
+                .rows
+                .logits_tile(tile, batch.inverse_temperature, &mut scratch.logits);
+            batch.isa.run(GradientTile::<R, P, NEG_ONLY> {
+                pairs,
+                tile,
+                terms,
+                pulls,
+                scratch: &mut *scratch,
+                positive_term: std::marker::PhantomData,
+            });
+            let (m, n, stride) = (tile.rows.len(), tile.cols.len(), tile.stride());
+            let (rows, cols) = (tile.rows.clone(), tile.cols.clone());
+            let partial_rows = &mut scratch.grad_rows[..m * dim];
+            batch
+                .rows
+                .tile_times_block(&scratch.logits, stride, (m, n), false, cols, partial_rows);
+            add_into(grad_rows, partial_rows);
+            if let Some(grad_cols) = grad_cols {
+                let partial_cols = &mut scratch.grad_cols[..n * dim];
+                batch.rows.tile_times_block(
+                    &scratch.logits,
+                    stride,
+                    (n, m),
+                    true,
+                    rows,
+                    partial_cols,
+                );
+                add_into(grad_cols, partial_cols);
+            }
+        },
+    );
+    flatten(states)
+}
+
+/// `total += partial`, element by element.
+fn add_into(total: &mut [f64], partial: &[f32]) {
+    for (t, &p) in total.iter_mut().zip(partial) {
+        *t += f64::from(p);
+    }
+}

@@ -1,0 +1,341 @@
+//! The fast CPU backend: fused, tiled, symmetric, multithreaded and deterministic.
+//!
+//! The algorithm is the GPU kernels' (SPEC.md), on tiles sized for a CPU cache:
+//!
+//! 1. The features become one contiguous f32 `[N, D]` buffer in view-major row order
+//!    (r = v·B + b), whatever their element type and strides, plus Zᵀ packed once into column
+//!    panels for the logits product. f64 features are rounded to f32 too: this backend computes
+//!    in f32 (exponentials included) and combines per-anchor statistics in f64; the gradient
+//!    comes back in the features' gradient type.
+//! 2. Rows are cut into blocks of 256; a tile is a pair of blocks (I ≤ J) and its logits
+//!    `S_IJ = Z_I Z_Jᵀ / τ` come from one register-blocked product (`gemm`; a 256×256 f32 tile,
+//!    256 KiB, stays in L2). S is symmetric, so a tile serves the anchors of I against J *and*
+//!    the anchors of J against I: half of S is ever computed.
+//! 3. Forward (`forward`): per anchor, an online masked log-sum-exp over the denominator set,
+//!    the weighted log-sum-exp over the positives, P and Σ w·s, with exponentials taken only
+//!    relative to maxima of non-excluded entries. `one_positive` sweeps the tiles a second time
+//!    for its positive terms, which need LSE^N first.
+//! 4. Backward (`backward`): each tile recomputes S, turns it in place into the symmetric
+//!    H_ij = G_ij + G_ji from the saved per-anchor LSEs and P, and adds H Z_J to dZ_I and
+//!    Hᵀ Z_I to dZ_J with two more products.
+//!
+//! Work: forward N²·D flops (half of S), backward 3·N²·D (half of S again, then H Z in full),
+//! plus N² exponentials each. Memory beyond the inputs and the result: the f32 rows and their
+//! panels (~8·N·D bytes), the f64 gradient accumulators (8·N·D), O(N) per-anchor values and,
+//! per thread, one tile with its buffers (~0.5 MiB at D = 128). Nothing N×N.
+//!
+//! Threads: `tiles::Schedule` runs tiles in rounds of block-disjoint pairs on the ambient rayon
+//! pool; every accumulator receives its tiles in an order fixed by N alone, and the elementwise
+//! loops fold their lanes in a fixed order, so results are bitwise identical for any number of
+//! threads (and the same on the AVX2 and AVX-512 paths `simd::Isa` picks).
+
+mod backward;
+mod forward;
+mod gemm;
+mod math;
+mod relation;
+mod simd;
+mod tiles;
+
+use ndarray::{s, Array1, Array3, ArrayView3};
+use rayon::prelude::*;
+
+use crate::backend::{reduce, Backend, ForwardOutput, SavedState, Upstream};
+use crate::config::{Denominator, Summation, SupConLoss};
+use crate::element::{Element, GradElement};
+use crate::error::{Error, Result};
+use crate::problem::{validate_inputs, BatchShape, Positives};
+use forward::{AnchorStats, PositiveSums};
+use relation::Pairs;
+use simd::Isa;
+use tiles::{Rows, Schedule};
+
+/// The fast fused CPU backend (see the module docs). Uses the ambient rayon thread pool;
+/// results do not depend on its size.
+///
+/// Every option of [`SupConLoss`] and every kind of [`Positives`] is supported. Features are
+/// computed in f32 whatever their type (f64 features are rounded to f32); logits beyond
+/// ±1e36 (features of enormous norm) are refused with [`Error::Unsupported`] instead of
+/// overflowing f32.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBackend;
+
+/// Largest |s_ij| the f32 tiles accept: far enough below f32::MAX (3.4e38) that sums of
+/// logits and their differences stay finite.
+const LOGIT_LIMIT: f64 = 1e36;
+
+/// A validated batch as the tile loops see it.
+struct Batch<'a> {
+    loss: SupConLoss,
+    shape: BatchShape,
+    /// R: rows `0..anchors` are the anchors.
+    anchors: usize,
+    /// 1/τ in f32, the GEMM's scale.
+    inverse_temperature: f32,
+    rows: Rows,
+    pairs: Pairs<'a>,
+    schedule: Schedule,
+    isa: Isa,
+}
+
+impl<'a> Batch<'a> {
+    /// Converts the features and lays out the relation. `features` must have passed
+    /// `validate_inputs`, which returned `shape`.
+    fn new<T: Element>(
+        loss: &SupConLoss,
+        features: &ArrayView3<'_, T>,
+        shape: BatchShape,
+        positives: Positives<'a>,
+        isa: Isa,
+    ) -> Result<Self> {
+        let (n, dim) = (shape.rows(), shape.dim);
+        let mut data = vec![0.0_f32; n * dim];
+        let largest_square_norm = data
+            .par_chunks_mut(dim)
+            .enumerate()
+            .map(|(r, row)| {
+                let source = features.slice(s![shape.sample_of(r), shape.view_of(r), ..]);
+                for (z, x) in row.iter_mut().zip(source) {
+                    *z = x.to_f32();
+                }
+                row.iter()
+                    .map(|&z| f64::from(z) * f64::from(z))
+                    .sum::<f64>()
+            })
+            .reduce(|| 0.0, f64::max);
+        if largest_square_norm / loss.temperature() > LOGIT_LIMIT {
+            return Err(Error::Unsupported {
+                backend: "cpu",
+                what: format!(
+                    "logits up to ‖z‖²/τ = {:e}, beyond the f32 range it computes in",
+                    largest_square_norm / loss.temperature()
+                ),
+            });
+        }
+        let anchors = shape.anchors(loss.contrast_mode());
+        Ok(Batch {
+            loss: *loss,
+            shape,
+            anchors,
+            inverse_temperature: (1.0 / loss.temperature()) as f32,
+            rows: Rows::new(data, dim, isa),
+            pairs: Pairs::new(loss, shape, positives)?,
+            schedule: Schedule::new(n, anchors),
+            isa,
+        })
+    }
+
+    /// Whether the denominator holds the negatives only (only-negatives and one-positive).
+    fn only_negatives_in_denominator(&self) -> bool {
+        self.loss.denominator() != Denominator::All
+    }
+}
+
+/// Runs `$body` with `$pairs` bound to the batch's concrete relation layout.
+macro_rules! with_pairs {
+    ($batch:expr, $pairs:ident => $body:expr) => {
+        match &$batch.pairs {
+            Pairs::Class($pairs) => $body,
+            Pairs::Mask($pairs) => $body,
+        }
+    };
+}
+
+/// ℓ_i from the anchor's statistics (and its positive sums for one-positive), like the
+/// reference: 0 without positives, 0 for an empty denominator under all / only-negatives.
+fn anchor_loss(loss: &SupConLoss, stats: &AnchorStats, sums: Option<&PositiveSums>) -> f64 {
+    let (lse, p) = (stats.denominator.value(), stats.positive_weight);
+    if p <= 0.0 {
+        return 0.0;
+    }
+    let unscaled = match (loss.denominator(), loss.summation(), sums) {
+        (Denominator::OnePositive, Summation::Outside, Some(sums)) => sums.softplus / p,
+        (Denominator::OnePositive, Summation::Inside, Some(sums)) => {
+            p.ln() - sums.log_share.value()
+        }
+        (Denominator::OnePositive, _, None) => unreachable!("one-positive sums are computed"),
+        _ if lse == f64::NEG_INFINITY => 0.0,
+        (_, Summation::Outside, _) => lse - stats.weighted_logits / p,
+        (_, Summation::Inside, _) => lse - stats.positive.value() + p.ln(),
+    };
+    loss.loss_scale() * unscaled
+}
+
+impl CpuBackend {
+    fn forward_on<T: Element>(
+        isa: Isa,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+    ) -> Result<ForwardOutput> {
+        let shape = validate_inputs(&features, &positives)?;
+        let batch = Batch::new(loss, &features, shape, positives, isa)?;
+        let stats = with_pairs!(batch, pairs => forward::statistics(&batch, pairs));
+        let lse: Vec<f64> = stats.iter().map(|s| s.denominator.value()).collect();
+        let sums = (loss.denominator() == Denominator::OnePositive)
+            .then(|| with_pairs!(batch, pairs => forward::positive_sums(&batch, pairs, &lse)));
+        let per_anchor: Vec<f64> = stats
+            .iter()
+            .enumerate()
+            .map(|(i, stats)| anchor_loss(loss, stats, sums.as_ref().map(|sums| &sums[i])))
+            .collect();
+        let positive_weight: Vec<f64> = stats.iter().map(|s| s.positive_weight).collect();
+        let (reduced, mean_denominator) = reduce(loss, &per_anchor, &positive_weight)?;
+        Ok(ForwardOutput {
+            loss: reduced,
+            per_anchor: Array1::from(per_anchor),
+            state: SavedState {
+                loss: *loss,
+                shape,
+                lse,
+                lse_positive: stats.iter().map(|s| s.positive.value()).collect(),
+                positive_weight,
+                mean_denominator,
+            },
+        })
+    }
+
+    fn backward_on<T: Element>(
+        isa: Isa,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+    ) -> Result<Array3<T::Grad>> {
+        let shape = validate_inputs(&features, &positives)?;
+        state.check(loss, shape)?;
+        let coefficients = state.anchor_coefficients(upstream)?;
+        let batch = Batch::new(loss, &features, shape, positives, isa)?;
+        let sums = (loss.denominator() == Denominator::OnePositive).then(
+            || with_pairs!(batch, pairs => forward::positive_sums(&batch, pairs, &state.lse)),
+        );
+        let saved = backward::Saved {
+            lse: &state.lse,
+            lse_positive: &state.lse_positive,
+            positive_weight: &state.positive_weight,
+            coefficients: &coefficients,
+        };
+        let (terms, pulls) = backward::anchor_terms(&batch, &saved, sums.as_deref());
+        let dz =
+            with_pairs!(batch, pairs => backward::gradient(&batch, pairs, &terms, pulls.as_ref()));
+        let (b, dim) = (shape.batch, shape.dim);
+        Ok(Array3::from_shape_fn((b, shape.views, dim), |(s, v, k)| {
+            T::Grad::from_f64(dz[(v * b + s) * dim + k])
+        }))
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn forward<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+    ) -> Result<ForwardOutput> {
+        Self::forward_on(Isa::detect(), loss, features, positives)
+    }
+
+    fn backward<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+    ) -> Result<Array3<T::Grad>> {
+        Self::backward_on(Isa::detect(), loss, features, positives, state, upstream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::Array3;
+
+    use super::*;
+    use crate::reference::ReferenceBackend;
+
+    /// Every instruction-set path agrees with the reference, and the FMA paths (AVX2, AVX-512)
+    /// agree with each other bitwise; the baseline has no FMA, so its products round
+    /// differently. The data is structured (sines, 7 classes) and L_in's gradient, a difference
+    /// of two softmax-weighted means, loses ~1.5e-5 (norm-wise) to cancellation on every path:
+    /// hence 5e-5 here; `tests/cpu_backend.rs` holds random batches to 1e-5.
+    #[test]
+    fn instruction_sets_agree() {
+        let (batch, views, dim) = (301, 2, 37);
+        let features = Array3::from_shape_fn((batch, views, dim), |(b, v, k)| {
+            ((b * 131 + v * 71 + k * 29) as f32 * 0.37).sin() * 0.2
+        });
+        let labels: Vec<i64> = (0..batch as i64).map(|b| b % 7).collect();
+        let positives = Positives::labels(&labels);
+        let norm_error = |a: &[f64], b: &[f64]| {
+            let scale = b.iter().fold(0.0, |m: f64, x| m.max(x.abs()));
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max)
+                / scale
+        };
+        for denominator in [
+            Denominator::All,
+            Denominator::OnlyNegatives,
+            Denominator::OnePositive,
+        ] {
+            for summation in [Summation::Outside, Summation::Inside] {
+                let loss = SupConLoss::builder()
+                    .denominator(denominator)
+                    .summation(summation)
+                    .temperature(0.1)
+                    .build()
+                    .unwrap();
+                let (reference, reference_grad) = ReferenceBackend
+                    .forward_backward(
+                        &loss,
+                        features.mapv(f64::from).view(),
+                        positives,
+                        Upstream::Scalar(1.0),
+                    )
+                    .unwrap();
+                let run = |isa| {
+                    let out =
+                        CpuBackend::forward_on(isa, &loss, features.view(), positives).unwrap();
+                    let grad = CpuBackend::backward_on(
+                        isa,
+                        &loss,
+                        features.view(),
+                        positives,
+                        &out.state,
+                        Upstream::Scalar(1.0),
+                    )
+                    .unwrap();
+                    (out.per_anchor, out.state, grad)
+                };
+                let what = format!("{denominator:?}, {summation:?}");
+                let mut fused = Vec::new();
+                for isa in Isa::supported() {
+                    let result = run(isa);
+                    let losses = norm_error(
+                        result.0.as_slice().unwrap(),
+                        reference.per_anchor.as_slice().unwrap(),
+                    );
+                    let grad: Vec<f64> = result.2.iter().map(|&g| f64::from(g)).collect();
+                    let grads = norm_error(&grad, reference_grad.as_slice().unwrap());
+                    assert!(
+                        losses < 1e-6 && grads < 5e-5,
+                        "{isa:?} {what}: {losses:e} {grads:e}"
+                    );
+                    if isa != Isa::Baseline {
+                        fused.push(result);
+                    }
+                }
+                for other in fused.iter().skip(1) {
+                    assert!(*other == fused[0], "FMA paths differ: {what}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,540 @@
+//! The safe layer: [`CudaBackend`] and its device API.
+
+use std::sync::Arc;
+
+use cudarc::driver::result::DriverError;
+use cudarc::driver::{
+    sys, CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DeviceRepr, DeviceSlice, SyncOnDrop,
+};
+use half::{bf16, f16};
+use ndarray::{Array3, ArrayView3};
+
+use super::checks::{
+    check_compute_capability, check_device_ordinal, check_driver_version, check_kernels_built,
+};
+use super::executor::{driver_error, LoadedKernels, StreamExecutor};
+use super::raw::{self, DriverLibrary};
+use super::resident::{self, Problem, ResidentInputs, ResidentPositives, Statistics};
+use crate::backend::{Backend, ForwardOutput, SavedState, Upstream};
+use crate::config::SupConLoss;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::problem::{BatchShape, Positives};
+
+const NAME: &str = "cuda";
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// A feature element type the CUDA kernels read from device memory: `f32`, [`half::f16`] or
+/// [`half::bf16`]. (The host API, [`Backend`], also takes these; it rejects f64.)
+pub trait CudaFeature: Element + DeviceRepr + sealed::Sealed {}
+impl CudaFeature for f32 {}
+impl CudaFeature for f16 {}
+impl CudaFeature for bf16 {}
+
+/// What makes two rows positives, for the device API (see [`Positives`]).
+#[derive(Debug, Clone, Copy)]
+pub enum DevicePositives<'a> {
+    /// SimCLR: only the other views of the same sample.
+    SimClr,
+    /// `[B]` labels, one per sample.
+    Labels(&'a CudaView<'a, i64>),
+    /// `[B, B]` weights, row-major, finite and ≥ 0 (not checked on the device: a negative or
+    /// NaN weight gives a meaningless loss rather than an error).
+    Mask(&'a CudaView<'a, f32>),
+}
+
+/// The SupCon loss on an NVIDIA GPU (compute capability 8.0 or newer, CUDA 13.0 driver).
+///
+/// All work runs on one CUDA stream: a new stream of the device or context it was created
+/// from, or the caller's own ([`from_stream`](Self::from_stream)), so the loss slots into a
+/// training step without extra synchronisation. Kernels are loaded once per context and shared
+/// by every backend on it. Cloning is cheap (two `Arc`s) and keeps the stream.
+///
+/// Two APIs:
+/// - [`Backend`] (host arrays): copies the inputs in and the results out, synchronising.
+/// - the device API: features and positives as [`CudaView`]s, the loss left on the device
+///   ([`forward_device`](Self::forward_device) → [`DeviceForward`]), the gradient into a
+///   [`CudaViewMut`] or a new [`CudaSlice`] ([`backward_device_into`](Self::backward_device_into),
+///   [`backward_device`](Self::backward_device)).
+///
+/// Shapes and options are validated on the host before anything is launched. Not supported
+/// (→ [`Error::Unsupported`]): `Denominator::OnePositive`, `positives_cap`, f64 features.
+/// On the device API, NaN/Inf features are not detected (they propagate to the loss).
+///
+/// A training step on the trainer's stream:
+///
+/// ```no_run
+/// use cudarc::driver::CudaContext;
+/// use supcon::cuda::DevicePositives;
+/// use supcon::{BatchShape, CudaBackend, SupConLoss, Upstream};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let stream = CudaContext::new(0)?.new_stream()?; // the trainer's stream
+/// let cuda = CudaBackend::from_stream(stream.clone())?;
+/// let shape = BatchShape { batch: 256, views: 2, dim: 128 };
+/// // [B, V, D] embeddings and [B] labels, as the model wrote them on `stream`.
+/// let features = stream.alloc_zeros::<half::bf16>(256 * 2 * 128)?;
+/// let labels = stream.alloc_zeros::<i64>(256)?;
+/// let (features, labels) = (features.as_view(), labels.as_view());
+/// let positives = DevicePositives::Labels(&labels);
+///
+/// let forward = cuda.forward_device(&SupConLoss::default(), &features, shape, positives)?;
+/// let grad = cuda.backward_device(&forward, &features, positives, Upstream::Scalar(1.0))?;
+/// let loss = forward.loss(); // a device scalar: no synchronisation
+/// println!("loss = {:?}", forward.loss_host()?); // synchronises
+/// # let _ = (grad, loss);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct CudaBackend {
+    stream: Arc<CudaStream>,
+    kernels: Arc<LoadedKernels>,
+}
+
+/// The driver library, checked to speak the API version the kernels and cudarc need.
+fn usable_driver() -> Result<DriverLibrary> {
+    let driver = DriverLibrary::find().ok_or(Error::NoCudaDriver)?;
+    check_driver_version(driver.version().map_err(version_error)?)?;
+    Ok(driver)
+}
+
+/// The error of a failed `cuDriverGetVersion`: the toolkit's link stub (`stubs/libcuda.so`,
+/// found where no driver is installed) is no driver.
+fn version_error(error: DriverError) -> Error {
+    if error.0 == sys::CUresult::CUDA_ERROR_STUB_LIBRARY {
+        Error::NoCudaDriver
+    } else {
+        driver_error("cuDriverGetVersion")(error)
+    }
+}
+
+/// The error of a failed `cuInit` for device `ordinal`: no device is a typed error of its own.
+fn init_error(ordinal: usize, error: DriverError) -> Error {
+    if error.0 == sys::CUresult::CUDA_ERROR_NO_DEVICE {
+        Error::NoCudaDevice { ordinal, count: 0 }
+    } else {
+        driver_error("cuInit")(error)
+    }
+}
+
+impl CudaBackend {
+    /// A backend on a new stream of device `ordinal`'s primary context.
+    ///
+    /// # Errors
+    /// [`Error::NoCudaDriver`] (no libcuda), [`Error::Cuda`] (driver older than CUDA 13.0, or a
+    /// driver call failed), [`Error::NoCudaDevice`], [`Error::UnsupportedComputeCapability`]
+    /// (below 8.0), [`Error::KernelsNotBuilt`] (nvcc was missing when supcon was built).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let driver = usable_driver()?;
+        driver.init().map_err(|e| init_error(ordinal, e))?;
+        let count = driver
+            .device_count()
+            .map_err(driver_error("cuDeviceGetCount"))?;
+        check_device_ordinal(ordinal, count)?;
+        let context = CudaContext::new(ordinal).map_err(driver_error(format_args!(
+            "creating a context on device {ordinal}"
+        )))?;
+        Self::from_context(context)
+    }
+
+    /// A backend on a new stream of the caller's context.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new), less the device lookup.
+    pub fn from_context(context: Arc<CudaContext>) -> Result<Self> {
+        usable_driver()?;
+        let stream = context
+            .new_stream()
+            .map_err(driver_error("creating a stream"))?;
+        Self::from_stream(stream)
+    }
+
+    /// A backend that queues all its work on the caller's `stream`.
+    ///
+    /// # Errors
+    /// As [`from_context`](Self::from_context).
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        usable_driver()?;
+        let context = stream.context();
+        let (major, minor) = context
+            .compute_capability()
+            .map_err(driver_error("reading the compute capability"))?;
+        check_compute_capability(major, minor)?;
+        check_kernels_built(cfg!(supcon_kernels_built))?;
+        let kernels = LoadedKernels::for_context(context)?;
+        Ok(CudaBackend { stream, kernels })
+    }
+
+    /// The stream all work is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The CUDA context of the stream.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        self.stream.context()
+    }
+
+    fn executor(&self) -> StreamExecutor<'_> {
+        StreamExecutor::new(&self.stream, &self.kernels)
+    }
+
+    /// Queues the forward pass on device-resident inputs; nothing is copied or awaited.
+    ///
+    /// `features` holds `[B, V, D]` (`shape`) row-major, contiguous. The result keeps the loss
+    /// and the per-anchor losses on the device, plus the O(N) state of the backward pass.
+    ///
+    /// # Errors
+    /// Shape and option errors as [`Backend::forward`] (checked before any launch),
+    /// [`Error::InvalidDeviceBuffer`] (a buffer of the wrong length or of another context),
+    /// [`Error::Cuda`] (a failed launch or allocation).
+    pub fn forward_device<T: CudaFeature>(
+        &self,
+        loss: &SupConLoss,
+        features: &CudaView<'_, T>,
+        shape: BatchShape,
+        positives: DevicePositives<'_>,
+    ) -> Result<DeviceForward> {
+        let problem = Problem::new(NAME, loss, shape, T::DTYPE)?;
+        let bound = self.bind_inputs(shape, features, positives)?;
+        let mut executor = self.executor();
+        // SAFETY: `bind_inputs` checked that the features hold B·V·D elements of T and the
+        // labels B i64 / the mask B·B f32 in this stream's context; the views borrow them for
+        // this call, and their guards (dropped after the launches) make later work on other
+        // streams wait for the kernels (cudarc's event tracking).
+        let mut statistics = unsafe { resident::forward(&mut executor, &problem, &bound.inputs)? };
+        drop(bound);
+        record_writes(&mut statistics, &self.stream);
+        Ok(DeviceForward {
+            backend: self.clone(),
+            problem,
+            statistics,
+        })
+    }
+
+    /// Queues the backward pass and writes `∂(objective)/∂features` (`[B, V, D]`, f32) into
+    /// `grad`.
+    ///
+    /// `features` and `positives` must be those of `forward`; `upstream` is host data (a
+    /// scalar, or R values for `Reduction::None`). The per-anchor coefficients are computed on
+    /// the host from the O(R) saved state, which synchronises the stream once (the kernels have
+    /// no device-side step for them yet); the gradient itself is queued.
+    ///
+    /// # Errors
+    /// As [`forward_device`](Self::forward_device); [`Error::StateMismatch`] (`forward` came
+    /// from other features or another context), upstream errors as [`Backend::backward`],
+    /// [`Error::AnchorWithoutPositives`] under `NoPositivePolicy::Error`.
+    pub fn backward_device_into<T: CudaFeature>(
+        &self,
+        forward: &DeviceForward,
+        features: &CudaView<'_, T>,
+        positives: DevicePositives<'_>,
+        upstream: Upstream<'_>,
+        grad: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let problem = forward.problem_for::<T>(self)?;
+        let shape = problem.shape();
+        let bound = self.bind_inputs(shape, features, positives)?;
+        self.check_buffer("grad", grad.len(), grad.stream(), shape_elements(shape))?;
+        let (grad_address, grad_guard) = grad.device_ptr_mut(&self.stream);
+        let mut executor = self.executor();
+        // SAFETY: inputs as in `forward_device`; `grad` holds B·V·D f32 of this context
+        // (checked) and is borrowed mutably for this call, its guard recording the write after
+        // the launch; the statistics belong to this problem (`problem_for`).
+        unsafe {
+            resident::backward(
+                &mut executor,
+                &problem,
+                &bound.inputs,
+                &forward.statistics,
+                upstream,
+                grad_address,
+            )?;
+        }
+        drop(grad_guard);
+        drop(bound);
+        Ok(())
+    }
+
+    /// [`backward_device_into`](Self::backward_device_into) into a new buffer on this
+    /// backend's stream.
+    ///
+    /// # Errors
+    /// As [`backward_device_into`](Self::backward_device_into).
+    pub fn backward_device<T: CudaFeature>(
+        &self,
+        forward: &DeviceForward,
+        features: &CudaView<'_, T>,
+        positives: DevicePositives<'_>,
+        upstream: Upstream<'_>,
+    ) -> Result<CudaSlice<f32>> {
+        let elements = shape_elements(forward.problem.shape());
+        let mut grad = self
+            .stream
+            .alloc_zeros::<f32>(elements)
+            .map_err(driver_error(format_args!("allocating {elements} f32")))?;
+        self.backward_device_into(
+            forward,
+            features,
+            positives,
+            upstream,
+            &mut grad.as_view_mut(),
+        )?;
+        Ok(grad)
+    }
+
+    /// Fails unless a buffer of `len` elements on `stream` fits an argument needing `expected`.
+    fn check_buffer(
+        &self,
+        buffer: &'static str,
+        len: usize,
+        stream: &Arc<CudaStream>,
+        expected: usize,
+    ) -> Result<()> {
+        let invalid = |reason: String| Err(Error::InvalidDeviceBuffer { buffer, reason });
+        if stream.context() != self.context() {
+            return invalid(format!(
+                "memory of device {}'s context, the backend runs on device {}'s",
+                stream.context().ordinal(),
+                self.context().ordinal()
+            ));
+        }
+        if len != expected {
+            return invalid(format!("{len} elements, the shape needs {expected}"));
+        }
+        Ok(())
+    }
+
+    /// Checks the device inputs against `shape` and takes their addresses for this stream.
+    fn bind_inputs<'a, T: CudaFeature>(
+        &'a self,
+        shape: BatchShape,
+        features: &'a CudaView<'a, T>,
+        positives: DevicePositives<'a>,
+    ) -> Result<BoundInputs<'a>> {
+        self.check_buffer(
+            "features",
+            features.len(),
+            features.stream(),
+            shape_elements(shape),
+        )?;
+        let mut guards = Vec::with_capacity(2);
+        let (features, guard) = features.device_ptr(&self.stream);
+        guards.push(guard);
+        let positives = match positives {
+            DevicePositives::SimClr => ResidentPositives::SameSample,
+            DevicePositives::Labels(labels) => {
+                if labels.len() != shape.batch {
+                    return Err(Error::LabelsLength {
+                        expected: shape.batch,
+                        got: labels.len(),
+                    });
+                }
+                self.check_buffer("labels", labels.len(), labels.stream(), shape.batch)?;
+                let (address, guard) = labels.device_ptr(&self.stream);
+                guards.push(guard);
+                ResidentPositives::Labels(address)
+            }
+            DevicePositives::Mask(mask) => {
+                self.check_buffer("mask", mask.len(), mask.stream(), shape.batch.pow(2))?;
+                let (address, guard) = mask.device_ptr(&self.stream);
+                guards.push(guard);
+                ResidentPositives::Mask(address)
+            }
+        };
+        Ok(BoundInputs {
+            inputs: ResidentInputs {
+                features,
+                positives,
+            },
+            _guards: guards,
+        })
+    }
+}
+
+/// B·V·D; `Problem::new` has checked that it does not overflow before any caller gets here
+/// with user input, and saturating keeps a bad shape a length mismatch rather than a wrap.
+fn shape_elements(shape: BatchShape) -> usize {
+    shape.rows().saturating_mul(shape.dim)
+}
+
+/// Records that the forward kernels queued so far on `stream` write the statistics: they write
+/// through raw addresses, which cudarc does not see, and the record makes work that another
+/// stream queues on these buffers (e.g. reading [`DeviceForward::loss`]) wait for the kernels.
+fn record_writes(statistics: &mut Statistics<CudaSlice<u8>>, stream: &CudaStream) {
+    for buffer in [
+        &mut statistics.lse,
+        &mut statistics.scaled_positive_lse,
+        &mut statistics.positive_weight,
+        &mut statistics.positive_weight_max,
+        &mut statistics.anchor_loss,
+        &mut statistics.reduced_loss,
+        &mut statistics.anchors_without_positives,
+    ] {
+        // Dropping the guard records the buffer's write event on `stream`.
+        let (_, _written) = buffer.device_ptr_mut(stream);
+    }
+}
+
+/// Device inputs by address, with cudarc's guards that order other streams' work after the
+/// kernels that read them (dropped once those kernels are queued).
+struct BoundInputs<'a> {
+    inputs: ResidentInputs,
+    _guards: Vec<SyncOnDrop<'a>>,
+}
+
+/// The result of [`CudaBackend::forward_device`]: the loss, the per-anchor losses and the O(N)
+/// backward state, on the device. Reading values on the host synchronises the stream; nothing
+/// else does.
+#[derive(Debug)]
+pub struct DeviceForward {
+    backend: CudaBackend,
+    problem: Problem,
+    statistics: Statistics<CudaSlice<u8>>,
+}
+
+impl DeviceForward {
+    /// The loss as a one-element device buffer (f64), valid once the stream has run the
+    /// kernels: the reduced loss, or Σℓ_i for `Reduction::None`. Under
+    /// `NoPositivePolicy::Error` it is computed as under `ZeroAndCount`; the error comes from
+    /// [`loss_host`](Self::loss_host), [`to_host`](Self::to_host) and the backward pass.
+    pub fn loss(&self) -> CudaView<'_, f64> {
+        raw::view_as(&self.statistics.reduced_loss, 1)
+            .expect("the reduced-loss buffer is allocated with 8 bytes")
+    }
+
+    /// ℓ_i for the R anchors (view-major rows), f32, on the device.
+    pub fn per_anchor(&self) -> CudaView<'_, f32> {
+        raw::view_as(&self.statistics.anchor_loss, self.problem.anchors())
+            .expect("the per-anchor buffer is allocated with R f32")
+    }
+
+    /// The loss on the host (synchronises the stream); `None` for `Reduction::None`.
+    ///
+    /// # Errors
+    /// [`Error::AnchorWithoutPositives`] under `NoPositivePolicy::Error`; [`Error::Cuda`].
+    pub fn loss_host(&self) -> Result<Option<f64>> {
+        resident::reduced_loss(
+            &mut self.backend.executor(),
+            &self.problem,
+            &self.statistics,
+        )
+    }
+
+    /// Everything on the host, as [`Backend::forward`] returns it (synchronises the stream).
+    ///
+    /// # Errors
+    /// As [`loss_host`](Self::loss_host).
+    pub fn to_host(&self) -> Result<ForwardOutput> {
+        resident::to_host(
+            &mut self.backend.executor(),
+            &self.problem,
+            &self.statistics,
+        )
+    }
+
+    /// The loss configuration of the forward pass.
+    pub fn loss_config(&self) -> &SupConLoss {
+        self.problem.loss()
+    }
+
+    /// The batch shape of the forward pass.
+    pub fn shape(&self) -> BatchShape {
+        self.problem.shape()
+    }
+
+    /// The problem for a backward pass on `backend` with features of type `T`.
+    fn problem_for<T: CudaFeature>(&self, backend: &CudaBackend) -> Result<Problem> {
+        if backend.context() != self.backend.context() {
+            return Err(Error::StateMismatch(
+                "the forward pass ran on another CUDA context".into(),
+            ));
+        }
+        let problem = Problem::new(NAME, self.problem.loss(), self.problem.shape(), T::DTYPE)?;
+        if problem != self.problem {
+            return Err(Error::StateMismatch(format!(
+                "features are {:?}, the forward pass read another element type",
+                T::DTYPE
+            )));
+        }
+        Ok(problem)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn forward<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+    ) -> Result<ForwardOutput> {
+        kernels::forward(&mut self.executor(), NAME, loss, features, positives)
+    }
+
+    fn backward<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+    ) -> Result<Array3<T::Grad>> {
+        kernels::backward(
+            &mut self.executor(),
+            NAME,
+            loss,
+            features,
+            positives,
+            state,
+            upstream,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cu_init_without_a_device_is_no_cuda_device() {
+        // Only the no-device code: formatting any other DriverError asks the driver for its
+        // message, which needs libcuda.
+        let error = DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE);
+        assert_eq!(
+            init_error(3, error),
+            Error::NoCudaDevice {
+                ordinal: 3,
+                count: 0
+            }
+        );
+    }
+
+    #[test]
+    fn the_toolkits_link_stub_is_no_driver() {
+        let error = DriverError(sys::CUresult::CUDA_ERROR_STUB_LIBRARY);
+        assert_eq!(version_error(error), Error::NoCudaDriver);
+    }
+
+    #[test]
+    fn every_constructor_reports_a_missing_driver() {
+        if DriverLibrary::find().is_some() {
+            eprintln!("skipped: this machine has a CUDA driver");
+            return;
+        }
+        assert_eq!(CudaBackend::new(0).unwrap_err(), Error::NoCudaDriver);
+        assert_eq!(CudaBackend::new(7).unwrap_err(), Error::NoCudaDriver);
+    }
+}

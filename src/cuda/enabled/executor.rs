@@ -1,0 +1,186 @@
+//! The checked layer: the kernels, loaded once per CUDA context, and [`StreamExecutor`], which
+//! runs the crate's launch sequences on a stream with every allocation, copy and launch checked
+//! and turned into a typed [`Error`].
+
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use cudarc::driver::result::DriverError;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nvrtc::Ptx;
+
+use super::raw;
+use crate::error::{Error, Result};
+use crate::kernel_abi::SupconParams;
+use crate::kernels::{self, FeatureType, Kernel, KernelExecutor};
+use crate::launch_plan::LaunchConfig;
+
+/// Every kernel entry point; all are resolved when a context's kernels are loaded, so a
+/// missing one fails backend creation rather than a later call.
+const ALL_KERNELS: [Kernel; 7] = [
+    Kernel::ForwardStatistics(FeatureType::F32),
+    Kernel::ForwardStatistics(FeatureType::F16),
+    Kernel::ForwardStatistics(FeatureType::Bf16),
+    Kernel::ForwardFinalize,
+    Kernel::Backward(FeatureType::F32),
+    Kernel::Backward(FeatureType::F16),
+    Kernel::Backward(FeatureType::Bf16),
+];
+
+/// `Error::Cuda` naming what failed.
+pub(crate) fn driver_error(what: impl std::fmt::Display) -> impl FnOnce(DriverError) -> Error {
+    move |error| Error::Cuda(format!("{what}: {error}"))
+}
+
+/// The SupCon kernels loaded into one CUDA context.
+#[derive(Debug)]
+pub(crate) struct LoadedKernels {
+    /// In [`ALL_KERNELS`] order; each function keeps its module loaded.
+    functions: Vec<(Kernel, CudaFunction)>,
+}
+
+impl LoadedKernels {
+    /// The kernels of `context`: loaded on first use, then shared by every backend on that
+    /// context for as long as one of them lives.
+    ///
+    /// The cache holds weak references, so dropping the last backend unloads the modules and
+    /// lets the context go. It is keyed by the driver's context handle: all `CudaContext`s of a
+    /// device's primary context share one entry, and a live entry keeps its context retained,
+    /// so the handle of a live entry is never reused by another context.
+    pub(crate) fn for_context(context: &Arc<CudaContext>) -> Result<Arc<Self>> {
+        static LOADED: Mutex<Vec<(usize, Weak<LoadedKernels>)>> = Mutex::new(Vec::new());
+        let key = context.cu_ctx() as usize;
+        // A panic elsewhere while holding the lock leaves the list valid: keep using it.
+        let mut loaded = LOADED.lock().unwrap_or_else(PoisonError::into_inner);
+        loaded.retain(|(_, kernels)| kernels.strong_count() > 0);
+        if let Some(kernels) = loaded
+            .iter()
+            .filter(|(handle, _)| *handle == key)
+            .find_map(|(_, kernels)| kernels.upgrade())
+        {
+            return Ok(kernels);
+        }
+        let kernels = Arc::new(Self::load(context)?);
+        loaded.push((key, Arc::downgrade(&kernels)));
+        Ok(kernels)
+    }
+
+    /// Loads every fatbin once and resolves every entry point.
+    fn load(context: &Arc<CudaContext>) -> Result<Self> {
+        let mut modules: Vec<(&'static [u8], Arc<CudaModule>)> = Vec::new();
+        let mut functions = Vec::with_capacity(ALL_KERNELS.len());
+        for kernel in ALL_KERNELS {
+            let image = kernels::fatbin(kernel)?;
+            let module = match modules
+                .iter()
+                .find(|(loaded, _)| std::ptr::eq(*loaded, image))
+            {
+                Some((_, module)) => module.clone(),
+                None => {
+                    let module = context
+                        .load_module(Ptx::from_binary(image.to_vec()))
+                        .map_err(driver_error(format_args!(
+                            "loading the module of {}",
+                            kernel.name()
+                        )))?;
+                    modules.push((image, module.clone()));
+                    module
+                }
+            };
+            let function = module
+                .load_function(kernel.name())
+                .map_err(driver_error(format_args!("resolving {}", kernel.name())))?;
+            functions.push((kernel, function));
+        }
+        Ok(LoadedKernels { functions })
+    }
+
+    fn function(&self, kernel: Kernel) -> Result<&CudaFunction> {
+        self.functions
+            .iter()
+            .find_map(|(k, function)| (*k == kernel).then_some(function))
+            .ok_or_else(|| Error::Cuda(format!("kernel {} is not loaded", kernel.name())))
+    }
+}
+
+/// Runs launch sequences on one stream. Buffers are stream-ordered allocations of that stream
+/// (freed in stream order on drop); downloads synchronise the stream.
+pub(crate) struct StreamExecutor<'a> {
+    stream: &'a Arc<CudaStream>,
+    kernels: &'a LoadedKernels,
+}
+
+impl<'a> StreamExecutor<'a> {
+    pub(crate) fn new(stream: &'a Arc<CudaStream>, kernels: &'a LoadedKernels) -> Self {
+        StreamExecutor { stream, kernels }
+    }
+
+    /// Surfaces an error cudarc recorded asynchronously (event bookkeeping, frees).
+    fn check_recorded(&self, what: &str) -> Result<()> {
+        self.stream
+            .context()
+            .check_err()
+            .map_err(driver_error(what))
+    }
+}
+
+impl KernelExecutor for StreamExecutor<'_> {
+    type Buffer = CudaSlice<u8>;
+
+    /// Zero-filled rather than uninitialised: a kernel bug then reads zeros, never stale data,
+    /// and the fill costs one memset of at most the gradient's size.
+    fn alloc(&mut self, bytes: usize) -> Result<CudaSlice<u8>> {
+        self.stream
+            .alloc_zeros::<u8>(bytes)
+            .map_err(driver_error(format_args!("allocating {bytes} bytes")))
+    }
+
+    fn upload(&mut self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
+        self.stream
+            .clone_htod(bytes)
+            .map_err(driver_error(format_args!(
+                "copying {} bytes to the device",
+                bytes.len()
+            )))
+    }
+
+    fn download(&mut self, buffer: &CudaSlice<u8>, out: &mut [u8]) -> Result<()> {
+        let source = buffer.try_slice(..out.len()).ok_or_else(|| {
+            Error::Cuda(format!(
+                "download of {} bytes from a {}-byte buffer",
+                out.len(),
+                buffer.len()
+            ))
+        })?;
+        self.stream
+            .memcpy_dtoh(&source, out)
+            .map_err(driver_error("copying from the device"))?;
+        // The copy into pageable memory is complete on return; the synchronisation makes that
+        // explicit and reports errors of the kernels queued before it.
+        self.stream
+            .synchronize()
+            .map_err(driver_error("running the SupCon kernels"))?;
+        self.check_recorded("after a device-to-host copy")
+    }
+
+    fn address(&self, buffer: &CudaSlice<u8>) -> u64 {
+        // Our buffers live on `self.stream` only, so the read event the guard records is not
+        // needed for ordering.
+        let (address, _record) = buffer.device_ptr(self.stream);
+        address
+    }
+
+    unsafe fn launch(
+        &mut self,
+        kernel: Kernel,
+        config: LaunchConfig,
+        params: &SupconParams,
+    ) -> Result<()> {
+        let function = self.kernels.function(kernel)?;
+        // SAFETY: `function` is `kernel`'s entry point; the caller guarantees the addresses in
+        // `params` (KernelExecutor::launch), and every buffer of this executor is in the
+        // stream's context and freed in stream order, after the launch.
+        unsafe { raw::launch(self.stream, function, config, params) }
+            .map_err(driver_error(format_args!("launching {}", kernel.name())))?;
+        self.check_recorded(kernel.name())
+    }
+}

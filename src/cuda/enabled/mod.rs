@@ -1,0 +1,17 @@
+//! The CUDA backend, compiled with feature `cuda`. Layers, like cudarc's:
+//!
+//! - `raw`: the only unsafe driver calls and the kernel launch, each with its safety contract;
+//! - `executor` (checked): kernels loaded once per context, and the executor that runs the
+//!   crate's launch sequences on a stream, every call's result checked;
+//! - `resident`: the launch sequences over device-resident inputs (the device API);
+//! - `backend` (safe): [`CudaBackend`], the host API ([`crate::Backend`]) and the device API;
+//! - `checks`: the decisions of backend creation as pure, unit-tested functions.
+
+mod backend;
+mod checks;
+mod executor;
+mod raw;
+mod resident;
+
+pub use backend::{CudaBackend, CudaFeature, DeviceForward, DevicePositives};
+pub use checks::{MIN_COMPUTE_CAPABILITY, MIN_DRIVER_VERSION};

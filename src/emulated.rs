@@ -1,0 +1,362 @@
+//! [`EmulatedBackend`]: the CUDA kernels run on the CPU through a host emulation of the CUDA
+//! execution model (feature `emulation`, for tests).
+//!
+//! build.rs compiles the unmodified `kernels/*.cu` as C++ against `kernels/emu/cuda_emu.h`: one
+//! OS thread per CUDA thread, a barrier per `__syncthreads()`, blocks one after another. The
+//! backend then runs the same launch sequence ([`crate::kernels`]) and launch plan as the CUDA
+//! backend, with host memory standing in for device memory, so the kernels' arithmetic, tiling,
+//! masking and bounds handling are tested on machines without a GPU. It is slow (a block
+//! barrier costs ~0.2 ms): meant for small problems.
+//!
+//! Freshly allocated "device" buffers are filled with NaN bytes, so an output element a kernel
+//! forgets to write shows up as NaN. f64 features are rejected like on the GPU
+//! ([`crate::Error::Unsupported`]).
+
+use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
+use std::ffi::{c_char, c_int, CString};
+use std::ptr::{copy_nonoverlapping, NonNull};
+
+use ndarray::{Array3, ArrayView3};
+
+use crate::backend::{Backend, ForwardOutput, SavedState, Upstream};
+use crate::config::SupConLoss;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::kernel_abi::SupconParams;
+use crate::kernels::{self, Kernel, KernelExecutor};
+use crate::launch_plan::LaunchConfig;
+use crate::problem::Positives;
+
+unsafe extern "C" {
+    /// kernels/emu/supcon_emu.cpp: runs `kernel` on the grid and returns 0, or a
+    /// `SUPCON_EMU_*` error code (kernels/emu/cuda_emu_runtime.h).
+    fn supcon_emu_launch(
+        kernel: *const c_char,
+        grid_x: u32,
+        grid_y: u32,
+        grid_z: u32,
+        block_x: u32,
+        block_y: u32,
+        block_z: u32,
+        dynamic_shared_bytes: usize,
+        params: *const SupconParams,
+    ) -> c_int;
+}
+
+/// The CUDA kernels, emulated on the CPU (see the module docs). Same results as the CUDA
+/// backend up to the order of floating-point operations inside a thread's code paths.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EmulatedBackend;
+
+impl Backend for EmulatedBackend {
+    fn name(&self) -> &'static str {
+        "emulated"
+    }
+
+    fn forward<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+    ) -> Result<ForwardOutput> {
+        kernels::forward(&mut HostExecutor, self.name(), loss, features, positives)
+    }
+
+    fn backward<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+    ) -> Result<Array3<T::Grad>> {
+        kernels::backward(
+            &mut HostExecutor,
+            self.name(),
+            loss,
+            features,
+            positives,
+            state,
+            upstream,
+        )
+    }
+}
+
+/// "Device" memory of the emulation: an 8-byte aligned host allocation of exactly the requested
+/// size (so AddressSanitizer flags a kernel access one byte past it), which Rust only touches
+/// through raw copies, so kernels may write it through its address like device memory.
+struct HostBuffer {
+    data: NonNull<u8>,
+    layout: Layout,
+}
+
+impl HostBuffer {
+    /// `bytes` bytes, every one 0xFF (NaN in every float format).
+    fn poisoned(bytes: usize) -> Result<Self> {
+        let layout = Layout::from_size_align(bytes.max(1), 8).map_err(|_| Error::TooLarge {
+            what: format!("an emulated buffer of {bytes} bytes"),
+        })?;
+        // SAFETY: the layout has a non-zero size.
+        let data =
+            NonNull::new(unsafe { alloc(layout) }).unwrap_or_else(|| handle_alloc_error(layout));
+        // SAFETY: `data` points to `layout.size()` writable bytes.
+        unsafe { data.as_ptr().write_bytes(0xFF, layout.size()) };
+        Ok(HostBuffer { data, layout })
+    }
+
+    /// The usable size in bytes.
+    fn len(&self) -> usize {
+        self.layout.size()
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: `data` was allocated in `poisoned` with `layout` and is released only here.
+        unsafe { dealloc(self.data.as_ptr(), self.layout) };
+    }
+}
+
+/// The emulation's executor: host buffers, synchronous launches.
+struct HostExecutor;
+
+impl KernelExecutor for HostExecutor {
+    type Buffer = HostBuffer;
+
+    fn alloc(&mut self, bytes: usize) -> Result<HostBuffer> {
+        HostBuffer::poisoned(bytes)
+    }
+
+    fn upload(&mut self, bytes: &[u8]) -> Result<HostBuffer> {
+        let buffer = HostBuffer::poisoned(bytes.len())?;
+        // SAFETY: the fresh buffer holds at least bytes.len() bytes.
+        unsafe { copy_nonoverlapping(bytes.as_ptr(), buffer.data.as_ptr(), bytes.len()) };
+        Ok(buffer)
+    }
+
+    fn download(&mut self, buffer: &HostBuffer, out: &mut [u8]) -> Result<()> {
+        if out.len() > buffer.len() {
+            return Err(Error::Cuda(format!(
+                "emulated download of {} bytes from a {}-byte buffer",
+                out.len(),
+                buffer.len()
+            )));
+        }
+        // SAFETY: in bounds (checked above); launches are synchronous, so no kernel is writing.
+        unsafe { copy_nonoverlapping(buffer.data.as_ptr(), out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    fn address(&self, buffer: &HostBuffer) -> u64 {
+        buffer.data.as_ptr() as u64
+    }
+
+    unsafe fn launch(
+        &mut self,
+        kernel: Kernel,
+        config: LaunchConfig,
+        params: &SupconParams,
+    ) -> Result<()> {
+        let name = CString::new(kernel.name()).expect("kernel names have no NUL");
+        let [grid_x, grid_y, grid_z] = config.grid;
+        let [block_x, block_y, block_z] = config.block;
+        // SAFETY: `name` is NUL-terminated and `params` valid for the call; the addresses in
+        // `params` satisfy this function's contract, which is what the kernels dereference.
+        let status = unsafe {
+            supcon_emu_launch(
+                name.as_ptr(),
+                grid_x,
+                grid_y,
+                grid_z,
+                block_x,
+                block_y,
+                block_z,
+                config.dynamic_shared_bytes as usize,
+                params,
+            )
+        };
+        let reason = match status {
+            0 => return Ok(()),
+            1 => "unknown kernel",
+            2 => "invalid grid",
+            3 => "invalid block",
+            4 => "dynamic shared memory is not emulated",
+            _ => "invalid arguments",
+        };
+        Err(Error::Cuda(format!(
+            "emulated launch of {} with {config:?} failed: {reason}",
+            kernel.name()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::ffi::CStr;
+    use std::mem::{offset_of, size_of};
+
+    use bytemuck::Zeroable;
+
+    use super::*;
+    use crate::kernel_abi;
+    use crate::kernels::FeatureType;
+    use crate::launch_plan::{
+        launch_config, KernelShape, Stage, FINALIZE_THREADS, GRAD_CHUNK, TILE_ROWS, TILE_THREADS,
+    };
+
+    unsafe extern "C" {
+        fn supcon_emu_params_size() -> usize;
+        fn supcon_emu_params_field(
+            index: usize,
+            name: *mut *const c_char,
+            offset: *mut usize,
+            size: *mut usize,
+        ) -> c_int;
+        fn supcon_emu_constant(name: *const c_char, value: *mut i64) -> c_int;
+    }
+
+    /// (offset, size) of every SupconParams field, by name, as the C++ compiler laid it out.
+    fn cpp_fields() -> BTreeMap<String, (usize, usize)> {
+        let mut fields = BTreeMap::new();
+        for index in 0.. {
+            let (mut name, mut offset, mut size) = (std::ptr::null(), 0, 0);
+            // SAFETY: the out-pointers are valid; a returned name is a static C string.
+            let found =
+                unsafe { supcon_emu_params_field(index, &mut name, &mut offset, &mut size) };
+            if found == 0 {
+                break;
+            }
+            // SAFETY: see above.
+            let name = unsafe { CStr::from_ptr(name) }.to_str().unwrap().to_owned();
+            fields.insert(name, (offset, size));
+        }
+        fields
+    }
+
+    macro_rules! rust_fields {
+        ($($field:ident),* $(,)?) => {{
+            let params = SupconParams::zeroed();
+            BTreeMap::from([$((
+                stringify!($field).to_owned(),
+                (offset_of!(SupconParams, $field), size_of_val(&params.$field)),
+            )),*])
+        }};
+    }
+
+    #[test]
+    fn params_layout_matches_the_cpp_struct() {
+        let rust = rust_fields!(
+            features,
+            labels,
+            mask,
+            anchor_lse,
+            anchor_scaled_positive_lse,
+            anchor_positive_weight,
+            anchor_positive_weight_max,
+            anchor_loss,
+            reduced_loss,
+            anchors_without_positives,
+            anchor_grad_coef,
+            grad_features,
+            batch,
+            views,
+            dim,
+            rows,
+            anchors,
+            positive_kind,
+            denominator,
+            summation,
+            reduction,
+            no_positive_policy,
+            inv_temperature,
+            loss_scale,
+        );
+        // SAFETY: no arguments.
+        assert_eq!(size_of::<SupconParams>(), unsafe {
+            supcon_emu_params_size()
+        });
+        assert_eq!(rust, cpp_fields());
+        // Every byte belongs to a field: no implicit padding on either side.
+        let covered: usize = rust.values().map(|(_, size)| size).sum();
+        assert_eq!(covered, size_of::<SupconParams>());
+    }
+
+    fn cpp_constant(name: &CStr) -> i64 {
+        let mut value = 0;
+        // SAFETY: NUL-terminated name, valid out-pointer.
+        let found = unsafe { supcon_emu_constant(name.as_ptr(), &mut value) };
+        assert_eq!(found, 1, "the emulation exports no constant {name:?}");
+        value
+    }
+
+    #[test]
+    fn option_codes_and_tile_sizes_match_the_kernels() {
+        let expected: [(&CStr, u32); 17] = [
+            (
+                c"SUPCON_POSITIVES_SAME_SAMPLE",
+                kernel_abi::positives::SAME_SAMPLE,
+            ),
+            (c"SUPCON_POSITIVES_LABELS", kernel_abi::positives::LABELS),
+            (c"SUPCON_POSITIVES_MASK", kernel_abi::positives::MASK),
+            (c"SUPCON_DENOMINATOR_ALL", kernel_abi::denominator::ALL),
+            (
+                c"SUPCON_DENOMINATOR_ONLY_NEGATIVES",
+                kernel_abi::denominator::ONLY_NEGATIVES,
+            ),
+            (c"SUPCON_SUMMATION_OUTSIDE", kernel_abi::summation::OUTSIDE),
+            (c"SUPCON_SUMMATION_INSIDE", kernel_abi::summation::INSIDE),
+            (c"SUPCON_REDUCTION_MEAN", kernel_abi::reduction::MEAN),
+            (c"SUPCON_REDUCTION_SUM", kernel_abi::reduction::SUM),
+            (c"SUPCON_REDUCTION_NONE", kernel_abi::reduction::NONE),
+            (
+                c"SUPCON_NO_POSITIVE_ZERO_AND_COUNT",
+                kernel_abi::no_positive::ZERO_AND_COUNT,
+            ),
+            (
+                c"SUPCON_NO_POSITIVE_EXCLUDE",
+                kernel_abi::no_positive::EXCLUDE,
+            ),
+            (c"SUPCON_NO_POSITIVE_ERROR", kernel_abi::no_positive::ERROR),
+            (c"kThreads", TILE_THREADS),
+            (c"kTileRows", TILE_ROWS),
+            (c"kGradChunk", GRAD_CHUNK),
+            (c"kFinalizeThreads", FINALIZE_THREADS),
+        ];
+        for (name, value) in expected {
+            assert_eq!(cpp_constant(name), i64::from(value), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn every_kernel_is_registered_and_bad_launches_fail() {
+        let params = SupconParams::zeroed();
+        let shape = KernelShape {
+            rows: 2,
+            anchors: 2,
+            dim: 1,
+        };
+        let types = [FeatureType::F32, FeatureType::F16, FeatureType::Bf16];
+        let kernels = types
+            .iter()
+            .flat_map(|&t| [Kernel::ForwardStatistics(t), Kernel::Backward(t)])
+            .chain([Kernel::ForwardFinalize]);
+        for kernel in kernels {
+            let name = CString::new(kernel.name()).unwrap();
+            // A zero-sized grid is rejected before any kernel code runs, after the name lookup.
+            // SAFETY: the launch is refused, so the null addresses are never dereferenced.
+            let status =
+                unsafe { supcon_emu_launch(name.as_ptr(), 0, 1, 1, 128, 1, 1, 0, &params) };
+            assert_eq!(status, 2, "{} is not registered", kernel.name());
+        }
+        let mut bad = launch_config(Stage::ForwardStatistics, shape);
+        bad.dynamic_shared_bytes = 16;
+        // SAFETY: refused before any kernel code runs.
+        let error = unsafe { HostExecutor.launch(Kernel::ForwardFinalize, bad, &params) };
+        assert!(matches!(error, Err(Error::Cuda(_))));
+        // SAFETY: refused: unknown kernel.
+        let status =
+            unsafe { supcon_emu_launch(c"no_such_kernel".as_ptr(), 1, 1, 1, 1, 1, 1, 0, &params) };
+        assert_eq!(status, 1);
+    }
+}

@@ -1,0 +1,600 @@
+//! The CUDA backend (feature `cuda`): both APIs against the f64 reference and against each
+//! other, the device API's validation and stream handling, and the error paths of a machine
+//! without a GPU.
+//!
+//! Without a usable GPU the GPU tests print why and pass, except under `SUPCON_REQUIRE_CUDA=1`
+//! (set by scripts/gpu-check.sh), where they fail: a GPU run must not skip silently.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use cudarc::driver::{CudaSlice, CudaStream};
+use half::{bf16, f16};
+use ndarray::{Array1, Array3};
+use std::sync::Arc;
+use supcon::cuda::{CudaFeature, DevicePositives};
+use supcon::{
+    AnyBackend, Backend, BatchShape, ContrastMode, Denominator, Element, Error, ForwardOutput,
+    GradElement, NoPositivePolicy, Positives, Reduction, ReferenceBackend, Summation, SupConLoss,
+    Upstream,
+};
+
+/// The CUDA backend on GPU 0, or `None` (with the reason printed) where it cannot run.
+fn cuda() -> Option<supcon::CudaBackend> {
+    match supcon::CudaBackend::new(0) {
+        Ok(backend) => Some(backend),
+        Err(error) if std::env::var_os("SUPCON_REQUIRE_CUDA").is_some_and(|v| v != "0") => {
+            panic!("SUPCON_REQUIRE_CUDA is set, but the CUDA backend cannot run: {error}")
+        }
+        Err(error) => {
+            eprintln!("skipped: the CUDA backend cannot run here ({error})");
+            None
+        }
+    }
+}
+
+/// Relative error bound for f32 arithmetic on unit-norm features with τ ≥ 0.05 and D ≤ 128:
+/// logits are below 20 and carry ~√D·ε·20 ≈ 3e-5 of absolute error at worst, against losses
+/// and gradients of order 1 (a wrong term or scale is an O(1) error).
+const TOLERANCE: f64 = 1e-4;
+
+fn assert_close(
+    what: &str,
+    got: impl IntoIterator<Item = f64>,
+    want: impl IntoIterator<Item = f64>,
+) {
+    let (got, want): (Vec<f64>, Vec<f64>) = (got.into_iter().collect(), want.into_iter().collect());
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    assert!(
+        got.iter().all(|x| x.is_finite()),
+        "{what}: non-finite output"
+    );
+    let error = common::relative_error(&got, &want, 1e-3);
+    assert!(error <= TOLERANCE, "{what}: relative error {error:e}");
+}
+
+fn compare_outputs<G: GradElement, R: GradElement>(
+    what: &str,
+    (out, grad): &(ForwardOutput, Array3<G>),
+    (ref_out, ref_grad): &(ForwardOutput, Array3<R>),
+) {
+    assert_close(
+        &format!("{what}: per-anchor"),
+        out.per_anchor.iter().copied(),
+        ref_out.per_anchor.iter().copied(),
+    );
+    assert_eq!(out.loss.is_some(), ref_out.loss.is_some(), "{what}");
+    assert_close(&format!("{what}: loss"), out.loss, ref_out.loss);
+    assert_close(
+        &format!("{what}: gradient"),
+        grad.iter().map(|g| g.to_f64()),
+        ref_grad.iter().map(|g| g.to_f64()),
+    );
+}
+
+/// The reference on the very same (rounded) inputs, widened to f64.
+fn reference<T: Element>(
+    loss: &SupConLoss,
+    z: &Array3<T>,
+    positives: Positives<'_>,
+    upstream: Upstream<'_>,
+) -> (ForwardOutput, Array3<f64>) {
+    let wide = z.mapv(|x| x.to_f64());
+    ReferenceBackend
+        .forward_backward(loss, wide.view(), positives, upstream)
+        .expect("the reference accepts every valid input")
+}
+
+fn upstream_for<'a>(loss: &SupConLoss, per_anchor: &'a Array1<f64>) -> Upstream<'a> {
+    match loss.reduction() {
+        Reduction::None => Upstream::PerAnchor(per_anchor.view()),
+        _ => Upstream::Scalar(0.75),
+    }
+}
+
+/// Every option the kernels implement, every kind of positives, ragged shapes, host API.
+#[test]
+fn host_api_matches_the_reference() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = common::rng("host_api_matches_the_reference");
+    let mut compared = 0;
+    for (b, v, d) in [(7, 2, 17), (13, 1, 3), (67, 3, 130), (2, 1, 1)] {
+        let z = common::unit_features(&mut rng, (b, v, d)).mapv(|x| x as f32);
+        let labels = common::labels(&mut rng, b, 3);
+        let mask = common::soft_mask(&mut rng, b);
+        for loss in common::option_grid(0.1, 0.07, None) {
+            let anchors = BatchShape {
+                batch: b,
+                views: v,
+                dim: d,
+            }
+            .anchors(loss.contrast_mode());
+            let per_anchor = Array1::from_shape_fn(anchors, |i| 1.0 - 0.01 * i as f64);
+            let upstream = upstream_for(&loss, &per_anchor);
+            for positives in [
+                Positives::SimClr,
+                Positives::Labels(labels.view()),
+                Positives::Mask(mask.view()),
+            ] {
+                let what = format!("{loss:?} {positives:?} {:?}", (b, v, d));
+                let got = cuda.forward_backward(&loss, z.view(), positives, upstream);
+                if loss.denominator() == Denominator::OnePositive {
+                    assert!(
+                        matches!(
+                            got,
+                            Err(Error::Unsupported {
+                                backend: "cuda",
+                                ..
+                            })
+                        ),
+                        "{what}: {got:?}"
+                    );
+                    continue;
+                }
+                let want = ReferenceBackend.forward_backward(&loss, z.view(), positives, upstream);
+                match (got, want) {
+                    (Ok(got), Ok(want)) => {
+                        compare_outputs(&what, &got, &want);
+                        compared += 1;
+                    }
+                    (Err(got), Err(want)) => assert_eq!(got, want, "{what}"),
+                    (got, want) => panic!("{what}: {got:?} vs the reference's {want:?}"),
+                }
+            }
+        }
+    }
+    eprintln!("{compared} option combinations compared");
+}
+
+/// f16 and bf16 inputs, and sizes that span many tiles, default options.
+fn element_type_matches_the_reference<T: CudaFeature>(
+    cuda: &supcon::CudaBackend,
+    convert: fn(f64) -> T,
+) {
+    let mut rng = common::rng("element_types");
+    for (b, v, d) in [(151, 2, 64), (97, 3, 128), (1000, 2, 128)] {
+        let z = common::unit_features(&mut rng, (b, v, d)).mapv(convert);
+        let labels = common::labels(&mut rng, b, 11);
+        let loss = SupConLoss::default();
+        let positives = Positives::Labels(labels.view());
+        let got = cuda
+            .forward_backward(&loss, z.view(), positives, Upstream::Scalar(1.0))
+            .unwrap();
+        let what = format!("{:?} {:?}", T::DTYPE, (b, v, d));
+        compare_outputs(
+            &what,
+            &got,
+            &reference(&loss, &z, positives, Upstream::Scalar(1.0)),
+        );
+    }
+}
+
+#[test]
+fn every_element_type_matches_the_reference() {
+    let Some(cuda) = cuda() else { return };
+    element_type_matches_the_reference(&cuda, |x| x as f32);
+    element_type_matches_the_reference(&cuda, f16::from_f64);
+    element_type_matches_the_reference(&cuda, bf16::from_f64);
+}
+
+/// Features, labels and mask uploaded by the caller.
+struct DeviceBatch<T> {
+    shape: BatchShape,
+    features: CudaSlice<T>,
+    labels: CudaSlice<i64>,
+    mask: CudaSlice<f32>,
+}
+
+impl<T: CudaFeature> DeviceBatch<T> {
+    fn upload(
+        stream: &Arc<CudaStream>,
+        z: &Array3<T>,
+        labels: &Array1<i64>,
+        mask: &ndarray::Array2<f32>,
+    ) -> Self {
+        let (batch, views, dim) = z.dim();
+        DeviceBatch {
+            shape: BatchShape { batch, views, dim },
+            features: stream.clone_htod(z.as_slice().unwrap()).unwrap(),
+            labels: stream.clone_htod(labels.as_slice().unwrap()).unwrap(),
+            mask: stream.clone_htod(mask.as_slice().unwrap()).unwrap(),
+        }
+    }
+}
+
+/// The device API runs the same kernels as the host API: identical numbers.
+#[test]
+fn device_api_equals_host_api() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = common::rng("device_api_equals_host_api");
+    let (b, v, d) = (45, 2, 33);
+    let z = common::unit_features(&mut rng, (b, v, d)).mapv(|x| x as f32);
+    let labels = common::labels(&mut rng, b, 5);
+    let mask = common::soft_mask(&mut rng, b);
+    let batch = DeviceBatch::upload(cuda.stream(), &z, &labels, &mask);
+    let per_anchor = Array1::from_shape_fn(b * v, |i| 0.5 + 0.01 * i as f64);
+    for loss in common::option_grid(0.2, 0.1, None)
+        .into_iter()
+        .filter(|l| l.denominator() != Denominator::OnePositive)
+        .filter(|l| l.no_positive() != NoPositivePolicy::Error)
+    {
+        let upstream = upstream_for(&loss, &per_anchor);
+        for (host_positives, device_positives) in [
+            (Positives::SimClr, DevicePositives::SimClr),
+            (
+                Positives::Labels(labels.view()),
+                DevicePositives::Labels(&batch.labels.as_view()),
+            ),
+            (
+                Positives::Mask(mask.view()),
+                DevicePositives::Mask(&batch.mask.as_view()),
+            ),
+        ] {
+            let what = format!("{loss:?} {host_positives:?}");
+            let (host_out, host_grad) = cuda
+                .forward_backward(&loss, z.view(), host_positives, upstream)
+                .unwrap();
+            let features = batch.features.as_view();
+            let forward = cuda
+                .forward_device(&loss, &features, batch.shape, device_positives)
+                .unwrap();
+            let grad = cuda
+                .backward_device(&forward, &features, device_positives, upstream)
+                .unwrap();
+            let device_out = forward.to_host().unwrap();
+            assert_eq!(device_out.loss, host_out.loss, "{what}");
+            assert_eq!(device_out.per_anchor, host_out.per_anchor, "{what}");
+            assert_eq!(device_out.state, host_out.state, "{what}");
+            assert_eq!(forward.loss_host().unwrap(), host_out.loss, "{what}");
+            let scalar = cuda.stream().clone_dtoh(&forward.loss()).unwrap();
+            let per_anchor_device = cuda.stream().clone_dtoh(&forward.per_anchor()).unwrap();
+            assert_eq!(per_anchor_device.len(), host_out.per_anchor.len());
+            if let Some(l) = host_out.loss {
+                assert_eq!(scalar, [l], "{what}");
+            }
+            // The host path rebuilds the kernels' scaled positive log-sum-exp from the f64 saved
+            // state, which may move it by an ulp; the device path passes the kernel's on.
+            let grad: Vec<f64> = cuda
+                .stream()
+                .clone_dtoh(&grad)
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect();
+            let host_grad: Vec<f64> = host_grad.iter().map(|&g| f64::from(g)).collect();
+            let error = common::relative_error(&grad, &host_grad, 1e-3);
+            assert!(error <= 1e-6, "{what}: gradient differs by {error:e}");
+        }
+    }
+}
+
+/// A trainer's own stream, inputs written on another stream of the context, the gradient into
+/// a sub-view of a larger buffer.
+#[test]
+fn device_api_runs_on_the_callers_stream() {
+    let Some(probe) = cuda() else { return };
+    let context = probe.context().clone();
+    let trainer_stream = context.new_stream().unwrap();
+    let upload_stream = context.new_stream().unwrap();
+    let cuda = supcon::CudaBackend::from_stream(trainer_stream.clone()).unwrap();
+    assert!(Arc::ptr_eq(cuda.stream(), &trainer_stream));
+    let from_context = supcon::CudaBackend::from_context(context.clone()).unwrap();
+    assert_eq!(from_context.context(), &context);
+
+    let mut rng = common::rng("device_api_runs_on_the_callers_stream");
+    let (b, v, d) = (80, 2, 64);
+    let z = common::unit_features(&mut rng, (b, v, d)).mapv(bf16::from_f64);
+    let labels = common::labels(&mut rng, b, 7);
+    let mask = common::label_mask(&labels);
+    let batch = DeviceBatch::upload(&upload_stream, &z, &labels, &mask);
+    let loss = SupConLoss::builder().temperature(0.1).build().unwrap();
+    let features = batch.features.as_view();
+    let labels_view = batch.labels.as_view();
+    let positives = DevicePositives::Labels(&labels_view);
+    let forward = cuda
+        .forward_device(&loss, &features, batch.shape, positives)
+        .unwrap();
+    let elements = b * v * d;
+    let mut padded = trainer_stream.alloc_zeros::<f32>(elements + 64).unwrap();
+    cuda.backward_device_into(
+        &forward,
+        &features,
+        positives,
+        Upstream::Scalar(1.0),
+        &mut padded.slice_mut(32..32 + elements),
+    )
+    .unwrap();
+    let padded = trainer_stream.clone_dtoh(&padded).unwrap();
+    assert!(padded[..32]
+        .iter()
+        .chain(&padded[32 + elements..])
+        .all(|&x| x == 0.0));
+    let (host_out, host_grad) = cuda
+        .forward_backward(
+            &loss,
+            z.view(),
+            Positives::Labels(labels.view()),
+            Upstream::Scalar(1.0),
+        )
+        .unwrap();
+    assert_eq!(forward.loss_host().unwrap(), host_out.loss);
+    let grad: Vec<f64> = padded[32..32 + elements]
+        .iter()
+        .map(|&g| f64::from(g))
+        .collect();
+    let host_grad: Vec<f64> = host_grad.iter().map(|&g| f64::from(g)).collect();
+    assert!(common::relative_error(&grad, &host_grad, 1e-3) <= 1e-6);
+    // Read on a third stream, ordered after the kernels by cudarc's events alone.
+    let fresh = cuda
+        .forward_device(&loss, &features, batch.shape, positives)
+        .unwrap();
+    let on_reader = upload_stream.clone_dtoh(&fresh.loss()).unwrap();
+    assert_eq!(Some(on_reader[0]), host_out.loss);
+}
+
+#[test]
+fn device_buffers_are_validated_before_any_launch() {
+    let Some(cuda) = cuda() else { return };
+    let stream = cuda.stream();
+    let shape = BatchShape {
+        batch: 6,
+        views: 2,
+        dim: 4,
+    };
+    let features = stream.alloc_zeros::<f32>(48).unwrap();
+    let short = stream.alloc_zeros::<f32>(47).unwrap();
+    let labels = stream.alloc_zeros::<i64>(6).unwrap();
+    let few_labels = stream.alloc_zeros::<i64>(5).unwrap();
+    let mask = stream.alloc_zeros::<f32>(35).unwrap();
+    let loss = SupConLoss::default();
+    let (fv, sv) = (features.as_view(), short.as_view());
+
+    let error = cuda
+        .forward_device(&loss, &sv, shape, DevicePositives::SimClr)
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::InvalidDeviceBuffer {
+                buffer: "features",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    let error = cuda
+        .forward_device(
+            &loss,
+            &fv,
+            shape,
+            DevicePositives::Labels(&few_labels.as_view()),
+        )
+        .unwrap_err();
+    assert_eq!(
+        error,
+        Error::LabelsLength {
+            expected: 6,
+            got: 5
+        }
+    );
+    let error = cuda
+        .forward_device(&loss, &fv, shape, DevicePositives::Mask(&mask.as_view()))
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::InvalidDeviceBuffer { buffer: "mask", .. }),
+        "{error}"
+    );
+    let single = BatchShape {
+        batch: 1,
+        views: 1,
+        dim: 48,
+    };
+    let error = cuda
+        .forward_device(&loss, &fv, single, DevicePositives::SimClr)
+        .unwrap_err();
+    assert_eq!(error, Error::SingleRow);
+
+    let labels_view = labels.as_view();
+    let positives = DevicePositives::Labels(&labels_view);
+    let forward = cuda.forward_device(&loss, &fv, shape, positives).unwrap();
+    let mut small_grad = stream.alloc_zeros::<f32>(47).unwrap();
+    let error = cuda
+        .backward_device_into(
+            &forward,
+            &fv,
+            positives,
+            Upstream::Scalar(1.0),
+            &mut small_grad.as_view_mut(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::InvalidDeviceBuffer { buffer: "grad", .. }),
+        "{error}"
+    );
+    let half_features = stream.alloc_zeros::<f16>(48).unwrap();
+    let error = cuda
+        .backward_device(
+            &forward,
+            &half_features.as_view(),
+            positives,
+            Upstream::Scalar(1.0),
+        )
+        .unwrap_err();
+    assert!(matches!(error, Error::StateMismatch(_)), "{error}");
+    let ones = Array1::<f64>::ones(12);
+    let error = cuda
+        .backward_device(&forward, &fv, positives, Upstream::PerAnchor(ones.view()))
+        .unwrap_err();
+    assert!(matches!(error, Error::UpstreamMismatch { .. }), "{error}");
+}
+
+#[test]
+fn unsupported_options_are_typed_errors_on_both_apis() {
+    let Some(cuda) = cuda() else { return };
+    let shape = BatchShape {
+        batch: 4,
+        views: 2,
+        dim: 3,
+    };
+    let z = Array3::<f32>::from_shape_fn((4, 2, 3), |(b, v, d)| (b + v + d) as f32 * 0.1);
+    let features = cuda.stream().clone_htod(z.as_slice().unwrap()).unwrap();
+    let unsupported = [
+        SupConLoss::builder()
+            .denominator(Denominator::OnePositive)
+            .build()
+            .unwrap(),
+        SupConLoss::builder().positives_cap(1).build().unwrap(),
+    ];
+    for loss in unsupported {
+        let host = cuda.forward(&loss, z.view(), Positives::SimClr);
+        assert!(
+            matches!(
+                host,
+                Err(Error::Unsupported {
+                    backend: "cuda",
+                    ..
+                })
+            ),
+            "{host:?}"
+        );
+        let device =
+            cuda.forward_device(&loss, &features.as_view(), shape, DevicePositives::SimClr);
+        assert!(
+            matches!(
+                device,
+                Err(Error::Unsupported {
+                    backend: "cuda",
+                    ..
+                })
+            ),
+            "{loss:?}"
+        );
+    }
+    let f64_features = z.mapv(f64::from);
+    let host = cuda.forward(
+        &SupConLoss::default(),
+        f64_features.view(),
+        Positives::SimClr,
+    );
+    assert!(
+        matches!(
+            host,
+            Err(Error::Unsupported {
+                backend: "cuda",
+                ..
+            })
+        ),
+        "{host:?}"
+    );
+}
+
+/// NoPositivePolicy::Error: the device scalar is computed, the error surfaces on the host.
+#[test]
+fn anchors_without_positives_fail_under_the_error_policy() {
+    let Some(cuda) = cuda() else { return };
+    let (b, v, d) = (5, 1, 4);
+    let z = Array3::<f32>::from_shape_fn((b, v, d), |(i, _, k)| ((i * 7 + k) as f32).sin());
+    let labels = Array1::from(vec![0i64, 1, 0, 2, 2]);
+    let loss = SupConLoss::builder()
+        .no_positive(NoPositivePolicy::Error)
+        .build()
+        .unwrap();
+    let expected = Error::AnchorWithoutPositives { anchor: 1 };
+    let host = cuda.forward(&loss, z.view(), Positives::Labels(labels.view()));
+    assert_eq!(host.unwrap_err(), expected);
+    let features = cuda.stream().clone_htod(z.as_slice().unwrap()).unwrap();
+    let device_labels = cuda
+        .stream()
+        .clone_htod(labels.as_slice().unwrap())
+        .unwrap();
+    let labels_view = device_labels.as_view();
+    let positives = DevicePositives::Labels(&labels_view);
+    let shape = BatchShape {
+        batch: b,
+        views: v,
+        dim: d,
+    };
+    let forward = cuda
+        .forward_device(&loss, &features.as_view(), shape, positives)
+        .unwrap();
+    assert_eq!(forward.loss_host().unwrap_err(), expected);
+    assert_eq!(forward.to_host().unwrap_err(), expected);
+    let grad = cuda.backward_device(
+        &forward,
+        &features.as_view(),
+        positives,
+        Upstream::Scalar(1.0),
+    );
+    assert_eq!(grad.unwrap_err(), expected);
+}
+
+/// Un-normalised features and a small temperature stay finite (SPEC.md's edge cases).
+#[test]
+fn extreme_logits_stay_finite() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = common::rng("extreme_logits_stay_finite");
+    let z = common::features(&mut rng, (23, 2, 19), 8.0..100.0).mapv(|x| x as f32);
+    let labels = common::labels(&mut rng, 23, 4);
+    for summation in [Summation::Outside, Summation::Inside] {
+        let loss = SupConLoss::builder()
+            .temperature(0.005)
+            .summation(summation)
+            .contrast_mode(ContrastMode::All)
+            .build()
+            .unwrap();
+        let (out, grad) = cuda
+            .forward_backward(
+                &loss,
+                z.view(),
+                Positives::Labels(labels.view()),
+                Upstream::Scalar(1.0),
+            )
+            .unwrap();
+        assert!(out.loss.unwrap().is_finite(), "{summation:?}");
+        assert!(grad.iter().all(|g| g.is_finite()), "{summation:?}");
+    }
+}
+
+/// The paths a machine without a GPU takes, for real: typed errors, no panic, and `auto`
+/// falls back to a CPU backend.
+#[test]
+fn without_a_gpu_every_entry_point_is_a_typed_error() {
+    if let Ok(backend) = supcon::CudaBackend::new(0) {
+        eprintln!(
+            "skipped: this machine runs the CUDA backend ({})",
+            backend.name()
+        );
+        return;
+    }
+    let error = supcon::CudaBackend::new(0).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::NoCudaDriver
+                | Error::NoCudaDevice { .. }
+                | Error::UnsupportedComputeCapability { .. }
+                | Error::KernelsNotBuilt
+                | Error::Cuda(_)
+        ),
+        "{error:?}"
+    );
+    assert_eq!(AnyBackend::from_name("cuda").unwrap_err(), error);
+    assert_ne!(AnyBackend::best_available().name(), "cuda");
+}
+
+/// Backends on one context share the loaded kernels, and outlive each other in any order.
+#[test]
+fn backends_share_a_context_and_drop_in_any_order() {
+    let Some(first) = cuda() else { return };
+    let second = supcon::CudaBackend::from_context(first.context().clone()).unwrap();
+    let z = Array3::<f32>::from_shape_fn((3, 2, 5), |(b, v, d)| ((b * 3 + v + d) as f32).cos());
+    let loss = SupConLoss::default();
+    let a = first.forward(&loss, z.view(), Positives::SimClr).unwrap();
+    drop(first);
+    let b = second.forward(&loss, z.view(), Positives::SimClr).unwrap();
+    assert_eq!(a.loss, b.loss);
+    let third = supcon::CudaBackend::new(0).unwrap();
+    drop(second);
+    let c = third.forward(&loss, z.view(), Positives::SimClr).unwrap();
+    assert_eq!(a.loss, c.loss);
+}
