@@ -85,7 +85,7 @@ impl Backend for EmulatedBackend {
 /// "Device" memory of the emulation: an 8-byte aligned host allocation of exactly the requested
 /// size (so AddressSanitizer flags a kernel access one byte past it), which Rust only touches
 /// through raw copies, so kernels may write it through its address like device memory.
-struct HostBuffer {
+pub(crate) struct HostBuffer {
     data: NonNull<u8>,
     layout: Layout,
 }
@@ -118,7 +118,7 @@ impl Drop for HostBuffer {
 }
 
 /// The emulation's executor: host buffers, synchronous launches.
-struct HostExecutor;
+pub(crate) struct HostExecutor;
 
 impl KernelExecutor for HostExecutor {
     type Buffer = HostBuffer;

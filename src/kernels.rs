@@ -1,15 +1,18 @@
-//! The launch sequence of the SupCon kernels, written once for every executor.
+//! The launch sequence of the SupCon kernels, written once for every executor and both APIs.
 //!
 //! An executor ([`KernelExecutor`]) owns device memory, copies to and from it and launches a
 //! kernel by name: the emulated executor (`src/emulated.rs`) uses host memory and the C++
-//! emulation, the CUDA backend uses cudarc. [`forward`] and [`backward`] do everything else:
-//! validation, the unsupported options, uploads, the launches with the plan of
-//! [`launch_config`], downloads and the crate's outputs.
+//! emulation, the CUDA backend uses cudarc. Everything else is here, shape-based so that the
+//! host-array path ([`forward`], [`backward`]: upload, launch, download) and the
+//! device-resident path of the CUDA backend (`src/cuda/enabled/resident.rs`: inputs by
+//! address, outputs left on the device) share it: validation and the unsupported options
+//! ([`Problem::new`]), the parameter block, the launches with the plan of [`launch_config`]
+//! ([`launch_forward`], [`launch_backward`]) and the crate's outputs ([`to_host`]).
 //!
 //! Forward: `supcon_forward_<type>` (per-anchor statistics and losses), then
 //! `supcon_forward_finalize` (the deterministic reduction and the count of anchors without
 //! positives). Backward: `supcon_backward_<type>`, fed with the saved state and the per-anchor
-//! coefficients c·u_i/R' computed here in f64.
+//! coefficients c·u_i/R' computed on the host in f64 ([`grad_coefficients`]).
 //!
 //! f64 features are rejected with [`Error::Unsupported`]: the kernels read f32, f16 or bf16 and
 //! silently rounding f64 input would hide a precision loss the caller did not ask for.
@@ -18,7 +21,7 @@ use bytemuck::Zeroable;
 use half::{bf16, f16};
 use ndarray::{Array1, Array3, ArrayView3};
 
-use crate::backend::{ForwardOutput, SavedState, Upstream};
+use crate::backend::{reduce, ForwardOutput, SavedState, Upstream};
 use crate::config::{Denominator, NoPositivePolicy, Reduction, Summation, SupConLoss};
 use crate::element::{DType, Element, GradElement};
 use crate::error::{Error, Result};
@@ -149,7 +152,7 @@ fn upload_slice<E: KernelExecutor, T: bytemuck::Pod>(
     executor.upload(bytemuck::cast_slice(values))
 }
 
-fn download_vec<E: KernelExecutor, T: bytemuck::Pod>(
+pub(crate) fn download_vec<E: KernelExecutor, T: bytemuck::Pod>(
     executor: &mut E,
     buffer: &E::Buffer,
     len: usize,
@@ -159,28 +162,50 @@ fn download_vec<E: KernelExecutor, T: bytemuck::Pod>(
     Ok(values)
 }
 
-/// What every launch needs to know about a validated problem.
-struct Problem {
+/// A validated problem: options, shape and element type the kernels implement, and what every
+/// launch needs to know about them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Problem {
+    loss: SupConLoss,
     shape: BatchShape,
-    anchors: usize,
     kernel_shape: KernelShape,
     feature_type: FeatureType,
 }
 
 impl Problem {
-    /// Validates the inputs, then rejects what the kernels do not implement.
-    fn new<T: Element>(
+    /// Checks the shape and rejects what the kernels do not implement. What needs the data
+    /// (lengths of the positives, finiteness: `validate_inputs`) is the caller's, and comes
+    /// first on the host path.
+    ///
+    /// # Errors
+    /// [`Error::EmptyFeatures`], [`Error::SingleRow`], [`Error::TooLarge`],
+    /// [`Error::Unsupported`] (f64 features, `OnePositive`, `positives_cap`).
+    pub(crate) fn new(
         backend: &'static str,
         loss: &SupConLoss,
-        features: &ArrayView3<'_, T>,
-        positives: &Positives<'_>,
+        shape: BatchShape,
+        dtype: DType,
     ) -> Result<Self> {
-        let shape = validate_inputs(features, positives)?;
+        let BatchShape { batch, views, dim } = shape;
+        if batch == 0 || views == 0 || dim == 0 {
+            return Err(Error::EmptyFeatures {
+                shape: [batch, views, dim],
+            });
+        }
+        let elements = batch.checked_mul(views).and_then(|n| n.checked_mul(dim));
+        if elements.is_none() {
+            return Err(Error::TooLarge {
+                what: format!("B·V·D = {batch}·{views}·{dim} overflows usize"),
+            });
+        }
+        if shape.rows() == 1 {
+            return Err(Error::SingleRow);
+        }
         let unsupported = |what: &str| Error::Unsupported {
             backend,
             what: what.to_string(),
         };
-        let feature_type = FeatureType::of(T::DTYPE).ok_or_else(|| {
+        let feature_type = FeatureType::of(dtype).ok_or_else(|| {
             unsupported("f64 features (the kernels read f32, f16 or bf16: convert to f32)")
         })?;
         if loss.denominator() == Denominator::OnePositive {
@@ -197,116 +222,62 @@ impl Problem {
             )));
         }
         let max_dim = (MAX_GRID_Y * GRAD_CHUNK) as usize;
-        if shape.dim > max_dim {
+        if dim > max_dim {
             return Err(too_large(format!(
-                "D = {} exceeds the kernels' {max_dim}",
-                shape.dim
+                "D = {dim} exceeds the kernels' {max_dim}"
             )));
         }
-        let anchors = shape.anchors(loss.contrast_mode());
         // All three fit u32: anchors ≤ rows ≤ MAX_ROWS and dim ≤ max_dim.
         let kernel_shape = KernelShape {
             rows: shape.rows() as u32,
-            anchors: anchors as u32,
-            dim: shape.dim as u32,
+            anchors: shape.anchors(loss.contrast_mode()) as u32,
+            dim: dim as u32,
         };
         Ok(Problem {
+            loss: *loss,
             shape,
-            anchors,
             kernel_shape,
             feature_type,
         })
     }
 
-    /// Launches `kernel` with the plan for this problem.
-    ///
-    /// # Safety
-    /// As [`KernelExecutor::launch`].
-    unsafe fn launch<E: KernelExecutor>(
-        &self,
-        executor: &mut E,
-        kernel: Kernel,
-        params: &SupconParams,
-    ) -> Result<()> {
-        let config = launch_config(kernel.stage(), self.kernel_shape);
-        // SAFETY: forwarded from this function's contract.
-        unsafe { executor.launch(kernel, config, params) }
+    /// The loss configuration.
+    pub(crate) fn loss(&self) -> &SupConLoss {
+        &self.loss
     }
-}
 
-/// The features and positives on the device.
-struct DeviceInputs<B> {
-    features: B,
-    labels: Option<B>,
-    mask: Option<B>,
-}
+    /// The batch shape.
+    pub(crate) fn shape(&self) -> BatchShape {
+        self.shape
+    }
 
-impl<B> DeviceInputs<B> {
-    /// Uploads the features (in `[B, V, D]` order, whatever the view's strides, converted
-    /// exactly to the kernel's element type) and the positives.
-    fn upload<E: KernelExecutor<Buffer = B>, T: Element>(
-        executor: &mut E,
-        problem: &Problem,
-        features: &ArrayView3<'_, T>,
-        positives: &Positives<'_>,
-    ) -> Result<Self> {
-        // Every f32/f16/bf16 value survives the trip through f32 unchanged.
-        let values = features.iter().map(|x| x.to_f32());
-        let features = match problem.feature_type {
-            FeatureType::F32 => upload_slice(executor, &values.collect::<Vec<f32>>())?,
-            FeatureType::F16 => {
-                upload_slice(executor, &values.map(f16::from_f32).collect::<Vec<_>>())?
-            }
-            FeatureType::Bf16 => {
-                upload_slice(executor, &values.map(bf16::from_f32).collect::<Vec<_>>())?
-            }
-        };
-        let (labels, mask) = match positives {
-            Positives::SimClr => (None, None),
-            Positives::Labels(labels) => {
-                let labels: Vec<i64> = labels.iter().copied().collect();
-                (Some(upload_slice(executor, &labels)?), None)
-            }
-            Positives::Mask(mask) => {
-                let weights: Vec<f32> = mask.iter().copied().collect();
-                (None, Some(upload_slice(executor, &weights)?))
-            }
-        };
-        Ok(DeviceInputs {
-            features,
-            labels,
-            mask,
-        })
+    /// R.
+    pub(crate) fn anchors(&self) -> usize {
+        self.kernel_shape.anchors as usize
     }
 
     /// The parameter block with the inputs, shape and options filled in (outputs 0).
-    fn params<E: KernelExecutor<Buffer = B>>(
-        &self,
-        executor: &E,
-        loss: &SupConLoss,
-        problem: &Problem,
-    ) -> SupconParams {
-        let address = |buffer: &Option<B>| buffer.as_ref().map_or(0, |b| executor.address(b));
-        let positive_kind = match (&self.labels, &self.mask) {
-            (Some(_), _) => kernel_abi::positives::LABELS,
-            (_, Some(_)) => kernel_abi::positives::MASK,
-            (None, None) => kernel_abi::positives::SAME_SAMPLE,
+    fn params(&self, inputs: &InputAddresses) -> SupconParams {
+        let (positive_kind, labels, mask) = match inputs.positives {
+            PositiveAddresses::SameSample => (kernel_abi::positives::SAME_SAMPLE, 0, 0),
+            PositiveAddresses::Labels(address) => (kernel_abi::positives::LABELS, address, 0),
+            PositiveAddresses::Mask(address) => (kernel_abi::positives::MASK, 0, address),
         };
-        let shape = problem.shape;
+        let loss = &self.loss;
         SupconParams {
-            features: executor.address(&self.features),
-            labels: address(&self.labels),
-            mask: address(&self.mask),
-            // Fit u32: rows ≤ MAX_ROWS (checked in Problem::new).
-            batch: shape.batch as u32,
-            views: shape.views as u32,
-            dim: problem.kernel_shape.dim,
-            rows: problem.kernel_shape.rows,
-            anchors: problem.kernel_shape.anchors,
+            features: inputs.features,
+            labels,
+            mask,
+            // batch and views are factors of rows ≤ MAX_ROWS (checked in `new`): they fit u32.
+            batch: self.shape.batch as u32,
+            views: self.shape.views as u32,
+            dim: self.kernel_shape.dim,
+            rows: self.kernel_shape.rows,
+            anchors: self.kernel_shape.anchors,
             positive_kind,
             denominator: match loss.denominator() {
                 Denominator::All => kernel_abi::denominator::ALL,
-                // OnePositive is rejected in Problem::new.
+                // OnePositive is rejected in `new`.
                 Denominator::OnlyNegatives | Denominator::OnePositive => {
                     kernel_abi::denominator::ONLY_NEGATIVES
                 }
@@ -330,6 +301,283 @@ impl<B> DeviceInputs<B> {
             ..SupconParams::zeroed()
         }
     }
+
+    /// Launches `kernel` with the plan for this problem.
+    ///
+    /// # Safety
+    /// As [`KernelExecutor::launch`].
+    unsafe fn launch<E: KernelExecutor>(
+        &self,
+        executor: &mut E,
+        kernel: Kernel,
+        params: &SupconParams,
+    ) -> Result<()> {
+        let config = launch_config(kernel.stage(), self.kernel_shape);
+        // SAFETY: forwarded from this function's contract.
+        unsafe { executor.launch(kernel, config, params) }
+    }
+}
+
+/// What makes two rows positives, with device addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PositiveAddresses {
+    /// SimCLR: the other views of the same sample.
+    SameSample,
+    /// `const int64_t[B]` labels.
+    Labels(u64),
+    /// `const float[B][B]` weights.
+    Mask(u64),
+}
+
+/// The device inputs of one call, by address.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InputAddresses {
+    /// `const T[B][V][D]`, T the problem's feature type.
+    pub(crate) features: u64,
+    /// The positives.
+    pub(crate) positives: PositiveAddresses,
+}
+
+/// Host inputs uploaded to the device (the host-array path).
+struct UploadedInputs<B> {
+    features: B,
+    positives: Option<B>,
+}
+
+impl<B> UploadedInputs<B> {
+    /// Uploads the features (in `[B, V, D]` order, whatever the view's strides, converted
+    /// exactly to the kernel's element type) and the positives.
+    fn upload<E: KernelExecutor<Buffer = B>, T: Element>(
+        executor: &mut E,
+        problem: &Problem,
+        features: &ArrayView3<'_, T>,
+        positives: &Positives<'_>,
+    ) -> Result<Self> {
+        // Every f32/f16/bf16 value survives the trip through f32 unchanged.
+        let values = features.iter().map(|x| x.to_f32());
+        let features = match problem.feature_type {
+            FeatureType::F32 => upload_slice(executor, &values.collect::<Vec<f32>>())?,
+            FeatureType::F16 => {
+                upload_slice(executor, &values.map(f16::from_f32).collect::<Vec<_>>())?
+            }
+            FeatureType::Bf16 => {
+                upload_slice(executor, &values.map(bf16::from_f32).collect::<Vec<_>>())?
+            }
+        };
+        let positives = match positives {
+            Positives::SimClr => None,
+            Positives::Labels(labels) => {
+                let labels: Vec<i64> = labels.iter().copied().collect();
+                Some(upload_slice(executor, &labels)?)
+            }
+            Positives::Mask(mask) => {
+                let weights: Vec<f32> = mask.iter().copied().collect();
+                Some(upload_slice(executor, &weights)?)
+            }
+        };
+        Ok(UploadedInputs {
+            features,
+            positives,
+        })
+    }
+
+    /// The uploaded inputs by address; `positives` says which kind was uploaded.
+    fn addresses<E: KernelExecutor<Buffer = B>>(
+        &self,
+        executor: &E,
+        positives: &Positives<'_>,
+    ) -> InputAddresses {
+        let address = || self.positives.as_ref().map_or(0, |b| executor.address(b));
+        InputAddresses {
+            features: executor.address(&self.features),
+            positives: match positives {
+                Positives::SimClr => PositiveAddresses::SameSample,
+                Positives::Labels(_) => PositiveAddresses::Labels(address()),
+                Positives::Mask(_) => PositiveAddresses::Mask(address()),
+            },
+        }
+    }
+}
+
+/// The forward pass's outputs, on the device.
+#[derive(Debug)]
+pub(crate) struct Statistics<B> {
+    /// `float[R]` LSE_i.
+    pub(crate) lse: B,
+    /// `float[R]` LSE^P_i − log W_i (see [`saved_positive_lse`]).
+    pub(crate) scaled_positive_lse: B,
+    /// `float[R]` P_i.
+    pub(crate) positive_weight: B,
+    /// `float[R]` W_i = max_j w_ij over positives (0: none).
+    pub(crate) positive_weight_max: B,
+    /// `float[R]` ℓ_i.
+    pub(crate) anchor_loss: B,
+    /// `double[1]` the reduced loss (Σℓ_i for reduction none).
+    pub(crate) reduced_loss: B,
+    /// `uint32_t[1]` anchors without positives.
+    pub(crate) anchors_without_positives: B,
+}
+
+impl<B> Statistics<B> {
+    /// What the backward kernel reads of them.
+    pub(crate) fn saved<E: KernelExecutor<Buffer = B>>(&self, executor: &E) -> SavedAddresses {
+        SavedAddresses {
+            lse: executor.address(&self.lse),
+            scaled_positive_lse: executor.address(&self.scaled_positive_lse),
+            positive_weight: executor.address(&self.positive_weight),
+            positive_weight_max: executor.address(&self.positive_weight_max),
+        }
+    }
+}
+
+/// The per-anchor statistics the backward kernel reads, `float[R]` each, by address.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SavedAddresses {
+    /// LSE_i.
+    lse: u64,
+    /// LSE^P_i − log W_i.
+    scaled_positive_lse: u64,
+    /// P_i.
+    positive_weight: u64,
+    /// W_i.
+    positive_weight_max: u64,
+}
+
+/// Queues the forward kernels on inputs already on the device. Nothing is copied or awaited.
+///
+/// # Safety
+/// `inputs` must address device memory of `executor` holding the problem's `B·V·D` features of
+/// its feature type and, for labels or a mask, `B` `i64` or `B·B` `f32`, alive and unmodified
+/// until the queued kernels have finished.
+pub(crate) unsafe fn launch_forward<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    inputs: &InputAddresses,
+) -> Result<Statistics<E::Buffer>> {
+    let per_anchor_bytes = problem.anchors() * size_of::<f32>();
+    let statistics = Statistics {
+        lse: executor.alloc(per_anchor_bytes)?,
+        scaled_positive_lse: executor.alloc(per_anchor_bytes)?,
+        positive_weight: executor.alloc(per_anchor_bytes)?,
+        positive_weight_max: executor.alloc(per_anchor_bytes)?,
+        anchor_loss: executor.alloc(per_anchor_bytes)?,
+        reduced_loss: executor.alloc(size_of::<f64>())?,
+        anchors_without_positives: executor.alloc(size_of::<u32>())?,
+    };
+    let params = SupconParams {
+        anchor_lse: executor.address(&statistics.lse),
+        anchor_scaled_positive_lse: executor.address(&statistics.scaled_positive_lse),
+        anchor_positive_weight: executor.address(&statistics.positive_weight),
+        anchor_positive_weight_max: executor.address(&statistics.positive_weight_max),
+        anchor_loss: executor.address(&statistics.anchor_loss),
+        reduced_loss: executor.address(&statistics.reduced_loss),
+        anchors_without_positives: executor.address(&statistics.anchors_without_positives),
+        ..problem.params(inputs)
+    };
+    // SAFETY: the inputs per this function's contract; the outputs are the R-float, one-f64
+    // and one-u32 buffers just allocated, which the caller keeps (dropping a buffer frees it
+    // only after the queued work).
+    unsafe {
+        problem.launch(
+            executor,
+            Kernel::ForwardStatistics(problem.feature_type),
+            &params,
+        )?;
+        problem.launch(executor, Kernel::ForwardFinalize, &params)?;
+    }
+    Ok(statistics)
+}
+
+/// Everything the forward pass computed, on the host (synchronises): what
+/// [`crate::Backend::forward`] returns.
+///
+/// # Errors
+/// [`Error::AnchorWithoutPositives`] under [`NoPositivePolicy::Error`].
+pub(crate) fn to_host<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    statistics: &Statistics<E::Buffer>,
+) -> Result<ForwardOutput> {
+    let anchors = problem.anchors();
+    let lse: Vec<f32> = download_vec(executor, &statistics.lse, anchors)?;
+    let scaled_positive_lse: Vec<f32> =
+        download_vec(executor, &statistics.scaled_positive_lse, anchors)?;
+    let positive_weight_max: Vec<f32> =
+        download_vec(executor, &statistics.positive_weight_max, anchors)?;
+    let positive_weight: Vec<f32> = download_vec(executor, &statistics.positive_weight, anchors)?;
+    let anchor_loss: Vec<f32> = download_vec(executor, &statistics.anchor_loss, anchors)?;
+    let reduced = download_vec::<_, f64>(executor, &statistics.reduced_loss, 1)?[0];
+    let (per_anchor, positive_weight) = (widen(&anchor_loss), widen(&positive_weight));
+    // The policy and R' exactly as every other backend applies them (the count the finalize
+    // kernel writes is the number of anchors with P_i ≤ 0 that this recounts).
+    let (_, mean_denominator) = reduce(&problem.loss, &per_anchor, &positive_weight)?;
+    Ok(ForwardOutput {
+        loss: (problem.loss.reduction() != Reduction::None).then_some(reduced),
+        per_anchor: Array1::from(per_anchor),
+        state: SavedState {
+            loss: problem.loss,
+            shape: problem.shape,
+            lse: widen(&lse),
+            lse_positive: scaled_positive_lse
+                .iter()
+                .zip(&positive_weight_max)
+                .map(|(&lse, &w)| saved_positive_lse(lse, w))
+                .collect(),
+            positive_weight,
+            mean_denominator,
+        },
+    })
+}
+
+/// The per-anchor coefficients c·u_i/R' of the backward kernel, zeroed where ℓ_i does not
+/// depend on the logits (no positive, empty denominator).
+///
+/// # Errors
+/// Upstream mismatches as [`SavedState::anchor_coefficients`].
+pub(crate) fn grad_coefficients(state: &SavedState, upstream: Upstream<'_>) -> Result<Vec<f32>> {
+    Ok(state
+        .anchor_coefficients(upstream)?
+        .iter()
+        .zip(state.positive_weight.iter().zip(&state.lse))
+        .map(|(&coefficient, (&p, &lse))| {
+            if p > 0.0 && lse > f64::NEG_INFINITY {
+                coefficient as f32
+            } else {
+                0.0
+            }
+        })
+        .collect())
+}
+
+/// Queues the backward kernel, writing `∂L/∂features` (`float[B][V][D]`) at `grad`, with the
+/// per-anchor `coefficients` ([`grad_coefficients`]) uploaded for it.
+///
+/// # Safety
+/// As [`launch_forward`] for `inputs`, which must be the inputs the statistics at `saved` were
+/// computed from (or their exact host reconstruction); `saved` must address `R` floats each of
+/// `executor`'s memory, alive until the kernel has finished; `grad` must address `B·V·D`
+/// writable `f32` that nothing else reads or writes until then.
+pub(crate) unsafe fn launch_backward<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    inputs: &InputAddresses,
+    saved: SavedAddresses,
+    coefficients: &[f32],
+    grad: u64,
+) -> Result<()> {
+    let coefficients = upload_slice(executor, coefficients)?;
+    let params = SupconParams {
+        anchor_lse: saved.lse,
+        anchor_scaled_positive_lse: saved.scaled_positive_lse,
+        anchor_positive_weight: saved.positive_weight,
+        anchor_positive_weight_max: saved.positive_weight_max,
+        anchor_grad_coef: executor.address(&coefficients),
+        grad_features: grad,
+        ..problem.params(inputs)
+    };
+    // SAFETY: inputs, statistics and `grad` per this function's contract; the coefficients
+    // buffer holds R floats and is freed in stream order after the launch.
+    unsafe { problem.launch(executor, Kernel::Backward(problem.feature_type), &params) }
 }
 
 fn widen(values: &[f32]) -> Vec<f64> {
@@ -396,72 +644,14 @@ pub(crate) fn forward<E: KernelExecutor, T: Element>(
     features: ArrayView3<'_, T>,
     positives: Positives<'_>,
 ) -> Result<ForwardOutput> {
-    let problem = Problem::new(backend, loss, &features, &positives)?;
-    let inputs = DeviceInputs::upload(executor, &problem, &features, &positives)?;
-    let anchors = problem.anchors;
-    let per_anchor_bytes = anchors * size_of::<f32>();
-    let lse = executor.alloc(per_anchor_bytes)?;
-    let scaled_positive_lse = executor.alloc(per_anchor_bytes)?;
-    let positive_weight = executor.alloc(per_anchor_bytes)?;
-    let positive_weight_max = executor.alloc(per_anchor_bytes)?;
-    let anchor_loss = executor.alloc(per_anchor_bytes)?;
-    let reduced_loss = executor.alloc(size_of::<f64>())?;
-    let without_positives = executor.alloc(size_of::<u32>())?;
-    let params = SupconParams {
-        anchor_lse: executor.address(&lse),
-        anchor_scaled_positive_lse: executor.address(&scaled_positive_lse),
-        anchor_positive_weight: executor.address(&positive_weight),
-        anchor_positive_weight_max: executor.address(&positive_weight_max),
-        anchor_loss: executor.address(&anchor_loss),
-        reduced_loss: executor.address(&reduced_loss),
-        anchors_without_positives: executor.address(&without_positives),
-        ..inputs.params(executor, loss, &problem)
-    };
-    // SAFETY: the inputs hold B·V·D features of the kernel's type, B labels, B·B weights; the
-    // per-anchor outputs R floats, the reduced loss one f64, the count one u32 — exactly what
-    // the forward kernels touch for this shape. All stay alive until the downloads below.
-    unsafe {
-        problem.launch(
-            executor,
-            Kernel::ForwardStatistics(problem.feature_type),
-            &params,
-        )?;
-        problem.launch(executor, Kernel::ForwardFinalize, &params)?;
-    }
-    let lse: Vec<f32> = download_vec(executor, &lse, anchors)?;
-    let scaled_positive_lse: Vec<f32> = download_vec(executor, &scaled_positive_lse, anchors)?;
-    let positive_weight: Vec<f32> = download_vec(executor, &positive_weight, anchors)?;
-    let positive_weight_max: Vec<f32> = download_vec(executor, &positive_weight_max, anchors)?;
-    let anchor_loss: Vec<f32> = download_vec(executor, &anchor_loss, anchors)?;
-    let reduced_loss = download_vec::<_, f64>(executor, &reduced_loss, 1)?[0];
-    let without_positives = download_vec::<_, u32>(executor, &without_positives, 1)?[0];
-
-    if loss.no_positive() == NoPositivePolicy::Error && without_positives > 0 {
-        let anchor = positive_weight.iter().position(|&p| p <= 0.0).unwrap_or(0);
-        return Err(Error::AnchorWithoutPositives { anchor });
-    }
-    let with_positive = anchors.saturating_sub(without_positives as usize);
-    let mean_denominator = match (loss.reduction(), loss.no_positive()) {
-        (Reduction::Sum | Reduction::None, _) => 1.0,
-        (Reduction::Mean, NoPositivePolicy::Exclude) => with_positive.max(1) as f64,
-        (Reduction::Mean, _) => anchors as f64,
-    };
-    Ok(ForwardOutput {
-        loss: (loss.reduction() != Reduction::None).then_some(reduced_loss),
-        per_anchor: Array1::from(widen(&anchor_loss)),
-        state: SavedState {
-            loss: *loss,
-            shape: problem.shape,
-            lse: widen(&lse),
-            lse_positive: scaled_positive_lse
-                .iter()
-                .zip(&positive_weight_max)
-                .map(|(&lse, &w)| saved_positive_lse(lse, w))
-                .collect(),
-            positive_weight: widen(&positive_weight),
-            mean_denominator,
-        },
-    })
+    let shape = validate_inputs(&features, &positives)?;
+    let problem = Problem::new(backend, loss, shape, T::DTYPE)?;
+    let uploaded = UploadedInputs::upload(executor, &problem, &features, &positives)?;
+    let inputs = uploaded.addresses(executor, &positives);
+    // SAFETY: the uploaded inputs hold B·V·D features of the kernel's type, B labels or B·B
+    // weights, and stay alive until the downloads of `to_host`.
+    let statistics = unsafe { launch_forward(executor, &problem, &inputs)? };
+    to_host(executor, &problem, &statistics)
 }
 
 /// The backward pass on `executor` (see [`crate::Backend::backward`]).
@@ -474,24 +664,14 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
     state: &SavedState,
     upstream: Upstream<'_>,
 ) -> Result<Array3<T::Grad>> {
-    let problem = Problem::new(backend, loss, &features, &positives)?;
-    state.check(loss, problem.shape)?;
-    // c·u_i/R', zeroed where ℓ_i does not depend on the logits (no positive, empty denominator).
-    let coefficients: Vec<f32> = state
-        .anchor_coefficients(upstream)?
-        .iter()
-        .zip(state.positive_weight.iter().zip(&state.lse))
-        .map(|(&coefficient, (&p, &lse))| {
-            if p > 0.0 && lse > f64::NEG_INFINITY {
-                coefficient as f32
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let inputs = DeviceInputs::upload(executor, &problem, &features, &positives)?;
+    let shape = validate_inputs(&features, &positives)?;
+    let problem = Problem::new(backend, loss, shape, T::DTYPE)?;
+    state.check(loss, shape)?;
+    let coefficients = grad_coefficients(state, upstream)?;
+    let uploaded = UploadedInputs::upload(executor, &problem, &features, &positives)?;
+    let inputs = uploaded.addresses(executor, &positives);
     let lse = upload_slice(executor, &narrow(&state.lse))?;
-    let weight_max = positive_weight_max(&positives, problem.shape, problem.anchors);
+    let weight_max = positive_weight_max(&positives, shape, problem.anchors());
     let scaled_positive_lse: Vec<f32> = state
         .lse_positive
         .iter()
@@ -501,33 +681,38 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
     let scaled_positive_lse = upload_slice(executor, &scaled_positive_lse)?;
     let positive_weight_max = upload_slice(executor, &weight_max)?;
     let positive_weight = upload_slice(executor, &narrow(&state.positive_weight))?;
-    let grad_coef = upload_slice(executor, &coefficients)?;
-    let (rows, dim) = (problem.shape.rows(), problem.shape.dim);
-    let grad = executor.alloc(rows * dim * size_of::<f32>())?;
-    let params = SupconParams {
-        anchor_lse: executor.address(&lse),
-        anchor_scaled_positive_lse: executor.address(&scaled_positive_lse),
-        anchor_positive_weight: executor.address(&positive_weight),
-        anchor_positive_weight_max: executor.address(&positive_weight_max),
-        anchor_grad_coef: executor.address(&grad_coef),
-        grad_features: executor.address(&grad),
-        ..inputs.params(executor, loss, &problem)
+    let saved = SavedAddresses {
+        lse: executor.address(&lse),
+        scaled_positive_lse: executor.address(&scaled_positive_lse),
+        positive_weight: executor.address(&positive_weight),
+        positive_weight_max: executor.address(&positive_weight_max),
     };
-    // SAFETY: the inputs as in `forward`; the statistics and coefficients hold R floats (the
-    // state matches the shape: `state.check`), the gradient B·V·D floats. All stay alive until
-    // the download below.
-    unsafe { problem.launch(executor, Kernel::Backward(problem.feature_type), &params)? };
-    let grad: Vec<f32> = download_vec(executor, &grad, rows * dim)?;
-    let BatchShape { batch, views, dim } = problem.shape;
+    let BatchShape { batch, views, dim } = shape;
+    let grad = executor.alloc(shape.rows() * dim * size_of::<f32>())?;
+    let grad_address = executor.address(&grad);
+    // SAFETY: the inputs as in `forward`; the statistics hold R floats (the state matches the
+    // shape: `state.check`), the gradient B·V·D floats. All stay alive until the download.
+    unsafe {
+        launch_backward(
+            executor,
+            &problem,
+            &inputs,
+            saved,
+            &coefficients,
+            grad_address,
+        )?;
+    }
+    let grad: Vec<f32> = download_vec(executor, &grad, shape.rows() * dim)?;
     Ok(Array3::from_shape_fn((batch, views, dim), |(b, v, k)| {
         T::Grad::from_f32(grad[(b * views + v) * dim + k])
     }))
 }
 
-#[cfg(all(test, feature = "cuda"))]
+#[cfg(test)]
 mod tests {
     use super::*;
 
+    #[cfg(feature = "cuda")]
     #[test]
     fn fatbins_are_embedded_exactly_when_nvcc_was_found() {
         for kernel in [Kernel::ForwardFinalize, Kernel::Backward(FeatureType::F32)] {
@@ -539,5 +724,74 @@ mod tests {
                 assert!(matches!(fatbin, Err(Error::KernelsNotBuilt)));
             }
         }
+    }
+
+    #[test]
+    fn problems_the_kernels_do_not_implement_are_refused() {
+        let shape = BatchShape {
+            batch: 4,
+            views: 2,
+            dim: 8,
+        };
+        let default = SupConLoss::default();
+        let unsupported = |result: Result<Problem>| {
+            matches!(
+                result,
+                Err(Error::Unsupported {
+                    backend: "cuda",
+                    ..
+                })
+            )
+        };
+        assert!(unsupported(Problem::new(
+            "cuda",
+            &default,
+            shape,
+            DType::F64
+        )));
+        let one_positive = SupConLoss::builder()
+            .denominator(Denominator::OnePositive)
+            .build()
+            .unwrap();
+        assert!(unsupported(Problem::new(
+            "cuda",
+            &one_positive,
+            shape,
+            DType::F32
+        )));
+        let capped = SupConLoss::builder().positives_cap(2).build().unwrap();
+        assert!(unsupported(Problem::new(
+            "cuda",
+            &capped,
+            shape,
+            DType::BF16
+        )));
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            assert!(Problem::new("cuda", &default, shape, dtype).is_ok());
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_typed_errors() {
+        let loss = SupConLoss::default();
+        let problem = |batch, views, dim| {
+            Problem::new("cuda", &loss, BatchShape { batch, views, dim }, DType::F32)
+        };
+        assert_eq!(
+            problem(0, 2, 3).unwrap_err(),
+            Error::EmptyFeatures { shape: [0, 2, 3] }
+        );
+        assert_eq!(problem(1, 1, 3).unwrap_err(), Error::SingleRow);
+        assert!(matches!(
+            problem(usize::MAX, 2, 3),
+            Err(Error::TooLarge { .. })
+        ));
+        assert!(matches!(
+            problem(1 << 31, 1, 3),
+            Err(Error::TooLarge { .. })
+        ));
+        let wide = (MAX_GRID_Y * GRAD_CHUNK) as usize + 1;
+        assert!(matches!(problem(2, 2, wide), Err(Error::TooLarge { .. })));
+        assert!(problem(2, 1, 1).is_ok());
     }
 }

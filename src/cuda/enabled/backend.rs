@@ -15,12 +15,12 @@ use super::checks::{
 };
 use super::executor::{driver_error, LoadedKernels, StreamExecutor};
 use super::raw::{self, DriverLibrary};
-use super::resident::{self, Problem, ResidentInputs, ResidentPositives, Statistics};
+use super::resident;
 use crate::backend::{Backend, ForwardOutput, SavedState, Upstream};
 use crate::config::SupConLoss;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::kernels;
+use crate::kernels::{self, InputAddresses, PositiveAddresses, Problem, Statistics};
 use crate::problem::{BatchShape, Positives};
 
 const NAME: &str = "cuda";
@@ -211,7 +211,8 @@ impl CudaBackend {
         // labels B i64 / the mask B·B f32 in this stream's context; the views borrow them for
         // this call, and their guards (dropped after the launches) make later work on other
         // streams wait for the kernels (cudarc's event tracking).
-        let mut statistics = unsafe { resident::forward(&mut executor, &problem, &bound.inputs)? };
+        let mut statistics =
+            unsafe { kernels::launch_forward(&mut executor, &problem, &bound.inputs)? };
         drop(bound);
         record_writes(&mut statistics, &self.stream);
         Ok(DeviceForward {
@@ -331,7 +332,7 @@ impl CudaBackend {
         let (features, guard) = features.device_ptr(&self.stream);
         guards.push(guard);
         let positives = match positives {
-            DevicePositives::SimClr => ResidentPositives::SameSample,
+            DevicePositives::SimClr => PositiveAddresses::SameSample,
             DevicePositives::Labels(labels) => {
                 if labels.len() != shape.batch {
                     return Err(Error::LabelsLength {
@@ -342,17 +343,17 @@ impl CudaBackend {
                 self.check_buffer("labels", labels.len(), labels.stream(), shape.batch)?;
                 let (address, guard) = labels.device_ptr(&self.stream);
                 guards.push(guard);
-                ResidentPositives::Labels(address)
+                PositiveAddresses::Labels(address)
             }
             DevicePositives::Mask(mask) => {
                 self.check_buffer("mask", mask.len(), mask.stream(), shape.batch.pow(2))?;
                 let (address, guard) = mask.device_ptr(&self.stream);
                 guards.push(guard);
-                ResidentPositives::Mask(address)
+                PositiveAddresses::Mask(address)
             }
         };
         Ok(BoundInputs {
-            inputs: ResidentInputs {
+            inputs: InputAddresses {
                 features,
                 positives,
             },
@@ -388,7 +389,7 @@ fn record_writes(statistics: &mut Statistics<CudaSlice<u8>>, stream: &CudaStream
 /// Device inputs by address, with cudarc's guards that order other streams' work after the
 /// kernels that read them (dropped once those kernels are queued).
 struct BoundInputs<'a> {
-    inputs: ResidentInputs,
+    inputs: InputAddresses,
     _guards: Vec<SyncOnDrop<'a>>,
 }
 
@@ -435,7 +436,7 @@ impl DeviceForward {
     /// # Errors
     /// As [`loss_host`](Self::loss_host).
     pub fn to_host(&self) -> Result<ForwardOutput> {
-        resident::to_host(
+        kernels::to_host(
             &mut self.backend.executor(),
             &self.problem,
             &self.statistics,
