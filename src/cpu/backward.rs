@@ -22,7 +22,7 @@
 use std::sync::Mutex;
 
 use super::forward::PositiveSums;
-use super::math::{exp, neutral_padding, padded, sigmoid, softplus};
+use super::math::{exp, lane_group, neutral_padding, padded, sigmoid, softplus, Aligned, LANES};
 use super::relation::{in_denominator, PairWeights};
 use super::simd::TileKernel;
 use super::tiles::{flatten, Tile, BLOCK};
@@ -173,7 +173,7 @@ pub(super) fn anchor_terms(
 /// Per-thread buffers of the backward sweep.
 struct Scratch {
     /// S, then H in place.
-    logits: Vec<f32>,
+    logits: Aligned,
     row_weight: Vec<f32>,
     row_bias: Vec<f32>,
     col_weight: Vec<f32>,
@@ -181,22 +181,22 @@ struct Scratch {
     /// `one_positive` pulls of the current tile row.
     pull: Vec<f32>,
     /// H Z_J (block I's rows) and Hᵀ Z_I (block J's rows).
-    grad_rows: Vec<f32>,
-    grad_cols: Vec<f32>,
+    grad_rows: Aligned,
+    grad_cols: Aligned,
 }
 
 impl Scratch {
     fn new(dim: usize) -> Self {
         let lane_row = || vec![0.0; padded(BLOCK)];
         Scratch {
-            logits: vec![0.0; BLOCK * padded(BLOCK)],
+            logits: Aligned::zeros(BLOCK * padded(BLOCK)),
             row_weight: lane_row(),
             row_bias: lane_row(),
             col_weight: lane_row(),
             col_bias: lane_row(),
             pull: lane_row(),
-            grad_rows: vec![0.0; BLOCK * dim],
-            grad_cols: vec![0.0; BLOCK * dim],
+            grad_rows: Aligned::zeros(BLOCK * dim),
+            grad_cols: Aligned::zeros(BLOCK * dim),
         }
     }
 }
@@ -283,39 +283,38 @@ impl<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool> TileKernel
                 terms.positive_scale[i],
                 terms.lse_positive[i],
             );
-            let row = rw.iter().zip(rb.iter());
-            let col = cw.iter().zip(cb.iter());
-            let col_terms = col_lse.iter().zip(col_den).zip(col_pos).zip(col_lse_pos);
-            for (
-                (((s, pull), (&rw, &rb)), (&cw, &cb)),
-                (((&col_lse, &col_den), &col_pos), &col_lse_pos),
-            ) in h
-                .iter_mut()
-                .zip(pull.iter())
-                .zip(row)
-                .zip(col)
-                .zip(col_terms)
-            {
-                let x = *s;
-                let e_row = exp(x + rb - lse);
-                let e_col = exp(x + cb - col_lse);
-                let d_row = if in_denominator::<NEG_ONLY>(rw) {
-                    e_row
-                } else {
-                    0.0
-                };
-                let d_col = if in_denominator::<NEG_ONLY>(cw) {
-                    e_col
-                } else {
-                    0.0
-                };
-                let g_row = den * d_row - P::term(rw, x, pos, lse_pos);
-                let g_col = col_den * d_col - P::term(cw, x, col_pos, col_lse_pos);
-                *s = if P::SCALAR_PULLS {
-                    g_row + g_col - pull
-                } else {
-                    g_row + g_col
-                };
+            // Whole lane groups with fixed-size arrays: the loop body is then one vector
+            // instruction sequence on every ISA (a zip of this many slices stayed scalar).
+            for start in (0..stride).step_by(LANES) {
+                let group = |v: &[f32]| lane_group(v, start);
+                let (x, pull) = (group(h), group(pull));
+                let (row_w, row_b, col_w, col_b) = (group(rw), group(rb), group(cw), group(cb));
+                let (c_lse, c_den) = (group(col_lse), group(col_den));
+                let (c_pos, c_lse_pos) = (group(col_pos), group(col_lse_pos));
+                let out: &mut [f32; LANES] = (&mut h[start..start + LANES])
+                    .try_into()
+                    .expect("whole lanes");
+                for l in 0..LANES {
+                    let e_row = exp(x[l] + row_b[l] - lse);
+                    let e_col = exp(x[l] + col_b[l] - c_lse[l]);
+                    let d_row = if in_denominator::<NEG_ONLY>(row_w[l]) {
+                        e_row
+                    } else {
+                        0.0
+                    };
+                    let d_col = if in_denominator::<NEG_ONLY>(col_w[l]) {
+                        e_col
+                    } else {
+                        0.0
+                    };
+                    let g_row = den * d_row - P::term(row_w[l], x[l], pos, lse_pos);
+                    let g_col = c_den[l] * d_col - P::term(col_w[l], x[l], c_pos[l], c_lse_pos[l]);
+                    out[l] = if P::SCALAR_PULLS {
+                        g_row + g_col - pull[l]
+                    } else {
+                        g_row + g_col
+                    };
+                }
             }
         }
     }

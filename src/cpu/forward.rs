@@ -14,7 +14,10 @@
 //!   I, with per-column running vectors (vertical, so no lane folding), fed chunks of 8 rows
 //!   whose weights are filled once and used by both sweeps; each column's shift follows its
 //!   running maximum, rescaling its sums when it moves. With a symmetric relation (labels or
-//!   SimCLR without a biting cap) the column weights are the row weights and are not refilled.
+//!   SimCLR without a biting cap, symmetric masks) the column weights are the row weights, and
+//!   [`Columns::add_row`] instead feeds each row's exponentials e^{s − m_i} to the columns too,
+//!   scaled by e^{m_i − C} with C the tile's running largest row maximum: one exponential per
+//!   logit for both directions.
 //!
 //! Each (shift, sum) piece goes into the anchor's f64 [`LogSumExp`]; pieces arrive in the
 //! schedule's fixed order. `one_positive` needs LSE^N_i before its positive terms, so it runs
@@ -24,7 +27,7 @@ use std::sync::Mutex;
 
 use super::math::{
     exp, fold_max, fold_sum, lane_group, lanes, max, needs_own_shift, neutral_padding, padded,
-    set_lane_group, shift_of, sigmoid, softplus, LogSumExp, LANES,
+    set_lane_group, shift_of, sigmoid, softplus, Aligned, LogSumExp, LANES,
 };
 use super::relation::{in_denominator, PairWeights};
 use super::simd::TileKernel;
@@ -112,7 +115,7 @@ fn row_piece<const NEG_ONLY: bool>(s: &[f32], w: &[f32], b: &[f32]) -> Piece {
             pos[l] += w[l] * e;
         }
     }
-    let mut piece = Piece {
+    let piece = Piece {
         den_shift: shift,
         den_sum: fold_sum(den),
         pos_shift: shift,
@@ -120,6 +123,21 @@ fn row_piece<const NEG_ONLY: bool>(s: &[f32], w: &[f32], b: &[f32]) -> Piece {
         weight: fold_sum(weight),
         weighted_logits: fold_sum(weighted),
     };
+    with_own_shifts::<NEG_ONLY>(piece, s, w, b, max_den, max_pos)
+}
+
+/// A row piece whose sums were taken relative to `piece`'s shift, with each set whose own
+/// maximum lies too far below that shift (`needs_own_shift`) summed again relative to it.
+#[inline(always)]
+fn with_own_shifts<const NEG_ONLY: bool>(
+    mut piece: Piece,
+    s: &[f32],
+    w: &[f32],
+    b: &[f32],
+    max_den: f32,
+    max_pos: f32,
+) -> Piece {
+    let shift = piece.den_shift;
     if needs_own_shift(max_pos, shift) {
         let mut pos = [0.0; LANES];
         for (s, w) in lanes(s).zip(lanes(w)) {
@@ -161,6 +179,8 @@ struct Columns {
     shift: Vec<f32>,
     den: Vec<f32>,
     pos: Vec<f32>,
+    /// [`Columns::add_row`]'s shift, shared by every column: the largest row maximum so far.
+    common_shift: f32,
 }
 
 impl Columns {
@@ -174,10 +194,12 @@ impl Columns {
             shift: v(),
             den: v(),
             pos: v(),
+            common_shift: f32::NEG_INFINITY,
         }
     }
 
     fn reset(&mut self, span: usize) {
+        self.common_shift = f32::NEG_INFINITY;
         self.max_den[..span].fill(f32::NEG_INFINITY);
         self.max_pos[..span].fill(f32::NEG_INFINITY);
         for v in [
@@ -262,11 +284,132 @@ impl Columns {
             set_lane_group(&mut self.pos, start, pos);
         }
     }
+
+    /// One tile row of a symmetric relation (the column weights are the row's): returns the
+    /// row's piece and adds the row to the first `span` columns, with one exponential per entry
+    /// for both directions. The row's terms e^{s − m} (m its maximum) enter the columns scaled
+    /// by e^{m − C}, C the largest row maximum so far, so every column is relative to C; a
+    /// column whose own maximum ends too far below C is summed again at the end of the tile.
+    #[inline(always)]
+    fn add_row<const NEG_ONLY: bool>(
+        &mut self,
+        s: &[f32],
+        w: &[f32],
+        b: &[f32],
+        span: usize,
+    ) -> Piece {
+        let mut max_den = [f32::NEG_INFINITY; LANES];
+        let mut max_pos = [f32::NEG_INFINITY; LANES];
+        let mut weight = [0.0; LANES];
+        let mut weighted = [0.0; LANES];
+        for start in (0..s.len()).step_by(LANES) {
+            let (sv, wv, bv) = (
+                lane_group(s, start),
+                lane_group(w, start),
+                lane_group(b, start),
+            );
+            let mut den = [0.0; LANES];
+            let mut pos = [0.0; LANES];
+            for l in 0..LANES {
+                den[l] = if in_denominator::<NEG_ONLY>(wv[l]) {
+                    sv[l] + bv[l]
+                } else {
+                    f32::NEG_INFINITY
+                };
+                pos[l] = if wv[l] > 0.0 {
+                    sv[l]
+                } else {
+                    f32::NEG_INFINITY
+                };
+                max_den[l] = max(max_den[l], den[l]);
+                max_pos[l] = max(max_pos[l], pos[l]);
+                weight[l] += wv[l];
+                weighted[l] += wv[l] * sv[l];
+            }
+            if start < span {
+                let mut col_max_den = lane_group(&self.max_den, start);
+                let mut col_max_pos = lane_group(&self.max_pos, start);
+                let mut col_weight = lane_group(&self.weight, start);
+                let mut col_weighted = lane_group(&self.weighted, start);
+                for l in 0..LANES {
+                    col_max_den[l] = max(col_max_den[l], den[l]);
+                    col_max_pos[l] = max(col_max_pos[l], pos[l]);
+                    col_weight[l] += wv[l];
+                    col_weighted[l] += wv[l] * sv[l];
+                }
+                set_lane_group(&mut self.max_den, start, col_max_den);
+                set_lane_group(&mut self.max_pos, start, col_max_pos);
+                set_lane_group(&mut self.weight, start, col_weight);
+                set_lane_group(&mut self.weighted, start, col_weighted);
+            }
+        }
+        let (max_den, max_pos) = (fold_max(max_den), fold_max(max_pos));
+        let row_max = max(max_den, max_pos);
+        let shift = shift_of(row_max);
+        if row_max > self.common_shift {
+            if self.common_shift > f32::NEG_INFINITY {
+                let factor = exp(self.common_shift - row_max);
+                for v in [&mut self.den, &mut self.pos] {
+                    for x in &mut v[..span] {
+                        *x *= factor;
+                    }
+                }
+            }
+            self.common_shift = row_max;
+        }
+        // An empty row (maximum −∞) has no term: its exponentials are all 0.
+        let to_common = if row_max == f32::NEG_INFINITY {
+            0.0
+        } else {
+            exp(row_max - self.common_shift)
+        };
+        let mut den = [0.0; LANES];
+        let mut pos = [0.0; LANES];
+        for start in (0..s.len()).step_by(LANES) {
+            let (sv, wv, bv) = (
+                lane_group(s, start),
+                lane_group(w, start),
+                lane_group(b, start),
+            );
+            let mut d = [0.0; LANES];
+            let mut p = [0.0; LANES];
+            for l in 0..LANES {
+                let e = exp(sv[l] + bv[l] - shift);
+                d[l] = if in_denominator::<NEG_ONLY>(wv[l]) {
+                    e
+                } else {
+                    0.0
+                };
+                p[l] = wv[l] * e;
+                den[l] += d[l];
+                pos[l] += p[l];
+            }
+            if start < span {
+                let mut col_den = lane_group(&self.den, start);
+                let mut col_pos = lane_group(&self.pos, start);
+                for l in 0..LANES {
+                    col_den[l] += d[l] * to_common;
+                    col_pos[l] += p[l] * to_common;
+                }
+                set_lane_group(&mut self.den, start, col_den);
+                set_lane_group(&mut self.pos, start, col_pos);
+            }
+        }
+        let piece = Piece {
+            den_shift: shift,
+            den_sum: fold_sum(den),
+            pos_shift: shift,
+            pos_sum: fold_sum(pos),
+            weight: fold_sum(weight),
+            weighted_logits: fold_sum(weighted),
+        };
+        with_own_shifts::<NEG_ONLY>(piece, s, w, b, max_den, max_pos)
+    }
 }
 
 /// Per-thread buffers of the forward sweep.
 pub(super) struct Scratch {
-    logits: Vec<f32>,
+    logits: Aligned,
     /// Weights and biases of a chunk of tile rows, anchor direction (row c at c·stride).
     row_weight: Vec<f32>,
     row_bias: Vec<f32>,
@@ -280,7 +423,7 @@ impl Scratch {
     fn new() -> Self {
         let chunk = || vec![0.0; CHUNK * padded(BLOCK)];
         Scratch {
-            logits: vec![0.0; BLOCK * padded(BLOCK)],
+            logits: Aligned::zeros(BLOCK * padded(BLOCK)),
             row_weight: chunk(),
             row_bias: chunk(),
             col_weight: chunk(),
@@ -322,7 +465,23 @@ impl<R: PairWeights, const NEG_ONLY: bool> TileKernel for ForwardTile<'_, R, NEG
         let count = col_stats.as_ref().map_or(0, |c| c.len());
         let (col_anchors, span) = (cols.start..cols.start + count, padded(count));
         columns.reset(span);
-        for chunk_start in (0..tile.rows.len()).step_by(CHUNK) {
+        if symmetric && count > 0 {
+            for (a, i) in tile.rows.clone().enumerate() {
+                let (w, b) = (&mut row_weight[..stride], &mut row_bias[..stride]);
+                pairs.fill_anchor_row(i, cols.clone(), &mut w[..width], &mut b[..width]);
+                neutral_padding(w, b, width);
+                let s = &logits[a * stride..][..stride];
+                let piece = columns.add_row::<NEG_ONLY>(s, w, b, span);
+                if let Some(stats) = row_stats.get_mut(a) {
+                    stats.absorb(piece);
+                }
+            }
+            columns.shift[..span].fill(shift_of(columns.common_shift));
+        }
+        for chunk_start in (0..tile.rows.len())
+            .step_by(CHUNK)
+            .filter(|_| !(symmetric && count > 0))
+        {
             let chunk = chunk_start..(chunk_start + CHUNK).min(tile.rows.len());
             for (c, a) in chunk.clone().enumerate() {
                 let i = tile.rows.start + a;
@@ -379,9 +538,11 @@ impl<R: PairWeights, const NEG_ONLY: bool> TileKernel for ForwardTile<'_, R, NEG
                 weight: c.weight[k],
                 weighted_logits: c.weighted[k],
             };
+            // (With a shift of its own, a column's denominator maximum is the shift unless it
+            // excludes the positives; with `add_row`'s common shift it may lie below.)
             let (own_pos, own_den) = (
                 needs_own_shift(c.max_pos[k], c.shift[k]),
-                NEG_ONLY && needs_own_shift(c.max_den[k], c.shift[k]),
+                needs_own_shift(c.max_den[k], c.shift[k]),
             );
             if own_pos || own_den {
                 // Rare (huge logits): redo this column alone, entry by entry.

@@ -14,6 +14,7 @@
 //! A, MR·NR fused multiply-adds. Every element of C is a sum over k in increasing order, so all
 //! FMA paths round identically (the baseline has no FMA and rounds each product).
 
+use super::math::Aligned;
 use super::simd::Isa;
 
 /// How the micro-kernel multiplies and adds.
@@ -65,10 +66,10 @@ pub(super) enum Right<'a> {
 
 /// Zᵀ in column panels for [`Right::Panels`]: `rows` (n×k row-major) becomes, for each group of
 /// `width` rows (zero-padded at the end), a k×width row-major block.
-pub(super) fn pack_panels(rows: &[f32], k: usize, width: usize) -> Vec<f32> {
+pub(super) fn pack_panels(rows: &[f32], k: usize, width: usize) -> Aligned {
     let n = rows.len() / k;
     let panels = n.div_ceil(width);
-    let mut packed = vec![0.0; panels * k * width];
+    let mut packed = Aligned::zeros(panels * k * width);
     for (q, panel) in packed.chunks_mut(k * width).enumerate() {
         for c in 0..width.min(n - q * width) {
             let row = &rows[(q * width + c) * k..][..k];

@@ -8,6 +8,39 @@
 //! result. `exp` is written without branches or calls for the same reason: `f32::exp` calls libm
 //! one element at a time, which would keep the loops that use it scalar.
 
+/// f32 storage whose first element sits on a 64-byte boundary (one cache line, one AVX-512
+/// register). Large `Vec`s come from `mmap` at a page plus 16 bytes, where every 64-byte load
+/// of the products and tile loops would straddle two cache lines.
+pub(super) struct Aligned {
+    buffer: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    /// `len` zeros.
+    pub(super) fn zeros(len: usize) -> Self {
+        const SLACK: usize = 64 / std::mem::size_of::<f32>() - 1;
+        let buffer = vec![0.0; len + SLACK];
+        // `align_offset` may decline (usize::MAX); the data is then merely unaligned.
+        let start = buffer.as_ptr().align_offset(64).min(SLACK);
+        Aligned { buffer, start, len }
+    }
+}
+
+impl std::ops::Deref for Aligned {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buffer[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for Aligned {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buffer[self.start..self.start + self.len]
+    }
+}
+
 /// Independent partial results per reduction; tile rows are padded to a multiple of it.
 pub(super) const LANES: usize = 16;
 
@@ -29,10 +62,11 @@ pub(super) fn lanes(x: &[f32]) -> impl Iterator<Item = &[f32; LANES]> + '_ {
         .map(|c| <&[f32; LANES]>::try_from(c).expect("chunks_exact yields whole lanes"))
 }
 
-/// The lane group `v[start..start + LANES]` as an array.
+/// The lane group `v[start..start + LANES]` as an array (a copy, one vector register; an
+/// `array::from_fn` here was not always inlined, which left its callers scalar).
 #[inline(always)]
 pub(super) fn lane_group(v: &[f32], start: usize) -> [f32; LANES] {
-    std::array::from_fn(|l| v[start + l])
+    *<&[f32; LANES]>::try_from(&v[start..start + LANES]).expect("a whole lane group")
 }
 
 /// Writes a lane group back to `v[start..start + LANES]`.

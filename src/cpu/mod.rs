@@ -46,6 +46,7 @@ use crate::element::{Element, GradElement};
 use crate::error::{Error, Result};
 use crate::problem::{validate_inputs, BatchShape, Positives};
 use forward::{AnchorStats, PositiveSums};
+use math::Aligned;
 use relation::Pairs;
 use simd::Isa;
 use tiles::{Rows, Schedule};
@@ -89,7 +90,7 @@ impl<'a> Batch<'a> {
         isa: Isa,
     ) -> Result<Self> {
         let (n, dim) = (shape.rows(), shape.dim);
-        let mut data = vec![0.0_f32; n * dim];
+        let mut data = Aligned::zeros(n * dim);
         let largest_square_norm = data
             .par_chunks_mut(dim)
             .enumerate()

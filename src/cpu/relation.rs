@@ -266,21 +266,22 @@ impl PairWeights for ClassPairs {
             self.rows.sample[anchor],
             self.rows.cap_bound[anchor],
         );
-        let start = contrasts.start;
+        // Row indices as u32 (N fits, `Pairs::new` checked): 32-bit lanes compare twice as
+        // many per vector as usize ones.
+        let (start, anchor) = (contrasts.start as u32, anchor as u32);
         let classes = &self.class[contrasts.clone()];
         let samples = &self.rows.sample[contrasts];
-        for (k, (((w, b), &c), &s)) in weight
+        for ((((w, b), &c), &s), j) in weight
             .iter_mut()
             .zip(bias.iter_mut())
             .zip(classes)
             .zip(samples)
-            .enumerate()
+            .zip(start..)
         {
-            let j = start + k;
             (*w, *b) = entry(
                 f32::from(u8::from(c == class)),
                 s == sample,
-                (j as u32) < bound,
+                j < bound,
                 j == anchor,
             );
         }
@@ -333,21 +334,16 @@ impl PairWeights for MaskPairs<'_> {
         let (sample, bound) = (self.rows.sample[anchor], self.rows.cap_bound[anchor]);
         let mask = self.mask.as_slice().unwrap_or_default();
         let mask_row = &mask[sample as usize * self.batch..][..self.batch];
-        let start = contrasts.start;
+        // Row indices as u32, as for `ClassPairs`.
+        let (start, anchor) = (contrasts.start as u32, anchor as u32);
         let samples = &self.rows.sample[contrasts];
-        for (k, ((w, b), &s)) in weight
+        for (((w, b), &s), j) in weight
             .iter_mut()
             .zip(bias.iter_mut())
             .zip(samples)
-            .enumerate()
+            .zip(start..)
         {
-            let j = start + k;
-            (*w, *b) = entry(
-                mask_row[s as usize],
-                s == sample,
-                (j as u32) < bound,
-                j == anchor,
-            );
+            (*w, *b) = entry(mask_row[s as usize], s == sample, j < bound, j == anchor);
         }
     }
 

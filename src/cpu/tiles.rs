@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 
 use super::gemm::{pack_panels, Product, Right};
-use super::math::padded;
+use super::math::{padded, Aligned};
 use super::simd::Isa;
 
 /// Rows per block. 256 keeps a tile's logits (256 KiB), its two feature blocks (2 × 128 KiB at
@@ -88,6 +88,10 @@ impl Schedule {
     /// Runs `task` on every tile: rounds in order, the tiles of a round in parallel. `task`
     /// gets the tile, this thread's scratch (from `scratch`), block I's state and, for an
     /// off-diagonal tile, block J's.
+    ///
+    /// Each pool thread makes its scratch once for the whole sweep: rayon's `for_each_init`
+    /// would make one per split job, i.e. several per round, each a fresh ~0.5 MiB to zero and
+    /// fault in. A task overwrites what it reads of the scratch, so reuse changes no result.
     pub(super) fn for_each_tile<B, S>(
         &self,
         states: &[Mutex<B>],
@@ -95,24 +99,31 @@ impl Schedule {
         task: impl Fn(&Tile, &mut S, &mut B, Option<&mut B>) + Sync + Send,
     ) where
         B: Send,
+        S: Send,
     {
+        let scratches: Vec<Mutex<Option<S>>> = (0..rayon::current_num_threads())
+            .map(|_| Mutex::new(None))
+            .collect();
         for round in &self.rounds {
-            round
-                .par_iter()
-                .for_each_init(&scratch, |scratch, &(i, j)| {
-                    let tile = Tile {
-                        rows: self.block_rows(i),
-                        cols: self.block_rows(j),
-                    };
-                    // The locks never wait: the tiles of a round share no block.
-                    let mut rows = lock(&states[i]);
-                    if i == j {
-                        task(&tile, scratch, &mut rows, None);
-                    } else {
-                        let mut cols = lock(&states[j]);
-                        task(&tile, scratch, &mut rows, Some(&mut cols));
-                    }
-                });
+            round.par_iter().for_each(|&(i, j)| {
+                let tile = Tile {
+                    rows: self.block_rows(i),
+                    cols: self.block_rows(j),
+                };
+                // Never waits: a thread only takes its own scratch (and a caller outside the
+                // pool, index 0, runs alone).
+                let slot = rayon::current_thread_index().unwrap_or(0) % scratches.len();
+                let mut own = lock(&scratches[slot]);
+                let scratch = own.get_or_insert_with(&scratch);
+                // The locks never wait: the tiles of a round share no block.
+                let mut rows = lock(&states[i]);
+                if i == j {
+                    task(&tile, scratch, &mut rows, None);
+                } else {
+                    let mut cols = lock(&states[j]);
+                    task(&tile, scratch, &mut rows, Some(&mut cols));
+                }
+            });
         }
     }
 }
@@ -135,18 +146,18 @@ fn lock<B>(state: &Mutex<B>) -> std::sync::MutexGuard<'_, B> {
 /// The features as f32 rows `[N, D]`, row-major and as Zᵀ panels for the logits product.
 pub(super) struct Rows {
     /// Row r at `r·dim..(r+1)·dim`.
-    pub(super) data: Vec<f32>,
+    pub(super) data: Aligned,
     /// D.
     pub(super) dim: usize,
     /// `gemm::pack_panels` of `data` for `isa`.
-    panels: Vec<f32>,
+    panels: Aligned,
     /// The instruction set the products run on.
     isa: Isa,
 }
 
 impl Rows {
     /// Rows from their row-major data, packed for `isa`.
-    pub(super) fn new(data: Vec<f32>, dim: usize, isa: Isa) -> Self {
+    pub(super) fn new(data: Aligned, dim: usize, isa: Isa) -> Self {
         let panels = pack_panels(&data, dim, isa.panel_width());
         Rows {
             data,
