@@ -11,59 +11,18 @@
 //! logits ±1/τ) where an anchor's positive wins by a margin of ~28, its true loss and gradient
 //! are ~e^-28 and f32 (q ≈ 1 rounds to 1) cannot resolve them in any implementation.
 
+mod common;
+
 use half::{bf16, f16};
-use ndarray::{Array1, Array2, Array3, ArrayView3, Axis};
+use ndarray::{Array1, Array3, ArrayView3, Axis};
 use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
+use rand::RngExt;
 use supcon::{
     Backend, ContrastMode, CpuBackend, Denominator, Element, Error, ForwardOutput, GradElement,
     NoPositivePolicy, Positives, Reduction, ReferenceBackend, Summation, SupConLoss, Upstream,
 };
 
 const TOLERANCE: f64 = 1e-5;
-
-/// A seeded generator; the seed is printed so that a failure can be replayed.
-fn rng(test: &str) -> StdRng {
-    let seed = std::env::var("SUPCON_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    println!("{test}: SUPCON_TEST_SEED={seed}");
-    StdRng::seed_from_u64(seed)
-}
-
-/// Random unit-norm features `[B, V, D]` (components uniform in ±1, then normalised).
-fn unit_features(rng: &mut StdRng, batch: usize, views: usize, dim: usize) -> Array3<f32> {
-    let mut x = Array3::from_shape_fn((batch, views, dim), |_| rng.random_range(-1.0f32..1.0));
-    for mut row in x.lanes_mut(Axis(2)) {
-        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-3);
-        row.mapv_inplace(|v| v / norm);
-    }
-    x
-}
-
-/// Labels drawn from `classes` values spread over the whole i64 range (negative and huge ones
-/// included).
-fn labels(rng: &mut StdRng, batch: usize, classes: usize) -> Vec<i64> {
-    let values: Vec<i64> = (0..classes)
-        .map(|c| match c % 4 {
-            0 => i64::MIN + c as i64,
-            1 => -(c as i64),
-            2 => c as i64 * 1_000_003,
-            _ => i64::MAX - c as i64,
-        })
-        .collect();
-    (0..batch)
-        .map(|_| values[rng.random_range(0..classes)])
-        .collect()
-}
-
-/// A soft, asymmetric weight mask with many zeros.
-fn soft_mask(rng: &mut StdRng, batch: usize) -> Array2<f32> {
-    Array2::from_shape_fn((batch, batch), |_| {
-        [0.0, 0.0, 0.0, 0.5, 1.0, 2.25][rng.random_range(0..6)]
-    })
-}
 
 /// ‖a − b‖∞ / max(‖b‖∞, floor); equal entries (equal infinities included) count as exact.
 fn relative_error(
@@ -261,7 +220,7 @@ fn check_f32(
 
 #[test]
 fn matches_reference_on_ragged_sizes() {
-    let mut rng = rng("matches_reference_on_ragged_sizes");
+    let mut rng = common::rng("matches_reference_on_ragged_sizes");
     let loss = SupConLoss::default();
     // N = B·V ∈ {2, 3, 17, 97, 300, 1000}, V ∈ {1, 2, 3}; D ∈ {1, 3, 17, 64, 130}.
     let shapes = [
@@ -282,9 +241,9 @@ fn matches_reference_on_ragged_sizes() {
             if batch * views * dim > 300 * 130 && (k + dim) % 2 == 0 {
                 continue; // Keep the largest shapes to every other width.
             }
-            let features = unit_features(&mut rng, batch, views, dim);
+            let features = common::unit_features(&mut rng, (batch, views, dim)).mapv(|x| x as f32);
             let classes = (batch / 4).max(1);
-            let y = labels(&mut rng, batch, classes);
+            let y = common::labels(&mut rng, batch, classes).to_vec();
             let what = format!("B={batch} V={views} D={dim}");
             check_f32(&what, &mut rng, &loss, &features, Positives::labels(&y));
             check_f32(&what, &mut rng, &loss, &features, Positives::SimClr);
@@ -333,13 +292,13 @@ fn all_losses() -> Vec<SupConLoss> {
 
 #[test]
 fn matches_reference_for_every_option_in_one_tile() {
-    let mut rng = rng("matches_reference_for_every_option_in_one_tile");
+    let mut rng = common::rng("matches_reference_for_every_option_in_one_tile");
     for (k, loss) in all_losses().iter().enumerate() {
         // Alternate V = 1 (singleton classes: anchors without positives) and V = 2.
         let (batch, views, dim) = if k % 2 == 0 { (23, 2, 9) } else { (41, 1, 6) };
-        let features = unit_features(&mut rng, batch, views, dim);
-        let y = labels(&mut rng, batch, 9);
-        let mask = soft_mask(&mut rng, batch);
+        let features = common::unit_features(&mut rng, (batch, views, dim)).mapv(|x| x as f32);
+        let y = common::labels(&mut rng, batch, 9).to_vec();
+        let mask = common::soft_mask(&mut rng, batch);
         let what = format!("{loss:?} B={batch} V={views}");
         check_f32(&what, &mut rng, loss, &features, Positives::SimClr);
         check_f32(&what, &mut rng, loss, &features, Positives::labels(&y));
@@ -355,7 +314,7 @@ fn matches_reference_for_every_option_in_one_tile() {
 
 #[test]
 fn matches_reference_for_every_option_across_tiles() {
-    let mut rng = rng("matches_reference_for_every_option_across_tiles");
+    let mut rng = common::rng("matches_reference_for_every_option_across_tiles");
     // More than one 256-row block, so that the symmetric (column) half of the tiles runs.
     let shapes = [(263, 2, 5), (181, 3, 7), (530, 1, 4)];
     let losses = all_losses();
@@ -366,9 +325,9 @@ fn matches_reference_for_every_option_across_tiles() {
         .filter(|(k, _)| k % 9 == (k / 9) % 9)
     {
         let (batch, views, dim) = shapes[k % shapes.len()];
-        let features = unit_features(&mut rng, batch, views, dim);
-        let y = labels(&mut rng, batch, 40);
-        let mask = soft_mask(&mut rng, batch);
+        let features = common::unit_features(&mut rng, (batch, views, dim)).mapv(|x| x as f32);
+        let y = common::labels(&mut rng, batch, 40).to_vec();
+        let mask = common::soft_mask(&mut rng, batch);
         let what = format!("{loss:?} B={batch} V={views}");
         check_f32(&what, &mut rng, loss, &features, Positives::SimClr);
         check_f32(&what, &mut rng, loss, &features, Positives::labels(&y));
@@ -384,9 +343,9 @@ fn matches_reference_for_every_option_across_tiles() {
 
 #[test]
 fn matches_reference_at_4096_rows() {
-    let mut rng = rng("matches_reference_at_4096_rows");
-    let features = unit_features(&mut rng, 2048, 2, 32);
-    let y = labels(&mut rng, 2048, 100);
+    let mut rng = common::rng("matches_reference_at_4096_rows");
+    let features = common::unit_features(&mut rng, (2048, 2, 32)).mapv(|x| x as f32);
+    let y = common::labels(&mut rng, 2048, 100).to_vec();
     check_f32(
         "N=4096",
         &mut rng,
@@ -400,8 +359,10 @@ fn matches_reference_at_4096_rows() {
 fn check_half<T: Element>(rng: &mut StdRng, convert: impl Fn(f32) -> T) {
     let loss = SupConLoss::builder().temperature(0.05).build().unwrap();
     for (batch, views, dim) in [(97, 2, 17), (300, 1, 64), (150, 2, 130)] {
-        let features = unit_features(rng, batch, views, dim).mapv(&convert);
-        let y = labels(rng, batch, 11);
+        let features = common::unit_features(rng, (batch, views, dim))
+            .mapv(|x| x as f32)
+            .mapv(&convert);
+        let y = common::labels(rng, batch, 11).to_vec();
         let got = run(
             &CpuBackend,
             &loss,
@@ -426,16 +387,18 @@ fn check_half<T: Element>(rng: &mut StdRng, convert: impl Fn(f32) -> T) {
 
 #[test]
 fn half_precision_inputs_match_reference() {
-    let mut rng = rng("half_precision_inputs_match_reference");
+    let mut rng = common::rng("half_precision_inputs_match_reference");
     check_half(&mut rng, f16::from_f32);
     check_half(&mut rng, bf16::from_f32);
 }
 
 #[test]
 fn f64_inputs_are_computed_in_f32() {
-    let mut rng = rng("f64_inputs_are_computed_in_f32");
-    let features = unit_features(&mut rng, 200, 2, 24).mapv(f64::from);
-    let y = labels(&mut rng, 200, 13);
+    let mut rng = common::rng("f64_inputs_are_computed_in_f32");
+    let features = common::unit_features(&mut rng, (200, 2, 24))
+        .mapv(|x| x as f32)
+        .mapv(f64::from);
+    let y = common::labels(&mut rng, 200, 13).to_vec();
     let loss = SupConLoss::default();
     let got = run(
         &CpuBackend,
@@ -459,11 +422,11 @@ fn f64_inputs_are_computed_in_f32() {
 
 #[test]
 fn results_are_bitwise_independent_of_thread_count() {
-    let mut rng = rng("results_are_bitwise_independent_of_thread_count");
+    let mut rng = common::rng("results_are_bitwise_independent_of_thread_count");
     let (batch, views, dim) = (700, 2, 33); // 1400 rows: 6 blocks, 6 rounds of tiles.
-    let features = unit_features(&mut rng, batch, views, dim);
-    let y = labels(&mut rng, batch, 30);
-    let mask = soft_mask(&mut rng, batch);
+    let features = common::unit_features(&mut rng, (batch, views, dim)).mapv(|x| x as f32);
+    let y = common::labels(&mut rng, batch, 30).to_vec();
+    let mask = common::soft_mask(&mut rng, batch);
     let cases = [
         (SupConLoss::default(), Positives::labels(&y)),
         (
@@ -515,8 +478,8 @@ fn results_are_bitwise_independent_of_thread_count() {
 
 #[test]
 fn strided_views_give_the_same_result_as_contiguous_ones() {
-    let mut rng = rng("strided_views_give_the_same_result_as_contiguous_ones");
-    let features = unit_features(&mut rng, 60, 3, 20);
+    let mut rng = common::rng("strided_views_give_the_same_result_as_contiguous_ones");
+    let features = common::unit_features(&mut rng, (60, 3, 20)).mapv(|x| x as f32);
     // The same values behind a permuted, non-contiguous layout: [D, V, B] reversed to [B, V, D].
     let permuted = features
         .clone()
@@ -525,7 +488,7 @@ fn strided_views_give_the_same_result_as_contiguous_ones() {
         .into_owned();
     let strided = permuted.view().permuted_axes([2, 1, 0]);
     assert!(!strided.is_standard_layout());
-    let y = labels(&mut rng, 60, 7);
+    let y = common::labels(&mut rng, 60, 7).to_vec();
     let loss = SupConLoss::default();
     let a = run(
         &CpuBackend,
@@ -551,14 +514,14 @@ fn strided_views_give_the_same_result_as_contiguous_ones() {
 /// of non-excluded entries.
 #[test]
 fn huge_logits_stay_finite_and_close_to_reference() {
-    let mut rng = rng("huge_logits_stay_finite_and_close_to_reference");
+    let mut rng = common::rng("huge_logits_stay_finite_and_close_to_reference");
     let (batch, views, dim) = (150, 2, 16);
-    let mut features = unit_features(&mut rng, batch, views, dim);
+    let mut features = common::unit_features(&mut rng, (batch, views, dim)).mapv(|x| x as f32);
     for mut row in features.lanes_mut(Axis(2)) {
         let norm = rng.random_range(8.0f32..100.0);
         row.mapv_inplace(|v| v * norm);
     }
-    let y = labels(&mut rng, batch, 5);
+    let y = common::labels(&mut rng, batch, 5).to_vec();
     for summation in [Summation::Outside, Summation::Inside] {
         for denominator in [
             Denominator::All,
@@ -602,8 +565,8 @@ fn huge_logits_stay_finite_and_close_to_reference() {
 
 #[test]
 fn one_class_batches_are_finite() {
-    let mut rng = rng("one_class_batches_are_finite");
-    let features = unit_features(&mut rng, 300, 2, 8);
+    let mut rng = common::rng("one_class_batches_are_finite");
+    let features = common::unit_features(&mut rng, (300, 2, 8)).mapv(|x| x as f32);
     let y = vec![-5i64; 300];
     for denominator in [
         Denominator::All,
@@ -643,9 +606,9 @@ fn one_class_batches_are_finite() {
 
 #[test]
 fn anchors_without_positives_follow_the_policy() {
-    let mut rng = rng("anchors_without_positives_follow_the_policy");
+    let mut rng = common::rng("anchors_without_positives_follow_the_policy");
     // V = 1 and all labels distinct: no anchor has a positive.
-    let features = unit_features(&mut rng, 40, 1, 8);
+    let features = common::unit_features(&mut rng, (40, 1, 8)).mapv(|x| x as f32);
     let y: Vec<i64> = (0..40).collect();
     let zero = SupConLoss::default();
     let (out, grad) = run(
