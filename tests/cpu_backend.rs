@@ -290,25 +290,30 @@ fn all_losses() -> Vec<SupConLoss> {
     losses
 }
 
+/// `check_f32` on fresh unit features of `shape` for SimCLR, labels from `classes` classes and
+/// a soft mask.
+fn check_every_source(
+    rng: &mut StdRng,
+    loss: &SupConLoss,
+    (batch, views, dim): (usize, usize, usize),
+    classes: usize,
+) {
+    let features = common::unit_features(rng, (batch, views, dim)).mapv(|x| x as f32);
+    let y = common::labels(rng, batch, classes).to_vec();
+    let mask = common::soft_mask(rng, batch);
+    let what = format!("{loss:?} B={batch} V={views}");
+    check_f32(&what, rng, loss, &features, Positives::SimClr);
+    check_f32(&what, rng, loss, &features, Positives::labels(&y));
+    check_f32(&what, rng, loss, &features, Positives::Mask(mask.view()));
+}
+
 #[test]
 fn matches_reference_for_every_option_in_one_tile() {
     let mut rng = common::rng("matches_reference_for_every_option_in_one_tile");
     for (k, loss) in all_losses().iter().enumerate() {
         // Alternate V = 1 (singleton classes: anchors without positives) and V = 2.
         let (batch, views, dim) = if k % 2 == 0 { (23, 2, 9) } else { (41, 1, 6) };
-        let features = common::unit_features(&mut rng, (batch, views, dim)).mapv(|x| x as f32);
-        let y = common::labels(&mut rng, batch, 9).to_vec();
-        let mask = common::soft_mask(&mut rng, batch);
-        let what = format!("{loss:?} B={batch} V={views}");
-        check_f32(&what, &mut rng, loss, &features, Positives::SimClr);
-        check_f32(&what, &mut rng, loss, &features, Positives::labels(&y));
-        check_f32(
-            &what,
-            &mut rng,
-            loss,
-            &features,
-            Positives::Mask(mask.view()),
-        );
+        check_every_source(&mut rng, loss, (batch, views, dim), 9);
     }
 }
 
@@ -325,19 +330,7 @@ fn matches_reference_for_every_option_across_tiles() {
         .filter(|(k, _)| k % 9 == (k / 9) % 9)
     {
         let (batch, views, dim) = shapes[k % shapes.len()];
-        let features = common::unit_features(&mut rng, (batch, views, dim)).mapv(|x| x as f32);
-        let y = common::labels(&mut rng, batch, 40).to_vec();
-        let mask = common::soft_mask(&mut rng, batch);
-        let what = format!("{loss:?} B={batch} V={views}");
-        check_f32(&what, &mut rng, loss, &features, Positives::SimClr);
-        check_f32(&what, &mut rng, loss, &features, Positives::labels(&y));
-        check_f32(
-            &what,
-            &mut rng,
-            loss,
-            &features,
-            Positives::Mask(mask.view()),
-        );
+        check_every_source(&mut rng, loss, (batch, views, dim), 40);
     }
 }
 
