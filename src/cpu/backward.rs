@@ -73,9 +73,9 @@ impl PositiveTerm for OnePositive {
 /// anchor, no positive, or an empty denominator) has LSEs of +∞ and scales of 0, so every term
 /// it contributes is exactly 0 (e^{−∞} = 0, never ∞·0).
 pub(super) struct AnchorTerms {
-    lse: Vec<f32>,
-    den_scale: Vec<f32>,
-    positive_scale: Vec<f32>,
+    pub(super) lse: Vec<f32>,
+    pub(super) den_scale: Vec<f32>,
+    pub(super) positive_scale: Vec<f32>,
     lse_positive: Vec<f32>,
 }
 

@@ -48,7 +48,7 @@ pub(super) struct AnchorStats {
 }
 
 impl AnchorStats {
-    const EMPTY: Self = AnchorStats {
+    pub(super) const EMPTY: Self = AnchorStats {
         denominator: LogSumExp::EMPTY,
         positive: LogSumExp::EMPTY,
         positive_weight: 0.0,

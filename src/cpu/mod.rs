@@ -30,6 +30,7 @@
 //! threads (and the same on the AVX2 and AVX-512 paths `simd::Isa` picks).
 
 mod backward;
+mod dense;
 mod forward;
 mod gemm;
 mod math;
@@ -47,7 +48,7 @@ use crate::error::{Error, Result};
 use crate::problem::{validate_inputs, BatchShape, Positives};
 use forward::{AnchorStats, PositiveSums};
 use math::Aligned;
-use relation::Pairs;
+use relation::{PairWeights, Pairs};
 use simd::Isa;
 use tiles::{Rows, Schedule};
 
@@ -73,6 +74,8 @@ struct Batch<'a> {
     anchors: usize,
     /// 1/τ in f32, the GEMM's scale.
     inverse_temperature: f32,
+    /// max_r ‖z_r‖²/τ, the largest logit any pair can have.
+    largest_logit: f32,
     rows: Rows,
     pairs: Pairs<'a>,
     schedule: Schedule,
@@ -119,6 +122,7 @@ impl<'a> Batch<'a> {
             shape,
             anchors,
             inverse_temperature: (1.0 / loss.temperature()) as f32,
+            largest_logit: (largest_square_norm / loss.temperature()) as f32,
             rows: Rows::new(data, dim, isa),
             pairs: Pairs::new(loss, shape, positives)?,
             schedule: Schedule::new(n, anchors),
@@ -162,19 +166,27 @@ fn anchor_loss(loss: &SupConLoss, stats: &AnchorStats, sums: Option<&PositiveSum
     loss.loss_scale() * unscaled
 }
 
-impl CpuBackend {
-    fn forward_on<T: Element>(
-        isa: Isa,
-        loss: &SupConLoss,
-        features: ArrayView3<'_, T>,
-        positives: Positives<'_>,
-    ) -> Result<ForwardOutput> {
-        let shape = validate_inputs(&features, &positives)?;
-        let batch = Batch::new(loss, &features, shape, positives, isa)?;
-        let stats = with_pairs!(batch, pairs => forward::statistics(&batch, pairs));
+impl<'a> Batch<'a> {
+    /// The class layout of [`dense`]'s fast path, if this batch takes it.
+    fn dense_classes(&self) -> Option<dense::Classes> {
+        match &self.pairs {
+            Pairs::Class(pairs) if pairs.is_symmetric() && dense::applies(self) => {
+                Some(dense::Classes::new(self, pairs.classes()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The forward pass on this batch.
+    fn forward(&self, classes: Option<&dense::Classes>) -> Result<ForwardOutput> {
+        let loss = &self.loss;
+        let stats = match classes {
+            Some(classes) => dense::statistics(self, classes),
+            None => with_pairs!(self, pairs => forward::statistics(self, pairs)),
+        };
         let lse: Vec<f64> = stats.iter().map(|s| s.denominator.value()).collect();
         let sums = (loss.denominator() == Denominator::OnePositive)
-            .then(|| with_pairs!(batch, pairs => forward::positive_sums(&batch, pairs, &lse)));
+            .then(|| with_pairs!(self, pairs => forward::positive_sums(self, pairs, &lse)));
         let per_anchor: Vec<f64> = stats
             .iter()
             .enumerate()
@@ -187,13 +199,68 @@ impl CpuBackend {
             per_anchor: Array1::from(per_anchor),
             state: SavedState {
                 loss: *loss,
-                shape,
+                shape: self.shape,
                 lse,
                 lse_positive: stats.iter().map(|s| s.positive.value()).collect(),
                 positive_weight,
                 mean_denominator,
             },
         })
+    }
+
+    /// The backward pass on this batch, from a state that `check`ed against it.
+    fn backward<G: GradElement>(
+        &self,
+        classes: Option<&dense::Classes>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+    ) -> Result<Array3<G>> {
+        let coefficients = state.anchor_coefficients(upstream)?;
+        let sums = (self.loss.denominator() == Denominator::OnePositive).then(
+            || with_pairs!(self, pairs => forward::positive_sums(self, pairs, &state.lse)),
+        );
+        let saved = backward::Saved {
+            lse: &state.lse,
+            lse_positive: &state.lse_positive,
+            positive_weight: &state.positive_weight,
+            coefficients: &coefficients,
+        };
+        let (terms, pulls) = backward::anchor_terms(self, &saved, sums.as_deref());
+        let dz = match classes {
+            Some(classes) => dense::gradient(
+                self,
+                classes,
+                &terms.lse,
+                &terms.den_scale,
+                &terms.positive_scale,
+            ),
+            None => with_pairs!(self, pairs => backward::gradient(self, pairs, &terms, pulls.as_ref())),
+        };
+        let (b, dim) = (self.shape.batch, self.shape.dim);
+        // Output row (sample s, view v) is feature row v·B + s.
+        let (views, mut grad) = (self.shape.views, vec![G::from_f64(0.0); dz.len()]);
+        grad.par_chunks_mut(dim).enumerate().for_each(|(out, row)| {
+            let source = &dz[((out % views) * b + out / views) * dim..][..dim];
+            for (g, &x) in row.iter_mut().zip(source) {
+                *g = G::from_f64(x);
+            }
+        });
+        let grad = Array3::from_shape_vec((b, views, dim), grad)
+            .expect("the gradient has the features' shape");
+        Ok(grad)
+    }
+}
+
+impl CpuBackend {
+    fn forward_on<T: Element>(
+        isa: Isa,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+    ) -> Result<ForwardOutput> {
+        let shape = validate_inputs(&features, &positives)?;
+        let batch = Batch::new(loss, &features, shape, positives, isa)?;
+        batch.forward(batch.dense_classes().as_ref())
     }
 
     fn backward_on<T: Element>(
@@ -206,24 +273,24 @@ impl CpuBackend {
     ) -> Result<Array3<T::Grad>> {
         let shape = validate_inputs(&features, &positives)?;
         state.check(loss, shape)?;
-        let coefficients = state.anchor_coefficients(upstream)?;
         let batch = Batch::new(loss, &features, shape, positives, isa)?;
-        let sums = (loss.denominator() == Denominator::OnePositive).then(
-            || with_pairs!(batch, pairs => forward::positive_sums(&batch, pairs, &state.lse)),
-        );
-        let saved = backward::Saved {
-            lse: &state.lse,
-            lse_positive: &state.lse_positive,
-            positive_weight: &state.positive_weight,
-            coefficients: &coefficients,
-        };
-        let (terms, pulls) = backward::anchor_terms(&batch, &saved, sums.as_deref());
-        let dz =
-            with_pairs!(batch, pairs => backward::gradient(&batch, pairs, &terms, pulls.as_ref()));
-        let (b, dim) = (shape.batch, shape.dim);
-        Ok(Array3::from_shape_fn((b, shape.views, dim), |(s, v, k)| {
-            T::Grad::from_f64(dz[(v * b + s) * dim + k])
-        }))
+        batch.backward(batch.dense_classes().as_ref(), state, upstream)
+    }
+
+    /// Forward and backward on one converted batch.
+    fn forward_backward_on<T: Element>(
+        isa: Isa,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        upstream: Upstream<'_>,
+    ) -> Result<(ForwardOutput, Array3<T::Grad>)> {
+        let shape = validate_inputs(&features, &positives)?;
+        let batch = Batch::new(loss, &features, shape, positives, isa)?;
+        let classes = batch.dense_classes();
+        let output = batch.forward(classes.as_ref())?;
+        let grad = batch.backward(classes.as_ref(), &output.state, upstream)?;
+        Ok((output, grad))
     }
 }
 
@@ -250,6 +317,16 @@ impl Backend for CpuBackend {
         upstream: Upstream<'_>,
     ) -> Result<Array3<T::Grad>> {
         Self::backward_on(Isa::detect(), loss, features, positives, state, upstream)
+    }
+
+    fn forward_backward<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        upstream: Upstream<'_>,
+    ) -> Result<(ForwardOutput, Array3<T::Grad>)> {
+        Self::forward_backward_on(Isa::detect(), loss, features, positives, upstream)
     }
 }
 

@@ -248,6 +248,13 @@ fn entry(raw: f32, same_sample: bool, below_bound: bool, is_self: bool) -> (f32,
     )
 }
 
+impl ClassPairs {
+    /// Each row's class (dense ids).
+    pub(super) fn classes(&self) -> &[u32] {
+        &self.class
+    }
+}
+
 impl PairWeights for ClassPairs {
     fn is_symmetric(&self) -> bool {
         !self.rows.capped

@@ -1,0 +1,513 @@
+//! The fast path of the paper's default loss: positives from labels or SimCLR (no cap),
+//! denominator all, summation outside (L_out).
+//!
+//! Under these options every pair j ≠ i is in anchor i's denominator and w_ij = [y_i = y_j] for
+//! j ≠ i, so the positives enter the loss and its gradient only through class sums of the rows:
+//!
+//! - P_i = |class y_i| − 1 and Σ_j w_ij s_ij = z_i · (C_{y_i} − z_i) / τ, with C_y = Σ_{y_r = y} z_r;
+//! - the positive part of dZ_k = Σ_j H_kj z_j is −pos_k (C_{y_k} − z_k) − (C'_{y_k} − pos_k z_k)
+//!   with pos_k = a_k / P_k and C'_y = Σ_{y_r = y} pos_r z_r.
+//!
+//! All O(N·D), in f64. The tiles are left with the dense softmax terms only, which need no pair
+//! weights at all:
+//!
+//! - forward: per entry one exponential e = exp(s − G), G = max_r ‖z_r‖²/τ ≥ every logit, one
+//!   shift shared by every row and column, so e feeds the anchor's row sums and the column's
+//!   sums alike without a maximum pass or rescaling. The positives' sum (for the saved LSE^P)
+//!   is the same e under a class compare. Each sum tracks its set's maximum; a set whose maximum
+//!   ends more than `SHARED_SHIFT_RANGE` below G (huge norms or a tiny τ, where its terms could
+//!   underflow) is summed again with its own maximum;
+//! - backward: H_ij = a_i e^{s − LSE_i} + a_j e^{s − LSE_j} = e^{s − M} (α_i + α_j), with M the
+//!   largest LSE of the tile's active rows and columns and α_k = a_k e^{M − LSE_k}: one
+//!   exponential per entry while the tile's LSEs lie within `LSE_SPREAD` of each other (an
+//!   entry then underflows only if its p_ij < e^{−(87 − LSE_SPREAD)}, which no f32 sum can
+//!   see); two exponentials per entry otherwise.
+//!
+//! Self pairs sit on the diagonal of diagonal tiles: their logits are set to −∞ after the GEMM,
+//! so they vanish from every sum (and their H entries are 0), and padding columns likewise.
+
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+
+use super::forward::AnchorStats;
+use super::math::{
+    exp, fold_max, fold_sum, lane_group, max, needs_own_shift, padded, set_lane_group, Aligned,
+    LANES,
+};
+use super::simd::TileKernel;
+use super::tiles::{flatten, Tile, BLOCK};
+use super::Batch;
+use crate::config::{Denominator, Summation};
+
+/// The backward's one-exponential form needs the tile's LSEs within this range of their
+/// maximum: α_k ≤ a_k e^{40} stays finite, and e^{s − M} underflows only for p_ij < e^{−47}.
+const LSE_SPREAD: f32 = 40.0;
+
+/// Whether the batch takes this path, given that its relation is a class relation without a
+/// cap (`ClassPairs::is_symmetric`).
+pub(super) fn applies(batch: &Batch<'_>) -> bool {
+    batch.loss.denominator() == Denominator::All && batch.loss.summation() == Summation::Outside
+}
+
+/// Rows grouped by class: each row's class, padded to whole lanes with a class no row has, and
+/// the per-class row counts and feature sums.
+pub(super) struct Classes {
+    /// Class of row r; `u32::MAX` past N.
+    of_row: Vec<u32>,
+    /// Rows per class.
+    count: Vec<u32>,
+    /// C_y, `[classes, D]` row-major.
+    sum: Vec<f64>,
+}
+
+impl Classes {
+    /// The classes of the batch's rows (`of_row` has N entries, dense ids).
+    pub(super) fn new(batch: &Batch<'_>, of_row: &[u32]) -> Self {
+        let dim = batch.rows.dim;
+        let classes = of_row.iter().map(|&c| c as usize + 1).max().unwrap_or(0);
+        let mut count = vec![0; classes];
+        let mut sum = vec![0.0; classes * dim];
+        // Serial, in row order: the sums do not depend on the thread count.
+        for (r, &c) in of_row.iter().enumerate() {
+            count[c as usize] += 1;
+            add_scaled(&mut sum[c as usize * dim..][..dim], batch.rows.block(r..r + 1), 1.0);
+        }
+        let mut of_row = of_row.to_vec();
+        of_row.resize(padded(of_row.len()) + BLOCK, u32::MAX);
+        Classes { of_row, count, sum }
+    }
+
+    /// P_i and Σ_j w_ij s_ij of every anchor.
+    fn positive_statistics(&self, batch: &Batch<'_>) -> Vec<(f64, f64)> {
+        let (dim, tau) = (batch.rows.dim, batch.loss.temperature());
+        (0..batch.anchors)
+            .into_par_iter()
+            .map(|i| {
+                let c = self.of_row[i] as usize;
+                let z = batch.rows.block(i..i + 1);
+                let dot: f64 = z
+                    .iter()
+                    .zip(&self.sum[c * dim..][..dim])
+                    .map(|(&x, &total)| f64::from(x) * (total - f64::from(x)))
+                    .sum();
+                (f64::from(self.count[c]) - 1.0, dot / tau)
+            })
+            .collect()
+    }
+}
+
+/// `total += scale · row`, in f64.
+fn add_scaled(total: &mut [f64], row: &[f32], scale: f64) {
+    for (t, &x) in total.iter_mut().zip(row) {
+        *t += scale * f64::from(x);
+    }
+}
+
+/// u32 lane group `v[start..start + LANES]`.
+#[inline(always)]
+fn class_group(v: &[u32], start: usize) -> [u32; LANES] {
+    *<&[u32; LANES]>::try_from(&v[start..start + LANES]).expect("a whole lane group")
+}
+
+/// Sets the logits of excluded entries to −∞: padding columns and, on a diagonal tile, self
+/// pairs.
+fn exclude_self_and_padding(tile: &Tile, logits: &mut [f32]) {
+    let (stride, width) = (tile.stride(), tile.cols.len());
+    for (a, row) in logits.chunks_exact_mut(stride).take(tile.rows.len()).enumerate() {
+        row[width..].fill(f32::NEG_INFINITY);
+        if tile.rows == tile.cols {
+            row[a] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Per-column running sums of the forward, for the anchors of block J.
+struct ColumnSums {
+    den: Vec<f32>,
+    den_max: Vec<f32>,
+    pos: Vec<f32>,
+    pos_max: Vec<f32>,
+}
+
+/// Per-thread buffers of the forward sweep.
+struct ForwardScratch {
+    logits: Aligned,
+    columns: ColumnSums,
+}
+
+impl ForwardScratch {
+    fn new() -> Self {
+        let v = || vec![0.0; padded(BLOCK)];
+        ForwardScratch {
+            logits: Aligned::zeros(BLOCK * padded(BLOCK)),
+            columns: ColumnSums {
+                den: v(),
+                den_max: v(),
+                pos: v(),
+                pos_max: v(),
+            },
+        }
+    }
+}
+
+/// The elementwise work of one forward tile.
+struct ForwardTile<'a> {
+    tile: &'a Tile,
+    classes: &'a [u32],
+    shift: f32,
+    scratch: &'a mut ForwardScratch,
+    row_stats: &'a mut [AnchorStats],
+    col_stats: Option<&'a mut [AnchorStats]>,
+}
+
+impl TileKernel for ForwardTile<'_> {
+    #[inline(always)]
+    fn run(self) {
+        let ForwardTile {
+            tile,
+            classes,
+            shift,
+            scratch,
+            row_stats,
+            col_stats,
+        } = self;
+        let ForwardScratch { logits, columns } = scratch;
+        let stride = tile.stride();
+        exclude_self_and_padding(tile, logits);
+        let count = col_stats.as_ref().map_or(0, |c| c.len());
+        let span = padded(count);
+        columns.den[..span].fill(0.0);
+        columns.pos[..span].fill(0.0);
+        columns.den_max[..span].fill(f32::NEG_INFINITY);
+        columns.pos_max[..span].fill(f32::NEG_INFINITY);
+        let col_classes = &classes[tile.cols.start..][..stride];
+        for (a, i) in tile.rows.clone().enumerate() {
+            let class = classes[i];
+            let s = &logits[a * stride..][..stride];
+            let mut den = [0.0; LANES];
+            let mut den_max = [f32::NEG_INFINITY; LANES];
+            let mut pos = [0.0; LANES];
+            let mut pos_max = [f32::NEG_INFINITY; LANES];
+            for start in (0..stride).step_by(LANES) {
+                let (sv, cv) = (lane_group(s, start), class_group(col_classes, start));
+                let mut e = [0.0; LANES];
+                let mut pe = [0.0; LANES];
+                let mut ps = [0.0; LANES];
+                for l in 0..LANES {
+                    e[l] = exp(sv[l] - shift);
+                    let positive = cv[l] == class;
+                    pe[l] = if positive { e[l] } else { 0.0 };
+                    ps[l] = if positive { sv[l] } else { f32::NEG_INFINITY };
+                    den[l] += e[l];
+                    den_max[l] = max(den_max[l], sv[l]);
+                    pos[l] += pe[l];
+                    pos_max[l] = max(pos_max[l], ps[l]);
+                }
+                if start < span {
+                    let mut c_den = lane_group(&columns.den, start);
+                    let mut c_den_max = lane_group(&columns.den_max, start);
+                    let mut c_pos = lane_group(&columns.pos, start);
+                    let mut c_pos_max = lane_group(&columns.pos_max, start);
+                    for l in 0..LANES {
+                        c_den[l] += e[l];
+                        c_den_max[l] = max(c_den_max[l], sv[l]);
+                        c_pos[l] += pe[l];
+                        c_pos_max[l] = max(c_pos_max[l], ps[l]);
+                    }
+                    set_lane_group(&mut columns.den, start, c_den);
+                    set_lane_group(&mut columns.den_max, start, c_den_max);
+                    set_lane_group(&mut columns.pos, start, c_pos);
+                    set_lane_group(&mut columns.pos_max, start, c_pos_max);
+                }
+            }
+            let Some(stats) = row_stats.get_mut(a) else {
+                continue;
+            };
+            let sums = SetSums {
+                den: fold_sum(den),
+                den_max: fold_max(den_max),
+                pos: fold_sum(pos),
+                pos_max: fold_max(pos_max),
+            };
+            let entries = s.iter().zip(col_classes).map(|(&s, &c)| (s, c == class));
+            sums.absorb_into(stats, shift, entries);
+        }
+        let Some(col_stats) = col_stats else {
+            return;
+        };
+        for (k, stats) in col_stats.iter_mut().enumerate() {
+            let sums = SetSums {
+                den: columns.den[k],
+                den_max: columns.den_max[k],
+                pos: columns.pos[k],
+                pos_max: columns.pos_max[k],
+            };
+            let class = col_classes[k];
+            let entries = tile
+                .rows
+                .clone()
+                .enumerate()
+                .map(|(a, i)| (logits[a * stride + k], classes[i] == class));
+            sums.absorb_into(stats, shift, entries);
+        }
+    }
+}
+
+/// One anchor's sums over a tile row (or column), relative to the shared shift.
+struct SetSums {
+    den: f32,
+    den_max: f32,
+    pos: f32,
+    pos_max: f32,
+}
+
+impl SetSums {
+    /// Adds the sums to the anchor's log-sum-exps; a set whose maximum lies too far below the
+    /// shared `shift` is summed again from `entries` (logit, is positive) with its own maximum.
+    fn absorb_into(
+        self,
+        stats: &mut AnchorStats,
+        shift: f32,
+        entries: impl Iterator<Item = (f32, bool)> + Clone,
+    ) {
+        let (mut den, mut den_shift) = (self.den, shift);
+        let (mut pos, mut pos_shift) = (self.pos, shift);
+        if needs_own_shift(self.den_max, shift) {
+            den_shift = self.den_max;
+            den = entries.clone().map(|(s, _)| exp(s - den_shift)).sum();
+        }
+        if needs_own_shift(self.pos_max, shift) {
+            pos_shift = self.pos_max;
+            pos = entries
+                .filter(|&(_, positive)| positive)
+                .map(|(s, _)| exp(s - pos_shift))
+                .sum();
+        }
+        stats.denominator.add(f64::from(den_shift), f64::from(den));
+        stats.positive.add(f64::from(pos_shift), f64::from(pos));
+    }
+}
+
+/// Forward statistics of every anchor on this path (see the module docs).
+pub(super) fn statistics(batch: &Batch<'_>, classes: &Classes) -> Vec<AnchorStats> {
+    let states: Vec<Mutex<Vec<AnchorStats>>> = (0..batch.schedule.blocks())
+        .map(|b| {
+            let rows = batch.schedule.block_rows(b);
+            let count = rows.end.min(batch.anchors).saturating_sub(rows.start);
+            Mutex::new(vec![AnchorStats::EMPTY; count])
+        })
+        .collect();
+    // Every logit is at most ‖z_i‖‖z_j‖/τ; a little above the largest so that rounding in the
+    // GEMM cannot put a logit past it.
+    let shift = batch.largest_logit * (1.0 + 1e-5) + f32::MIN_POSITIVE;
+    batch
+        .schedule
+        .for_each_tile(&states, ForwardScratch::new, |tile, scratch, rows, cols| {
+            batch
+                .rows
+                .logits_tile(tile, batch.inverse_temperature, &mut scratch.logits);
+            batch.isa.run(ForwardTile {
+                tile,
+                classes: &classes.of_row,
+                shift,
+                scratch,
+                row_stats: rows,
+                col_stats: cols.map(|c| c.as_mut_slice()),
+            });
+        });
+    let mut stats = flatten(states);
+    for (stats, (weight, weighted)) in stats.iter_mut().zip(classes.positive_statistics(batch)) {
+        stats.positive_weight = weight;
+        stats.weighted_logits = weighted;
+    }
+    stats
+}
+
+/// Per-thread buffers of the backward sweep.
+struct BackwardScratch {
+    /// S, then H in place.
+    logits: Aligned,
+    /// α of the tile's columns.
+    col_alpha: Vec<f32>,
+    grad_rows: Aligned,
+    grad_cols: Aligned,
+}
+
+/// The elementwise work of one backward tile: S → H in place.
+struct GradientTile<'a> {
+    tile: &'a Tile,
+    /// Per row: LSE_k (+∞ for inactive rows) and a_k (0 for inactive rows), padded.
+    lse: &'a [f32],
+    scale: &'a [f32],
+    logits: &'a mut [f32],
+    col_alpha: &'a mut [f32],
+}
+
+impl TileKernel for GradientTile<'_> {
+    #[inline(always)]
+    fn run(self) {
+        let GradientTile {
+            tile,
+            lse,
+            scale,
+            logits,
+            col_alpha,
+        } = self;
+        let stride = tile.stride();
+        exclude_self_and_padding(tile, logits);
+        let active = |k: &usize| scale[*k] != 0.0;
+        let mut lse_range = tile
+            .rows
+            .clone()
+            .chain(tile.cols.clone())
+            .filter(active)
+            .map(|k| lse[k]);
+        let Some(first) = lse_range.next() else {
+            logits.fill(0.0);
+            return;
+        };
+        let (low, high) = lse_range.fold((first, first), |(l, h), x| (l.min(x), h.max(x)));
+        let (col_lse, col_scale) = (&lse[tile.cols.start..][..stride], &scale[tile.cols.start..][..stride]);
+        if high - low <= LSE_SPREAD {
+            let m = high;
+            for (alpha, (&l, &a)) in col_alpha.iter_mut().zip(col_lse.iter().zip(col_scale)) {
+                *alpha = if a != 0.0 { a * exp(m - l) } else { 0.0 };
+            }
+            let col_alpha = &col_alpha[..stride];
+            for (a, i) in tile.rows.clone().enumerate() {
+                let row_alpha = if scale[i] != 0.0 { scale[i] * exp(m - lse[i]) } else { 0.0 };
+                let h = &mut logits[a * stride..][..stride];
+                for start in (0..stride).step_by(LANES) {
+                    let (s, alpha) = (lane_group(h, start), lane_group(col_alpha, start));
+                    let mut out = [0.0; LANES];
+                    for l in 0..LANES {
+                        out[l] = exp(s[l] - m) * (row_alpha + alpha[l]);
+                    }
+                    set_lane_group(h, start, out);
+                }
+            }
+        } else {
+            for (a, i) in tile.rows.clone().enumerate() {
+                let (row_lse, row_scale) = (lse[i], scale[i]);
+                let h = &mut logits[a * stride..][..stride];
+                for start in (0..stride).step_by(LANES) {
+                    let s = lane_group(h, start);
+                    let (c_lse, c_scale) = (lane_group(col_lse, start), lane_group(col_scale, start));
+                    let mut out = [0.0; LANES];
+                    for l in 0..LANES {
+                        out[l] = row_scale * exp(s[l] - row_lse) + c_scale[l] * exp(s[l] - c_lse[l]);
+                    }
+                    set_lane_group(h, start, out);
+                }
+            }
+        }
+    }
+}
+
+/// `total += partial`, element by element.
+struct AddInto<'a> {
+    total: &'a mut [f64],
+    partial: &'a [f32],
+}
+
+impl TileKernel for AddInto<'_> {
+    #[inline(always)]
+    fn run(self) {
+        for (t, &p) in self.total.iter_mut().zip(self.partial) {
+            *t += f64::from(p);
+        }
+    }
+}
+
+/// ∂L/∂z for every row on this path, in f64, `[N, D]` row-major. `lse` and `scale` hold LSE_k
+/// and a_k per row (+∞ and 0 for inactive rows), `positive_scale` a_k / P_k.
+pub(super) fn gradient(
+    batch: &Batch<'_>,
+    classes: &Classes,
+    lse: &[f32],
+    scale: &[f32],
+    positive_scale: &[f32],
+) -> Vec<f64> {
+    let dim = batch.rows.dim;
+    let states: Vec<Mutex<Vec<f64>>> = (0..batch.schedule.blocks())
+        .map(|b| Mutex::new(vec![0.0; batch.schedule.block_rows(b).len() * dim]))
+        .collect();
+    batch.schedule.for_each_tile(
+        &states,
+        || BackwardScratch {
+            logits: Aligned::zeros(BLOCK * padded(BLOCK)),
+            col_alpha: vec![0.0; padded(BLOCK)],
+            grad_rows: Aligned::zeros(BLOCK * dim),
+            grad_cols: Aligned::zeros(BLOCK * dim),
+        },
+        |tile, scratch, grad_rows, grad_cols| {
+            batch
+                .rows
+                .logits_tile(tile, batch.inverse_temperature, &mut scratch.logits);
+            batch.isa.run(GradientTile {
+                tile,
+                lse,
+                scale,
+                logits: &mut scratch.logits,
+                col_alpha: &mut scratch.col_alpha,
+            });
+            let (m, n, stride) = (tile.rows.len(), tile.cols.len(), tile.stride());
+            let partial_rows = &mut scratch.grad_rows[..m * dim];
+            batch.rows.tile_times_block(
+                &scratch.logits,
+                stride,
+                (m, n),
+                false,
+                tile.cols.clone(),
+                partial_rows,
+            );
+            batch.isa.run(AddInto {
+                total: grad_rows,
+                partial: partial_rows,
+            });
+            if let Some(grad_cols) = grad_cols {
+                let partial_cols = &mut scratch.grad_cols[..n * dim];
+                batch.rows.tile_times_block(
+                    &scratch.logits,
+                    stride,
+                    (n, m),
+                    true,
+                    tile.rows.clone(),
+                    partial_cols,
+                );
+                batch.isa.run(AddInto {
+                    total: grad_cols,
+                    partial: partial_cols,
+                });
+            }
+        },
+    );
+    let mut dz = flatten(states);
+    // The positive part: C'_y = Σ_{y_r = y} pos_r z_r (serial, in row order), then per row
+    // −pos_k (C_y − z_k) − (C'_y − pos_k z_k) = −pos_k C_y − C'_y + 2 pos_k z_k.
+    let rows = batch.shape.rows();
+    let mut weighted_sum = vec![0.0; classes.sum.len()];
+    for r in (0..rows).filter(|&r| positive_scale[r] != 0.0) {
+        let c = classes.of_row[r] as usize;
+        add_scaled(
+            &mut weighted_sum[c * dim..][..dim],
+            batch.rows.block(r..r + 1),
+            f64::from(positive_scale[r]),
+        );
+    }
+    dz.par_chunks_mut(dim).enumerate().for_each(|(r, grad)| {
+        let c = classes.of_row[r] as usize;
+        let pos = f64::from(positive_scale[r]);
+        let (class_sum, class_weighted) = (&classes.sum[c * dim..][..dim], &weighted_sum[c * dim..][..dim]);
+        for (((g, &z), &total), &weighted) in grad
+            .iter_mut()
+            .zip(batch.rows.block(r..r + 1))
+            .zip(class_sum)
+            .zip(class_weighted)
+        {
+            *g -= pos * total + weighted - 2.0 * pos * f64::from(z);
+        }
+    });
+    dz
+}
