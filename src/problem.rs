@@ -1,6 +1,7 @@
 //! Inputs: what makes two rows positives, and the validation every backend runs first.
 
 use ndarray::{ArrayView1, ArrayView2, ArrayView3};
+use rayon::prelude::*;
 
 use crate::config::{ContrastMode, SupConLoss};
 use crate::element::Element;
@@ -112,11 +113,19 @@ pub fn validate_inputs<T: Element>(
             }
         }
     }
-    if let Some(((sample, view, dim), _)) = features
-        .indexed_iter()
-        .find(|(_, x)| !x.to_f64().is_finite())
-    {
-        return Err(Error::NonFiniteFeature { sample, view, dim });
+    // A branch-free pass over the memory (in parallel) first; the position only if it fails.
+    let all_finite = |chunk: &[T]| chunk.iter().fold(true, |ok, x| ok & x.to_f64().is_finite());
+    let finite = match features.as_slice_memory_order() {
+        Some(data) => data.par_chunks(1 << 14).all(all_finite),
+        None => features.iter().all(|x| x.to_f64().is_finite()),
+    };
+    if !finite {
+        if let Some(((sample, view, dim), _)) = features
+            .indexed_iter()
+            .find(|(_, x)| !x.to_f64().is_finite())
+        {
+            return Err(Error::NonFiniteFeature { sample, view, dim });
+        }
     }
     Ok(shape)
 }

@@ -19,13 +19,11 @@
 //! fixed order: deterministic, and the cancellation in Σ_j H_kj z_j (Σ_j H_kj = 0 for an anchor)
 //! costs f32 precision only within one tile.
 
-use std::sync::Mutex;
-
 use super::forward::PositiveSums;
 use super::math::{exp, lane_group, neutral_padding, padded, sigmoid, softplus, Aligned, LANES};
 use super::relation::{in_denominator, PairWeights};
 use super::simd::TileKernel;
-use super::tiles::{flatten, Tile, BLOCK};
+use super::tiles::{block_chunks, Tile, BLOCK};
 use super::Batch;
 use crate::config::{Denominator, Summation};
 
@@ -354,9 +352,8 @@ fn gradient_with<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool>(
     pulls: Option<&Pulls>,
 ) -> Vec<f64> {
     let dim = batch.rows.dim;
-    let states: Vec<Mutex<Vec<f64>>> = (0..batch.schedule.blocks())
-        .map(|b| Mutex::new(vec![0.0; batch.schedule.block_rows(b).len() * dim]))
-        .collect();
+    let mut dz = vec![0.0; batch.shape.rows() * dim];
+    let states = block_chunks(&mut dz, dim);
     batch.schedule.for_each_tile(
         &states,
         || Scratch::new(dim),
@@ -378,7 +375,10 @@ fn gradient_with<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool>(
             batch
                 .rows
                 .tile_times_block(&scratch.logits, stride, (m, n), false, cols, partial_rows);
-            add_into(grad_rows, partial_rows);
+            batch.isa.run(AddInto {
+                total: grad_rows,
+                partial: partial_rows,
+            });
             if let Some(grad_cols) = grad_cols {
                 let partial_cols = &mut scratch.grad_cols[..n * dim];
                 batch.rows.tile_times_block(
@@ -389,16 +389,29 @@ fn gradient_with<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool>(
                     rows,
                     partial_cols,
                 );
-                add_into(grad_cols, partial_cols);
+                batch.isa.run(AddInto {
+                    total: grad_cols,
+                    partial: partial_cols,
+                });
             }
         },
     );
-    flatten(states)
+    drop(states);
+    dz
 }
 
-/// `total += partial`, element by element.
-fn add_into(total: &mut [f64], partial: &[f32]) {
-    for (t, &p) in total.iter_mut().zip(partial) {
-        *t += f64::from(p);
+/// `total += partial`, element by element (a tile kernel, so that it runs on the widest
+/// vectors).
+pub(super) struct AddInto<'a> {
+    pub(super) total: &'a mut [f64],
+    pub(super) partial: &'a [f32],
+}
+
+impl TileKernel for AddInto<'_> {
+    #[inline(always)]
+    fn run(self) {
+        for (t, &p) in self.total.iter_mut().zip(self.partial) {
+            *t += f64::from(p);
+        }
     }
 }

@@ -30,19 +30,20 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
+use super::backward::AddInto;
 use super::forward::AnchorStats;
 use super::math::{
     exp, fold_max, fold_sum, lane_group, max, needs_own_shift, padded, set_lane_group, Aligned,
     LANES,
 };
 use super::simd::TileKernel;
-use super::tiles::{flatten, Tile, BLOCK};
+use super::tiles::{block_chunks, flatten, Tile, BLOCK};
 use super::Batch;
 use crate::config::{Denominator, Summation};
 
 /// The backward's one-exponential form needs the tile's LSEs within this range of their
 /// maximum: α_k ≤ a_k e^{40} stays finite, and e^{s − M} underflows only for p_ij < e^{−47}.
-const LSE_SPREAD: f32 = 40.0;
+pub(super) const LSE_SPREAD: f32 = 40.0;
 
 /// Whether the batch takes this path, given that its relation is a class relation without a
 /// cap (`ClassPairs::is_symmetric`).
@@ -50,13 +51,14 @@ pub(super) fn applies(batch: &Batch<'_>) -> bool {
     batch.loss.denominator() == Denominator::All && batch.loss.summation() == Summation::Outside
 }
 
-/// Rows grouped by class: each row's class, padded to whole lanes with a class no row has, and
-/// the per-class row counts and feature sums.
+/// Rows grouped by class: each row's class, padded to whole lanes with a class no row has, the
+/// rows of each class and the per-class feature sums.
 pub(super) struct Classes {
     /// Class of row r; `u32::MAX` past N.
     of_row: Vec<u32>,
-    /// Rows per class.
-    count: Vec<u32>,
+    /// The rows of class c, ascending, are `members[starts[c]..starts[c + 1]]`.
+    starts: Vec<usize>,
+    members: Vec<u32>,
     /// C_y, `[classes, D]` row-major.
     sum: Vec<f64>,
 }
@@ -64,18 +66,55 @@ pub(super) struct Classes {
 impl Classes {
     /// The classes of the batch's rows (`of_row` has N entries, dense ids).
     pub(super) fn new(batch: &Batch<'_>, of_row: &[u32]) -> Self {
-        let dim = batch.rows.dim;
         let classes = of_row.iter().map(|&c| c as usize + 1).max().unwrap_or(0);
-        let mut count = vec![0; classes];
-        let mut sum = vec![0.0; classes * dim];
-        // Serial, in row order: the sums do not depend on the thread count.
+        // A counting sort of the rows by class keeps each class's rows ascending.
+        let mut starts = vec![0; classes + 1];
+        for &c in of_row {
+            starts[c as usize + 1] += 1;
+        }
+        for c in 0..classes {
+            starts[c + 1] += starts[c];
+        }
+        let mut next = starts.clone();
+        let mut members = vec![0; of_row.len()];
         for (r, &c) in of_row.iter().enumerate() {
-            count[c as usize] += 1;
-            add_scaled(&mut sum[c as usize * dim..][..dim], batch.rows.block(r..r + 1), 1.0);
+            members[next[c as usize]] = r as u32;
+            next[c as usize] += 1;
         }
         let mut of_row = of_row.to_vec();
         of_row.resize(padded(of_row.len()) + BLOCK, u32::MAX);
-        Classes { of_row, count, sum }
+        let mut classes = Classes {
+            of_row,
+            starts,
+            members,
+            sum: Vec::new(),
+        };
+        classes.sum = classes.weighted_sums(batch, |_| 1.0);
+        classes
+    }
+
+    /// Per class, Σ_{y_r = y} weight(r)·z_r in f64, `[classes, D]` (each in row order, so the
+    /// result does not depend on the thread count).
+    fn weighted_sums(&self, batch: &Batch<'_>, weight: impl Fn(usize) -> f64 + Sync) -> Vec<f64> {
+        let dim = batch.rows.dim;
+        let mut sums = vec![0.0; (self.starts.len() - 1) * dim];
+        sums.par_chunks_mut(dim).enumerate().for_each(|(c, total)| {
+            for &r in &self.members[self.starts[c]..self.starts[c + 1]] {
+                let (r, row) = (r as usize, batch.rows.block(r as usize..r as usize + 1));
+                let w = weight(r);
+                if w != 0.0 {
+                    for (t, &x) in total.iter_mut().zip(row) {
+                        *t += w * f64::from(x);
+                    }
+                }
+            }
+        });
+        sums
+    }
+
+    /// The number of rows of class c.
+    fn count(&self, c: usize) -> usize {
+        self.starts[c + 1] - self.starts[c]
     }
 
     /// P_i and Σ_j w_ij s_ij of every anchor.
@@ -91,16 +130,9 @@ impl Classes {
                     .zip(&self.sum[c * dim..][..dim])
                     .map(|(&x, &total)| f64::from(x) * (total - f64::from(x)))
                     .sum();
-                (f64::from(self.count[c]) - 1.0, dot / tau)
+                (self.count(c) as f64 - 1.0, dot / tau)
             })
             .collect()
-    }
-}
-
-/// `total += scale · row`, in f64.
-fn add_scaled(total: &mut [f64], row: &[f32], scale: f64) {
-    for (t, &x) in total.iter_mut().zip(row) {
-        *t += scale * f64::from(x);
     }
 }
 
@@ -114,7 +146,11 @@ fn class_group(v: &[u32], start: usize) -> [u32; LANES] {
 /// pairs.
 fn exclude_self_and_padding(tile: &Tile, logits: &mut [f32]) {
     let (stride, width) = (tile.stride(), tile.cols.len());
-    for (a, row) in logits.chunks_exact_mut(stride).take(tile.rows.len()).enumerate() {
+    for (a, row) in logits
+        .chunks_exact_mut(stride)
+        .take(tile.rows.len())
+        .enumerate()
+    {
         row[width..].fill(f32::NEG_INFINITY);
         if tile.rows == tile.cols {
             row[a] = f32::NEG_INFINITY;
@@ -368,7 +404,10 @@ impl TileKernel for GradientTile<'_> {
             return;
         };
         let (low, high) = lse_range.fold((first, first), |(l, h), x| (l.min(x), h.max(x)));
-        let (col_lse, col_scale) = (&lse[tile.cols.start..][..stride], &scale[tile.cols.start..][..stride]);
+        let (col_lse, col_scale) = (
+            &lse[tile.cols.start..][..stride],
+            &scale[tile.cols.start..][..stride],
+        );
         if high - low <= LSE_SPREAD {
             let m = high;
             for (alpha, (&l, &a)) in col_alpha.iter_mut().zip(col_lse.iter().zip(col_scale)) {
@@ -376,7 +415,11 @@ impl TileKernel for GradientTile<'_> {
             }
             let col_alpha = &col_alpha[..stride];
             for (a, i) in tile.rows.clone().enumerate() {
-                let row_alpha = if scale[i] != 0.0 { scale[i] * exp(m - lse[i]) } else { 0.0 };
+                let row_alpha = if scale[i] != 0.0 {
+                    scale[i] * exp(m - lse[i])
+                } else {
+                    0.0
+                };
                 let h = &mut logits[a * stride..][..stride];
                 for start in (0..stride).step_by(LANES) {
                     let (s, alpha) = (lane_group(h, start), lane_group(col_alpha, start));
@@ -393,29 +436,16 @@ impl TileKernel for GradientTile<'_> {
                 let h = &mut logits[a * stride..][..stride];
                 for start in (0..stride).step_by(LANES) {
                     let s = lane_group(h, start);
-                    let (c_lse, c_scale) = (lane_group(col_lse, start), lane_group(col_scale, start));
+                    let (c_lse, c_scale) =
+                        (lane_group(col_lse, start), lane_group(col_scale, start));
                     let mut out = [0.0; LANES];
                     for l in 0..LANES {
-                        out[l] = row_scale * exp(s[l] - row_lse) + c_scale[l] * exp(s[l] - c_lse[l]);
+                        out[l] =
+                            row_scale * exp(s[l] - row_lse) + c_scale[l] * exp(s[l] - c_lse[l]);
                     }
                     set_lane_group(h, start, out);
                 }
             }
-        }
-    }
-}
-
-/// `total += partial`, element by element.
-struct AddInto<'a> {
-    total: &'a mut [f64],
-    partial: &'a [f32],
-}
-
-impl TileKernel for AddInto<'_> {
-    #[inline(always)]
-    fn run(self) {
-        for (t, &p) in self.total.iter_mut().zip(self.partial) {
-            *t += f64::from(p);
         }
     }
 }
@@ -430,9 +460,8 @@ pub(super) fn gradient(
     positive_scale: &[f32],
 ) -> Vec<f64> {
     let dim = batch.rows.dim;
-    let states: Vec<Mutex<Vec<f64>>> = (0..batch.schedule.blocks())
-        .map(|b| Mutex::new(vec![0.0; batch.schedule.block_rows(b).len() * dim]))
-        .collect();
+    let mut dz = vec![0.0; batch.shape.rows() * dim];
+    let states = block_chunks(&mut dz, dim);
     batch.schedule.for_each_tile(
         &states,
         || BackwardScratch {
@@ -483,23 +512,17 @@ pub(super) fn gradient(
             }
         },
     );
-    let mut dz = flatten(states);
+    drop(states);
     // The positive part: C'_y = Σ_{y_r = y} pos_r z_r (serial, in row order), then per row
     // −pos_k (C_y − z_k) − (C'_y − pos_k z_k) = −pos_k C_y − C'_y + 2 pos_k z_k.
-    let rows = batch.shape.rows();
-    let mut weighted_sum = vec![0.0; classes.sum.len()];
-    for r in (0..rows).filter(|&r| positive_scale[r] != 0.0) {
-        let c = classes.of_row[r] as usize;
-        add_scaled(
-            &mut weighted_sum[c * dim..][..dim],
-            batch.rows.block(r..r + 1),
-            f64::from(positive_scale[r]),
-        );
-    }
+    let weighted_sum = classes.weighted_sums(batch, |r| f64::from(positive_scale[r]));
     dz.par_chunks_mut(dim).enumerate().for_each(|(r, grad)| {
         let c = classes.of_row[r] as usize;
         let pos = f64::from(positive_scale[r]);
-        let (class_sum, class_weighted) = (&classes.sum[c * dim..][..dim], &weighted_sum[c * dim..][..dim]);
+        let (class_sum, class_weighted) = (
+            &classes.sum[c * dim..][..dim],
+            &weighted_sum[c * dim..][..dim],
+        );
         for (((g, &z), &total), &weighted) in grad
             .iter_mut()
             .zip(batch.rows.block(r..r + 1))

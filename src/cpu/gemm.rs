@@ -316,35 +316,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn time_products() {
-        let isa = Isa::detect();
-        let value = |i: usize| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5;
-        let (t, d) = (256usize, 128usize);
-        let z: Vec<f32> = (0..2 * t * d).map(value).collect();
-        let packed = pack_panels(&z, d, isa.panel_width());
-        let h: Vec<f32> = (0..t * t).map(|i| value(i + 3)).collect();
-        let mut c = vec![0.0f32; t * t];
-        let reps = 2000;
-        for which in 0..3 {
-            let start = std::time::Instant::now();
-            for _ in 0..reps {
-                match which {
-                    0 => Product { m: t, n: t, k: d, alpha: 1.0, a: &z[..t * d], a_row_step: d, a_col_step: 1,
-                        b: Right::Panels { data: &packed[t * d..] }, c: &mut c, c_stride: t }.run(isa),
-                    1 => Product { m: t, n: d, k: t, alpha: 1.0, a: &h, a_row_step: t, a_col_step: 1,
-                        b: Right::Rows { data: &z[t * d..], stride: d }, c: &mut c, c_stride: d }.run(isa),
-                    _ => Product { m: t, n: d, k: t, alpha: 1.0, a: &h, a_row_step: 1, a_col_step: t,
-                        b: Right::Rows { data: &z[..t * d], stride: d }, c: &mut c, c_stride: d }.run(isa),
-                }
-            }
-            let s = start.elapsed().as_secs_f64();
-            eprintln!("product {which}: {:.1} GFLOP/s", reps as f64 * 2.0 * (t * t * d) as f64 / s / 1e9);
-        }
-    }
-}

@@ -128,16 +128,16 @@ pub(super) fn exp(x: f32) -> f32 {
     // Adding 1.5·2^23 rounds to the nearest integer, which lands in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     let clamped = x.clamp(LOWEST, HIGHEST);
-    let rounded = clamped * LOG2_E + ROUND;
+    let rounded = clamped.mul_add(LOG2_E, ROUND);
     let n = rounded - ROUND;
-    let r = clamped - n * LN2_HIGH - n * LN2_LOW;
+    let r = n.mul_add(-LN2_LOW, n.mul_add(-LN2_HIGH, clamped));
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let e_r = p * (r * r) + r + 1.0;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 0.166_666_65);
+    p = p.mul_add(r, 0.5);
+    let e_r = p.mul_add(r * r, r) + 1.0;
     // The integer n sits in the low bits of `rounded`; 2^n has exponent field n + 127 ∈ [1, 254].
     let n_bits = rounded.to_bits().wrapping_sub(ROUND.to_bits());
     let two_to_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
@@ -189,7 +189,10 @@ impl LogSumExp {
         if sum <= 0.0 {
             return;
         }
-        if shift > self.shift {
+        if shift == self.shift {
+            // The common case of pieces under one shared shift: no rescaling (e^0) to compute.
+            self.sum += sum;
+        } else if shift > self.shift {
             self.sum = self.sum * (self.shift - shift).exp() + sum;
             self.shift = shift;
         } else {

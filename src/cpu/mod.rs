@@ -216,9 +216,8 @@ impl<'a> Batch<'a> {
         upstream: Upstream<'_>,
     ) -> Result<Array3<G>> {
         let coefficients = state.anchor_coefficients(upstream)?;
-        let sums = (self.loss.denominator() == Denominator::OnePositive).then(
-            || with_pairs!(self, pairs => forward::positive_sums(self, pairs, &state.lse)),
-        );
+        let sums = (self.loss.denominator() == Denominator::OnePositive)
+            .then(|| with_pairs!(self, pairs => forward::positive_sums(self, pairs, &state.lse)));
         let saved = backward::Saved {
             lse: &state.lse,
             lse_positive: &state.lse_positive,
@@ -234,7 +233,9 @@ impl<'a> Batch<'a> {
                 &terms.den_scale,
                 &terms.positive_scale,
             ),
-            None => with_pairs!(self, pairs => backward::gradient(self, pairs, &terms, pulls.as_ref())),
+            None => {
+                with_pairs!(self, pairs => backward::gradient(self, pairs, &terms, pulls.as_ref()))
+            }
         };
         let (b, dim) = (self.shape.batch, self.shape.dim);
         // Output row (sample s, view v) is feature row v·B + s.
@@ -335,7 +336,9 @@ mod tests {
     use ndarray::Array3;
 
     use super::*;
+    use crate::config::ContrastMode;
     use crate::reference::ReferenceBackend;
+    use math::SHARED_SHIFT_RANGE;
 
     /// Every instruction-set path agrees with the reference, and the FMA paths (AVX2, AVX-512)
     /// agree with each other bitwise; the baseline has no FMA, so its products round
@@ -412,6 +415,109 @@ mod tests {
                 }
                 for other in fused.iter().skip(1) {
                     assert!(*other == fused[0], "FMA paths differ: {what}");
+                }
+            }
+        }
+    }
+
+    /// The dense fast path against the general tile loops on the same converted batches
+    /// (ragged sizes, labels and SimCLR, both contrast modes, anchors without positives). The
+    /// last shape mixes norms 1 and 40 at τ = 0.1: the shared shift 40²/τ lies far above most
+    /// rows' maxima, so the forward sums those sets again with their own maxima, and the LSEs
+    /// of a tile spread beyond `LSE_SPREAD`, so the backward takes its two-exponential form
+    /// (both asserted, so the test cannot pass without running those branches).
+    #[test]
+    fn dense_path_matches_the_general_loops() {
+        use rand::rngs::StdRng;
+        use rand::{RngExt, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(11);
+        let norm_error = |a: &[f64], b: &[f64]| {
+            let scale = b.iter().fold(f64::MIN_POSITIVE, |m: f64, x| m.max(x.abs()));
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max)
+                / scale
+        };
+        for (batch_size, views, dim, large_norm) in
+            [(301, 2, 37, 1.0), (700, 1, 20, 3.0), (211, 3, 5, 40.0)]
+        {
+            let mut features =
+                Array3::from_shape_fn((batch_size, views, dim), |_| rng.random_range(-1.0..1.0));
+            for (r, mut row) in features.lanes_mut(ndarray::Axis(2)).into_iter().enumerate() {
+                let norm = row.iter().map(|x: &f32| x * x).sum::<f32>().sqrt();
+                let target = if r % 37 == 5 { large_norm } else { 1.0 };
+                row.mapv_inplace(|x| x * target / norm);
+            }
+            // Classes of ~3 samples, with singletons (no positive when V = 1).
+            let labels: Vec<i64> = (0..batch_size)
+                .map(|b| {
+                    if b % 11 == 0 {
+                        1000 + b as i64
+                    } else {
+                        rng.random_range(0..batch_size as i64 / 3)
+                    }
+                })
+                .collect();
+            for (source, positives) in [
+                ("labels", Positives::labels(&labels)),
+                ("SimCLR", Positives::SimClr),
+            ] {
+                for mode in [ContrastMode::All, ContrastMode::One] {
+                    let loss = SupConLoss::builder()
+                        .temperature(0.1)
+                        .contrast_mode(mode)
+                        .build()
+                        .unwrap();
+                    let what = format!("{batch_size}x{views}x{dim} {source} {mode:?}");
+                    let shape = validate_inputs(&features.view(), &positives).unwrap();
+                    let batch =
+                        Batch::new(&loss, &features.view(), shape, positives, Isa::detect())
+                            .unwrap();
+                    let classes = batch.dense_classes().expect("takes the dense path");
+                    let general = batch.forward(None).unwrap();
+                    let dense = batch.forward(Some(&classes)).unwrap();
+                    let (g, d) = (&general.state, &dense.state);
+                    assert_eq!(g.positive_weight, d.positive_weight, "{what}");
+                    for (name, want, got) in [
+                        ("ℓ", general.per_anchor.to_vec(), dense.per_anchor.to_vec()),
+                        ("LSE", g.lse.clone(), d.lse.clone()),
+                        ("LSE^P", g.lse_positive.clone(), d.lse_positive.clone()),
+                    ] {
+                        let (finite_want, finite_got): (Vec<f64>, Vec<f64>) = want
+                            .iter()
+                            .zip(&got)
+                            .filter(|(w, _)| w.is_finite())
+                            .map(|(w, g)| (*w, *g))
+                            .unzip();
+                        let infinite_match =
+                            want.iter().zip(&got).all(|(w, g)| w.is_finite() || w == g);
+                        let error = norm_error(&finite_got, &finite_want);
+                        assert!(infinite_match && error < 1e-6, "{what}: {name} {error:e}");
+                    }
+                    let upstream = Upstream::Scalar(1.0);
+                    let general_grad: Array3<f32> =
+                        batch.backward(None, &general.state, upstream).unwrap();
+                    let dense_grad: Array3<f32> = batch
+                        .backward(Some(&classes), &general.state, upstream)
+                        .unwrap();
+                    let (want, got): (Vec<f64>, Vec<f64>) = general_grad
+                        .iter()
+                        .zip(&dense_grad)
+                        .map(|(&w, &g)| (f64::from(w), f64::from(g)))
+                        .unzip();
+                    let error = norm_error(&got, &want);
+                    assert!(error < 1e-5, "{what}: gradient {error:e}");
+                    if large_norm > 10.0 {
+                        let shift = f64::from(batch.largest_logit);
+                        let lse = g.lse.iter().filter(|l| l.is_finite());
+                        let (low, high) = lse
+                            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| {
+                                (l.min(x), h.max(x))
+                            });
+                        assert!(shift - low > 2.0 * f64::from(SHARED_SHIFT_RANGE), "{what}");
+                        assert!(high - low > 2.0 * f64::from(dense::LSE_SPREAD), "{what}");
+                    }
                 }
             }
         }

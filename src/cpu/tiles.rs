@@ -128,6 +128,12 @@ impl Schedule {
     }
 }
 
+/// Per-block states over one buffer of `per_row` values per row, in row order: the blocks'
+/// chunks of `data`, for [`Schedule::for_each_tile`] (no copy to gather them afterwards).
+pub(super) fn block_chunks<T>(data: &mut [T], per_row: usize) -> Vec<Mutex<&mut [T]>> {
+    data.chunks_mut(BLOCK * per_row).map(Mutex::new).collect()
+}
+
 /// Per-block states concatenated in block order (so, for per-anchor states, in anchor order).
 pub(super) fn flatten<T>(states: Vec<Mutex<Vec<T>>>) -> Vec<T> {
     states
