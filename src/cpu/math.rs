@@ -116,7 +116,8 @@ pub(super) fn needs_own_shift(set_max: f32, shift: f32) -> bool {
 /// Inputs below ln 2^-126 ≈ −87.34 (−∞ included) give exactly 0, which is how excluded entries
 /// (shifted to −∞) drop out of sums; inputs above 88 saturate at e^88, so a masked-off lane never
 /// produces ∞ (and 0·∞ = NaN). Cephes' `expf`: x = n·ln 2 + r with |r| ≤ ln2/2, e^r by a degree-6
-/// polynomial, 2^n assembled in the exponent bits.
+/// polynomial (Horner steps as fused multiply-adds: a third fewer operations where the CPU has
+/// FMA, and the same rounding everywhere), 2^n assembled in the exponent bits.
 #[inline(always)]
 pub(super) fn exp(x: f32) -> f32 {
     const LOWEST: f32 = -87.336_55;

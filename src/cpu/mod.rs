@@ -18,11 +18,18 @@
 //! 4. Backward (`backward`): each tile recomputes S, turns it in place into the symmetric
 //!    H_ij = G_ij + G_ji from the saved per-anchor LSEs and P, and adds H Z_J to dZ_I and
 //!    Hᵀ Z_I to dZ_J with two more products.
+//! 5. The paper's default loss — positives from labels or SimCLR without a cap, denominator
+//!    all, L_out — takes a fast path (`dense`) in both passes: its positive terms reduce to
+//!    class sums of the rows (O(N·D)), so the tiles carry only the dense softmax terms, with one
+//!    exponential per logit under a shift shared by all rows and columns and no pair weights.
+//!    `CpuBackend::forward_backward` converts the batch once for both passes.
 //!
 //! Work: forward N²·D flops (half of S), backward 3·N²·D (half of S again, then H Z in full),
-//! plus N² exponentials each. Memory beyond the inputs and the result: the f32 rows and their
-//! panels (~8·N·D bytes), the f64 gradient accumulators (8·N·D), O(N) per-anchor values and,
-//! per thread, one tile with its buffers (~0.5 MiB at D = 128). Nothing N×N.
+//! plus N² exponentials each (on the fast path about N²/2 in each pass). Memory beyond the
+//! inputs and the result: the f32 rows and their panels (~8·N·D bytes), the f64 gradient
+//! accumulators (8·N·D), O(N) per-anchor values (and, on the fast path, per-class sums: at
+//! most 16·N·D/V bytes for SimCLR) and, per thread, one tile with its buffers (~0.5 MiB at
+//! D = 128). Nothing N×N.
 //!
 //! Threads: `tiles::Schedule` runs tiles in rounds of block-disjoint pairs on the ambient rayon
 //! pool; every accumulator receives its tiles in an order fixed by N alone, and the elementwise

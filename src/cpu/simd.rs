@@ -5,9 +5,11 @@
 //! `#[target_feature(enable = "avx2,fma")]` function and a third time for AVX-512; everything it
 //! calls is `#[inline(always)]`, so it inherits those features (`gemm` does the same for the
 //! products). The elementwise source is the same on every path and Rust never contracts
-//! `a * b + c` into an FMA on its own, so the only rounding difference between paths is the
-//! products' FMA: the AVX2 and AVX-512 paths agree bitwise, the baseline to f32 precision
-//! (tested in `cpu::tests`).
+//! `a * b + c` into an FMA on its own; where the source asks for one (`f32::mul_add` in
+//! `math::exp`) every path computes it fused — in hardware on AVX2/AVX-512, through libm's
+//! correctly rounded `fmaf` on an x86-64 baseline without FMA (slower, not different). So the
+//! only rounding difference between paths is the products' FMA: the AVX2 and AVX-512 paths
+//! agree bitwise, the baseline to f32 precision (tested in `cpu::tests`).
 
 /// An instruction set the tile loops can be compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
