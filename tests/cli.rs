@@ -140,6 +140,48 @@ fn run_accepts_masks_half_features_and_reduction_none() {
 }
 
 #[test]
+fn demo_reports_the_loss_and_both_timings() {
+    let out = supcon(&[
+        "demo",
+        "--batch",
+        "300",
+        "--views",
+        "2",
+        "--dim",
+        "24",
+        "--classes",
+        "7",
+        "--repeat",
+        "2",
+        "--backend",
+        "cpu",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "backend cpu | B = 300, V = 2, D = 24, N = 600",
+        "finite: true",
+        "first call",
+        "fastest of 2",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "{expected:?} missing from:\n{stdout}"
+        );
+    }
+    let loss: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("loss = "))
+        .and_then(|l| l.trim().parse().ok())
+        .expect("a loss line");
+    assert!(loss.is_finite() && loss > 0.0, "{stdout}");
+}
+
+#[test]
 fn bad_inputs_fail_with_a_message() {
     let dir = scratch("bad");
     write(
@@ -159,6 +201,7 @@ fn bad_inputs_fail_with_a_message() {
         (vec!["run", "--features", "missing.npy"], "missing.npy"),
         (vec!["demo", "--temperature", "-1"], "temperature"),
         (vec!["demo", "--backend", "gpu9000"], "unknown backend"),
+        (vec!["demo", "--repeat", "0"], "--repeat"),
     ];
     for (args, message) in cases {
         let args: Vec<String> = args

@@ -178,9 +178,7 @@ struct Scratch {
     col_bias: Vec<f32>,
     /// `one_positive` pulls of the current tile row.
     pull: Vec<f32>,
-    /// H Z_J (block I's rows) and Hᵀ Z_I (block J's rows).
-    grad_rows: Aligned,
-    grad_cols: Aligned,
+    partials: Partials,
 }
 
 impl Scratch {
@@ -193,8 +191,7 @@ impl Scratch {
             col_weight: lane_row(),
             col_bias: lane_row(),
             pull: lane_row(),
-            grad_rows: Aligned::zeros(BLOCK * dim),
-            grad_cols: Aligned::zeros(BLOCK * dim),
+            partials: Partials::new(dim),
         }
     }
 }
@@ -369,42 +366,78 @@ fn gradient_with<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool>(
                 scratch: &mut *scratch,
                 positive_term: std::marker::PhantomData,
             });
-            let (m, n, stride) = (tile.rows.len(), tile.cols.len(), tile.stride());
-            let (rows, cols) = (tile.rows.clone(), tile.cols.clone());
-            let partial_rows = &mut scratch.grad_rows[..m * dim];
-            batch
-                .rows
-                .tile_times_block(&scratch.logits, stride, (m, n), false, cols, partial_rows);
-            batch.isa.run(AddInto {
-                total: grad_rows,
-                partial: partial_rows,
-            });
-            if let Some(grad_cols) = grad_cols {
-                let partial_cols = &mut scratch.grad_cols[..n * dim];
-                batch.rows.tile_times_block(
-                    &scratch.logits,
-                    stride,
-                    (n, m),
-                    true,
-                    rows,
-                    partial_cols,
-                );
-                batch.isa.run(AddInto {
-                    total: grad_cols,
-                    partial: partial_cols,
-                });
-            }
+            scratch.partials.add_tile(
+                batch,
+                tile,
+                &scratch.logits,
+                grad_rows,
+                grad_cols.map(|g| &mut **g),
+            );
         },
     );
     drop(states);
     dz
 }
 
+/// The f32 products of one tile's H with the feature blocks, before they join the f64 totals.
+pub(super) struct Partials {
+    /// H Z_J (block I's rows).
+    rows: Aligned,
+    /// Hᵀ Z_I (block J's rows).
+    cols: Aligned,
+}
+
+impl Partials {
+    pub(super) fn new(dim: usize) -> Self {
+        Partials {
+            rows: Aligned::zeros(BLOCK * dim),
+            cols: Aligned::zeros(BLOCK * dim),
+        }
+    }
+
+    /// Adds H Z_J to block I's `grad_rows` and, for an off-diagonal tile, Hᵀ Z_I to block J's
+    /// `grad_cols` (a diagonal tile's H holds both halves already), H being the tile's logits
+    /// turned into H in place.
+    pub(super) fn add_tile(
+        &mut self,
+        batch: &Batch<'_>,
+        tile: &Tile,
+        h: &[f32],
+        grad_rows: &mut [f64],
+        grad_cols: Option<&mut [f64]>,
+    ) {
+        let (m, n, stride, dim) = (
+            tile.rows.len(),
+            tile.cols.len(),
+            tile.stride(),
+            batch.rows.dim,
+        );
+        let rows = &mut self.rows[..m * dim];
+        batch
+            .rows
+            .tile_times_block(h, stride, (m, n), false, tile.cols.clone(), rows);
+        batch.isa.run(AddInto {
+            total: grad_rows,
+            partial: rows,
+        });
+        if let Some(grad_cols) = grad_cols {
+            let cols = &mut self.cols[..n * dim];
+            batch
+                .rows
+                .tile_times_block(h, stride, (n, m), true, tile.rows.clone(), cols);
+            batch.isa.run(AddInto {
+                total: grad_cols,
+                partial: cols,
+            });
+        }
+    }
+}
+
 /// `total += partial`, element by element (a tile kernel, so that it runs on the widest
 /// vectors).
-pub(super) struct AddInto<'a> {
-    pub(super) total: &'a mut [f64],
-    pub(super) partial: &'a [f32],
+struct AddInto<'a> {
+    total: &'a mut [f64],
+    partial: &'a [f32],
 }
 
 impl TileKernel for AddInto<'_> {

@@ -30,7 +30,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use super::backward::AddInto;
+use super::backward::Partials;
 use super::forward::AnchorStats;
 use super::math::{
     exp, fold_max, fold_sum, lane_group, max, needs_own_shift, padded, set_lane_group, Aligned,
@@ -366,8 +366,7 @@ struct BackwardScratch {
     logits: Aligned,
     /// α of the tile's columns.
     col_alpha: Vec<f32>,
-    grad_rows: Aligned,
-    grad_cols: Aligned,
+    partials: Partials,
 }
 
 /// The elementwise work of one backward tile: S → H in place.
@@ -467,8 +466,7 @@ pub(super) fn gradient(
         || BackwardScratch {
             logits: Aligned::zeros(BLOCK * padded(BLOCK)),
             col_alpha: vec![0.0; padded(BLOCK)],
-            grad_rows: Aligned::zeros(BLOCK * dim),
-            grad_cols: Aligned::zeros(BLOCK * dim),
+            partials: Partials::new(dim),
         },
         |tile, scratch, grad_rows, grad_cols| {
             batch
@@ -481,35 +479,13 @@ pub(super) fn gradient(
                 logits: &mut scratch.logits,
                 col_alpha: &mut scratch.col_alpha,
             });
-            let (m, n, stride) = (tile.rows.len(), tile.cols.len(), tile.stride());
-            let partial_rows = &mut scratch.grad_rows[..m * dim];
-            batch.rows.tile_times_block(
+            scratch.partials.add_tile(
+                batch,
+                tile,
                 &scratch.logits,
-                stride,
-                (m, n),
-                false,
-                tile.cols.clone(),
-                partial_rows,
+                grad_rows,
+                grad_cols.map(|g| &mut **g),
             );
-            batch.isa.run(AddInto {
-                total: grad_rows,
-                partial: partial_rows,
-            });
-            if let Some(grad_cols) = grad_cols {
-                let partial_cols = &mut scratch.grad_cols[..n * dim];
-                batch.rows.tile_times_block(
-                    &scratch.logits,
-                    stride,
-                    (n, m),
-                    true,
-                    tile.rows.clone(),
-                    partial_cols,
-                );
-                batch.isa.run(AddInto {
-                    total: grad_cols,
-                    partial: partial_cols,
-                });
-            }
         },
     );
     drop(states);
