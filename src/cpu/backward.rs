@@ -168,30 +168,25 @@ pub(super) fn anchor_terms(
     (terms, pulls)
 }
 
-/// Per-thread buffers of the backward sweep.
+/// Per-thread buffers of the general tile kernel (besides the sweep's).
 struct Scratch {
-    /// S, then H in place.
-    logits: Aligned,
     row_weight: Vec<f32>,
     row_bias: Vec<f32>,
     col_weight: Vec<f32>,
     col_bias: Vec<f32>,
     /// `one_positive` pulls of the current tile row.
     pull: Vec<f32>,
-    partials: Partials,
 }
 
 impl Scratch {
-    fn new(dim: usize) -> Self {
+    fn new() -> Self {
         let lane_row = || vec![0.0; padded(BLOCK)];
         Scratch {
-            logits: Aligned::zeros(BLOCK * padded(BLOCK)),
             row_weight: lane_row(),
             row_bias: lane_row(),
             col_weight: lane_row(),
             col_bias: lane_row(),
             pull: lane_row(),
-            partials: Partials::new(dim),
         }
     }
 }
@@ -202,6 +197,8 @@ struct GradientTile<'a, R, P, const NEG_ONLY: bool> {
     tile: &'a Tile,
     terms: &'a AnchorTerms,
     pulls: Option<&'a Pulls>,
+    /// S, turned into H in place.
+    logits: &'a mut [f32],
     scratch: &'a mut Scratch,
     positive_term: std::marker::PhantomData<P>,
 }
@@ -216,6 +213,7 @@ impl<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool> TileKernel
             tile,
             terms,
             pulls,
+            logits,
             scratch,
             ..
         } = self;
@@ -226,13 +224,11 @@ impl<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool> TileKernel
         let col_pos = &terms.positive_scale[cols.start..][..stride];
         let col_lse_pos = &terms.lse_positive[cols.start..][..stride];
         let Scratch {
-            logits,
             row_weight,
             row_bias,
             col_weight,
             col_bias,
             pull,
-            ..
         } = scratch;
         let (rw, rb) = (&mut row_weight[..stride], &mut row_bias[..stride]);
         let (col_weight, col_bias) = (&mut col_weight[..stride], &mut col_bias[..stride]);
@@ -348,24 +344,51 @@ fn gradient_with<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool>(
     terms: &AnchorTerms,
     pulls: Option<&Pulls>,
 ) -> Vec<f64> {
+    sweep(batch, Scratch::new, |tile, logits, scratch| {
+        batch.isa.run(GradientTile::<R, P, NEG_ONLY> {
+            pairs,
+            tile,
+            terms,
+            pulls,
+            logits,
+            scratch,
+            positive_term: std::marker::PhantomData,
+        });
+    })
+}
+
+/// Per-thread buffers of [`sweep`].
+struct SweepScratch<X> {
+    /// S, then H in place.
+    logits: Aligned,
+    partials: Partials,
+    /// The tile kernel's own.
+    extra: X,
+}
+
+/// The backward sweep of both paths: for each tile, S; `to_h` turns it into H in place (given
+/// the tile, the logits and this thread's `extra` scratch); then the gradient products. Returns
+/// ∂L/∂z in f64, `[N, D]` row-major.
+pub(super) fn sweep<X: Send>(
+    batch: &Batch<'_>,
+    extra: impl Fn() -> X + Sync + Send,
+    to_h: impl Fn(&Tile, &mut [f32], &mut X) + Sync + Send,
+) -> Vec<f64> {
     let dim = batch.rows.dim;
     let mut dz = vec![0.0; batch.shape.rows() * dim];
     let states = block_chunks(&mut dz, dim);
     batch.schedule.for_each_tile(
         &states,
-        || Scratch::new(dim),
+        || SweepScratch {
+            logits: Aligned::zeros(BLOCK * padded(BLOCK)),
+            partials: Partials::new(dim),
+            extra: extra(),
+        },
         |tile, scratch, grad_rows, grad_cols| {
             batch
                 .rows
                 .logits_tile(tile, batch.inverse_temperature, &mut scratch.logits);
-            batch.isa.run(GradientTile::<R, P, NEG_ONLY> {
-                pairs,
-                tile,
-                terms,
-                pulls,
-                scratch: &mut *scratch,
-                positive_term: std::marker::PhantomData,
-            });
+            to_h(tile, &mut scratch.logits, &mut scratch.extra);
             scratch.partials.add_tile(
                 batch,
                 tile,
@@ -380,7 +403,7 @@ fn gradient_with<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool>(
 }
 
 /// The f32 products of one tile's H with the feature blocks, before they join the f64 totals.
-pub(super) struct Partials {
+struct Partials {
     /// H Z_J (block I's rows).
     rows: Aligned,
     /// Hᵀ Z_I (block J's rows).
@@ -388,7 +411,7 @@ pub(super) struct Partials {
 }
 
 impl Partials {
-    pub(super) fn new(dim: usize) -> Self {
+    fn new(dim: usize) -> Self {
         Partials {
             rows: Aligned::zeros(BLOCK * dim),
             cols: Aligned::zeros(BLOCK * dim),
@@ -398,7 +421,7 @@ impl Partials {
     /// Adds H Z_J to block I's `grad_rows` and, for an off-diagonal tile, Hᵀ Z_I to block J's
     /// `grad_cols` (a diagonal tile's H holds both halves already), H being the tile's logits
     /// turned into H in place.
-    pub(super) fn add_tile(
+    fn add_tile(
         &mut self,
         batch: &Batch<'_>,
         tile: &Tile,
@@ -406,29 +429,26 @@ impl Partials {
         grad_rows: &mut [f64],
         grad_cols: Option<&mut [f64]>,
     ) {
-        let (m, n, stride, dim) = (
-            tile.rows.len(),
-            tile.cols.len(),
-            tile.stride(),
-            batch.rows.dim,
-        );
-        let rows = &mut self.rows[..m * dim];
-        batch
-            .rows
-            .tile_times_block(h, stride, (m, n), false, tile.cols.clone(), rows);
-        batch.isa.run(AddInto {
-            total: grad_rows,
-            partial: rows,
-        });
-        if let Some(grad_cols) = grad_cols {
-            let cols = &mut self.cols[..n * dim];
+        let (m, n, dim) = (tile.rows.len(), tile.cols.len(), batch.rows.dim);
+        let products = [
+            (
+                Some(grad_rows),
+                false,
+                (m, n),
+                tile.cols.clone(),
+                &mut self.rows,
+            ),
+            (grad_cols, true, (n, m), tile.rows.clone(), &mut self.cols),
+        ];
+        for (total, transposed, shape, block, partial) in products {
+            let Some(total) = total else {
+                continue;
+            };
+            let partial = &mut partial[..shape.0 * dim];
             batch
                 .rows
-                .tile_times_block(h, stride, (n, m), true, tile.rows.clone(), cols);
-            batch.isa.run(AddInto {
-                total: grad_cols,
-                partial: cols,
-            });
+                .tile_times_block(h, tile.stride(), shape, transposed, block, partial);
+            batch.isa.run(AddInto { total, partial });
         }
     }
 }

@@ -30,14 +30,14 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use super::backward::Partials;
+use super::backward::sweep;
 use super::forward::AnchorStats;
 use super::math::{
     exp, fold_max, fold_sum, lane_group, max, needs_own_shift, padded, set_lane_group, Aligned,
     LANES,
 };
 use super::simd::TileKernel;
-use super::tiles::{block_chunks, flatten, Tile, BLOCK};
+use super::tiles::{flatten, Tile, BLOCK};
 use super::Batch;
 use crate::config::{Denominator, Summation};
 
@@ -360,15 +360,6 @@ pub(super) fn statistics(batch: &Batch<'_>, classes: &Classes) -> Vec<AnchorStat
     stats
 }
 
-/// Per-thread buffers of the backward sweep.
-struct BackwardScratch {
-    /// S, then H in place.
-    logits: Aligned,
-    /// α of the tile's columns.
-    col_alpha: Vec<f32>,
-    partials: Partials,
-}
-
 /// The elementwise work of one backward tile: S → H in place.
 struct GradientTile<'a> {
     tile: &'a Tile,
@@ -459,36 +450,16 @@ pub(super) fn gradient(
     positive_scale: &[f32],
 ) -> Vec<f64> {
     let dim = batch.rows.dim;
-    let mut dz = vec![0.0; batch.shape.rows() * dim];
-    let states = block_chunks(&mut dz, dim);
-    batch.schedule.for_each_tile(
-        &states,
-        || BackwardScratch {
-            logits: Aligned::zeros(BLOCK * padded(BLOCK)),
-            col_alpha: vec![0.0; padded(BLOCK)],
-            partials: Partials::new(dim),
-        },
-        |tile, scratch, grad_rows, grad_cols| {
-            batch
-                .rows
-                .logits_tile(tile, batch.inverse_temperature, &mut scratch.logits);
-            batch.isa.run(GradientTile {
-                tile,
-                lse,
-                scale,
-                logits: &mut scratch.logits,
-                col_alpha: &mut scratch.col_alpha,
-            });
-            scratch.partials.add_tile(
-                batch,
-                tile,
-                &scratch.logits,
-                grad_rows,
-                grad_cols.map(|g| &mut **g),
-            );
-        },
-    );
-    drop(states);
+    let col_alpha = || vec![0.0; padded(BLOCK)];
+    let mut dz = sweep(batch, col_alpha, |tile, logits, col_alpha| {
+        batch.isa.run(GradientTile {
+            tile,
+            lse,
+            scale,
+            logits,
+            col_alpha,
+        });
+    });
     // The positive part: C'_y = Σ_{y_r = y} pos_r z_r (serial, in row order), then per row
     // −pos_k (C_y − z_k) − (C'_y − pos_k z_k) = −pos_k C_y − C'_y + 2 pos_k z_k.
     let weighted_sum = classes.weighted_sums(batch, |r| f64::from(positive_scale[r]));
