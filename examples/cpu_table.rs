@@ -1,6 +1,8 @@
 //! Prints a markdown table of the CPU backend's forward+backward time, throughput and memory
 //! for N ∈ {2048, 8192, 32768, 65536} rows (D = 128, V = 2, f32, labels of 100 classes, default
-//! loss options). `cargo run --release --example cpu_table [N ...]`
+//! loss options, which take the backend's dense fast path).
+//! `cargo run --release --example cpu_table [N ...] [--inside]`; `--inside` switches to
+//! summation inside (L_in), which runs the general tile loops instead.
 //!
 //! Throughput is given two ways: against 3·N²·D flops (this backend's symmetric work without
 //! the recomputation of S, the count SPEC.md uses) and against the conventional 6·N²·D (forward
@@ -23,7 +25,7 @@ use std::time::Instant;
 use ndarray::{Array3, Axis};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use supcon::{Backend, CpuBackend, Positives, SupConLoss, Upstream};
+use supcon::{Backend, CpuBackend, Positives, Summation, SupConLoss, Upstream};
 
 /// The system allocator, counting live bytes and their peak.
 struct CountingAllocator;
@@ -77,6 +79,7 @@ fn mib(bytes: usize) -> f64 {
 }
 
 fn main() {
+    let inside = std::env::args().any(|a| a == "--inside");
     let sizes: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -87,10 +90,22 @@ fn main() {
         sizes
     };
     let (views, dim) = (2, 128);
-    let loss = SupConLoss::default();
+    let loss = if inside {
+        SupConLoss::builder()
+            .summation(Summation::Inside)
+            .build()
+            .expect("valid options")
+    } else {
+        SupConLoss::default()
+    };
     println!(
-        "CPU backend, forward+backward, D = {dim}, V = {views}, f32, labels (100 classes), \
+        "CPU backend, forward+backward, D = {dim}, V = {views}, f32, labels (100 classes), {}, \
          {} rayon threads\n",
+        if inside {
+            "L_in (general tile loops)"
+        } else {
+            "default options (dense fast path)"
+        },
         rayon::current_num_threads()
     );
     let threads = rayon::current_num_threads();
