@@ -99,6 +99,7 @@ class WorkerPool {
             workers_.emplace_back([this, id, seen = generation_] { work(id, seen); });
         }
         job_ = &launch;
+        job_threads_ = launch.threads;
         pending_ = launch.threads;
         ++generation_;
         wake_.notify_all();
@@ -115,10 +116,12 @@ class WorkerPool {
                 wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
                 if (stop_) return;
                 seen = generation_;
+                /* Decided under the lock, without touching the Launch: a worker outside the block
+                 * is not counted in pending_, so its launch may be over (job_ reset) or over and
+                 * replaced by another at the same address by the time it looks. */
+                if (job_ == nullptr || id >= job_threads_) continue;
                 launch = job_;
             }
-            /* A worker outside the block may wake only after the launch is over (job_ reset). */
-            if (launch == nullptr || id >= launch->threads) continue;
             run_thread(*launch, id);
             std::lock_guard<std::mutex> lock(mutex_);
             if (--pending_ == 0) done_.notify_one();
@@ -131,6 +134,8 @@ class WorkerPool {
     std::condition_variable done_;
     std::vector<std::thread> workers_;
     Launch* job_ = nullptr;
+    /* job_->threads, readable under mutex_ while job_ may be gone. */
+    unsigned job_threads_ = 0;
     uint64_t generation_ = 0;
     unsigned pending_ = 0;
     bool stop_ = false;

@@ -66,13 +66,13 @@ pub(super) struct Classes {
 impl Classes {
     /// The classes of the batch's rows (`of_row` has N entries, dense ids).
     pub(super) fn new(batch: &Batch<'_>, of_row: &[u32]) -> Self {
-        let classes = of_row.iter().map(|&c| c as usize + 1).max().unwrap_or(0);
+        let class_count = of_row.iter().map(|&c| c as usize + 1).max().unwrap_or(0);
         // A counting sort of the rows by class keeps each class's rows ascending.
-        let mut starts = vec![0; classes + 1];
+        let mut starts = vec![0; class_count + 1];
         for &c in of_row {
             starts[c as usize + 1] += 1;
         }
-        for c in 0..classes {
+        for c in 0..class_count {
             starts[c + 1] += starts[c];
         }
         let mut next = starts.clone();
@@ -99,9 +99,11 @@ impl Classes {
         let dim = batch.rows.dim;
         let mut sums = vec![0.0; (self.starts.len() - 1) * dim];
         sums.par_chunks_mut(dim).enumerate().for_each(|(c, total)| {
-            for &r in &self.members[self.starts[c]..self.starts[c + 1]] {
-                let (r, row) = (r as usize, batch.rows.block(r as usize..r as usize + 1));
-                let w = weight(r);
+            for r in self.members[self.starts[c]..self.starts[c + 1]]
+                .iter()
+                .map(|&r| r as usize)
+            {
+                let (w, row) = (weight(r), batch.rows.block(r..r + 1));
                 if w != 0.0 {
                     for (t, &x) in total.iter_mut().zip(row) {
                         *t += w * f64::from(x);
