@@ -7,8 +7,8 @@
  * "Exact cancellations" in supcon_forward.cu; w_ij / P_i is likewise a division):
  *     G_ij = dL/ds_ij = coef_i (q_ij [j in D_i] - w_ij / P_i)     (summation outside)
  *                     = coef_i (q_ij [j in D_i] - r_ij)           (summation inside)
- * where coef_i = c u_i / R' [P_i > 0] [D_i non-empty] (u: upstream gradient) is precomputed on the
- * host, and G_ij = 0 for rows i that are not anchors. As s_kj = s_jk = z_k . z_j / tau,
+ * where coef_i = c u_i / R' [P_i > 0] [D_i non-empty] (u: upstream gradient) is precomputed, on the
+ * host or by supcon_backward_coefficients, and G_ij = 0 for rows i that are not anchors. As s_kj = s_jk = z_k . z_j / tau,
  *     dL/dz_k = (1/tau) sum_j H_kj z_j,    H_kj = G_kj + G_jk,
  * which covers contrast mode all and one (G_jk = 0 when j is no anchor) and asymmetric masks
  * (G_jk uses w_jk = mask[b_j, b_k]).
@@ -24,6 +24,12 @@
  *     3. slab += H tile x Z[tile rows, slab columns], Z staged through shared memory 32 rows
  *        at a time.
  * With contrast mode one, tiles where neither side holds an anchor are zero and skipped.
+ *
+ * supcon_backward_coefficients: grid ceil(R / 256) blocks of 256 threads, one anchor each. It
+ * computes coef_i on the device from the forward's statistics and its count of anchors without
+ * positives (R' as supcon_forward_finalize finds it), so that a backward pass queued after a
+ * forward pass needs nothing from the host. The arithmetic is the host's, in double, in the same
+ * order ((c / R') * u_i, then rounded to float): both give the same bits.
  *
  * Cost: 2 N^2 D flops for the products with Z plus 2 N^2 D per column chunk for recomputing S
  * (one chunk for D <= 128), ~2 exponentials per logit (one per anchor side). Memory traffic:
@@ -201,4 +207,27 @@ extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_backward_f
 
 extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_backward_bf16(const SupconParams params) {
     supcon::backward<__nv_bfloat16>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(supcon::kCoefficientThreads)
+    supcon_backward_coefficients(const SupconParams params) {
+    const uint32_t anchor = blockIdx.x * supcon::kCoefficientThreads + threadIdx.x;
+    if (anchor >= params.anchors) return;
+    double mean_denominator = 1.0;
+    if (params.reduction == SUPCON_REDUCTION_MEAN) {
+        mean_denominator = params.anchors;
+        if (params.no_positive_policy == SUPCON_NO_POSITIVE_EXCLUDE) {
+            const uint32_t without = *reinterpret_cast<const uint32_t*>(params.anchors_without_positives);
+            const uint32_t with_positive = params.anchors - without;
+            mean_denominator = with_positive > 0 ? with_positive : 1;
+        }
+    }
+    const double upstream = params.anchor_upstream != 0
+                                ? reinterpret_cast<const double*>(params.anchor_upstream)[anchor]
+                                : params.upstream_scalar;
+    const float positive_weight = reinterpret_cast<const float*>(params.anchor_positive_weight)[anchor];
+    const float lse = reinterpret_cast<const float*>(params.anchor_lse)[anchor];
+    const bool depends_on_logits = positive_weight > 0.0f && lse > -INFINITY;
+    reinterpret_cast<float*>(params.anchor_grad_coef)[anchor] =
+        depends_on_logits ? static_cast<float>(params.loss_scale_exact / mean_denominator * upstream) : 0.0f;
 }

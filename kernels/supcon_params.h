@@ -55,8 +55,12 @@ typedef struct SupconParams {
     uint64_t reduced_loss;              /* double[1]: the loss under `reduction` */
     uint64_t anchors_without_positives; /* uint32_t[1]: #anchors with P_i = 0 */
     /* Backward. */
-    uint64_t anchor_grad_coef; /* const float[R]: c*u_i/R' * [P_i > 0] * [denominator non-empty] */
+    uint64_t anchor_grad_coef; /* float[R]: c*u_i/R' * [P_i > 0] * [denominator non-empty], read by the
+                                * backward kernel, written by supcon_backward_coefficients */
     uint64_t grad_features;    /* float[B][V][D], same layout as features */
+    uint64_t anchor_upstream;  /* const double[R]: u_i under reduction none, else 0 (coefficients) */
+    double upstream_scalar;    /* u of a reduced loss (coefficients) */
+    double loss_scale_exact;   /* c = tau/tau_b in double (coefficients) */
     /* Shape. */
     uint32_t batch;       /* B */
     uint32_t views;       /* V */

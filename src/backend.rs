@@ -91,36 +91,53 @@ impl SavedState {
     /// Per anchor: `c · u_i / R'`, the factor in front of ∂ℓ_i/∂s_ij (before `[P_i > 0]`).
     pub(crate) fn anchor_coefficients(&self, upstream: Upstream<'_>) -> Result<Vec<f64>> {
         let anchors = self.lse.len();
-        let reduction = self.loss.reduction();
+        check_upstream(self.loss.reduction(), anchors, upstream)?;
         let scale = self.loss.loss_scale() / self.mean_denominator;
-        match (upstream, reduction) {
-            (Upstream::Scalar(u), Reduction::Mean | Reduction::Sum) => {
-                if !u.is_finite() {
-                    return Err(Error::NonFiniteUpstream);
-                }
-                Ok(vec![scale * u; anchors])
+        Ok(match upstream {
+            Upstream::Scalar(u) => vec![scale * u; anchors],
+            Upstream::PerAnchor(u) => u.iter().map(|x| scale * x).collect(),
+        })
+    }
+}
+
+/// Fails unless `upstream` fits a loss of `reduction` over `anchors` anchors: a finite scalar
+/// for mean and sum, `anchors` finite values for none.
+///
+/// # Errors
+/// [`Error::UpstreamMismatch`], [`Error::NonFiniteUpstream`].
+pub(crate) fn check_upstream(
+    reduction: Reduction,
+    anchors: usize,
+    upstream: Upstream<'_>,
+) -> Result<()> {
+    match (upstream, reduction) {
+        (Upstream::Scalar(u), Reduction::Mean | Reduction::Sum) => {
+            if u.is_finite() {
+                Ok(())
+            } else {
+                Err(Error::NonFiniteUpstream)
             }
-            (Upstream::PerAnchor(u), Reduction::None) => {
-                if u.len() != anchors {
-                    return Err(Error::UpstreamMismatch {
-                        reduction,
-                        reason: format!("{} entries for {anchors} anchors", u.len()),
-                    });
-                }
-                if u.iter().any(|x| !x.is_finite()) {
-                    return Err(Error::NonFiniteUpstream);
-                }
-                Ok(u.iter().map(|x| scale * x).collect())
-            }
-            (Upstream::Scalar(_), Reduction::None) => Err(Error::UpstreamMismatch {
-                reduction,
-                reason: "reduction none needs a per-anchor upstream gradient".into(),
-            }),
-            (Upstream::PerAnchor(_), _) => Err(Error::UpstreamMismatch {
-                reduction,
-                reason: "a reduced loss needs a scalar upstream gradient".into(),
-            }),
         }
+        (Upstream::PerAnchor(u), Reduction::None) => {
+            if u.len() != anchors {
+                return Err(Error::UpstreamMismatch {
+                    reduction,
+                    reason: format!("{} entries for {anchors} anchors", u.len()),
+                });
+            }
+            if u.iter().any(|x| !x.is_finite()) {
+                return Err(Error::NonFiniteUpstream);
+            }
+            Ok(())
+        }
+        (Upstream::Scalar(_), Reduction::None) => Err(Error::UpstreamMismatch {
+            reduction,
+            reason: "reduction none needs a per-anchor upstream gradient".into(),
+        }),
+        (Upstream::PerAnchor(_), _) => Err(Error::UpstreamMismatch {
+            reduction,
+            reason: "a reduced loss needs a scalar upstream gradient".into(),
+        }),
     }
 }
 

@@ -200,9 +200,9 @@ mod tests {
 
     use super::*;
     use crate::kernel_abi;
-    use crate::kernels::FeatureType;
     use crate::launch_plan::{
-        launch_config, KernelShape, Stage, FINALIZE_THREADS, GRAD_CHUNK, TILE_ROWS, TILE_THREADS,
+        launch_config, KernelShape, Stage, COEFFICIENT_THREADS, FINALIZE_THREADS, GRAD_CHUNK,
+        TILE_ROWS, TILE_THREADS,
     };
 
     unsafe extern "C" {
@@ -259,6 +259,9 @@ mod tests {
             anchors_without_positives,
             anchor_grad_coef,
             grad_features,
+            anchor_upstream,
+            upstream_scalar,
+            loss_scale_exact,
             batch,
             views,
             dim,
@@ -292,7 +295,7 @@ mod tests {
 
     #[test]
     fn option_codes_and_tile_sizes_match_the_kernels() {
-        let expected: [(&CStr, u32); 17] = [
+        let expected: [(&CStr, u32); 18] = [
             (
                 c"SUPCON_POSITIVES_SAME_SAMPLE",
                 kernel_abi::positives::SAME_SAMPLE,
@@ -322,6 +325,7 @@ mod tests {
             (c"kTileRows", TILE_ROWS),
             (c"kGradChunk", GRAD_CHUNK),
             (c"kFinalizeThreads", FINALIZE_THREADS),
+            (c"kCoefficientThreads", COEFFICIENT_THREADS),
         ];
         for (name, value) in expected {
             assert_eq!(cpp_constant(name), i64::from(value), "{name:?}");
@@ -336,12 +340,7 @@ mod tests {
             anchors: 2,
             dim: 1,
         };
-        let types = [FeatureType::F32, FeatureType::F16, FeatureType::Bf16];
-        let kernels = types
-            .iter()
-            .flat_map(|&t| [Kernel::ForwardStatistics(t), Kernel::Backward(t)])
-            .chain([Kernel::ForwardFinalize]);
-        for kernel in kernels {
+        for kernel in Kernel::ALL {
             let name = CString::new(kernel.name()).unwrap();
             // A zero-sized grid is rejected before any kernel code runs, after the name lookup.
             // SAFETY: the launch is refused, so the null addresses are never dereferenced.

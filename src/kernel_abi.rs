@@ -32,10 +32,17 @@ pub(crate) struct SupconParams {
     pub reduced_loss: u64,
     /// `uint32_t[1]`: anchors with P_i = 0.
     pub anchors_without_positives: u64,
-    /// `const float[R]`: c·u_i/R'·[P_i > 0]·[denominator non-empty].
+    /// `float[R]`: c·u_i/R'·[P_i > 0]·[denominator non-empty]; read by the backward kernel,
+    /// written by `supcon_backward_coefficients`.
     pub anchor_grad_coef: u64,
     /// `float[B][V][D]`: ∂L/∂features.
     pub grad_features: u64,
+    /// `const double[R]`: u_i under reduction none, else 0 (`supcon_backward_coefficients`).
+    pub anchor_upstream: u64,
+    /// u of a reduced loss (`supcon_backward_coefficients`).
+    pub upstream_scalar: f64,
+    /// c = τ/τ_b in f64 (`supcon_backward_coefficients`).
+    pub loss_scale_exact: f64,
     /// B.
     pub batch: u32,
     /// V.

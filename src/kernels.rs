@@ -12,7 +12,9 @@
 //! Forward: `supcon_forward_<type>` (per-anchor statistics and losses), then
 //! `supcon_forward_finalize` (the deterministic reduction and the count of anchors without
 //! positives). Backward: `supcon_backward_<type>`, fed with the saved state and the per-anchor
-//! coefficients c·u_i/R' computed on the host in f64 ([`grad_coefficients`]).
+//! coefficients c·u_i/R': computed on the host in f64 where the state is on the host
+//! ([`grad_coefficients`]), by `supcon_backward_coefficients` where it is on the device
+//! ([`launch_coefficients`]: the same arithmetic, the same bits, nothing read back).
 //!
 //! f64 features are rejected with [`Error::Unsupported`]: the kernels read f32, f16 or bf16 and
 //! silently rounding f64 input would hide a precision loss the caller did not ask for.
@@ -21,7 +23,7 @@ use bytemuck::Zeroable;
 use half::{bf16, f16};
 use ndarray::{Array1, Array3, ArrayView3};
 
-use crate::backend::{reduce, ForwardOutput, SavedState, Upstream};
+use crate::backend::{check_upstream, reduce, ForwardOutput, SavedState, Upstream};
 use crate::config::{Denominator, NoPositivePolicy, Reduction, Summation, SupConLoss};
 use crate::element::{DType, Element, GradElement};
 use crate::error::{Error, Result};
@@ -62,11 +64,25 @@ pub(crate) enum Kernel {
     ForwardStatistics(FeatureType),
     /// The reduction over anchors.
     ForwardFinalize,
+    /// The per-anchor gradient coefficients, on the device.
+    BackwardCoefficients,
     /// The feature gradient.
     Backward(FeatureType),
 }
 
 impl Kernel {
+    /// Every entry point.
+    pub(crate) const ALL: [Kernel; 8] = [
+        Kernel::ForwardStatistics(FeatureType::F32),
+        Kernel::ForwardStatistics(FeatureType::F16),
+        Kernel::ForwardStatistics(FeatureType::Bf16),
+        Kernel::ForwardFinalize,
+        Kernel::BackwardCoefficients,
+        Kernel::Backward(FeatureType::F32),
+        Kernel::Backward(FeatureType::F16),
+        Kernel::Backward(FeatureType::Bf16),
+    ];
+
     /// The `extern "C"` name in the fatbin (and in the emulation).
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -74,6 +90,7 @@ impl Kernel {
             Kernel::ForwardStatistics(FeatureType::F16) => "supcon_forward_f16",
             Kernel::ForwardStatistics(FeatureType::Bf16) => "supcon_forward_bf16",
             Kernel::ForwardFinalize => "supcon_forward_finalize",
+            Kernel::BackwardCoefficients => "supcon_backward_coefficients",
             Kernel::Backward(FeatureType::F32) => "supcon_backward_f32",
             Kernel::Backward(FeatureType::F16) => "supcon_backward_f16",
             Kernel::Backward(FeatureType::Bf16) => "supcon_backward_bf16",
@@ -84,6 +101,7 @@ impl Kernel {
         match self {
             Kernel::ForwardStatistics(_) => Stage::ForwardStatistics,
             Kernel::ForwardFinalize => Stage::ForwardFinalize,
+            Kernel::BackwardCoefficients => Stage::BackwardCoefficients,
             Kernel::Backward(_) => Stage::Backward,
         }
     }
@@ -101,7 +119,7 @@ pub(crate) fn fatbin(kernel: Kernel) -> Result<&'static [u8]> {
             Kernel::ForwardStatistics(_) | Kernel::ForwardFinalize => {
                 include_bytes!(concat!(env!("OUT_DIR"), "/supcon_forward.fatbin"))
             }
-            Kernel::Backward(_) => {
+            Kernel::BackwardCoefficients | Kernel::Backward(_) => {
                 include_bytes!(concat!(env!("OUT_DIR"), "/supcon_backward.fatbin"))
             }
         })
@@ -263,18 +281,25 @@ impl Problem {
             PositiveAddresses::Labels(address) => (kernel_abi::positives::LABELS, address, 0),
             PositiveAddresses::Mask(address) => (kernel_abi::positives::MASK, 0, address),
         };
-        let loss = &self.loss;
         SupconParams {
             features: inputs.features,
             labels,
             mask,
+            positive_kind,
+            ..self.shape_params()
+        }
+    }
+
+    /// The parameter block with the shape and options filled in (inputs and outputs 0).
+    fn shape_params(&self) -> SupconParams {
+        let loss = &self.loss;
+        SupconParams {
             // batch and views are factors of rows ≤ MAX_ROWS (checked in `new`): they fit u32.
             batch: self.shape.batch as u32,
             views: self.shape.views as u32,
             dim: self.kernel_shape.dim,
             rows: self.kernel_shape.rows,
             anchors: self.kernel_shape.anchors,
-            positive_kind,
             denominator: match loss.denominator() {
                 Denominator::All => kernel_abi::denominator::ALL,
                 // OnePositive is rejected in `new`.
@@ -549,34 +574,77 @@ pub(crate) fn grad_coefficients(state: &SavedState, upstream: Upstream<'_>) -> R
         .collect())
 }
 
+/// Queues `supcon_backward_coefficients`, which computes the backward kernel's per-anchor
+/// coefficients from the forward's `statistics` on the device into a new `float[R]` buffer:
+/// bitwise [`grad_coefficients`] of the state [`to_host`] would return, without reading
+/// anything back. `upstream` is checked on the host first (reduction none: uploaded as f64).
+///
+/// Not for [`NoPositivePolicy::Error`], whose error needs the count on the host: there the
+/// caller goes through [`to_host`] and [`grad_coefficients`].
+///
+/// # Errors
+/// Upstream mismatches as [`SavedState::anchor_coefficients`]; executor errors.
+///
+/// # Safety
+/// `statistics` must be the outputs of [`launch_forward`] for `problem` on `executor`, alive
+/// until the queued kernel has finished.
+pub(crate) unsafe fn launch_coefficients<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    statistics: &Statistics<E::Buffer>,
+    upstream: Upstream<'_>,
+) -> Result<E::Buffer> {
+    debug_assert!(problem.loss.no_positive() != NoPositivePolicy::Error);
+    check_upstream(problem.loss.reduction(), problem.anchors(), upstream)?;
+    let (per_anchor, scalar) = match upstream {
+        Upstream::Scalar(u) => (None, u),
+        Upstream::PerAnchor(u) => (Some(upload_slice(executor, &u.to_vec())?), 0.0),
+    };
+    let coefficients = executor.alloc(problem.anchors() * size_of::<f32>())?;
+    let params = SupconParams {
+        anchor_lse: executor.address(&statistics.lse),
+        anchor_positive_weight: executor.address(&statistics.positive_weight),
+        anchors_without_positives: executor.address(&statistics.anchors_without_positives),
+        anchor_grad_coef: executor.address(&coefficients),
+        anchor_upstream: per_anchor.as_ref().map_or(0, |b| executor.address(b)),
+        upstream_scalar: scalar,
+        loss_scale_exact: problem.loss.loss_scale(),
+        ..problem.shape_params()
+    };
+    // SAFETY: the kernel reads R floats of LSE and P and one u32 of the statistics (alive per
+    // this function's contract), the R doubles uploaded for reduction none, and writes the R
+    // floats just allocated; the upload is freed in stream order after the launch.
+    unsafe { problem.launch(executor, Kernel::BackwardCoefficients, &params)? };
+    Ok(coefficients)
+}
+
 /// Queues the backward kernel, writing `∂L/∂features` (`float[B][V][D]`) at `grad`, with the
-/// per-anchor `coefficients` ([`grad_coefficients`]) uploaded for it.
+/// per-anchor coefficients at `coefficients` ([`grad_coefficients`] uploaded, or
+/// [`launch_coefficients`]).
 ///
 /// # Safety
 /// As [`launch_forward`] for `inputs`, which must be the inputs the statistics at `saved` were
-/// computed from (or their exact host reconstruction); `saved` must address `R` floats each of
-/// `executor`'s memory, alive until the kernel has finished; `grad` must address `B·V·D`
-/// writable `f32` that nothing else reads or writes until then.
+/// computed from (or their exact host reconstruction); `saved` and `coefficients` must address
+/// `R` floats each of `executor`'s memory, alive until the kernel has finished; `grad` must
+/// address `B·V·D` writable `f32` that nothing else reads or writes until then.
 pub(crate) unsafe fn launch_backward<E: KernelExecutor>(
     executor: &mut E,
     problem: &Problem,
     inputs: &InputAddresses,
     saved: SavedAddresses,
-    coefficients: &[f32],
+    coefficients: u64,
     grad: u64,
 ) -> Result<()> {
-    let coefficients = upload_slice(executor, coefficients)?;
     let params = SupconParams {
         anchor_lse: saved.lse,
         anchor_scaled_positive_lse: saved.scaled_positive_lse,
         anchor_positive_weight: saved.positive_weight,
         anchor_positive_weight_max: saved.positive_weight_max,
-        anchor_grad_coef: executor.address(&coefficients),
+        anchor_grad_coef: coefficients,
         grad_features: grad,
         ..problem.params(inputs)
     };
-    // SAFETY: inputs, statistics and `grad` per this function's contract; the coefficients
-    // buffer holds R floats and is freed in stream order after the launch.
+    // SAFETY: inputs, statistics, coefficients and `grad` per this function's contract.
     unsafe { problem.launch(executor, Kernel::Backward(problem.feature_type), &params) }
 }
 
@@ -667,7 +735,7 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
     let shape = validate_inputs(&features, &positives)?;
     let problem = Problem::new(backend, loss, shape, T::DTYPE)?;
     state.check(loss, shape)?;
-    let coefficients = grad_coefficients(state, upstream)?;
+    let coefficients = upload_slice(executor, &grad_coefficients(state, upstream)?)?;
     let uploaded = UploadedInputs::upload(executor, &problem, &features, &positives)?;
     let inputs = uploaded.addresses(executor, &positives);
     let lse = upload_slice(executor, &narrow(&state.lse))?;
@@ -690,15 +758,17 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
     let BatchShape { batch, views, dim } = shape;
     let grad = executor.alloc(shape.rows() * dim * size_of::<f32>())?;
     let grad_address = executor.address(&grad);
-    // SAFETY: the inputs as in `forward`; the statistics hold R floats (the state matches the
-    // shape: `state.check`), the gradient B·V·D floats. All stay alive until the download.
+    let coefficients = executor.address(&coefficients);
+    // SAFETY: the inputs as in `forward`; the statistics and coefficients hold R floats (the
+    // state matches the shape: `state.check`), the gradient B·V·D floats. All stay alive until
+    // the download.
     unsafe {
         launch_backward(
             executor,
             &problem,
             &inputs,
             saved,
-            &coefficients,
+            coefficients,
             grad_address,
         )?;
     }

@@ -14,14 +14,18 @@ pub(crate) const GRAD_CHUNK: u32 = 128;
 pub(crate) const MAX_GRID_Y: u32 = 65_535;
 /// Threads of the single finalisation block (`kFinalizeThreads`).
 pub(crate) const FINALIZE_THREADS: u32 = 256;
+/// Threads per block of the backward coefficients, one anchor each (`kCoefficientThreads`).
+pub(crate) const COEFFICIENT_THREADS: u32 = 256;
 
-/// The three launch stages; the element type does not change the plan.
+/// The launch stages; the element type does not change the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stage {
     /// `supcon_forward_{f32,f16,bf16}`: per-anchor statistics and losses.
     ForwardStatistics,
     /// `supcon_forward_finalize`: the deterministic reduction.
     ForwardFinalize,
+    /// `supcon_backward_coefficients`: the per-anchor gradient coefficients.
+    BackwardCoefficients,
     /// `supcon_backward_{f32,f16,bf16}`: the feature gradient.
     Backward,
 }
@@ -53,6 +57,10 @@ pub(crate) fn launch_config(stage: Stage, shape: KernelShape) -> LaunchConfig {
     let (grid, threads) = match stage {
         Stage::ForwardStatistics => ([shape.anchors.div_ceil(TILE_ROWS), 1, 1], TILE_THREADS),
         Stage::ForwardFinalize => ([1, 1, 1], FINALIZE_THREADS),
+        Stage::BackwardCoefficients => (
+            [shape.anchors.div_ceil(COEFFICIENT_THREADS), 1, 1],
+            COEFFICIENT_THREADS,
+        ),
         Stage::Backward => (
             [
                 shape.rows.div_ceil(TILE_ROWS),

@@ -20,6 +20,7 @@ void supcon_forward_finalize(SupconParams);
 void supcon_backward_f32(SupconParams);
 void supcon_backward_f16(SupconParams);
 void supcon_backward_bf16(SupconParams);
+void supcon_backward_coefficients(SupconParams);
 }
 
 namespace {
@@ -33,7 +34,7 @@ constexpr NamedKernel kKernels[] = {
     {"supcon_forward_f32", supcon_forward_f32},   {"supcon_forward_f16", supcon_forward_f16},
     {"supcon_forward_bf16", supcon_forward_bf16}, {"supcon_forward_finalize", supcon_forward_finalize},
     {"supcon_backward_f32", supcon_backward_f32}, {"supcon_backward_f16", supcon_backward_f16},
-    {"supcon_backward_bf16", supcon_backward_bf16},
+    {"supcon_backward_bf16", supcon_backward_bf16}, {"supcon_backward_coefficients", supcon_backward_coefficients},
 };
 
 struct FieldLayout {
@@ -56,6 +57,9 @@ constexpr FieldLayout kFields[] = {
     SUPCON_FIELD(anchors_without_positives),
     SUPCON_FIELD(anchor_grad_coef),
     SUPCON_FIELD(grad_features),
+    SUPCON_FIELD(anchor_upstream),
+    SUPCON_FIELD(upstream_scalar),
+    SUPCON_FIELD(loss_scale_exact),
     SUPCON_FIELD(batch),
     SUPCON_FIELD(views),
     SUPCON_FIELD(dim),
@@ -102,6 +106,7 @@ constexpr NamedConstant kConstants[] = {
     {"kTileRows", supcon::kTileRows},
     {"kGradChunk", supcon::kGradChunk},
     {"kFinalizeThreads", supcon::kFinalizeThreads},
+    {"kCoefficientThreads", supcon::kCoefficientThreads},
 };
 
 } // namespace

@@ -226,9 +226,10 @@ impl CudaBackend {
     /// `grad`.
     ///
     /// `features` and `positives` must be those of `forward`; `upstream` is host data (a
-    /// scalar, or R values for `Reduction::None`). The per-anchor coefficients are computed on
-    /// the host from the O(R) saved state, which synchronises the stream once (the kernels have
-    /// no device-side step for them yet); the gradient itself is queued.
+    /// scalar, or R values for `Reduction::None`, uploaded). Everything is queued: the
+    /// per-anchor coefficients come from a kernel reading the forward's statistics on the
+    /// device, so nothing synchronises — except under `NoPositivePolicy::Error`, whose error
+    /// needs the count of anchors without positives on the host (one synchronisation).
     ///
     /// # Errors
     /// As [`forward_device`](Self::forward_device); [`Error::StateMismatch`] (`forward` came

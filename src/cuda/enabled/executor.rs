@@ -11,20 +11,8 @@ use cudarc::nvrtc::Ptx;
 use super::raw;
 use crate::error::{Error, Result};
 use crate::kernel_abi::SupconParams;
-use crate::kernels::{self, FeatureType, Kernel, KernelExecutor};
+use crate::kernels::{self, Kernel, KernelExecutor};
 use crate::launch_plan::LaunchConfig;
-
-/// Every kernel entry point; all are resolved when a context's kernels are loaded, so a
-/// missing one fails backend creation rather than a later call.
-const ALL_KERNELS: [Kernel; 7] = [
-    Kernel::ForwardStatistics(FeatureType::F32),
-    Kernel::ForwardStatistics(FeatureType::F16),
-    Kernel::ForwardStatistics(FeatureType::Bf16),
-    Kernel::ForwardFinalize,
-    Kernel::Backward(FeatureType::F32),
-    Kernel::Backward(FeatureType::F16),
-    Kernel::Backward(FeatureType::Bf16),
-];
 
 /// `Error::Cuda` naming what failed.
 pub(crate) fn driver_error(what: impl std::fmt::Display) -> impl FnOnce(DriverError) -> Error {
@@ -34,7 +22,9 @@ pub(crate) fn driver_error(what: impl std::fmt::Display) -> impl FnOnce(DriverEr
 /// The SupCon kernels loaded into one CUDA context.
 #[derive(Debug)]
 pub(crate) struct LoadedKernels {
-    /// In [`ALL_KERNELS`] order; each function keeps its module loaded.
+    /// In [`Kernel::ALL`] order (all resolved when a context's kernels are loaded, so a
+    /// missing one fails backend creation rather than a later call); each function keeps its
+    /// module loaded.
     functions: Vec<(Kernel, CudaFunction)>,
 }
 
@@ -67,8 +57,8 @@ impl LoadedKernels {
     /// Loads every fatbin once and resolves every entry point.
     fn load(context: &Arc<CudaContext>) -> Result<Self> {
         let mut modules: Vec<(&'static [u8], Arc<CudaModule>)> = Vec::new();
-        let mut functions = Vec::with_capacity(ALL_KERNELS.len());
-        for kernel in ALL_KERNELS {
+        let mut functions = Vec::with_capacity(Kernel::ALL.len());
+        for kernel in Kernel::ALL {
             let image = kernels::fatbin(kernel)?;
             let module = match modules
                 .iter()

@@ -4,8 +4,8 @@
 //! for both APIs; the host-array path there uploads, launches and downloads. Here the features
 //! and positives are caller-owned device buffers, given by address, and the forward's outputs
 //! stay on the device (`kernels::launch_forward`): nothing is copied and nothing synchronises
-//! until the caller asks for host values, or until a backward pass needs its per-anchor
-//! coefficients (see [`backward`]).
+//! until the caller asks for host values (the backward pass computes its per-anchor
+//! coefficients on the device too, except under `NoPositivePolicy::Error`: see [`backward`]).
 
 use crate::backend::Upstream;
 use crate::config::{NoPositivePolicy, Reduction};
@@ -29,11 +29,14 @@ pub(crate) fn reduced_loss<E: KernelExecutor>(
     Ok((problem.loss().reduction() != Reduction::None).then_some(loss))
 }
 
-/// Queues the backward kernel, writing `∂L/∂features` (`float[B][V][D]`) at `grad`.
+/// Queues the backward pass, writing `∂L/∂features` (`float[B][V][D]`) at `grad`.
 ///
-/// The per-anchor coefficients c·u_i/R'·[P_i > 0]·[LSE_i > −∞] are computed on the host, as on
-/// the host-array path: the kernels have no device-side step for them yet, so this reads the
-/// O(R) statistics back, which synchronises the stream once.
+/// The per-anchor coefficients c·u_i/R'·[P_i > 0]·[LSE_i > −∞] come from
+/// `supcon_backward_coefficients` on the device (`kernels::launch_coefficients`): nothing is
+/// read back and nothing synchronises. Under [`NoPositivePolicy::Error`] the policy's error
+/// needs the count of anchors without positives on the host, so there the O(R) statistics are
+/// read back (one synchronisation) and the coefficients computed on the host, as on the
+/// host-array path.
 ///
 /// # Errors
 /// [`crate::Error::AnchorWithoutPositives`] under [`NoPositivePolicy::Error`]; upstream
@@ -51,12 +54,21 @@ pub(crate) unsafe fn backward<E: KernelExecutor>(
     upstream: Upstream<'_>,
     grad: u64,
 ) -> Result<()> {
-    let state = kernels::to_host(executor, problem, statistics)?.state;
-    let coefficients = kernels::grad_coefficients(&state, upstream)?;
-    let saved = statistics.saved(executor);
-    // SAFETY: inputs and `grad` per this function's contract; the statistics are R floats of
-    // the same problem, alive for the borrow and freed in stream order.
-    unsafe { kernels::launch_backward(executor, problem, inputs, saved, &coefficients, grad) }
+    let coefficients = if problem.loss().no_positive() == NoPositivePolicy::Error {
+        let state = kernels::to_host(executor, problem, statistics)?.state;
+        executor.upload(bytemuck::cast_slice(&kernels::grad_coefficients(
+            &state, upstream,
+        )?))?
+    } else {
+        // SAFETY: the statistics are this problem's forward outputs, alive for the borrow and
+        // freed in stream order.
+        unsafe { kernels::launch_coefficients(executor, problem, statistics, upstream)? }
+    };
+    let (saved, coefficients) = (statistics.saved(executor), executor.address(&coefficients));
+    // SAFETY: inputs and `grad` per this function's contract; the statistics and the
+    // coefficients are R floats of the same problem, alive for the borrow (the coefficients
+    // until the end of this function, freed in stream order after the launch).
+    unsafe { kernels::launch_backward(executor, problem, inputs, saved, coefficients, grad) }
 }
 
 /// The device-resident sequence run through the emulated kernels: its backward pass reads the
@@ -67,7 +79,7 @@ mod tests {
 
     use super::*;
     use crate::backend::Backend;
-    use crate::config::{ContrastMode, Denominator, Summation, SupConLoss};
+    use crate::config::{ContrastMode, Denominator, NoPositivePolicy, Summation, SupConLoss};
     use crate::element::DType;
     use crate::emulated::{EmulatedBackend, HostExecutor};
     use crate::kernels::PositiveAddresses;
@@ -243,6 +255,147 @@ mod tests {
                 let grad_error =
                     relative_difference(&grad.mapv(f64::from), &reference_grad.mapv(f64::from));
                 assert!(grad_error < 1e-5, "{what}: gradient off by {grad_error:e}");
+            }
+        }
+    }
+
+    /// `HostExecutor`, counting downloads: on a device each one synchronises the stream.
+    struct CountingExecutor {
+        downloads: usize,
+    }
+
+    impl KernelExecutor for CountingExecutor {
+        type Buffer = <HostExecutor as KernelExecutor>::Buffer;
+
+        fn alloc(&mut self, bytes: usize) -> Result<Self::Buffer> {
+            HostExecutor.alloc(bytes)
+        }
+
+        fn upload(&mut self, bytes: &[u8]) -> Result<Self::Buffer> {
+            HostExecutor.upload(bytes)
+        }
+
+        fn download(&mut self, buffer: &Self::Buffer, out: &mut [u8]) -> Result<()> {
+            self.downloads += 1;
+            HostExecutor.download(buffer, out)
+        }
+
+        fn address(&self, buffer: &Self::Buffer) -> u64 {
+            HostExecutor.address(buffer)
+        }
+
+        unsafe fn launch(
+            &mut self,
+            kernel: crate::kernels::Kernel,
+            config: crate::launch_plan::LaunchConfig,
+            params: &crate::kernel_abi::SupconParams,
+        ) -> Result<()> {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { HostExecutor.launch(kernel, config, params) }
+        }
+    }
+
+    /// The device-side coefficients equal the host's bit for bit (every reduction, both
+    /// policies that allow anchors without positives — with some here: singleton labels at
+    /// V = 1 —, scalar and per-anchor upstreams), and a resident backward pass downloads
+    /// nothing; under `NoPositivePolicy::Error` it reads the statistics back and fails.
+    #[test]
+    fn device_coefficients_match_the_host_and_need_no_download() {
+        let (batch, views, dim) = (300, 1, 5);
+        let features = Array3::<f32>::from_shape_fn((batch, views, dim), |(b, _, d)| {
+            ((b * 7 + d * 3) as f32 * 0.61).cos()
+        });
+        // Classes of 2–3 samples, every 10th sample alone (no positive at V = 1).
+        let labels = Array1::from_shape_fn(batch, |b| {
+            if b % 10 == 0 {
+                1000 + b as i64
+            } else {
+                (b / 3) as i64
+            }
+        });
+        let shape = BatchShape { batch, views, dim };
+        let executor = &mut CountingExecutor { downloads: 0 };
+        let features_buffer = executor
+            .upload(bytemuck::cast_slice(features.as_slice().unwrap()))
+            .unwrap();
+        let labels_buffer = executor
+            .upload(bytemuck::cast_slice(labels.as_slice().unwrap()))
+            .unwrap();
+        let inputs = InputAddresses {
+            features: executor.address(&features_buffer),
+            positives: PositiveAddresses::Labels(executor.address(&labels_buffer)),
+        };
+        let per_anchor_upstream = Array1::from_shape_fn(batch, |i| 0.5 - (i % 7) as f64 * 0.3);
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+            for policy in [
+                NoPositivePolicy::ZeroAndCount,
+                NoPositivePolicy::Exclude,
+                NoPositivePolicy::Error,
+            ] {
+                let loss = SupConLoss::builder()
+                    .temperature(0.3)
+                    .base_temperature(0.07)
+                    .reduction(reduction)
+                    .no_positive(policy)
+                    .build()
+                    .unwrap();
+                let what = format!("{reduction:?} {policy:?}");
+                let problem = Problem::new("emulated", &loss, shape, DType::F32).unwrap();
+                // SAFETY: the inputs hold B·V·D f32 and B i64 and outlive the launches (the
+                // emulation's launches are synchronous).
+                let statistics =
+                    unsafe { kernels::launch_forward(executor, &problem, &inputs) }.unwrap();
+                let upstream = match reduction {
+                    Reduction::None => Upstream::PerAnchor(per_anchor_upstream.view()),
+                    _ => Upstream::Scalar(-1.75),
+                };
+                let grad = executor
+                    .alloc(batch * views * dim * size_of::<f32>())
+                    .unwrap();
+                let grad_address = executor.address(&grad);
+                executor.downloads = 0;
+                // SAFETY: as above; `grad` holds B·V·D f32.
+                let result = unsafe {
+                    backward(
+                        executor,
+                        &problem,
+                        &inputs,
+                        &statistics,
+                        upstream,
+                        grad_address,
+                    )
+                };
+                if policy == NoPositivePolicy::Error {
+                    assert!(
+                        matches!(
+                            result,
+                            Err(crate::Error::AnchorWithoutPositives { anchor: 0 })
+                        ),
+                        "{what}: {result:?}"
+                    );
+                    continue;
+                }
+                result.unwrap();
+                assert_eq!(executor.downloads, 0, "{what}: the backward pass read back");
+                // SAFETY: the statistics are this problem's and alive.
+                let device = unsafe {
+                    kernels::launch_coefficients(executor, &problem, &statistics, upstream)
+                }
+                .unwrap();
+                let device: Vec<f32> =
+                    kernels::download_vec(executor, &device, problem.anchors()).unwrap();
+                let state = kernels::to_host(executor, &problem, &statistics)
+                    .unwrap()
+                    .state;
+                let host = kernels::grad_coefficients(&state, upstream).unwrap();
+                assert!(host.contains(&0.0) && host.iter().any(|&c| c != 0.0));
+                let differs = (0..host.len()).find(|&i| device[i].to_bits() != host[i].to_bits());
+                if let Some(i) = differs {
+                    panic!(
+                        "{what}: anchor {i}: device {:e}, host {:e}",
+                        device[i], host[i]
+                    );
+                }
             }
         }
     }
