@@ -26,12 +26,10 @@
 //! Self pairs sit on the diagonal of diagonal tiles: their logits are set to −∞ after the GEMM,
 //! so they vanish from every sum (and their H entries are 0), and padding columns likewise.
 
-use std::sync::Mutex;
-
 use rayon::prelude::*;
 
 use super::backward::sweep;
-use super::forward::AnchorStats;
+use super::forward::{block_states, AnchorStats};
 use super::math::{
     exp, fold_max, fold_sum, lane_group, max, needs_own_shift, padded, set_lane_group, Aligned,
     LANES,
@@ -329,13 +327,7 @@ impl SetSums {
 
 /// Forward statistics of every anchor on this path (see the module docs).
 pub(super) fn statistics(batch: &Batch<'_>, classes: &Classes) -> Vec<AnchorStats> {
-    let states: Vec<Mutex<Vec<AnchorStats>>> = (0..batch.schedule.blocks())
-        .map(|b| {
-            let rows = batch.schedule.block_rows(b);
-            let count = rows.end.min(batch.anchors).saturating_sub(rows.start);
-            Mutex::new(vec![AnchorStats::EMPTY; count])
-        })
-        .collect();
+    let states = block_states(batch, AnchorStats::EMPTY);
     // Every logit is at most ‖z_i‖‖z_j‖/τ; a little above the largest so that rounding in the
     // GEMM cannot put a logit past it.
     let shift = batch.largest_logit * (1.0 + 1e-5) + f32::MIN_POSITIVE;

@@ -573,7 +573,7 @@ impl<R: PairWeights, const NEG_ONLY: bool> TileKernel for ForwardTile<'_, R, NEG
 
 /// Per-block state: the anchors of the block (`BLOCK` of them, fewer in the last anchor block,
 /// none past the anchors).
-fn block_states<T: Clone>(batch: &Batch<'_>, empty: T) -> Vec<Mutex<Vec<T>>> {
+pub(super) fn block_states<T: Clone>(batch: &Batch<'_>, empty: T) -> Vec<Mutex<Vec<T>>> {
     (0..batch.schedule.blocks())
         .map(|b| {
             let rows = batch.schedule.block_rows(b);
