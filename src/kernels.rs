@@ -65,6 +65,8 @@ pub(crate) enum Kernel {
     /// The reduction over anchors.
     ForwardFinalize,
     /// The per-anchor gradient coefficients, on the device.
+    // The device API's (CUDA only); the emulated executor runs it in tests.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     BackwardCoefficients,
     /// The feature gradient.
     Backward(FeatureType),
@@ -72,6 +74,8 @@ pub(crate) enum Kernel {
 
 impl Kernel {
     /// Every entry point.
+    // The CUDA executor loads them all; the emulated executor's tests check them all.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) const ALL: [Kernel; 8] = [
         Kernel::ForwardStatistics(FeatureType::F32),
         Kernel::ForwardStatistics(FeatureType::F16),
@@ -260,11 +264,14 @@ impl Problem {
     }
 
     /// The loss configuration.
+    // For the device API (CUDA only), like `shape`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn loss(&self) -> &SupConLoss {
         &self.loss
     }
 
     /// The batch shape.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn shape(&self) -> BatchShape {
         self.shape
     }
@@ -444,7 +451,8 @@ pub(crate) struct Statistics<B> {
 }
 
 impl<B> Statistics<B> {
-    /// What the backward kernel reads of them.
+    /// What the backward kernel reads of them (the device API's; CUDA only).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn saved<E: KernelExecutor<Buffer = B>>(&self, executor: &E) -> SavedAddresses {
         SavedAddresses {
             lse: executor.address(&self.lse),
@@ -588,6 +596,7 @@ pub(crate) fn grad_coefficients(state: &SavedState, upstream: Upstream<'_>) -> R
 /// # Safety
 /// `statistics` must be the outputs of [`launch_forward`] for `problem` on `executor`, alive
 /// until the queued kernel has finished.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) unsafe fn launch_coefficients<E: KernelExecutor>(
     executor: &mut E,
     problem: &Problem,
