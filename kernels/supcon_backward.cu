@@ -213,15 +213,8 @@ extern "C" __global__ void __launch_bounds__(supcon::kCoefficientThreads)
     supcon_backward_coefficients(const SupconParams params) {
     const uint32_t anchor = blockIdx.x * supcon::kCoefficientThreads + threadIdx.x;
     if (anchor >= params.anchors) return;
-    double mean_denominator = 1.0;
-    if (params.reduction == SUPCON_REDUCTION_MEAN) {
-        mean_denominator = params.anchors;
-        if (params.no_positive_policy == SUPCON_NO_POSITIVE_EXCLUDE) {
-            const uint32_t without = *reinterpret_cast<const uint32_t*>(params.anchors_without_positives);
-            const uint32_t with_positive = params.anchors - without;
-            mean_denominator = with_positive > 0 ? with_positive : 1;
-        }
-    }
+    const double mean_denominator = supcon::mean_denominator(
+        params, *reinterpret_cast<const uint32_t*>(params.anchors_without_positives));
     const double upstream = params.anchor_upstream != 0
                                 ? reinterpret_cast<const double*>(params.anchor_upstream)[anchor]
                                 : params.upstream_scalar;

@@ -63,6 +63,16 @@ static_assert(kThreads % kTileDepth == 0 && kTileRows % (kThreads / kTileDepth) 
 static_assert(kThreadGridRows * kMicroRows == kTileRows && kThreadGridCols * kMicroCols == kTileCols,
               "the thread grid covers the tile");
 
+/* R', what the reduction divides the sum of the losses by: R, or under the "exclude" policy the
+ * anchors with P_i > 0 (at least 1), for the mean; 1 for sum and none. Shared by the
+ * finalisation and the gradient coefficients, so the loss and its gradient agree. */
+__device__ __forceinline__ double mean_denominator(const SupconParams& p, uint32_t without_positive) {
+    if (p.reduction != SUPCON_REDUCTION_MEAN) return 1.0;
+    if (p.no_positive_policy != SUPCON_NO_POSITIVE_EXCLUDE) return p.anchors;
+    const uint32_t with_positive = p.anchors - without_positive;
+    return with_positive > 0 ? with_positive : 1;
+}
+
 __device__ __forceinline__ float load_as_float(const float* p) { return *p; }
 __device__ __forceinline__ float load_as_float(const __half* p) { return __half2float(*p); }
 __device__ __forceinline__ float load_as_float(const __nv_bfloat16* p) { return __bfloat162float(*p); }

@@ -236,13 +236,8 @@ extern "C" __global__ void __launch_bounds__(supcon::kFinalizeThreads)
             total += warp_loss[w];
             without += warp_without_positive[w];
         }
-        const uint32_t with_positive = params.anchors - without;
-        double mean_denominator = params.anchors;
-        if (params.no_positive_policy == SUPCON_NO_POSITIVE_EXCLUDE) {
-            mean_denominator = with_positive > 0 ? with_positive : 1;
-        }
-        *reinterpret_cast<double*>(params.reduced_loss) =
-            params.reduction == SUPCON_REDUCTION_MEAN ? total / mean_denominator : total;
+        /* Sum and none divide by 1, exactly. */
+        *reinterpret_cast<double*>(params.reduced_loss) = total / supcon::mean_denominator(params, without);
         *reinterpret_cast<uint32_t*>(params.anchors_without_positives) = without;
     }
 }

@@ -454,7 +454,7 @@ pub(super) fn gradient(
             col_alpha,
         });
     });
-    // The positive part: C'_y = Σ_{y_r = y} pos_r z_r (serial, in row order), then per row
+    // The positive part: C'_y = Σ_{y_r = y} pos_r z_r (each class in row order), then per row
     // −pos_k (C_y − z_k) − (C'_y − pos_k z_k) = −pos_k C_y − C'_y + 2 pos_k z_k.
     let weighted_sum = classes.weighted_sums(batch, |r| f64::from(positive_scale[r]));
     dz.par_chunks_mut(dim).enumerate().for_each(|(r, grad)| {
