@@ -49,12 +49,8 @@ fn bench_dtype<T: CudaFeature>(
     let mut group = c.benchmark_group("cuda");
     group.sample_size(10);
     for rows in SIZES {
-        let shape = BatchShape {
-            batch: rows / 2,
-            views: 2,
-            dim: DIM,
-        };
-        let labels: Vec<i64> = (0..shape.batch as i64).map(|b| b % 100).collect();
+        let shape = BatchShape::new(rows / 2, 2, DIM).unwrap();
+        let labels: Vec<i64> = (0..shape.batch() as i64).map(|b| b % 100).collect();
         let features = stream
             .clone_htod(&unit_rows(rows, convert))
             .expect("upload features");

@@ -153,12 +153,12 @@ fn measure<T: CudaFeature>(
     convert: fn(f32) -> T,
 ) -> Result<(f64, Option<u64>, f64), supcon::Error> {
     let stream = cuda.stream();
-    let cuda_error = |e: cudarc::driver::DriverError| supcon::Error::Cuda(e.to_string());
-    let shape = BatchShape {
-        batch: rows / 2,
-        views: 2,
-        dim: args.dim,
+    let cuda_error = |e: cudarc::driver::DriverError| supcon::Error::Cuda {
+        operation: "preparing the benchmark's buffers".into(),
+        code: e.0 as i32,
+        name: format!("{:?}", e.0),
     };
+    let shape = BatchShape::new(rows / 2, 2, args.dim)?;
     let mut rng = SplitMix(rows as u64);
     let mut features = Vec::with_capacity(rows * args.dim);
     for _ in 0..rows {
@@ -166,7 +166,7 @@ fn measure<T: CudaFeature>(
         let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
         features.extend(row.iter().map(|&x| convert(x / norm)));
     }
-    let labels: Vec<i64> = (0..shape.batch)
+    let labels: Vec<i64> = (0..shape.batch())
         .map(|_| (rng.next() % args.classes as u64) as i64)
         .collect();
     let features = stream.clone_htod(&features).map_err(cuda_error)?;

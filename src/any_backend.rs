@@ -8,7 +8,7 @@ use crate::cpu::CpuBackend;
 use crate::cuda::CudaBackend;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::problem::Positives;
+use crate::inputs::Positives;
 use crate::reference::ReferenceBackend;
 
 /// Any of the crate's backends, dispatching the [`Backend`] calls.

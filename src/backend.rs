@@ -6,7 +6,7 @@ use ndarray::{Array1, Array3, ArrayView1, ArrayView3};
 use crate::config::{NoPositivePolicy, Reduction, SupConLoss};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::problem::{BatchShape, Positives};
+use crate::inputs::{BatchShape, Positives};
 
 /// The gradient flowing into the loss from above (`∂(objective)/∂(loss output)`).
 #[derive(Debug, Clone, Copy)]

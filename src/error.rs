@@ -1,6 +1,7 @@
 //! The crate's one error type.
 
-use crate::config::Reduction;
+use crate::config::{Denominator, Reduction};
+use crate::element::DType;
 
 /// Everything that can go wrong in `supcon`. No user input makes the crate panic: each failure
 /// has a variant here.
@@ -25,11 +26,15 @@ pub enum Error {
     /// B·V = 1: the only row has nothing to contrast with.
     #[error("B·V = 1: a single row has no contrast; at least two rows are needed")]
     SingleRow,
-    /// `B·V·D` (or an index derived from it) does not fit the backend's index type.
-    #[error("problem too large: {what}")]
+    /// A size exceeds what the crate or a backend can index or allocate.
+    #[error("{extent} = {requested} exceeds the limit of {limit}")]
     TooLarge {
-        /// What overflowed.
-        what: String,
+        /// What is too large.
+        extent: Extent,
+        /// Its size (saturated at `u128::MAX`).
+        requested: u128,
+        /// The largest size allowed.
+        limit: u128,
     },
     /// The labels vector must have one entry per sample.
     #[error("labels have length {got}, expected B = {expected}")]
@@ -96,13 +101,13 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
-    /// The backend does not implement this option or element type.
-    #[error("backend `{backend}` does not support {what}")]
+    /// The backend does not implement this option, element type or input range.
+    #[error("backend `{backend}` does not support {capability}")]
     Unsupported {
         /// The backend's name.
         backend: &'static str,
-        /// The unsupported option.
-        what: String,
+        /// What it does not support.
+        capability: Capability,
     },
     /// No backend of that name (`reference`, `cpu`, `cuda`, `auto`).
     #[error("unknown backend `{0}` (expected reference, cpu, cuda or auto)")]
@@ -132,10 +137,96 @@ pub enum Error {
         /// Minor.
         minor: i32,
     },
-    /// A CUDA driver call failed.
-    #[error("CUDA error: {0}")]
-    Cuda(String),
+    /// The CUDA driver is older than the kernels need.
+    #[error(
+        "the CUDA driver supports CUDA {}.{}; the kernels (built by nvcc 13.0) need a CUDA {}.{} \
+         driver (release 580 or newer)",
+        version / 1000, version % 1000 / 10, required / 1000, required % 1000 / 10
+    )]
+    DriverTooOld {
+        /// The driver's API version, 1000·major + 10·minor (`cuDriverGetVersion`).
+        version: i32,
+        /// The oldest version that loads the kernels.
+        required: i32,
+    },
+    /// Device memory ran out: the trainer may retry with a smaller batch.
+    #[error("backend `{backend}` ran out of device memory allocating {bytes} bytes")]
+    OutOfMemory {
+        /// The backend's name.
+        backend: &'static str,
+        /// The size of the allocation that failed.
+        bytes: usize,
+    },
+    /// A CUDA driver call failed (or, for the emulated backend, its stand-in).
+    #[error("CUDA error {name} ({code}) while {operation}")]
+    Cuda {
+        /// What the crate was doing.
+        operation: String,
+        /// The driver's `CUresult` code.
+        code: i32,
+        /// Its symbolic name (`CUDA_ERROR_LAUNCH_FAILED`, …).
+        name: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A size that [`Error::TooLarge`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Extent {
+    /// B·V·D, the elements of the features (and of the gradient).
+    Elements,
+    /// N = B·V, the flattened rows.
+    Rows,
+    /// D, the embedding width.
+    Dim,
+    /// Bytes of one allocation.
+    Bytes,
+}
+
+impl std::fmt::Display for Extent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Extent::Elements => "B·V·D (feature elements)",
+            Extent::Rows => "N = B·V (rows)",
+            Extent::Dim => "D (embedding width)",
+            Extent::Bytes => "an allocation in bytes",
+        })
+    }
+}
+
+/// What a backend may not support ([`Error::Unsupported`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum Capability {
+    /// Features of this element type (the kernels read f32, f16 and bf16: convert f64 to f32).
+    ElementType(DType),
+    /// This denominator variant.
+    Denominator(Denominator),
+    /// A positives cap.
+    PositivesCap,
+    /// Logits as large as `largest` = max‖z‖²/τ, beyond the `limit` of the f32 arithmetic the
+    /// backend computes in.
+    LogitRange {
+        /// max_r ‖z_r‖²/τ of the batch.
+        largest: f64,
+        /// The largest the backend accepts.
+        limit: f64,
+    },
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Capability::ElementType(dtype) => write!(f, "{dtype:?} features"),
+            Capability::Denominator(denominator) => write!(f, "denominator {denominator:?}"),
+            Capability::PositivesCap => f.write_str("a positives cap"),
+            Capability::LogitRange { largest, limit } => write!(
+                f,
+                "logits up to max‖z‖²/τ = {largest:e} (its f32 arithmetic allows {limit:e})"
+            ),
+        }
+    }
+}

@@ -6,17 +6,12 @@ mod backend;
 mod config;
 mod cpu;
 pub mod cuda;
+#[cfg(any(feature = "cuda", feature = "emulation"))]
+mod device;
 mod element;
-#[cfg(feature = "emulation")]
-mod emulated;
 mod error;
-#[cfg(any(feature = "cuda", feature = "emulation"))]
-mod kernel_abi;
-#[cfg(any(feature = "cuda", feature = "emulation"))]
-mod kernels;
-#[cfg(any(feature = "cuda", feature = "emulation"))]
-mod launch_plan;
-mod problem;
+mod inputs;
+mod math;
 pub mod reference;
 
 pub use any_backend::AnyBackend;
@@ -27,9 +22,9 @@ pub use config::{
 };
 pub use cpu::CpuBackend;
 pub use cuda::CudaBackend;
-pub use element::{DType, Element, GradElement};
 #[cfg(feature = "emulation")]
-pub use emulated::EmulatedBackend;
-pub use error::{Error, Result};
-pub use problem::{validate_inputs, BatchShape, Positives};
+pub use device::EmulatedBackend;
+pub use element::{DType, Element, GradElement};
+pub use error::{Capability, Error, Extent, Result};
+pub use inputs::{BatchShape, Positives};
 pub use reference::ReferenceBackend;

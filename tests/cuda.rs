@@ -103,12 +103,9 @@ fn host_api_matches_the_reference() {
         let labels = common::labels(&mut rng, b, 3);
         let mask = common::soft_mask(&mut rng, b);
         for loss in common::option_grid(0.1, 0.07, None) {
-            let anchors = BatchShape {
-                batch: b,
-                views: v,
-                dim: d,
-            }
-            .anchors(loss.contrast_mode());
+            let anchors = BatchShape::new(b, v, d)
+                .unwrap()
+                .anchors(loss.contrast_mode());
             let per_anchor = Array1::from_shape_fn(anchors, |i| 1.0 - 0.01 * i as f64);
             let upstream = upstream_for(&loss, &per_anchor);
             for positives in [
@@ -194,7 +191,7 @@ impl<T: CudaFeature> DeviceBatch<T> {
     ) -> Self {
         let (batch, views, dim) = z.dim();
         DeviceBatch {
-            shape: BatchShape { batch, views, dim },
+            shape: BatchShape::new(batch, views, dim).unwrap(),
             features: stream.clone_htod(z.as_slice().unwrap()).unwrap(),
             labels: stream.clone_htod(labels.as_slice().unwrap()).unwrap(),
             mask: stream.clone_htod(mask.as_slice().unwrap()).unwrap(),
@@ -336,11 +333,7 @@ fn device_api_runs_on_the_callers_stream() {
 fn device_buffers_are_validated_before_any_launch() {
     let Some(cuda) = cuda() else { return };
     let stream = cuda.stream();
-    let shape = BatchShape {
-        batch: 6,
-        views: 2,
-        dim: 4,
-    };
+    let shape = BatchShape::new(6, 2, 4).unwrap();
     let features = stream.alloc_zeros::<f32>(48).unwrap();
     let short = stream.alloc_zeros::<f32>(47).unwrap();
     let labels = stream.alloc_zeros::<i64>(6).unwrap();
@@ -384,15 +377,7 @@ fn device_buffers_are_validated_before_any_launch() {
         matches!(error, Error::InvalidDeviceBuffer { buffer: "mask", .. }),
         "{error}"
     );
-    let single = BatchShape {
-        batch: 1,
-        views: 1,
-        dim: 48,
-    };
-    let error = cuda
-        .forward_device(&loss, &fv, single, DevicePositives::SimClr)
-        .unwrap_err();
-    assert_eq!(error, Error::SingleRow);
+    assert_eq!(BatchShape::new(1, 1, 48), Err(Error::SingleRow));
 
     let labels_view = labels.as_view();
     let positives = DevicePositives::Labels(&labels_view);
@@ -431,11 +416,7 @@ fn device_buffers_are_validated_before_any_launch() {
 #[test]
 fn unsupported_options_are_typed_errors_on_both_apis() {
     let Some(cuda) = cuda() else { return };
-    let shape = BatchShape {
-        batch: 4,
-        views: 2,
-        dim: 3,
-    };
+    let shape = BatchShape::new(4, 2, 3).unwrap();
     let z = Array3::<f32>::from_shape_fn((4, 2, 3), |(b, v, d)| (b + v + d) as f32 * 0.1);
     let features = cuda.stream().clone_htod(z.as_slice().unwrap()).unwrap();
     let unsupported = [
@@ -509,11 +490,7 @@ fn anchors_without_positives_fail_under_the_error_policy() {
         .unwrap();
     let labels_view = device_labels.as_view();
     let positives = DevicePositives::Labels(&labels_view);
-    let shape = BatchShape {
-        batch: b,
-        views: v,
-        dim: d,
-    };
+    let shape = BatchShape::new(b, v, d).unwrap();
     let forward = cuda
         .forward_device(&loss, &features.as_view(), shape, positives)
         .unwrap();
@@ -574,7 +551,8 @@ fn without_a_gpu_every_entry_point_is_a_typed_error() {
                 | Error::NoCudaDevice { .. }
                 | Error::UnsupportedComputeCapability { .. }
                 | Error::KernelsNotBuilt
-                | Error::Cuda(_)
+                | Error::DriverTooOld { .. }
+                | Error::Cuda { .. }
         ),
         "{error:?}"
     );

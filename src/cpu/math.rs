@@ -216,24 +216,7 @@ impl LogSumExp {
     }
 }
 
-/// log(1 + e^x) without overflow (the reference's formula, for `one_positive`).
-pub(super) fn softplus(x: f64) -> f64 {
-    if x > 0.0 {
-        x + (-x).exp().ln_1p()
-    } else {
-        x.exp().ln_1p()
-    }
-}
-
-/// 1 / (1 + e^{-x}) without overflow (the reference's formula, for `one_positive`).
-pub(super) fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
-}
+pub(super) use crate::math::{sigmoid, softplus};
 
 #[cfg(test)]
 mod tests {

@@ -51,8 +51,8 @@ use rayon::prelude::*;
 use crate::backend::{reduce, Backend, ForwardOutput, SavedState, Upstream};
 use crate::config::{Denominator, Summation, SupConLoss};
 use crate::element::{Element, GradElement};
-use crate::error::{Error, Result};
-use crate::problem::{validate_inputs, BatchShape, Positives};
+use crate::error::{Capability, Error, Result};
+use crate::inputs::{validate_inputs, BatchShape, Positives};
 use forward::{AnchorStats, PositiveSums};
 use math::Aligned;
 use relation::{PairWeights, Pairs};
@@ -99,7 +99,7 @@ impl<'a> Batch<'a> {
         positives: Positives<'a>,
         isa: Isa,
     ) -> Result<Self> {
-        let (n, dim) = (shape.rows(), shape.dim);
+        let (n, dim) = (shape.rows(), shape.dim());
         let mut data = Aligned::zeros(n * dim);
         let largest_square_norm = data
             .par_chunks_mut(dim)
@@ -114,13 +114,14 @@ impl<'a> Batch<'a> {
                     .sum::<f64>()
             })
             .reduce(|| 0.0, f64::max);
-        if largest_square_norm / loss.temperature() > LOGIT_LIMIT {
+        let largest_logit = largest_square_norm / loss.temperature();
+        if largest_logit > LOGIT_LIMIT {
             return Err(Error::Unsupported {
                 backend: "cpu",
-                what: format!(
-                    "logits up to ‖z‖²/τ = {:e}, beyond the f32 range it computes in",
-                    largest_square_norm / loss.temperature()
-                ),
+                capability: Capability::LogitRange {
+                    largest: largest_logit,
+                    limit: LOGIT_LIMIT,
+                },
             });
         }
         let anchors = shape.anchors(loss.contrast_mode());
@@ -129,7 +130,7 @@ impl<'a> Batch<'a> {
             shape,
             anchors,
             inverse_temperature: (1.0 / loss.temperature()) as f32,
-            largest_logit: (largest_square_norm / loss.temperature()) as f32,
+            largest_logit: largest_logit as f32,
             rows: Rows::new(data, dim, isa),
             pairs: Pairs::new(loss, shape, positives)?,
             schedule: Schedule::new(n, anchors),
@@ -244,9 +245,9 @@ impl<'a> Batch<'a> {
                 with_pairs!(self, pairs => backward::gradient(self, pairs, &terms, pulls.as_ref()))
             }
         };
-        let (b, dim) = (self.shape.batch, self.shape.dim);
+        let (b, dim) = (self.shape.batch(), self.shape.dim());
         // Output row (sample s, view v) is feature row v·B + s.
-        let (views, mut grad) = (self.shape.views, vec![G::from_f64(0.0); dz.len()]);
+        let (views, mut grad) = (self.shape.views(), vec![G::from_f64(0.0); dz.len()]);
         grad.par_chunks_mut(dim).enumerate().for_each(|(out, row)| {
             let source = &dz[((out % views) * b + out / views) * dim..][..dim];
             for (g, &x) in row.iter_mut().zip(source) {

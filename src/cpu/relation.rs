@@ -22,8 +22,8 @@ use std::ops::Range;
 use ndarray::{ArrayView2, CowArray, Ix2};
 
 use crate::config::SupConLoss;
-use crate::error::{Error, Result};
-use crate::problem::{BatchShape, Positives};
+use crate::error::{Error, Extent, Result};
+use crate::inputs::{BatchShape, Positives};
 
 /// Fills tile rows of pair weights and biases (see the module docs).
 pub(super) trait PairWeights: Sync {
@@ -118,9 +118,13 @@ impl<'a> Pairs<'a> {
         positives: Positives<'a>,
     ) -> Result<Self> {
         let n = shape.rows();
-        if u32::try_from(n).is_err() {
+        // The tile loops index rows in u32.
+        let limit = u32::MAX as usize;
+        if n > limit {
             return Err(Error::TooLarge {
-                what: format!("the cpu backend indexes rows in u32; N = {n}"),
+                extent: Extent::Rows,
+                requested: n as u128,
+                limit: limit as u128,
             });
         }
         let sample: Vec<u32> = (0..n).map(|r| shape.sample_of(r) as u32).collect();
@@ -128,7 +132,7 @@ impl<'a> Pairs<'a> {
             Positives::SimClr | Positives::Labels(_) => {
                 let sample_class = match positives {
                     Positives::Labels(labels) => dense_classes(labels.iter().copied()),
-                    _ => (0..shape.batch as u32).collect(),
+                    _ => (0..shape.batch() as u32).collect(),
                 };
                 let members = class_members(&sample_class);
                 let bounds = per_sample_bounds(loss, shape, |s| {
@@ -136,7 +140,7 @@ impl<'a> Pairs<'a> {
                     let list = &members[sample_class[s] as usize];
                     let own = list.binary_search(&(s as u32)).unwrap_or_default();
                     let others = list.len() - 1;
-                    (shape.views - 1, others, move |k: usize| {
+                    (shape.views() - 1, others, move |k: usize| {
                         list[if k < own { k } else { k + 1 }] as usize
                     })
                 });
@@ -149,10 +153,10 @@ impl<'a> Pairs<'a> {
             Positives::Mask(mask) => {
                 let mask = standard_layout(mask);
                 let weights = mask.as_slice().unwrap_or_default();
-                let batch = shape.batch;
+                let batch = shape.batch();
                 let bounds = per_sample_bounds(loss, shape, |s| {
                     let row = &weights[s * batch..(s + 1) * batch];
-                    let own = if row[s] > 0.0 { shape.views - 1 } else { 0 };
+                    let own = if row[s] > 0.0 { shape.views() - 1 } else { 0 };
                     let others: Vec<usize> =
                         (0..batch).filter(|&b| b != s && row[b] > 0.0).collect();
                     (own, others.len(), move |k: usize| others[k])
@@ -216,20 +220,20 @@ where
 {
     let n = shape.rows() as u32;
     let Some(cap) = loss.positives_cap() else {
-        return vec![n; shape.batch];
+        return vec![n; shape.batch()];
     };
-    (0..shape.batch)
+    (0..shape.batch())
         .map(|s| {
             let (own, per_view, kth_other) = positives_of(s);
             let room = cap.get().saturating_sub(own);
             if room == 0 {
                 return 0;
             }
-            if per_view == 0 || (room - 1) / per_view >= shape.views {
+            if per_view == 0 || (room - 1) / per_view >= shape.views() {
                 return n;
             }
             let view = (room - 1) / per_view;
-            (view * shape.batch + kth_other((room - 1) % per_view) + 1) as u32
+            (view * shape.batch() + kth_other((room - 1) % per_view) + 1) as u32
         })
         .collect()
 }
@@ -390,7 +394,7 @@ mod tests {
 
     use super::*;
     use crate::config::ContrastMode;
-    use crate::problem::{Pair, Relation};
+    use crate::reference::relation::{Pair, Relation};
 
     /// Every pair of every anchor, from both fills, against `Relation::pair`.
     fn assert_matches_relation(loss: &SupConLoss, shape: BatchShape, positives: Positives<'_>) {
@@ -445,11 +449,7 @@ mod tests {
         let symmetric = &mask + &mask.t();
         let masks = [mask.view(), mask.t(), symmetric.view()];
         for views in [1, 2, 3] {
-            let shape = BatchShape {
-                batch,
-                views,
-                dim: 4,
-            };
+            let shape = BatchShape::new(batch, views, 4).unwrap();
             for cap in [None, Some(1), Some(2), Some(3), Some(5), Some(40)] {
                 for mode in [ContrastMode::All, ContrastMode::One] {
                     let mut builder = SupConLoss::builder().contrast_mode(mode);

@@ -10,7 +10,7 @@ use crate::backend::{Backend, ForwardOutput, SavedState, Upstream};
 use crate::config::SupConLoss;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::problem::Positives;
+use crate::inputs::Positives;
 
 /// The CUDA backend of a build without feature `cuda`: it cannot be created.
 #[derive(Debug, Clone)]

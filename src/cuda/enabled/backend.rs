@@ -13,15 +13,16 @@ use ndarray::{Array3, ArrayView3};
 use super::checks::{
     check_compute_capability, check_device_ordinal, check_driver_version, check_kernels_built,
 };
-use super::executor::{driver_error, LoadedKernels, StreamExecutor};
+use super::executor::{allocation_error, driver_error, LoadedKernels, StreamExecutor};
 use super::raw::{self, DriverLibrary};
-use super::resident;
 use crate::backend::{Backend, ForwardOutput, SavedState, Upstream};
 use crate::config::SupConLoss;
+use crate::device::launch::{self, Statistics};
+use crate::device::problem::{InputAddresses, PositiveAddresses, Problem};
+use crate::device::{host, resident};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::kernels::{self, InputAddresses, PositiveAddresses, Problem, Statistics};
-use crate::problem::{BatchShape, Positives};
+use crate::inputs::{BatchShape, Positives};
 
 const NAME: &str = "cuda";
 
@@ -79,7 +80,7 @@ pub enum DevicePositives<'a> {
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let stream = CudaContext::new(0)?.new_stream()?; // the trainer's stream
 /// let cuda = CudaBackend::from_stream(stream.clone())?;
-/// let shape = BatchShape { batch: 256, views: 2, dim: 128 };
+/// let shape = BatchShape::new(256, 2, 128)?;
 /// // [B, V, D] embeddings and [B] labels, as the model wrote them on `stream`.
 /// let features = stream.alloc_zeros::<half::bf16>(256 * 2 * 128)?;
 /// let labels = stream.alloc_zeros::<i64>(256)?;
@@ -130,9 +131,10 @@ impl CudaBackend {
     /// A backend on a new stream of device `ordinal`'s primary context.
     ///
     /// # Errors
-    /// [`Error::NoCudaDriver`] (no libcuda), [`Error::Cuda`] (driver older than CUDA 13.0, or a
-    /// driver call failed), [`Error::NoCudaDevice`], [`Error::UnsupportedComputeCapability`]
-    /// (below 8.0), [`Error::KernelsNotBuilt`] (nvcc was missing when supcon was built).
+    /// [`Error::NoCudaDriver`] (no libcuda), [`Error::DriverTooOld`] (older than CUDA 13.0),
+    /// [`Error::NoCudaDevice`], [`Error::UnsupportedComputeCapability`] (below 8.0),
+    /// [`Error::KernelsNotBuilt`] (nvcc was missing when supcon was built), [`Error::Cuda`] (a
+    /// driver call failed).
     pub fn new(ordinal: usize) -> Result<Self> {
         let driver = usable_driver()?;
         driver.init().map_err(|e| init_error(ordinal, e))?;
@@ -196,7 +198,7 @@ impl CudaBackend {
     /// # Errors
     /// Shape and option errors as [`Backend::forward`] (checked before any launch),
     /// [`Error::InvalidDeviceBuffer`] (a buffer of the wrong length or of another context),
-    /// [`Error::Cuda`] (a failed launch or allocation).
+    /// [`Error::OutOfMemory`], [`Error::Cuda`] (a failed launch or allocation).
     pub fn forward_device<T: CudaFeature>(
         &self,
         loss: &SupConLoss,
@@ -212,7 +214,7 @@ impl CudaBackend {
         // this call, and their guards (dropped after the launches) make later work on other
         // streams wait for the kernels (cudarc's event tracking).
         let mut statistics =
-            unsafe { kernels::launch_forward(&mut executor, &problem, &bound.inputs)? };
+            unsafe { launch::launch_forward(&mut executor, &problem, &bound.inputs)? };
         drop(bound);
         record_writes(&mut statistics, &self.stream);
         Ok(DeviceForward {
@@ -246,7 +248,7 @@ impl CudaBackend {
         let problem = forward.problem_for::<T>(self)?;
         let shape = problem.shape();
         let bound = self.bind_inputs(shape, features, positives)?;
-        self.check_buffer("grad", grad.len(), grad.stream(), shape_elements(shape))?;
+        self.check_buffer("grad", grad.len(), grad.stream(), shape.elements())?;
         let (grad_address, grad_guard) = grad.device_ptr_mut(&self.stream);
         let mut executor = self.executor();
         // SAFETY: inputs as in `forward_device`; `grad` holds B·V·D f32 of this context
@@ -279,11 +281,14 @@ impl CudaBackend {
         positives: DevicePositives<'_>,
         upstream: Upstream<'_>,
     ) -> Result<CudaSlice<f32>> {
-        let elements = shape_elements(forward.problem.shape());
+        let elements = forward.problem.shape().elements();
         let mut grad = self
             .stream
             .alloc_zeros::<f32>(elements)
-            .map_err(driver_error(format_args!("allocating {elements} f32")))?;
+            .map_err(allocation_error(
+                elements * size_of::<f32>(),
+                format_args!("allocating {elements} f32"),
+            ))?;
         self.backward_device_into(
             forward,
             features,
@@ -327,7 +332,7 @@ impl CudaBackend {
             "features",
             features.len(),
             features.stream(),
-            shape_elements(shape),
+            shape.elements(),
         )?;
         let mut guards = Vec::with_capacity(2);
         let (features, guard) = features.device_ptr(&self.stream);
@@ -335,19 +340,19 @@ impl CudaBackend {
         let positives = match positives {
             DevicePositives::SimClr => PositiveAddresses::SameSample,
             DevicePositives::Labels(labels) => {
-                if labels.len() != shape.batch {
+                if labels.len() != shape.batch() {
                     return Err(Error::LabelsLength {
-                        expected: shape.batch,
+                        expected: shape.batch(),
                         got: labels.len(),
                     });
                 }
-                self.check_buffer("labels", labels.len(), labels.stream(), shape.batch)?;
+                self.check_buffer("labels", labels.len(), labels.stream(), shape.batch())?;
                 let (address, guard) = labels.device_ptr(&self.stream);
                 guards.push(guard);
                 PositiveAddresses::Labels(address)
             }
             DevicePositives::Mask(mask) => {
-                self.check_buffer("mask", mask.len(), mask.stream(), shape.batch.pow(2))?;
+                self.check_buffer("mask", mask.len(), mask.stream(), shape.batch().pow(2))?;
                 let (address, guard) = mask.device_ptr(&self.stream);
                 guards.push(guard);
                 PositiveAddresses::Mask(address)
@@ -361,12 +366,6 @@ impl CudaBackend {
             _guards: guards,
         })
     }
-}
-
-/// B·V·D; `Problem::new` has checked that it does not overflow before any caller gets here
-/// with user input, and saturating keeps a bad shape a length mismatch rather than a wrap.
-fn shape_elements(shape: BatchShape) -> usize {
-    shape.rows().saturating_mul(shape.dim)
 }
 
 /// Records that the forward kernels queued so far on `stream` write the statistics: they write
@@ -437,7 +436,7 @@ impl DeviceForward {
     /// # Errors
     /// As [`loss_host`](Self::loss_host).
     pub fn to_host(&self) -> Result<ForwardOutput> {
-        kernels::to_host(
+        launch::to_host(
             &mut self.backend.executor(),
             &self.problem,
             &self.statistics,
@@ -483,7 +482,7 @@ impl Backend for CudaBackend {
         features: ArrayView3<'_, T>,
         positives: Positives<'_>,
     ) -> Result<ForwardOutput> {
-        kernels::forward(&mut self.executor(), NAME, loss, features, positives)
+        host::forward(&mut self.executor(), NAME, loss, features, positives)
     }
 
     fn backward<T: Element>(
@@ -494,7 +493,7 @@ impl Backend for CudaBackend {
         state: &SavedState,
         upstream: Upstream<'_>,
     ) -> Result<Array3<T::Grad>> {
-        kernels::backward(
+        host::backward(
             &mut self.executor(),
             NAME,
             loss,

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 
-/// The oldest compute capability the kernels are compiled for (`sm_80`, Ampere): build.rs emits
+/// The oldest compute capability the kernels are compiled for (`sm_80`, Ampere): the build script emits
 /// SASS for sm_80 and newer and PTX for compute_90, so older devices have no loadable code.
 pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
 
@@ -27,14 +27,10 @@ pub(crate) fn check_driver_version(version: i32) -> Result<()> {
     if version >= MIN_DRIVER_VERSION {
         return Ok(());
     }
-    Err(Error::Cuda(format!(
-        "the CUDA driver supports CUDA {}.{}; the kernels (built by nvcc 13.0) need a CUDA {}.{} \
-         driver (release 580 or newer)",
-        version / 1000,
-        version % 1000 / 10,
-        MIN_DRIVER_VERSION / 1000,
-        MIN_DRIVER_VERSION % 1000 / 10,
-    )))
+    Err(Error::DriverTooOld {
+        version,
+        required: MIN_DRIVER_VERSION,
+    })
 }
 
 /// `Ok` when device `ordinal` exists among `count` devices.
@@ -69,9 +65,15 @@ mod tests {
     fn driver_must_speak_cuda_13() {
         assert_eq!(check_driver_version(13_000), Ok(()));
         assert_eq!(check_driver_version(13_020), Ok(()));
-        let Err(Error::Cuda(message)) = check_driver_version(12_080) else {
-            panic!("a CUDA 12.8 driver must be refused");
-        };
+        let error = check_driver_version(12_080).unwrap_err();
+        assert_eq!(
+            error,
+            Error::DriverTooOld {
+                version: 12_080,
+                required: 13_000
+            }
+        );
+        let message = error.to_string();
         assert!(
             message.contains("CUDA 12.8") && message.contains("580"),
             "{message}"

@@ -5,18 +5,45 @@
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use cudarc::driver::result::DriverError;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+};
 use cudarc::nvrtc::Ptx;
 
 use super::raw;
+use crate::device::abi::SupconParams;
+use crate::device::executor::KernelExecutor;
+use crate::device::kernel::{fatbin, Kernel};
+use crate::device::plan::LaunchConfig;
 use crate::error::{Error, Result};
-use crate::kernel_abi::SupconParams;
-use crate::kernels::{self, Kernel, KernelExecutor};
-use crate::launch_plan::LaunchConfig;
 
-/// `Error::Cuda` naming what failed.
-pub(crate) fn driver_error(what: impl std::fmt::Display) -> impl FnOnce(DriverError) -> Error {
-    move |error| Error::Cuda(format!("{what}: {error}"))
+/// [`Error::Cuda`] for a failed driver call while doing `operation`: the driver's code and its
+/// symbolic name (the `CUresult` variant; formatting the error's message would ask the driver
+/// again, which a missing or broken driver cannot answer).
+pub(crate) fn driver_error(operation: impl std::fmt::Display) -> impl FnOnce(DriverError) -> Error {
+    move |error| Error::Cuda {
+        operation: operation.to_string(),
+        code: error.0 as i32,
+        name: format!("{:?}", error.0),
+    }
+}
+
+/// [`Error::OutOfMemory`] for an allocation of `bytes` that failed for lack of memory, else
+/// [`driver_error`].
+pub(crate) fn allocation_error(
+    bytes: usize,
+    operation: impl std::fmt::Display,
+) -> impl FnOnce(DriverError) -> Error {
+    move |error| {
+        if error.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            Error::OutOfMemory {
+                backend: "cuda",
+                bytes,
+            }
+        } else {
+            driver_error(operation)(error)
+        }
+    }
 }
 
 /// The SupCon kernels loaded into one CUDA context.
@@ -59,7 +86,7 @@ impl LoadedKernels {
         let mut modules: Vec<(&'static [u8], Arc<CudaModule>)> = Vec::new();
         let mut functions = Vec::with_capacity(Kernel::ALL.len());
         for kernel in Kernel::ALL {
-            let image = kernels::fatbin(kernel)?;
+            let image = fatbin(kernel)?;
             let module = match modules
                 .iter()
                 .find(|(loaded, _)| std::ptr::eq(*loaded, image))
@@ -88,7 +115,11 @@ impl LoadedKernels {
         self.functions
             .iter()
             .find_map(|(k, function)| (*k == kernel).then_some(function))
-            .ok_or_else(|| Error::Cuda(format!("kernel {} is not loaded", kernel.name())))
+            .ok_or_else(|| Error::Cuda {
+                operation: format!("looking up {}", kernel.name()),
+                code: sys::CUresult::CUDA_ERROR_NOT_FOUND as i32,
+                name: format!("{:?}", sys::CUresult::CUDA_ERROR_NOT_FOUND),
+            })
     }
 }
 
@@ -121,25 +152,26 @@ impl KernelExecutor for StreamExecutor<'_> {
     fn alloc(&mut self, bytes: usize) -> Result<CudaSlice<u8>> {
         self.stream
             .alloc_zeros::<u8>(bytes)
-            .map_err(driver_error(format_args!("allocating {bytes} bytes")))
+            .map_err(allocation_error(
+                bytes,
+                format_args!("allocating {bytes} bytes"),
+            ))
     }
 
     fn upload(&mut self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
-        self.stream
-            .clone_htod(bytes)
-            .map_err(driver_error(format_args!(
-                "copying {} bytes to the device",
-                bytes.len()
-            )))
+        self.stream.clone_htod(bytes).map_err(allocation_error(
+            bytes.len(),
+            format_args!("copying {} bytes to the device", bytes.len()),
+        ))
     }
 
     fn download(&mut self, buffer: &CudaSlice<u8>, out: &mut [u8]) -> Result<()> {
         let source = buffer.try_slice(..out.len()).ok_or_else(|| {
-            Error::Cuda(format!(
-                "download of {} bytes from a {}-byte buffer",
+            driver_error(format_args!(
+                "copying {} bytes from a {}-byte buffer",
                 out.len(),
                 buffer.len()
-            ))
+            ))(DriverError(sys::CUresult::CUDA_ERROR_INVALID_VALUE))
         })?;
         self.stream
             .memcpy_dtoh(&source, out)

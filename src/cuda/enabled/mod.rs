@@ -3,7 +3,6 @@
 //! - `raw`: the only unsafe driver calls and the kernel launch, each with its safety contract;
 //! - `executor` (checked): kernels loaded once per context, and the executor that runs the
 //!   crate's launch sequences on a stream, every call's result checked;
-//! - `resident`: the launch sequences over device-resident inputs (the device API);
 //! - `backend` (safe): [`CudaBackend`], the host API ([`crate::Backend`]) and the device API;
 //! - `checks`: the decisions of backend creation as pure, unit-tested functions.
 
@@ -11,7 +10,6 @@ mod backend;
 mod checks;
 mod executor;
 mod raw;
-mod resident;
 
 pub use backend::{CudaBackend, CudaFeature, DeviceForward, DevicePositives};
 pub use checks::{MIN_COMPUTE_CAPABILITY, MIN_DRIVER_VERSION};

@@ -11,8 +11,8 @@ use cudarc::driver::{
     sys, CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, PushKernelArg,
 };
 
-use crate::kernel_abi::SupconParams;
-use crate::launch_plan::LaunchConfig;
+use crate::device::abi::SupconParams;
+use crate::device::plan::LaunchConfig;
 
 // SAFETY: `SupconParams` is `#[repr(C)]` and `Pod`, a field-for-field mirror of the C struct of
 // kernels/supcon_params.h (fixed-width fields, explicit padding, layout pinned by a test), so its

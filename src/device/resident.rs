@@ -1,16 +1,18 @@
 //! Launch sequences over inputs already on the device: the device API of `CudaBackend`.
 //!
-//! `crate::kernels` holds the validation ([`Problem`]), the parameter block and the launches
-//! for both APIs; the host-array path there uploads, launches and downloads. Here the features
-//! and positives are caller-owned device buffers, given by address, and the forward's outputs
-//! stay on the device (`kernels::launch_forward`): nothing is copied and nothing synchronises
-//! until the caller asks for host values (the backward pass computes its per-anchor
-//! coefficients on the device too, except under `NoPositivePolicy::Error`: see [`backward`]).
+//! `super::launch` holds the launch sequences for both APIs; the host-array path
+//! (`super::host`) uploads, launches and downloads. Here the features and positives are
+//! caller-owned device buffers, given by address, and the forward's outputs stay on the device
+//! (`launch::launch_forward`): nothing is copied and nothing synchronises until the caller asks
+//! for host values. The backward pass computes its per-anchor coefficients on the device too,
+//! except under `NoPositivePolicy::Error` (see [`backward`]).
 
+use super::executor::{download_vec, KernelExecutor};
+use super::launch::{self, Statistics};
+use super::problem::{InputAddresses, Problem};
 use crate::backend::Upstream;
 use crate::config::{NoPositivePolicy, Reduction};
 use crate::error::Result;
-use crate::kernels::{self, InputAddresses, KernelExecutor, Problem, Statistics};
 
 /// The reduced loss alone (synchronises); `None` for reduction none.
 ///
@@ -23,16 +25,16 @@ pub(crate) fn reduced_loss<E: KernelExecutor>(
     statistics: &Statistics<E::Buffer>,
 ) -> Result<Option<f64>> {
     if problem.loss().no_positive() == NoPositivePolicy::Error {
-        return Ok(kernels::to_host(executor, problem, statistics)?.loss);
+        return Ok(launch::to_host(executor, problem, statistics)?.loss);
     }
-    let loss = kernels::download_vec::<_, f64>(executor, &statistics.reduced_loss, 1)?[0];
+    let loss = download_vec::<_, f64>(executor, &statistics.reduced_loss, 1)?[0];
     Ok((problem.loss().reduction() != Reduction::None).then_some(loss))
 }
 
 /// Queues the backward pass, writing `∂L/∂features` (`float[B][V][D]`) at `grad`.
 ///
 /// The per-anchor coefficients c·u_i/R'·[P_i > 0]·[LSE_i > −∞] come from
-/// `supcon_backward_coefficients` on the device (`kernels::launch_coefficients`): nothing is
+/// `supcon_backward_coefficients` on the device (`launch::launch_coefficients`): nothing is
 /// read back and nothing synchronises. Under [`NoPositivePolicy::Error`] the policy's error
 /// needs the count of anchors without positives on the host, so there the O(R) statistics are
 /// read back (one synchronisation) and the coefficients computed on the host, as on the
@@ -43,7 +45,7 @@ pub(crate) fn reduced_loss<E: KernelExecutor>(
 /// mismatches as `SavedState::anchor_coefficients`.
 ///
 /// # Safety
-/// As `kernels::launch_forward` for `inputs`, which must be the inputs `statistics` was
+/// As `launch::launch_forward` for `inputs`, which must be the inputs `statistics` was
 /// computed from; `grad` must address `B·V·D` writable `f32` of `executor`'s device memory that
 /// nothing else reads or writes until the queued kernel has finished.
 pub(crate) unsafe fn backward<E: KernelExecutor>(
@@ -55,20 +57,20 @@ pub(crate) unsafe fn backward<E: KernelExecutor>(
     grad: u64,
 ) -> Result<()> {
     let coefficients = if problem.loss().no_positive() == NoPositivePolicy::Error {
-        let state = kernels::to_host(executor, problem, statistics)?.state;
-        executor.upload(bytemuck::cast_slice(&kernels::grad_coefficients(
+        let state = launch::to_host(executor, problem, statistics)?.state;
+        executor.upload(bytemuck::cast_slice(&launch::grad_coefficients(
             &state, upstream,
         )?))?
     } else {
         // SAFETY: the statistics are this problem's forward outputs, alive for the borrow and
         // freed in stream order.
-        unsafe { kernels::launch_coefficients(executor, problem, statistics, upstream)? }
+        unsafe { launch::launch_coefficients(executor, problem, statistics, upstream)? }
     };
     let (saved, coefficients) = (statistics.saved(executor), executor.address(&coefficients));
     // SAFETY: inputs and `grad` per this function's contract; the statistics and the
     // coefficients are R floats of the same problem, alive for the borrow (the coefficients
     // until the end of this function, freed in stream order after the launch).
-    unsafe { kernels::launch_backward(executor, problem, inputs, saved, coefficients, grad) }
+    unsafe { launch::launch_backward(executor, problem, inputs, saved, coefficients, grad) }
 }
 
 /// The device-resident sequence run through the emulated kernels: its backward pass reads the
@@ -80,10 +82,10 @@ mod tests {
     use super::*;
     use crate::backend::Backend;
     use crate::config::{ContrastMode, Denominator, NoPositivePolicy, Summation, SupConLoss};
+    use crate::device::emulated::{EmulatedBackend, HostExecutor};
+    use crate::device::problem::PositiveAddresses;
     use crate::element::DType;
-    use crate::emulated::{EmulatedBackend, HostExecutor};
-    use crate::kernels::PositiveAddresses;
-    use crate::problem::{BatchShape, Positives};
+    use crate::inputs::{BatchShape, Positives};
     use crate::reference::ReferenceBackend;
 
     fn loss_grid() -> Vec<SupConLoss> {
@@ -135,7 +137,7 @@ mod tests {
         upstream: impl Fn(&Array1<f64>) -> Array1<f64>,
     ) -> (crate::backend::ForwardOutput, Option<f64>, Array3<f32>) {
         let (batch, views, dim) = features.dim();
-        let shape = BatchShape { batch, views, dim };
+        let shape = BatchShape::new(batch, views, dim).unwrap();
         let problem = Problem::new("emulated", loss, shape, DType::F32).unwrap();
         let executor = &mut HostExecutor;
         let upload = |executor: &mut HostExecutor, bytes: &[u8]| executor.upload(bytes).unwrap();
@@ -162,8 +164,8 @@ mod tests {
         };
         // SAFETY: the buffers above hold B·V·D f32, B i64 or B·B f32 and outlive the passes
         // (the emulation's launches are synchronous).
-        let statistics = unsafe { kernels::launch_forward(executor, &problem, &inputs) }.unwrap();
-        let output = kernels::to_host(executor, &problem, &statistics).unwrap();
+        let statistics = unsafe { launch::launch_forward(executor, &problem, &inputs) }.unwrap();
+        let output = launch::to_host(executor, &problem, &statistics).unwrap();
         let reduced = reduced_loss(executor, &problem, &statistics).unwrap();
         let grad = executor
             .alloc(batch * views * dim * size_of::<f32>())
@@ -186,7 +188,7 @@ mod tests {
             )
         }
         .unwrap();
-        let grad: Vec<f32> = kernels::download_vec(executor, &grad, batch * views * dim).unwrap();
+        let grad: Vec<f32> = download_vec(executor, &grad, batch * views * dim).unwrap();
         let grad = Array3::from_shape_vec((batch, views, dim), grad).unwrap();
         (output, reduced, grad)
     }
@@ -286,9 +288,9 @@ mod tests {
 
         unsafe fn launch(
             &mut self,
-            kernel: crate::kernels::Kernel,
-            config: crate::launch_plan::LaunchConfig,
-            params: &crate::kernel_abi::SupconParams,
+            kernel: crate::device::kernel::Kernel,
+            config: crate::device::plan::LaunchConfig,
+            params: &crate::device::abi::SupconParams,
         ) -> Result<()> {
             // SAFETY: forwarded from this function's contract.
             unsafe { HostExecutor.launch(kernel, config, params) }
@@ -313,7 +315,7 @@ mod tests {
                 (b / 3) as i64
             }
         });
-        let shape = BatchShape { batch, views, dim };
+        let shape = BatchShape::new(batch, views, dim).unwrap();
         let executor = &mut CountingExecutor { downloads: 0 };
         let features_buffer = executor
             .upload(bytemuck::cast_slice(features.as_slice().unwrap()))
@@ -344,7 +346,7 @@ mod tests {
                 // SAFETY: the inputs hold B·V·D f32 and B i64 and outlive the launches (the
                 // emulation's launches are synchronous).
                 let statistics =
-                    unsafe { kernels::launch_forward(executor, &problem, &inputs) }.unwrap();
+                    unsafe { launch::launch_forward(executor, &problem, &inputs) }.unwrap();
                 let upstream = match reduction {
                     Reduction::None => Upstream::PerAnchor(per_anchor_upstream.view()),
                     _ => Upstream::Scalar(-1.75),
@@ -379,15 +381,14 @@ mod tests {
                 assert_eq!(executor.downloads, 0, "{what}: the backward pass read back");
                 // SAFETY: the statistics are this problem's and alive.
                 let device = unsafe {
-                    kernels::launch_coefficients(executor, &problem, &statistics, upstream)
+                    launch::launch_coefficients(executor, &problem, &statistics, upstream)
                 }
                 .unwrap();
-                let device: Vec<f32> =
-                    kernels::download_vec(executor, &device, problem.anchors()).unwrap();
-                let state = kernels::to_host(executor, &problem, &statistics)
+                let device: Vec<f32> = download_vec(executor, &device, problem.anchors()).unwrap();
+                let state = launch::to_host(executor, &problem, &statistics)
                     .unwrap()
                     .state;
-                let host = kernels::grad_coefficients(&state, upstream).unwrap();
+                let host = launch::grad_coefficients(&state, upstream).unwrap();
                 assert!(host.contains(&0.0) && host.iter().any(|&c| c != 0.0));
                 let differs = (0..host.len()).find(|&i| device[i].to_bits() != host[i].to_bits());
                 if let Some(i) = differs {

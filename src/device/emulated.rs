@@ -1,10 +1,10 @@
 //! [`EmulatedBackend`]: the CUDA kernels run on the CPU through a host emulation of the CUDA
 //! execution model (feature `emulation`, for tests).
 //!
-//! build.rs compiles the unmodified `kernels/*.cu` as C++ against `kernels/emu/cuda_emu.h`: one
-//! OS thread per CUDA thread, a barrier per `__syncthreads()`, blocks one after another. The
-//! backend then runs the same launch sequence ([`crate::kernels`]) and launch plan as the CUDA
-//! backend, with host memory standing in for device memory, so the kernels' arithmetic, tiling,
+//! The build script compiles the unmodified `kernels/*.cu` as C++ against
+//! `kernels/emu/cuda_emu.h`: one OS thread per CUDA thread, a barrier per `__syncthreads()`,
+//! blocks one after another. The backend then runs the same launch sequences (`super::launch`,
+//! `super::host`) and launch plan as the CUDA backend, with host memory standing in for device memory, so the kernels' arithmetic, tiling,
 //! masking and bounds handling are tested on machines without a GPU. It is slow (a block
 //! barrier costs ~0.2 ms): meant for small problems.
 //!
@@ -18,14 +18,17 @@ use std::ptr::{copy_nonoverlapping, NonNull};
 
 use ndarray::{Array3, ArrayView3};
 
+use super::abi::SupconParams;
+use super::executor::KernelExecutor;
+use super::host;
+use super::kernel::Kernel;
+use super::plan::LaunchConfig;
 use crate::backend::{Backend, ForwardOutput, SavedState, Upstream};
 use crate::config::SupConLoss;
 use crate::element::Element;
+use crate::error::Extent;
 use crate::error::{Error, Result};
-use crate::kernel_abi::SupconParams;
-use crate::kernels::{self, Kernel, KernelExecutor};
-use crate::launch_plan::LaunchConfig;
-use crate::problem::Positives;
+use crate::inputs::Positives;
 
 unsafe extern "C" {
     /// kernels/emu/supcon_emu.cpp: runs `kernel` on the grid and returns 0, or a
@@ -59,7 +62,7 @@ impl Backend for EmulatedBackend {
         features: ArrayView3<'_, T>,
         positives: Positives<'_>,
     ) -> Result<ForwardOutput> {
-        kernels::forward(&mut HostExecutor, self.name(), loss, features, positives)
+        host::forward(&mut HostExecutor, self.name(), loss, features, positives)
     }
 
     fn backward<T: Element>(
@@ -70,7 +73,7 @@ impl Backend for EmulatedBackend {
         state: &SavedState,
         upstream: Upstream<'_>,
     ) -> Result<Array3<T::Grad>> {
-        kernels::backward(
+        host::backward(
             &mut HostExecutor,
             self.name(),
             loss,
@@ -94,7 +97,9 @@ impl HostBuffer {
     /// `bytes` bytes, every one 0xFF (NaN in every float format).
     fn poisoned(bytes: usize) -> Result<Self> {
         let layout = Layout::from_size_align(bytes.max(1), 8).map_err(|_| Error::TooLarge {
-            what: format!("an emulated buffer of {bytes} bytes"),
+            extent: Extent::Bytes,
+            requested: bytes as u128,
+            limit: isize::MAX as u128,
         })?;
         // SAFETY: the layout has a non-zero size.
         let data =
@@ -136,11 +141,15 @@ impl KernelExecutor for HostExecutor {
 
     fn download(&mut self, buffer: &HostBuffer, out: &mut [u8]) -> Result<()> {
         if out.len() > buffer.len() {
-            return Err(Error::Cuda(format!(
-                "emulated download of {} bytes from a {}-byte buffer",
-                out.len(),
-                buffer.len()
-            )));
+            return Err(Error::Cuda {
+                operation: format!(
+                    "copying {} bytes from a {}-byte emulated buffer",
+                    out.len(),
+                    buffer.len()
+                ),
+                code: INVALID_VALUE.0,
+                name: INVALID_VALUE.1.into(),
+            });
         }
         // SAFETY: in bounds (checked above); launches are synchronous, so no kernel is writing.
         unsafe { copy_nonoverlapping(buffer.data.as_ptr(), out.as_mut_ptr(), out.len()) };
@@ -175,20 +184,27 @@ impl KernelExecutor for HostExecutor {
                 params,
             )
         };
-        let reason = match status {
-            0 => return Ok(()),
-            1 => "unknown kernel",
-            2 => "invalid grid",
-            3 => "invalid block",
-            4 => "dynamic shared memory is not emulated",
-            _ => "invalid arguments",
+        if status == 0 {
+            return Ok(());
+        }
+        let name = match status {
+            1 => "SUPCON_EMU_UNKNOWN_KERNEL",
+            2 => "SUPCON_EMU_BAD_GRID",
+            3 => "SUPCON_EMU_BAD_BLOCK",
+            4 => "SUPCON_EMU_DYNAMIC_SHARED",
+            5 => "SUPCON_EMU_NULL_ARGUMENT",
+            _ => "SUPCON_EMU_UNKNOWN_STATUS",
         };
-        Err(Error::Cuda(format!(
-            "emulated launch of {} with {config:?} failed: {reason}",
-            kernel.name()
-        )))
+        Err(Error::Cuda {
+            operation: format!("launching {} (emulated) with {config:?}", kernel.name()),
+            code: status,
+            name: name.into(),
+        })
     }
 }
+
+/// The driver's `CUDA_ERROR_INVALID_VALUE`, which a download beyond a buffer would get.
+const INVALID_VALUE: (i32, &str) = (1, "CUDA_ERROR_INVALID_VALUE");
 
 #[cfg(test)]
 mod tests {
@@ -198,12 +214,12 @@ mod tests {
 
     use bytemuck::Zeroable;
 
-    use super::*;
-    use crate::kernel_abi;
-    use crate::launch_plan::{
+    use super::super::abi as kernel_abi;
+    use super::super::plan::{
         launch_config, KernelShape, Stage, COEFFICIENT_THREADS, FINALIZE_THREADS, GRAD_CHUNK,
         TILE_ROWS, TILE_THREADS,
     };
+    use super::*;
 
     unsafe extern "C" {
         fn supcon_emu_params_size() -> usize;
@@ -352,7 +368,10 @@ mod tests {
         bad.dynamic_shared_bytes = 16;
         // SAFETY: refused before any kernel code runs.
         let error = unsafe { HostExecutor.launch(Kernel::ForwardFinalize, bad, &params) };
-        assert!(matches!(error, Err(Error::Cuda(_))));
+        assert!(
+            matches!(error, Err(Error::Cuda { code: 4, .. })),
+            "{error:?}"
+        );
         // SAFETY: refused: unknown kernel.
         let status =
             unsafe { supcon_emu_launch(c"no_such_kernel".as_ptr(), 1, 1, 1, 1, 1, 1, 0, &params) };

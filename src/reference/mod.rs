@@ -1,8 +1,10 @@
-//! The reference backend: naive, f64 throughout, straight from SPEC.md's formulas.
+//! The reference backend: naive, f64 throughout, straight from the formulas of docs/math.md.
 //!
 //! It is the oracle every other backend is tested against, so it favours the obvious over the
 //! fast: one anchor at a time, a full row of logits, the analytic gradient written term by term.
 //! O(R·N·D) time, O(N·D) memory (one row of logits at a time).
+
+pub(crate) mod relation;
 
 use ndarray::{Array1, Array3, ArrayView3};
 
@@ -10,7 +12,9 @@ use crate::backend::{reduce, Backend, ForwardOutput, SavedState, Upstream};
 use crate::config::{Denominator, Summation, SupConLoss};
 use crate::element::{Element, GradElement};
 use crate::error::Result;
-use crate::problem::{validate_inputs, BatchShape, Pair, Positives, Relation};
+use crate::inputs::{validate_inputs, BatchShape, Positives};
+use crate::math::{sigmoid, softplus};
+use relation::{Pair, Relation};
 
 /// The f64 reference backend (see the module docs).
 #[derive(Debug, Clone, Copy, Default)]
@@ -24,7 +28,7 @@ struct Rows {
 
 impl Rows {
     fn new<T: Element>(features: &ArrayView3<'_, T>, shape: BatchShape) -> Self {
-        let mut data = Vec::with_capacity(shape.rows() * shape.dim);
+        let mut data = Vec::with_capacity(shape.rows() * shape.dim());
         for row in 0..shape.rows() {
             let (b, v) = (shape.sample_of(row), shape.view_of(row));
             data.extend(
@@ -35,7 +39,7 @@ impl Rows {
             );
         }
         Rows {
-            dim: shape.dim,
+            dim: shape.dim(),
             data,
         }
     }
@@ -60,25 +64,6 @@ fn log_sum_exp(values: impl Iterator<Item = f64> + Clone) -> f64 {
         return max;
     }
     max + values.map(|x| (x - max).exp()).sum::<f64>().ln()
-}
-
-/// log(1 + e^x), without overflow.
-fn softplus(x: f64) -> f64 {
-    if x > 0.0 {
-        x + (-x).exp().ln_1p()
-    } else {
-        x.exp().ln_1p()
-    }
-}
-
-/// 1 / (1 + e^{-x}), without overflow.
-fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
 }
 
 /// One anchor's view of the batch: its logits row and how each contrast relates to it.
@@ -272,7 +257,7 @@ impl Backend for ReferenceBackend {
         let coefficients = state.anchor_coefficients(upstream)?;
         let rows = Rows::new(&features, shape);
         let relation = Relation::new(loss, shape, positives);
-        let (n, d, tau) = (shape.rows(), shape.dim, loss.temperature());
+        let (n, d, tau) = (shape.rows(), shape.dim(), loss.temperature());
         let mut dz = vec![0.0; n * d];
         for (i, coefficient) in coefficients.iter().enumerate() {
             let row = AnchorRow::new(&rows, &relation, loss, i);
@@ -292,8 +277,8 @@ impl Backend for ReferenceBackend {
             }
         }
         Ok(Array3::from_shape_fn(
-            (shape.batch, shape.views, d),
-            |(b, v, k)| T::Grad::from_f64(dz[(v * shape.batch + b) * d + k]),
+            (shape.batch(), shape.views(), d),
+            |(b, v, k)| T::Grad::from_f64(dz[(v * shape.batch() + b) * d + k]),
         ))
     }
 }

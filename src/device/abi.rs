@@ -1,7 +1,7 @@
 //! The kernels' parameter block and option codes, mirrored from `kernels/supcon_params.h`.
 //!
 //! Every kernel takes one [`SupconParams`] by value. Its layout is pinned by a test against what
-//! the C++ compiler reports (`src/emulated.rs`, feature `emulation`); the option codes and tile
+//! the C++ compiler reports (`super::emulated`, feature `emulation`); the option codes and tile
 //! sizes likewise.
 
 use bytemuck::{Pod, Zeroable};
@@ -20,7 +20,7 @@ pub(crate) struct SupconParams {
     /// `float[R]`: LSE_i over the denominator set (−∞: empty).
     pub anchor_lse: u64,
     /// `float[R]`: log Σ_j (w_ij/W_i) e^{s_ij} = LSE^P_i − log W_i (−∞: no positive); see
-    /// [`crate::kernels::saved_positive_lse`].
+    /// [`super::launch::saved_positive_lse`].
     pub anchor_scaled_positive_lse: u64,
     /// `float[R]`: P_i.
     pub anchor_positive_weight: u64,

@@ -1,0 +1,128 @@
+//! The kernel entry points: their names in the fatbins (and in the emulation), the element
+//! type each instantiation reads, the launch stage that plans its grid, and the fatbin
+//! embedded at build time that holds it.
+
+use super::plan::Stage;
+use crate::element::DType;
+#[cfg(feature = "cuda")]
+use crate::error::Result;
+
+/// Element type of the feature buffer a kernel instantiation reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum FeatureType {
+    /// `float`.
+    F32,
+    /// `__half`.
+    F16,
+    /// `__nv_bfloat16`.
+    Bf16,
+}
+
+impl FeatureType {
+    /// The kernel type for a feature element type; `None` for f64.
+    pub(crate) fn of(dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::F32 => Some(FeatureType::F32),
+            DType::F16 => Some(FeatureType::F16),
+            DType::BF16 => Some(FeatureType::Bf16),
+            DType::F64 => None,
+        }
+    }
+}
+
+/// A kernel entry point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Kernel {
+    /// Per-anchor statistics and losses.
+    ForwardStatistics(FeatureType),
+    /// The reduction over anchors.
+    ForwardFinalize,
+    /// The per-anchor gradient coefficients, on the device.
+    // The device API's (CUDA only); the emulated executor runs it in tests.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    BackwardCoefficients,
+    /// The feature gradient.
+    Backward(FeatureType),
+}
+
+impl Kernel {
+    /// Every entry point.
+    // The CUDA executor loads them all; the emulated executor's tests check them all.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) const ALL: [Kernel; 8] = [
+        Kernel::ForwardStatistics(FeatureType::F32),
+        Kernel::ForwardStatistics(FeatureType::F16),
+        Kernel::ForwardStatistics(FeatureType::Bf16),
+        Kernel::ForwardFinalize,
+        Kernel::BackwardCoefficients,
+        Kernel::Backward(FeatureType::F32),
+        Kernel::Backward(FeatureType::F16),
+        Kernel::Backward(FeatureType::Bf16),
+    ];
+
+    /// The `extern "C"` name in the fatbin (and in the emulation).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kernel::ForwardStatistics(FeatureType::F32) => "supcon_forward_f32",
+            Kernel::ForwardStatistics(FeatureType::F16) => "supcon_forward_f16",
+            Kernel::ForwardStatistics(FeatureType::Bf16) => "supcon_forward_bf16",
+            Kernel::ForwardFinalize => "supcon_forward_finalize",
+            Kernel::BackwardCoefficients => "supcon_backward_coefficients",
+            Kernel::Backward(FeatureType::F32) => "supcon_backward_f32",
+            Kernel::Backward(FeatureType::F16) => "supcon_backward_f16",
+            Kernel::Backward(FeatureType::Bf16) => "supcon_backward_bf16",
+        }
+    }
+
+    pub(crate) fn stage(self) -> Stage {
+        match self {
+            Kernel::ForwardStatistics(_) => Stage::ForwardStatistics,
+            Kernel::ForwardFinalize => Stage::ForwardFinalize,
+            Kernel::BackwardCoefficients => Stage::BackwardCoefficients,
+            Kernel::Backward(_) => Stage::Backward,
+        }
+    }
+}
+
+/// The fatbin (compiled by the build script from `kernels/<module>.cu`) that holds `kernel`.
+///
+/// # Errors
+/// [`Error::KernelsNotBuilt`] when nvcc was not found at build time.
+#[cfg(feature = "cuda")]
+pub(crate) fn fatbin(kernel: Kernel) -> Result<&'static [u8]> {
+    #[cfg(supcon_kernels_built)]
+    {
+        Ok(match kernel {
+            Kernel::ForwardStatistics(_) | Kernel::ForwardFinalize => {
+                include_bytes!(concat!(env!("OUT_DIR"), "/supcon_forward.fatbin"))
+            }
+            Kernel::BackwardCoefficients | Kernel::Backward(_) => {
+                include_bytes!(concat!(env!("OUT_DIR"), "/supcon_backward.fatbin"))
+            }
+        })
+    }
+    #[cfg(not(supcon_kernels_built))]
+    {
+        let _ = kernel;
+        Err(crate::error::Error::KernelsNotBuilt)
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    #[test]
+    fn fatbins_are_embedded_exactly_when_nvcc_was_found() {
+        for kernel in [Kernel::ForwardFinalize, Kernel::Backward(FeatureType::F32)] {
+            let fatbin = fatbin(kernel);
+            if cfg!(supcon_kernels_built) {
+                // The fatbin container's magic number, little-endian.
+                assert_eq!(fatbin.unwrap()[..4], 0xBA55_ED50_u32.to_le_bytes());
+            } else {
+                assert!(matches!(fatbin, Err(Error::KernelsNotBuilt)));
+            }
+        }
+    }
+}

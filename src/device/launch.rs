@@ -1,0 +1,265 @@
+//! The launch sequences, written once for every executor and both APIs: the forward kernels
+//! with their outputs left on the device ([`launch_forward`]), those outputs as the crate's
+//! [`ForwardOutput`] ([`to_host`]), the backward kernel's per-anchor coefficients (on the host,
+//! [`grad_coefficients`], or on the device, [`launch_coefficients`]: the same arithmetic, the
+//! same bits, nothing read back) and the backward kernel ([`launch_backward`]).
+//!
+//! Forward: `supcon_forward_<type>` (per-anchor statistics and losses), then
+//! `supcon_forward_finalize` (the deterministic reduction and the count of anchors without
+//! positives). Backward: `supcon_backward_<type>`, fed with the saved statistics and the
+//! coefficients c·u_i/R'.
+
+use ndarray::Array1;
+
+use super::abi::SupconParams;
+use super::executor::{download_vec, upload_slice, KernelExecutor};
+use super::kernel::Kernel;
+use super::problem::{InputAddresses, Problem};
+use crate::backend::{check_upstream, reduce, ForwardOutput, SavedState, Upstream};
+use crate::config::{NoPositivePolicy, Reduction};
+use crate::error::Result;
+
+/// The forward pass's outputs, on the device.
+#[derive(Debug)]
+pub(crate) struct Statistics<B> {
+    /// `float[R]` LSE_i.
+    pub(crate) lse: B,
+    /// `float[R]` LSE^P_i − log W_i (see [`saved_positive_lse`]).
+    pub(crate) scaled_positive_lse: B,
+    /// `float[R]` P_i.
+    pub(crate) positive_weight: B,
+    /// `float[R]` W_i = max_j w_ij over positives (0: none).
+    pub(crate) positive_weight_max: B,
+    /// `float[R]` ℓ_i.
+    pub(crate) anchor_loss: B,
+    /// `double[1]` the reduced loss (Σℓ_i for reduction none).
+    pub(crate) reduced_loss: B,
+    /// `uint32_t[1]` anchors without positives.
+    pub(crate) anchors_without_positives: B,
+}
+
+impl<B> Statistics<B> {
+    /// What the backward kernel reads of them (the device-resident path's).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn saved<E: KernelExecutor<Buffer = B>>(&self, executor: &E) -> SavedAddresses {
+        SavedAddresses {
+            lse: executor.address(&self.lse),
+            scaled_positive_lse: executor.address(&self.scaled_positive_lse),
+            positive_weight: executor.address(&self.positive_weight),
+            positive_weight_max: executor.address(&self.positive_weight_max),
+        }
+    }
+}
+
+/// The per-anchor statistics the backward kernel reads, `float[R]` each, by address.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SavedAddresses {
+    /// LSE_i.
+    pub(crate) lse: u64,
+    /// LSE^P_i − log W_i.
+    pub(crate) scaled_positive_lse: u64,
+    /// P_i.
+    pub(crate) positive_weight: u64,
+    /// W_i.
+    pub(crate) positive_weight_max: u64,
+}
+
+/// Queues the forward kernels on inputs already on the device. Nothing is copied or awaited.
+///
+/// # Safety
+/// `inputs` must address device memory of `executor` holding the problem's `B·V·D` features of
+/// its feature type and, for labels or a mask, `B` `i64` or `B·B` `f32`, alive and unmodified
+/// until the queued kernels have finished.
+pub(crate) unsafe fn launch_forward<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    inputs: &InputAddresses,
+) -> Result<Statistics<E::Buffer>> {
+    let per_anchor_bytes = problem.anchors() * size_of::<f32>();
+    let statistics = Statistics {
+        lse: executor.alloc(per_anchor_bytes)?,
+        scaled_positive_lse: executor.alloc(per_anchor_bytes)?,
+        positive_weight: executor.alloc(per_anchor_bytes)?,
+        positive_weight_max: executor.alloc(per_anchor_bytes)?,
+        anchor_loss: executor.alloc(per_anchor_bytes)?,
+        reduced_loss: executor.alloc(size_of::<f64>())?,
+        anchors_without_positives: executor.alloc(size_of::<u32>())?,
+    };
+    let params = SupconParams {
+        anchor_lse: executor.address(&statistics.lse),
+        anchor_scaled_positive_lse: executor.address(&statistics.scaled_positive_lse),
+        anchor_positive_weight: executor.address(&statistics.positive_weight),
+        anchor_positive_weight_max: executor.address(&statistics.positive_weight_max),
+        anchor_loss: executor.address(&statistics.anchor_loss),
+        reduced_loss: executor.address(&statistics.reduced_loss),
+        anchors_without_positives: executor.address(&statistics.anchors_without_positives),
+        ..problem.params(inputs)
+    };
+    // SAFETY: the inputs per this function's contract; the outputs are the R-float, one-f64
+    // and one-u32 buffers just allocated, which the caller keeps (dropping a buffer frees it
+    // only after the queued work).
+    unsafe {
+        problem.launch(
+            executor,
+            Kernel::ForwardStatistics(problem.feature_type()),
+            &params,
+        )?;
+        problem.launch(executor, Kernel::ForwardFinalize, &params)?;
+    }
+    Ok(statistics)
+}
+
+/// Everything the forward pass computed, on the host (synchronises): what
+/// [`crate::Backend::forward`] returns.
+///
+/// # Errors
+/// [`crate::Error::AnchorWithoutPositives`] under [`NoPositivePolicy::Error`].
+pub(crate) fn to_host<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    statistics: &Statistics<E::Buffer>,
+) -> Result<ForwardOutput> {
+    let anchors = problem.anchors();
+    let lse: Vec<f32> = download_vec(executor, &statistics.lse, anchors)?;
+    let scaled_positive_lse: Vec<f32> =
+        download_vec(executor, &statistics.scaled_positive_lse, anchors)?;
+    let positive_weight_max: Vec<f32> =
+        download_vec(executor, &statistics.positive_weight_max, anchors)?;
+    let positive_weight: Vec<f32> = download_vec(executor, &statistics.positive_weight, anchors)?;
+    let anchor_loss: Vec<f32> = download_vec(executor, &statistics.anchor_loss, anchors)?;
+    let reduced = download_vec::<_, f64>(executor, &statistics.reduced_loss, 1)?[0];
+    let (per_anchor, positive_weight) = (widen(&anchor_loss), widen(&positive_weight));
+    // The policy and R' exactly as every other backend applies them (the count the finalize
+    // kernel writes is the number of anchors with P_i ≤ 0 that this recounts).
+    let (_, mean_denominator) = reduce(problem.loss(), &per_anchor, &positive_weight)?;
+    Ok(ForwardOutput {
+        loss: (problem.loss().reduction() != Reduction::None).then_some(reduced),
+        per_anchor: Array1::from(per_anchor),
+        state: SavedState {
+            loss: *problem.loss(),
+            shape: problem.shape(),
+            lse: widen(&lse),
+            lse_positive: scaled_positive_lse
+                .iter()
+                .zip(&positive_weight_max)
+                .map(|(&lse, &w)| saved_positive_lse(lse, w))
+                .collect(),
+            positive_weight,
+            mean_denominator,
+        },
+    })
+}
+
+/// The per-anchor coefficients c·u_i/R' of the backward kernel, zeroed where ℓ_i does not
+/// depend on the logits (no positive, empty denominator).
+///
+/// # Errors
+/// Upstream mismatches as [`SavedState::anchor_coefficients`].
+pub(crate) fn grad_coefficients(state: &SavedState, upstream: Upstream<'_>) -> Result<Vec<f32>> {
+    Ok(state
+        .anchor_coefficients(upstream)?
+        .iter()
+        .zip(state.positive_weight.iter().zip(&state.lse))
+        .map(|(&coefficient, (&p, &lse))| {
+            if p > 0.0 && lse > f64::NEG_INFINITY {
+                coefficient as f32
+            } else {
+                0.0
+            }
+        })
+        .collect())
+}
+
+/// Queues `supcon_backward_coefficients`, which computes the backward kernel's per-anchor
+/// coefficients from the forward's `statistics` on the device into a new `float[R]` buffer:
+/// bitwise [`grad_coefficients`] of the state [`to_host`] would return, without reading
+/// anything back. `upstream` is checked on the host first (reduction none: uploaded as f64).
+///
+/// Not for [`NoPositivePolicy::Error`], whose error needs the count on the host: there the
+/// caller goes through [`to_host`] and [`grad_coefficients`].
+///
+/// # Errors
+/// Upstream mismatches as [`SavedState::anchor_coefficients`]; executor errors.
+///
+/// # Safety
+/// `statistics` must be the outputs of [`launch_forward`] for `problem` on `executor`, alive
+/// until the queued kernel has finished.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) unsafe fn launch_coefficients<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    statistics: &Statistics<E::Buffer>,
+    upstream: Upstream<'_>,
+) -> Result<E::Buffer> {
+    debug_assert!(problem.loss().no_positive() != NoPositivePolicy::Error);
+    check_upstream(problem.loss().reduction(), problem.anchors(), upstream)?;
+    let (per_anchor, scalar) = match upstream {
+        Upstream::Scalar(u) => (None, u),
+        Upstream::PerAnchor(u) => (Some(upload_slice(executor, &u.to_vec())?), 0.0),
+    };
+    let coefficients = executor.alloc(problem.anchors() * size_of::<f32>())?;
+    let params = SupconParams {
+        anchor_lse: executor.address(&statistics.lse),
+        anchor_positive_weight: executor.address(&statistics.positive_weight),
+        anchors_without_positives: executor.address(&statistics.anchors_without_positives),
+        anchor_grad_coef: executor.address(&coefficients),
+        anchor_upstream: per_anchor.as_ref().map_or(0, |b| executor.address(b)),
+        upstream_scalar: scalar,
+        loss_scale_exact: problem.loss().loss_scale(),
+        ..problem.shape_params()
+    };
+    // SAFETY: the kernel reads R floats of LSE and P and one u32 of the statistics (alive per
+    // this function's contract), the R doubles uploaded for reduction none, and writes the R
+    // floats just allocated; the upload is freed in stream order after the launch.
+    unsafe { problem.launch(executor, Kernel::BackwardCoefficients, &params)? };
+    Ok(coefficients)
+}
+
+/// Queues the backward kernel, writing `∂L/∂features` (`float[B][V][D]`) at `grad`, with the
+/// per-anchor coefficients at `coefficients` ([`grad_coefficients`] uploaded, or
+/// [`launch_coefficients`]).
+///
+/// # Safety
+/// As [`launch_forward`] for `inputs`, which must be the inputs the statistics at `saved` were
+/// computed from (or their exact host reconstruction); `saved` and `coefficients` must address
+/// `R` floats each of `executor`'s memory, alive until the kernel has finished; `grad` must
+/// address `B·V·D` writable `f32` that nothing else reads or writes until then.
+pub(crate) unsafe fn launch_backward<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    inputs: &InputAddresses,
+    saved: SavedAddresses,
+    coefficients: u64,
+    grad: u64,
+) -> Result<()> {
+    let params = SupconParams {
+        anchor_lse: saved.lse,
+        anchor_scaled_positive_lse: saved.scaled_positive_lse,
+        anchor_positive_weight: saved.positive_weight,
+        anchor_positive_weight_max: saved.positive_weight_max,
+        anchor_grad_coef: coefficients,
+        grad_features: grad,
+        ..problem.params(inputs)
+    };
+    // SAFETY: inputs, statistics, coefficients and `grad` per this function's contract.
+    unsafe { problem.launch(executor, Kernel::Backward(problem.feature_type()), &params) }
+}
+
+fn widen(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// [`SavedState`]'s LSE^P_i = log Σ_j w_ij e^{s_ij} from the kernels' scaled statistic
+/// LSE^P_i − log W_i and W_i = max_j w_ij (0: no positive).
+///
+/// The kernels scale by W_i so that the backward kernel reproduces the forward's softmaxes bit
+/// for bit in the cases where a loss does not depend on the logits (a one-class batch under
+/// L_in, a single positive of any weight): their gradients are then exactly zero
+/// (kernels/supcon_forward.cu, "Exact cancellations").
+pub(crate) fn saved_positive_lse(scaled_lse: f32, positive_weight_max: f32) -> f64 {
+    if positive_weight_max > 0.0 {
+        f64::from(scaled_lse) + f64::from(positive_weight_max).ln()
+    } else {
+        f64::NEG_INFINITY
+    }
+}

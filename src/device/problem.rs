@@ -1,0 +1,252 @@
+//! The problem encoding: a loss configuration and batch shape checked against what the
+//! kernels implement, turned into the parameter block every launch takes, and the device
+//! inputs by address.
+
+use bytemuck::Zeroable;
+
+use super::abi::{self, SupconParams};
+use super::executor::KernelExecutor;
+use super::kernel::{FeatureType, Kernel};
+use super::plan::{launch_config, KernelShape, GRAD_CHUNK, MAX_GRID_Y};
+use crate::config::{Denominator, NoPositivePolicy, Reduction, Summation, SupConLoss};
+use crate::element::DType;
+use crate::error::{Capability, Error, Extent, Result};
+use crate::inputs::BatchShape;
+
+/// Most rows the kernels index (32-bit row arithmetic with room for one tile).
+const MAX_ROWS: usize = i32::MAX as usize;
+/// Widest rows the backward kernel covers: `gridDim.y` counts its feature chunks.
+const MAX_DIM: usize = (MAX_GRID_Y * GRAD_CHUNK) as usize;
+
+/// A validated problem: options, shape and element type the kernels implement, and what every
+/// launch needs to know about them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Problem {
+    loss: SupConLoss,
+    shape: BatchShape,
+    kernel_shape: KernelShape,
+    feature_type: FeatureType,
+}
+
+impl Problem {
+    /// Rejects what the kernels do not implement or cannot index. What needs the data
+    /// (lengths of the positives, finiteness: `validate_inputs`) is the caller's, and comes
+    /// first on the host path.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] (N or D beyond the kernels' indexing), [`Error::Unsupported`] (f64
+    /// features, `OnePositive`, `positives_cap`).
+    pub(crate) fn new(
+        backend: &'static str,
+        loss: &SupConLoss,
+        shape: BatchShape,
+        dtype: DType,
+    ) -> Result<Self> {
+        let unsupported = |capability| Error::Unsupported {
+            backend,
+            capability,
+        };
+        let feature_type =
+            FeatureType::of(dtype).ok_or(unsupported(Capability::ElementType(dtype)))?;
+        if loss.denominator() == Denominator::OnePositive {
+            return Err(unsupported(Capability::Denominator(loss.denominator())));
+        }
+        if loss.positives_cap().is_some() {
+            return Err(unsupported(Capability::PositivesCap));
+        }
+        let too_large = |extent, requested: usize, limit: usize| Error::TooLarge {
+            extent,
+            requested: requested as u128,
+            limit: limit as u128,
+        };
+        if shape.rows() > MAX_ROWS {
+            return Err(too_large(Extent::Rows, shape.rows(), MAX_ROWS));
+        }
+        let dim = shape.dim();
+        if dim > MAX_DIM {
+            return Err(too_large(Extent::Dim, dim, MAX_DIM));
+        }
+        // All three fit u32: anchors ≤ rows ≤ MAX_ROWS and dim ≤ MAX_DIM.
+        let kernel_shape = KernelShape {
+            rows: shape.rows() as u32,
+            anchors: shape.anchors(loss.contrast_mode()) as u32,
+            dim: dim as u32,
+        };
+        Ok(Problem {
+            loss: *loss,
+            shape,
+            kernel_shape,
+            feature_type,
+        })
+    }
+
+    /// The loss configuration.
+    pub(crate) fn loss(&self) -> &SupConLoss {
+        &self.loss
+    }
+
+    /// The batch shape.
+    pub(crate) fn shape(&self) -> BatchShape {
+        self.shape
+    }
+
+    /// The element type of the features the kernels read.
+    pub(crate) fn feature_type(&self) -> FeatureType {
+        self.feature_type
+    }
+
+    /// R.
+    pub(crate) fn anchors(&self) -> usize {
+        self.kernel_shape.anchors as usize
+    }
+
+    /// The parameter block with the inputs, shape and options filled in (outputs 0).
+    pub(crate) fn params(&self, inputs: &InputAddresses) -> SupconParams {
+        let (positive_kind, labels, mask) = match inputs.positives {
+            PositiveAddresses::SameSample => (abi::positives::SAME_SAMPLE, 0, 0),
+            PositiveAddresses::Labels(address) => (abi::positives::LABELS, address, 0),
+            PositiveAddresses::Mask(address) => (abi::positives::MASK, 0, address),
+        };
+        SupconParams {
+            features: inputs.features,
+            labels,
+            mask,
+            positive_kind,
+            ..self.shape_params()
+        }
+    }
+
+    /// The parameter block with the shape and options filled in (inputs and outputs 0).
+    pub(crate) fn shape_params(&self) -> SupconParams {
+        let loss = &self.loss;
+        SupconParams {
+            // batch and views are factors of rows ≤ MAX_ROWS (checked in `new`): they fit u32.
+            batch: self.shape.batch() as u32,
+            views: self.shape.views() as u32,
+            dim: self.kernel_shape.dim,
+            rows: self.kernel_shape.rows,
+            anchors: self.kernel_shape.anchors,
+            denominator: match loss.denominator() {
+                Denominator::All => abi::denominator::ALL,
+                // OnePositive is rejected in `new`.
+                Denominator::OnlyNegatives | Denominator::OnePositive => {
+                    abi::denominator::ONLY_NEGATIVES
+                }
+            },
+            summation: match loss.summation() {
+                Summation::Outside => abi::summation::OUTSIDE,
+                Summation::Inside => abi::summation::INSIDE,
+            },
+            reduction: match loss.reduction() {
+                Reduction::Mean => abi::reduction::MEAN,
+                Reduction::Sum => abi::reduction::SUM,
+                Reduction::None => abi::reduction::NONE,
+            },
+            no_positive_policy: match loss.no_positive() {
+                NoPositivePolicy::ZeroAndCount => abi::no_positive::ZERO_AND_COUNT,
+                NoPositivePolicy::Exclude => abi::no_positive::EXCLUDE,
+                NoPositivePolicy::Error => abi::no_positive::ERROR,
+            },
+            inv_temperature: loss.temperature().recip() as f32,
+            loss_scale: loss.loss_scale() as f32,
+            ..SupconParams::zeroed()
+        }
+    }
+
+    /// Launches `kernel` with the plan for this problem.
+    ///
+    /// # Safety
+    /// As [`KernelExecutor::launch`].
+    pub(crate) unsafe fn launch<E: KernelExecutor>(
+        &self,
+        executor: &mut E,
+        kernel: Kernel,
+        params: &SupconParams,
+    ) -> Result<()> {
+        let config = launch_config(kernel.stage(), self.kernel_shape);
+        // SAFETY: forwarded from this function's contract.
+        unsafe { executor.launch(kernel, config, params) }
+    }
+}
+
+/// What makes two rows positives, with device addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PositiveAddresses {
+    /// SimCLR: the other views of the same sample.
+    SameSample,
+    /// `const int64_t[B]` labels.
+    Labels(u64),
+    /// `const float[B][B]` weights.
+    Mask(u64),
+}
+
+/// The device inputs of one call, by address.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InputAddresses {
+    /// `const T[B][V][D]`, T the problem's feature type.
+    pub(crate) features: u64,
+    /// The positives.
+    pub(crate) positives: PositiveAddresses,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_the_kernels_do_not_implement_are_refused() {
+        let shape = BatchShape::new(4, 2, 8).unwrap();
+        let default = SupConLoss::default();
+        let refused = |loss: &SupConLoss, dtype, capability| {
+            assert_eq!(
+                Problem::new("cuda", loss, shape, dtype).unwrap_err(),
+                Error::Unsupported {
+                    backend: "cuda",
+                    capability
+                }
+            );
+        };
+        refused(&default, DType::F64, Capability::ElementType(DType::F64));
+        let one_positive = SupConLoss::builder()
+            .denominator(Denominator::OnePositive)
+            .build()
+            .unwrap();
+        refused(
+            &one_positive,
+            DType::F32,
+            Capability::Denominator(Denominator::OnePositive),
+        );
+        let capped = SupConLoss::builder().positives_cap(2).build().unwrap();
+        refused(&capped, DType::BF16, Capability::PositivesCap);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            assert!(Problem::new("cuda", &default, shape, dtype).is_ok());
+        }
+    }
+
+    #[test]
+    fn shapes_beyond_the_kernels_indexing_are_too_large() {
+        let loss = SupConLoss::default();
+        let problem = |batch, views, dim| {
+            let shape = BatchShape::new(batch, views, dim).unwrap();
+            Problem::new("cuda", &loss, shape, DType::F32)
+        };
+        assert_eq!(
+            problem(1 << 31, 1, 3).unwrap_err(),
+            Error::TooLarge {
+                extent: Extent::Rows,
+                requested: 1 << 31,
+                limit: MAX_ROWS as u128
+            }
+        );
+        assert_eq!(
+            problem(2, 2, MAX_DIM + 1).unwrap_err(),
+            Error::TooLarge {
+                extent: Extent::Dim,
+                requested: MAX_DIM as u128 + 1,
+                limit: MAX_DIM as u128
+            }
+        );
+        assert!(problem(MAX_ROWS, 1, 1).is_ok());
+        assert!(problem(2, 1, MAX_DIM).is_ok());
+    }
+}
