@@ -37,7 +37,8 @@ echo "== cargo build --release --all-features --example cuda_table --bin supcon"
 cargo build --release --all-features --example cuda_table --bin supcon "${json[@]}" \
     >"$messages/build.json"
 
-# Picks the artifacts out of cargo's JSON messages; fails unless build.rs embedded the kernels.
+# Picks the artifacts out of cargo's JSON messages; fails unless the build script
+# (build/fatbins.rs) embedded the kernels.
 # Prints "DESTINATION<TAB>EXECUTABLE" lines.
 select_artifacts() {
     python3 - "$messages" <<'PY'
@@ -82,7 +83,8 @@ for m in messages("build.json"):
             m["target"]["name"] in ("cuda_table", "supcon"):
         out.append((f"bin/{m['target']['name']}", m["executable"]))
 if not kernels_built:
-    sys.exit("build.rs did not embed the CUDA kernels (no cfg supcon_kernels_built): is nvcc there?")
+    sys.exit("the build script (build/fatbins.rs) did not embed the CUDA kernels "
+             "(no cfg supcon_kernels_built): is nvcc there?")
 wanted = {"tests/lib", "benches/cuda", "bin/cuda_table", "bin/supcon"}
 missing = wanted - {d for d, _ in out}
 if missing:

@@ -5,8 +5,8 @@
 #      both sanitizers, a toy kernel missing a __syncthreads() must be reported by TSan, and one
 #      writing past a shared array must be reported by ASan. This proves the checks can fail.
 #   2. The emulated-kernel suite (tests/emulated_kernels.rs) with the emulation library built with
-#      -fsanitize=thread, then -fsanitize=address (SUPCON_EMU_SANITIZE, see build.rs): any
-#      report fails the run.
+#      -fsanitize=thread, then -fsanitize=address (SUPCON_EMU_SANITIZE, see
+#      build/emulation.rs): any report fails the run.
 #
 # Needs a C++20 g++ with libtsan and libasan, and cargo; no GPU, no nvcc.
 # Environment: SANITIZE_TARGET_DIR (default target/sanitize: one cargo target dir per

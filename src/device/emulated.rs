@@ -1,12 +1,12 @@
 //! [`EmulatedBackend`]: the CUDA kernels run on the CPU through a host emulation of the CUDA
 //! execution model (feature `emulation`, for tests).
 //!
-//! The build script compiles the unmodified `kernels/*.cu` as C++ against
+//! The build script (`build/emulation.rs`) compiles the unmodified `kernels/*.cu` as C++ against
 //! `kernels/emu/cuda_emu.h`: one OS thread per CUDA thread, a barrier per `__syncthreads()`,
 //! blocks one after another. The backend then runs the same launch sequences (`super::launch`,
-//! `super::host`) and launch plan as the CUDA backend, with host memory standing in for device memory, so the kernels' arithmetic, tiling,
-//! masking and bounds handling are tested on machines without a GPU. It is slow (a block
-//! barrier costs ~0.2 ms): meant for small problems.
+//! `super::host`) and launch plan as the CUDA backend, with host memory standing in for device
+//! memory, so the kernels' arithmetic, tiling, masking and bounds handling are tested on machines
+//! without a GPU. It is slow (a block barrier costs ~0.2 ms): meant for small problems.
 //!
 //! Freshly allocated "device" buffers are filled with NaN bytes, so an output element a kernel
 //! forgets to write shows up as NaN. f64 features are rejected like on the GPU

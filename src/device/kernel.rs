@@ -84,7 +84,8 @@ impl Kernel {
     }
 }
 
-/// The fatbin (compiled by the build script from `kernels/<module>.cu`) that holds `kernel`.
+/// The fatbin (compiled by the build script, `build/fatbins.rs`, from `kernels/<module>.cu`)
+/// that holds `kernel`.
 ///
 /// # Errors
 /// [`Error::KernelsNotBuilt`] when nvcc was not found at build time.

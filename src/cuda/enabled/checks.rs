@@ -3,8 +3,9 @@
 
 use crate::error::{Error, Result};
 
-/// The oldest compute capability the kernels are compiled for (`sm_80`, Ampere): the build script emits
-/// SASS for sm_80 and newer and PTX for compute_90, so older devices have no loadable code.
+/// The oldest compute capability the kernels are compiled for (`sm_80`, Ampere): the build script
+/// (`build/fatbins.rs`) emits SASS for sm_80 and newer and PTX for compute_90, so older devices
+/// have no loadable code.
 pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
 
 /// The oldest driver API version (`cuDriverGetVersion`, 1000·major + 10·minor) that loads the
