@@ -2,13 +2,14 @@
  * SupCon backward pass: dL/dZ from Z and the saved O(R) per-anchor statistics, without the
  * N x N matrices.
  *
- * The math (SPEC.md). With q_ij = e^{s_ij - LSE_i} and r_ij = w_ij e^{s_ij - LSE^P_i}, computed as
- * (w_ij / W_i) e^{s_ij - (LSE^P_i - log W_i)} from the forward kernel's scaled statistic (see
- * "Exact cancellations" in supcon_forward.cu; w_ij / P_i is likewise a division):
+ * The math (docs/math.md). With q_ij = e^{s_ij - LSE_i} and r_ij = w_ij e^{s_ij - LSE^P_i},
+ * computed as (w_ij / W_i) e^{s_ij - (LSE^P_i - log W_i)} from the forward kernel's scaled
+ * statistic (see "Exact cancellations" in supcon_forward.cu; w_ij / P_i is likewise a division):
  *     G_ij = dL/ds_ij = coef_i (q_ij [j in D_i] - w_ij / P_i)     (summation outside)
  *                     = coef_i (q_ij [j in D_i] - r_ij)           (summation inside)
  * where coef_i = c u_i / R' [P_i > 0] [D_i non-empty] (u: upstream gradient) is precomputed, on the
- * host or by supcon_backward_coefficients, and G_ij = 0 for rows i that are not anchors. As s_kj = s_jk = z_k . z_j / tau,
+ * host or by supcon_backward_coefficients, and G_ij = 0 for rows i that are not anchors.
+ * As s_kj = s_jk = z_k . z_j / tau,
  *     dL/dz_k = (1/tau) sum_j H_kj z_j,    H_kj = G_kj + G_jk,
  * which covers contrast mode all and one (G_jk = 0 when j is no anchor) and asymmetric masks
  * (G_jk uses w_jk = mask[b_j, b_k]).

@@ -1,7 +1,7 @@
 /*
  * SupCon forward pass: per-anchor statistics, per-anchor losses, and the reduced loss.
  *
- * The math (SPEC.md). For anchor i (rows 0..R-1) and every contrast row j != i:
+ * The math (docs/math.md). For anchor i (rows 0..R-1) and every contrast row j != i:
  *     s_ij = z_i . z_j / tau,  w_ij = positive weight (same label / same sample / mask[b_i, b_j])
  *     D_i  = { j != i }  (denominator all)   or   { j != i : w_ij = 0 }  (only negatives)
  *     LSE_i   = log sum_{j in D_i} e^{s_ij}          P_i = sum_j w_ij,  W_i = max_j w_ij

@@ -3,7 +3,7 @@
 
 `supcon_unfused` is the math of the original `SupConLoss` (Khosla et al.'s reference code, with
 its Dec 2023 fix for anchors without positives) for labelled features [B, V, D], contrast mode
-"all", summation outside, denominator all, reduction mean (SPEC.md's defaults): N x N logits, a
+"all", summation outside, denominator all, reduction mean (the crate's defaults): N x N logits, a
 row max, an N x N mask, log-softmax over non-self entries, the mean over positives, and autograd
 for the backward. Nothing is fused; that is the point of the comparison.
 

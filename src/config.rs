@@ -1,10 +1,10 @@
-//! The loss configuration: every option of SPEC.md, validated once when built.
+//! The loss configuration: every option of docs/math.md, validated once when built.
 
 use std::num::NonZeroUsize;
 
 use crate::error::{Error, Result};
 
-/// Which rows act as anchors (SPEC.md "Anchors").
+/// Which rows act as anchors (docs/math.md, "Inputs and notation").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ContrastMode {
     /// Every one of the N = B·V rows is an anchor.

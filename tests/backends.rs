@@ -1,73 +1,85 @@
-//! One correctness suite, instantiated for every backend in this build (reference, cpu,
-//! emulated kernels, CUDA): each option a backend supports must agree with the f64 reference on
-//! fresh random inputs of ragged sizes; each option it does not support must be a typed
-//! `Error::Unsupported`, never a wrong answer.
+//! One correctness suite, instantiated for every backend in this build (reference, cpu, emulated
+//! kernels, CUDA): each option a backend supports must agree with the f64 reference on fresh
+//! random inputs of ragged sizes, within the one tolerance model of `common::tolerance`; each
+//! option it does not support must be a typed `Error::Unsupported`, never a wrong answer.
+//!
+//! Inputs are fresh random values on every run (the seed is printed; SUPCON_TEST_SEED replays
+//! one). What only one backend has lives in its own file: `cpu_backend.rs` (thread counts,
+//! strided views), `emulated_kernels.rs` (poisoned outputs, exact zeros), `cuda.rs` (the device
+//! API, streams).
 
 mod common;
 
+use common::tolerance::{Precision, Tolerance, Worst};
+use common::upstream_for;
 use half::{bf16, f16};
-use ndarray::{Array1, Array3};
+use ndarray::{Array1, Array2, Array3};
 use rand::rngs::StdRng;
 use supcon::{
-    Backend, DType, Element, Error, GradElement, NoPositivePolicy, Positives, Reduction,
-    ReferenceBackend, SupConLoss, Upstream,
+    Backend, ContrastMode, DType, Denominator, Element, Error, NoPositivePolicy, Positives,
+    Reduction, ReferenceBackend, Summation, SupConLoss, Upstream,
 };
 
+type Shape = (usize, usize, usize);
+
+/// A backend under test and the shapes that exercise its tiling.
+struct Subject<B> {
+    backend: B,
+    /// Whether it implements (options, element type); the rest must be `Error::Unsupported`.
+    supports: fn(&SupConLoss, DType) -> bool,
+    precision: Precision,
+    /// Small ragged shapes for the whole option grid.
+    option_shapes: &'static [Shape],
+    /// Shapes across several of its tiles, for one in nine of the grid's configurations (the
+    /// policy and the reduction do not enter the tile loops).
+    tile_shapes: &'static [Shape],
+    /// Shapes on both sides of its tile, lane and stage boundaries, for the default options.
+    ragged_shapes: &'static [Shape],
+}
+
 /// Which positives a case uses.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Source {
     SimClr,
     Labels,
     Mask,
 }
 
-/// A backend under test: how to build it, and which (options, element type) it implements.
-struct Subject<B> {
-    backend: B,
-    supports: fn(&SupConLoss, DType) -> bool,
+const SOURCES: [Source; 3] = [Source::SimClr, Source::Labels, Source::Mask];
+
+/// Labels and a soft asymmetric mask for one batch.
+struct Relations {
+    labels: Array1<i64>,
+    mask: Array2<f32>,
 }
 
-/// Tolerance, as ‖x − x_ref‖∞ / max(‖x_ref‖∞, floor) for the per-anchor losses, the loss and
-/// the gradient.
-///
-/// Every backend accumulates in f32 at least. The reference runs on the *same* (rounded) inputs
-/// widened to f64, so input rounding is not an error source; what is left is f32 accumulation
-/// over D-long dot products and N-long sums, ~√(N)·2⁻²⁴·|terms| ≲ 1e-5 of the scale at the
-/// sizes here, and the same for half inputs (their products are exact in f32).
-///
-/// The floor keeps a value that is exactly 0 in theory (two rows: ℓ = s − LSE = 0) from
-/// turning f32 rounding of the logits into an infinite relative error: it is 10 % of the
-/// natural scale of each quantity — c·max‖z‖²/τ for a loss (× R for a sum), and
-/// c·|u|·max‖z‖/(τ·R') for the gradient.
-const TOLERANCE: f64 = 2e-5;
+impl Relations {
+    fn new(rng: &mut StdRng, batch: usize, classes: usize) -> Self {
+        Relations {
+            labels: common::labels(rng, batch, classes),
+            mask: common::soft_mask(rng, batch),
+        }
+    }
 
-/// The floors of [`TOLERANCE`]: (per-anchor loss, reduced loss, gradient).
-fn error_floors<T: Element>(
-    loss: &SupConLoss,
-    z: &Array3<T>,
-    upstream: Upstream<'_>,
-    anchors: usize,
-) -> (f64, f64, f64) {
-    let max_norm2 = z
-        .rows()
-        .into_iter()
-        .map(|row| row.iter().map(|x| x.to_f64().powi(2)).sum::<f64>())
-        .fold(0.0, f64::max);
-    let per_anchor = 0.1 * loss.loss_scale() * max_norm2 / loss.temperature();
-    let (reduced, mean_denominator, upstream_max) = match (loss.reduction(), upstream) {
-        (Reduction::Mean, Upstream::Scalar(u)) => (per_anchor, anchors as f64, u.abs()),
-        (_, Upstream::Scalar(u)) => (per_anchor * anchors as f64, 1.0, u.abs()),
-        (_, Upstream::PerAnchor(u)) => (
-            per_anchor,
-            1.0,
-            u.iter().fold(0.0f64, |m, x| m.max(x.abs())),
-        ),
-    };
-    let gradient = 0.1 * loss.loss_scale() * upstream_max * max_norm2.sqrt()
-        / (loss.temperature() * mean_denominator);
-    (per_anchor, reduced, gradient)
+    fn positives(&self, source: Source) -> Positives<'_> {
+        match source {
+            Source::SimClr => Positives::SimClr,
+            Source::Labels => Positives::Labels(self.labels.view()),
+            Source::Mask => Positives::Mask(self.mask.view()),
+        }
+    }
 }
 
+/// The largest weight a kind of positives gives a pair.
+fn max_weight(positives: &Positives<'_>) -> f64 {
+    match positives {
+        Positives::Mask(mask) => mask.iter().fold(1.0f64, |m, &w| m.max(f64::from(w))),
+        _ => 1.0,
+    }
+}
+
+/// The backend against the reference on the same values: within the tolerance model, the same
+/// error, or `Unsupported` where the subject says so. Returns the error/bound ratio.
 fn compare<B: Backend, T: Element>(
     subject: &Subject<B>,
     loss: &SupConLoss,
@@ -75,219 +87,355 @@ fn compare<B: Backend, T: Element>(
     positives: Positives<'_>,
     upstream: Upstream<'_>,
     what: &str,
-) -> bool {
+) -> f64 {
+    let name = subject.backend.name();
     let result = subject
         .backend
         .forward_backward(loss, z.view(), positives, upstream);
     if !(subject.supports)(loss, T::DTYPE) {
         assert!(
-            matches!(result, Err(Error::Unsupported { .. })),
-            "{}: {what}: unsupported options must be a typed error, got {result:?}",
-            subject.backend.name()
+            matches!(result, Err(Error::Unsupported { backend, .. }) if backend == name),
+            "{name}: {what}: unsupported options must be a typed error, got {result:?}"
         );
-        return false;
+        return 0.0;
     }
     let expected = ReferenceBackend.forward_backward(loss, z.view(), positives, upstream);
-    let ((out, grad), (ref_out, ref_grad)) = match (result, expected) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(a), Err(b)) => {
-            assert_eq!(a, b, "{}: {what}: different errors", subject.backend.name());
-            return true;
+    match (result, expected) {
+        (Ok(got), Ok(want)) => {
+            let r_prime = want.0.state.mean_denominator();
+            Tolerance::new(
+                subject.precision,
+                loss,
+                z,
+                max_weight(&positives),
+                upstream,
+                r_prime,
+            )
+            .check(&format!("{name}: {what}"), &got, &want)
         }
-        (a, b) => panic!(
-            "{}: {what}: {a:?} vs reference {b:?}",
-            subject.backend.name()
+        (Err(got), Err(want)) => {
+            assert_eq!(got, want, "{name}: {what}: a different error");
+            0.0
+        }
+        (got, want) => panic!(
+            "{name}: {what}: {:?} vs the reference's {:?}",
+            got.map(|o| o.0.loss),
+            want.map(|o| o.0.loss)
         ),
-    };
-    let (anchor_floor, loss_floor, grad_floor) =
-        error_floors(loss, z, upstream, ref_out.per_anchor.len());
-    let loss_err = common::relative_error(
-        out.per_anchor.iter(),
-        ref_out.per_anchor.iter(),
-        anchor_floor,
-    );
-    let reduced = |l: Option<f64>| l.map(|x| [x]).unwrap_or([0.0]);
-    let total_err = common::relative_error(
-        reduced(out.loss).iter(),
-        reduced(ref_out.loss).iter(),
-        loss_floor,
-    );
-    let grad64: Vec<f64> = grad.iter().map(|g| g.to_f64()).collect();
-    let ref64: Vec<f64> = ref_grad.iter().map(|g| g.to_f64()).collect();
-    let grad_err = common::relative_error(grad64.iter(), ref64.iter(), grad_floor);
-    assert!(
-        loss_err <= TOLERANCE && total_err <= TOLERANCE && grad_err <= TOLERANCE,
-        "{}: {what}: per-anchor error {loss_err:e}, loss error {total_err:e}, gradient error {grad_err:e}",
-        subject.backend.name()
-    );
-    assert_eq!(out.state.shape(), ref_out.state.shape());
-    true
-}
-
-fn upstream_for<'a>(loss: &SupConLoss, anchors: &'a Array1<f64>) -> Upstream<'a> {
-    match loss.reduction() {
-        Reduction::None => Upstream::PerAnchor(anchors.view()),
-        _ => Upstream::Scalar(0.75),
     }
 }
 
-/// Every option combination on a few ragged shapes, f32 input.
+fn anchors_of(loss: &SupConLoss, (b, v, _): Shape) -> usize {
+    match loss.contrast_mode() {
+        ContrastMode::All => b * v,
+        ContrastMode::One => b,
+    }
+}
+
+/// Every option combination (contrast mode × summation × denominator × cap × policy ×
+/// reduction) × every kind of positives, f32 features.
 fn every_option_matches_reference<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
+    let mut worst = Worst::default();
     let mut compared = 0;
-    for (b, v, d) in [(7, 2, 17), (13, 1, 3), (5, 3, 130), (2, 1, 1)] {
+    let shapes = subject
+        .option_shapes
+        .iter()
+        .map(|&shape| (shape, true))
+        .chain(subject.tile_shapes.iter().map(|&shape| (shape, false)));
+    for ((b, v, d), every_configuration) in shapes {
         let z = common::unit_features(rng, (b, v, d)).mapv(|x| x as f32);
-        let labels = common::labels(rng, b, 3);
-        let mask = common::soft_mask(rng, b);
-        let per_anchor = Array1::from_shape_fn(b * v, |i| 1.0 - 0.05 * i as f64);
-        for cap in [None, Some(2)] {
-            for loss in common::option_grid(0.1, 0.07, cap) {
-                let anchors = per_anchor
-                    .slice(ndarray::s![
-                        ..match loss.contrast_mode() {
-                            supcon::ContrastMode::All => b * v,
-                            supcon::ContrastMode::One => b,
-                        }
-                    ])
+        // Few classes: most anchors have positives, some samples are alone in their class.
+        let relations = Relations::new(rng, b, (b / 3).clamp(2, 40));
+        let upstream = Array1::from_shape_fn(b * v, |i| 1.0 - 0.37 * (i % 5) as f64);
+        for cap in [None, Some(1), Some(3)] {
+            let grid = common::option_grid(0.1, 0.07, cap);
+            let kept = grid
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| every_configuration || k % 9 == (k / 9) % 9);
+            for (_, loss) in kept {
+                let per_anchor = upstream
+                    .slice(ndarray::s![..anchors_of(loss, (b, v, d))])
                     .to_owned();
-                for source in [Source::SimClr, Source::Labels, Source::Mask] {
-                    let positives = match source {
-                        Source::SimClr => Positives::SimClr,
-                        Source::Labels => Positives::Labels(labels.view()),
-                        Source::Mask => Positives::Mask(mask.view()),
-                    };
-                    let what = format!("{loss:?} {source:?} shape {:?}", (b, v, d));
-                    compared += usize::from(compare(
+                for source in SOURCES {
+                    let what = format!("{loss:?} {source:?} {:?}", (b, v, d));
+                    let ratio = compare(
                         subject,
-                        &loss,
+                        loss,
                         &z,
-                        positives,
-                        upstream_for(&loss, &anchors),
+                        relations.positives(source),
+                        upstream_for(loss, &per_anchor),
                         &what,
-                    ));
+                    );
+                    worst.record(ratio, &what);
+                    compared += 1;
                 }
             }
         }
     }
-    eprintln!(
-        "{}: {compared} option combinations compared",
-        subject.backend.name()
-    );
-    assert!(compared > 0, "the backend supports no option at all");
+    eprintln!("{}: {compared} cases", subject.backend.name());
+    worst.report("every_option");
 }
 
-/// Larger ragged sizes (primes), every element type, the default options.
-fn element_types_and_sizes_match_reference<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
-    for (b, v, d) in [(151, 2, 64), (97, 3, 128), (293, 1, 33)] {
+/// The default options on the subject's ragged shapes: f32 with every kind of positives, f16 and
+/// bf16 with one.
+fn ragged_shapes_match_reference<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
+    let mut worst = Worst::default();
+    let loss = SupConLoss::default();
+    let up = Upstream::Scalar(1.0);
+    for (index, &(b, v, d)) in subject.ragged_shapes.iter().enumerate() {
         let z = common::unit_features(rng, (b, v, d));
-        let labels = common::labels(rng, b, 11);
-        let loss = SupConLoss::default();
-        let positives = Positives::Labels(labels.view());
-        let up = Upstream::Scalar(1.0);
-        let what = format!("shape {:?}", (b, v, d));
-        compare(
-            subject,
-            &loss,
-            &z.mapv(|x| x as f32),
-            positives,
-            up,
-            &format!("f32 {what}"),
-        );
-        compare(
-            subject,
-            &loss,
-            &z.mapv(f16::from_f64),
-            positives,
-            up,
-            &format!("f16 {what}"),
-        );
-        compare(
+        let relations = Relations::new(rng, b, (b / 4).max(2));
+        for source in SOURCES {
+            let what = format!("f32 {:?} {source:?}", (b, v, d));
+            let ratio = compare(
+                subject,
+                &loss,
+                &z.mapv(|x| x as f32),
+                relations.positives(source),
+                up,
+                &what,
+            );
+            worst.record(ratio, &what);
+        }
+        let positives = relations.positives(SOURCES[index % SOURCES.len()]);
+        let what = format!("{:?} {positives:?}", (b, v, d));
+        let ratio = compare(subject, &loss, &z.mapv(f16::from_f64), positives, up, &what);
+        worst.record(ratio, &format!("f16 {what}"));
+        let ratio = compare(
             subject,
             &loss,
             &z.mapv(bf16::from_f64),
             positives,
             up,
-            &format!("bf16 {what}"),
+            &what,
         );
+        worst.record(ratio, &format!("bf16 {what}"));
     }
+    worst.report("ragged_shapes");
 }
 
-/// Un-normalised features (norms 8–100) and τ = 0.005: finite everywhere, close to the reference
-/// relative to the loss scale (logits reach 2·10⁶, so f32 cancellation in s − LSE costs ~1e-7 of
-/// that scale).
-fn extreme_logits_stay_finite<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
-    let z = common::features(rng, (23, 2, 19), 8.0..100.0).mapv(|x| x as f32);
-    let labels = common::labels(rng, 23, 4);
-    for loss in common::option_grid(0.005, 0.07, None)
-        .into_iter()
-        .filter(|l| l.no_positive() != NoPositivePolicy::Error && l.reduction() == Reduction::Mean)
-    {
-        if !(subject.supports)(&loss, DType::F32) {
+/// f16, bf16 and f64 features under every contrast mode, summation and denominator, every kind
+/// of positives.
+fn element_types_under_every_variant_match_reference<B: Backend>(
+    subject: &Subject<B>,
+    rng: &mut StdRng,
+) {
+    let mut worst = Worst::default();
+    let (b, v, d) = (45, 2, 40);
+    let z = common::unit_features(rng, (b, v, d));
+    let relations = Relations::new(rng, b, 9);
+    let up = Upstream::Scalar(1.0);
+    for contrast_mode in [ContrastMode::All, ContrastMode::One] {
+        for summation in [Summation::Outside, Summation::Inside] {
+            for denominator in [
+                Denominator::All,
+                Denominator::OnlyNegatives,
+                Denominator::OnePositive,
+            ] {
+                let loss = SupConLoss::builder()
+                    .temperature(0.2)
+                    .contrast_mode(contrast_mode)
+                    .summation(summation)
+                    .denominator(denominator)
+                    .build()
+                    .unwrap();
+                for source in SOURCES {
+                    let positives = relations.positives(source);
+                    let what = format!("{loss:?} {source:?}");
+                    let ratios = [
+                        compare(subject, &loss, &z.mapv(f16::from_f64), positives, up, &what),
+                        compare(
+                            subject,
+                            &loss,
+                            &z.mapv(bf16::from_f64),
+                            positives,
+                            up,
+                            &what,
+                        ),
+                        compare(subject, &loss, &z, positives, up, &what),
+                    ];
+                    for (dtype, ratio) in ["f16", "bf16", "f64"].iter().zip(ratios) {
+                        worst.record(ratio, &format!("{dtype} {what}"));
+                    }
+                }
+            }
+        }
+    }
+    worst.report("element_types");
+}
+
+/// τ = 0.005 and norms 5–100: logits up to 2·10⁶, far beyond the half range (65504), in every
+/// element type. Everything stays finite and within the model (whose bound grows with s_max).
+fn large_logits_stay_finite_and_accurate<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
+    let mut worst = Worst::default();
+    let (b, v, d) = (29, 2, 24);
+    let z = common::features(rng, (b, v, d), 5.0..100.0);
+    let relations = Relations::new(rng, b, 5);
+    for summation in [Summation::Outside, Summation::Inside] {
+        for denominator in [
+            Denominator::All,
+            Denominator::OnlyNegatives,
+            Denominator::OnePositive,
+        ] {
+            let loss = SupConLoss::builder()
+                .temperature(0.005)
+                .summation(summation)
+                .denominator(denominator)
+                .build()
+                .unwrap();
+            for source in [Source::Labels, Source::SimClr] {
+                let positives = relations.positives(source);
+                let up = Upstream::Scalar(1.0);
+                let what = format!("τ = 0.005 {summation:?} {denominator:?} {source:?}");
+                let ratios = [
+                    compare(subject, &loss, &z.mapv(|x| x as f32), positives, up, &what),
+                    compare(subject, &loss, &z.mapv(f16::from_f64), positives, up, &what),
+                    compare(
+                        subject,
+                        &loss,
+                        &z.mapv(bf16::from_f64),
+                        positives,
+                        up,
+                        &what,
+                    ),
+                ];
+                for (dtype, ratio) in ["f32", "f16", "bf16"].iter().zip(ratios) {
+                    worst.record(ratio, &format!("{dtype} {what}"));
+                }
+            }
+        }
+    }
+    worst.report("large_logits");
+}
+
+/// Anchors without positives under each policy, a batch without any positive, one-class batches
+/// (no negatives), V = 1 SimCLR; and the exact values these cases must have.
+fn positive_and_negative_edge_cases<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
+    let mut worst = Worst::default();
+    let z = common::unit_features(rng, (70, 1, 9)).mapv(|x| x as f32);
+    // Labels 0..29 twice, then singletons: some anchors have positives, some none.
+    let mixed = Array1::from_shape_fn(70, |i| {
+        if i < 60 {
+            (i % 30) as i64
+        } else {
+            1000 + i as i64
+        }
+    });
+    let distinct = Array1::from_shape_fn(70, |i| i as i64 * 7 - 300);
+    let one_class = Array1::from_elem(70, i64::MIN);
+    let two_views = common::unit_features(rng, (9, 2, 5)).mapv(|x| x as f32);
+    let nine_of_one_class = Array1::from_elem(9, -5i64);
+    let up = Upstream::Scalar(1.0);
+    for policy in [
+        NoPositivePolicy::ZeroAndCount,
+        NoPositivePolicy::Exclude,
+        NoPositivePolicy::Error,
+    ] {
+        for denominator in [
+            Denominator::All,
+            Denominator::OnlyNegatives,
+            Denominator::OnePositive,
+        ] {
+            for summation in [Summation::Outside, Summation::Inside] {
+                for reduction in [Reduction::Mean, Reduction::Sum] {
+                    let loss = SupConLoss::builder()
+                        .no_positive(policy)
+                        .denominator(denominator)
+                        .summation(summation)
+                        .reduction(reduction)
+                        .build()
+                        .unwrap();
+                    let cases = [
+                        ("mixed labels", &z, Positives::Labels(mixed.view())),
+                        ("distinct labels", &z, Positives::Labels(distinct.view())),
+                        ("one class", &z, Positives::Labels(one_class.view())),
+                        ("V = 1 SimCLR", &z, Positives::SimClr),
+                        (
+                            "one class, V = 2",
+                            &two_views,
+                            Positives::Labels(nine_of_one_class.view()),
+                        ),
+                    ];
+                    for (name, features, positives) in cases {
+                        let what = format!("{name} {loss:?}");
+                        let ratio = compare(subject, &loss, features, positives, up, &what);
+                        worst.record(ratio, &what);
+                    }
+                }
+            }
+        }
+    }
+    worst.report("edge_cases");
+
+    let supported = |loss: &SupConLoss| (subject.supports)(loss, DType::F32);
+    let error = SupConLoss::builder()
+        .no_positive(NoPositivePolicy::Error)
+        .build()
+        .unwrap();
+    assert_eq!(
+        subject
+            .backend
+            .forward(&error, z.view(), Positives::Labels(mixed.view()))
+            .unwrap_err(),
+        Error::AnchorWithoutPositives { anchor: 60 }
+    );
+    // No anchor has a positive: the loss and the gradient are exactly 0.
+    for policy in [NoPositivePolicy::ZeroAndCount, NoPositivePolicy::Exclude] {
+        let loss = SupConLoss::builder().no_positive(policy).build().unwrap();
+        let (out, grad) = subject
+            .backend
+            .forward_backward(&loss, z.view(), Positives::SimClr, up)
+            .unwrap();
+        assert_eq!(out.loss, Some(0.0), "{policy:?}");
+        assert!(grad.iter().all(|g| g.to_f64() == 0.0), "{policy:?}");
+    }
+    // One class and only negatives in the denominator: every denominator is empty.
+    for denominator in [Denominator::OnlyNegatives, Denominator::OnePositive] {
+        let loss = SupConLoss::builder()
+            .denominator(denominator)
+            .build()
+            .unwrap();
+        if !supported(&loss) {
             continue;
         }
         let (out, grad) = subject
             .backend
             .forward_backward(
                 &loss,
-                z.view(),
-                Positives::Labels(labels.view()),
-                Upstream::Scalar(1.0),
+                two_views.view(),
+                Positives::Labels(nine_of_one_class.view()),
+                up,
             )
             .unwrap();
-        assert!(out.loss.unwrap().is_finite(), "{loss:?}");
-        assert!(grad.iter().all(|g| g.is_finite()), "{loss:?}");
-        let reference = ReferenceBackend
-            .forward(&loss, z.view(), Positives::Labels(labels.view()))
-            .unwrap();
-        let scale = reference
-            .per_anchor
-            .iter()
-            .fold(1.0f64, |m, x| m.max(x.abs()));
-        let err = (out.loss.unwrap() - reference.loss.unwrap()).abs() / scale;
-        assert!(err < 1e-5, "{}: {loss:?}: {err:e}", subject.backend.name());
+        assert_eq!(out.loss, Some(0.0), "{denominator:?}");
+        assert!(grad.iter().all(|g| g.to_f64() == 0.0), "{denominator:?}");
     }
 }
 
-/// Edge cases: one class, V = 1 SimCLR (no positives), and typed input errors.
-fn edge_cases<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
-    let z = common::unit_features(rng, (9, 2, 5)).mapv(|x| x as f32);
-    let one_class = Array1::from_elem(9, -5i64);
-    for loss in common::option_grid(0.1, 0.1, None)
-        .into_iter()
-        .filter(|l| l.reduction() == Reduction::Sum)
-    {
-        let up = Upstream::Scalar(1.0);
-        compare(
-            subject,
-            &loss,
-            &z,
-            Positives::Labels(one_class.view()),
-            up,
-            &format!("one class {loss:?}"),
-        );
-        let z1 = common::unit_features(rng, (6, 1, 4)).mapv(|x| x as f32);
-        compare(
-            subject,
-            &loss,
-            &z1,
-            Positives::SimClr,
-            up,
-            &format!("V = 1 SimCLR {loss:?}"),
-        );
-    }
+/// Every input error is a typed error, the same on every backend.
+fn bad_inputs_are_typed_errors<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
+    let backend = &subject.backend;
     let loss = SupConLoss::default();
+    let z = common::unit_features(rng, (9, 2, 5)).mapv(|x| x as f32);
     let single = Array3::<f32>::ones((1, 1, 3));
     assert_eq!(
-        subject
-            .backend
+        backend
             .forward(&loss, single.view(), Positives::SimClr)
             .unwrap_err(),
         Error::SingleRow
     );
+    let empty = Array3::<f32>::ones((4, 0, 3));
+    assert_eq!(
+        backend
+            .forward(&loss, empty.view(), Positives::SimClr)
+            .unwrap_err(),
+        Error::EmptyFeatures { shape: [4, 0, 3] }
+    );
     let mut bad = z.clone();
     bad[[4, 1, 2]] = f32::NAN;
     assert_eq!(
-        subject
-            .backend
+        backend
             .forward(&loss, bad.view(), Positives::SimClr)
             .unwrap_err(),
         Error::NonFiniteFeature {
@@ -297,15 +445,112 @@ fn edge_cases<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
         }
     );
     let short = Array1::from_elem(3, 1i64);
-    assert!(matches!(
-        subject
-            .backend
-            .forward(&loss, z.view(), Positives::Labels(short.view())),
-        Err(Error::LabelsLength {
+    assert_eq!(
+        backend
+            .forward(&loss, z.view(), Positives::Labels(short.view()))
+            .unwrap_err(),
+        Error::LabelsLength {
             expected: 9,
             got: 3
-        })
+        }
+    );
+    let wrong = Array2::<f32>::ones((9, 8));
+    assert_eq!(
+        backend
+            .forward(&loss, z.view(), Positives::Mask(wrong.view()))
+            .unwrap_err(),
+        Error::MaskShape {
+            expected: 9,
+            got: [9, 8]
+        }
+    );
+    let mut negative = Array2::<f32>::ones((9, 9));
+    negative[[2, 7]] = -0.5;
+    assert_eq!(
+        backend
+            .forward(&loss, z.view(), Positives::Mask(negative.view()))
+            .unwrap_err(),
+        Error::InvalidMaskWeight {
+            row: 2,
+            col: 7,
+            value: -0.5
+        }
+    );
+    // A state belongs to its configuration and shape; the upstream fits the reduction.
+    let out = backend.forward(&loss, z.view(), Positives::SimClr).unwrap();
+    let other = SupConLoss::builder().temperature(0.5).build().unwrap();
+    let backward = |loss: &SupConLoss, z: &Array3<f32>, upstream| {
+        backend.backward(loss, z.view(), Positives::SimClr, &out.state, upstream)
+    };
+    assert!(matches!(
+        backward(&other, &z, Upstream::Scalar(1.0)),
+        Err(Error::StateMismatch(_))
     ));
+    let narrower = common::unit_features(rng, (9, 2, 4)).mapv(|x| x as f32);
+    assert!(matches!(
+        backward(&loss, &narrower, Upstream::Scalar(1.0)),
+        Err(Error::StateMismatch(_))
+    ));
+    let per_anchor = Array1::zeros(18);
+    assert!(matches!(
+        backward(&loss, &z, Upstream::PerAnchor(per_anchor.view())),
+        Err(Error::UpstreamMismatch { .. })
+    ));
+    assert_eq!(
+        backward(&loss, &z, Upstream::Scalar(f64::INFINITY)).unwrap_err(),
+        Error::NonFiniteUpstream
+    );
+    let none = SupConLoss::builder()
+        .reduction(Reduction::None)
+        .build()
+        .unwrap();
+    let out = backend.forward(&none, z.view(), Positives::SimClr).unwrap();
+    let too_few = Array1::zeros(17);
+    for upstream in [Upstream::Scalar(1.0), Upstream::PerAnchor(too_few.view())] {
+        assert!(matches!(
+            backend.backward(&none, z.view(), Positives::SimClr, &out.state, upstream),
+            Err(Error::UpstreamMismatch { .. })
+        ));
+    }
+}
+
+/// Two runs give bitwise identical losses, statistics and gradients (fixed reduction orders,
+/// no atomics).
+fn results_are_bitwise_reproducible<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
+    let (b, v, d) = (83, 2, 70);
+    let z = common::unit_features(rng, (b, v, d)).mapv(|x| x as f32);
+    let relations = Relations::new(rng, b, 10);
+    let inside = SupConLoss::builder()
+        .summation(Summation::Inside)
+        .build()
+        .unwrap();
+    for (loss, source) in [
+        (SupConLoss::default(), Source::Labels),
+        (inside, Source::Mask),
+    ] {
+        let run = || {
+            subject
+                .backend
+                .forward_backward(
+                    &loss,
+                    z.view(),
+                    relations.positives(source),
+                    Upstream::Scalar(1.0),
+                )
+                .unwrap()
+        };
+        let ((first, first_grad), (second, second_grad)) = (run(), run());
+        assert_eq!(first.loss.map(f64::to_bits), second.loss.map(f64::to_bits));
+        let bits = |x: &Array1<f64>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&first.per_anchor), bits(&second.per_anchor));
+        assert_eq!(first.state, second.state);
+        let grad_bits = |g: &Array3<f32>| g.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            grad_bits(&first_grad),
+            grad_bits(&second_grad),
+            "{source:?}"
+        );
+    }
 }
 
 macro_rules! backend_suite {
@@ -318,33 +563,24 @@ macro_rules! backend_suite {
                 $subject
             }
 
-            #[test]
-            fn every_option_matches_reference() {
-                if let Some(s) = subject() {
-                    super::every_option_matches_reference(&s, &mut common::rng("every_option"));
-                }
+            macro_rules! case {
+                ($test:ident) => {
+                    #[test]
+                    fn $test() {
+                        if let Some(s) = subject() {
+                            super::$test(&s, &mut common::rng(stringify!($test)));
+                        }
+                    }
+                };
             }
 
-            #[test]
-            fn element_types_and_sizes_match_reference() {
-                if let Some(s) = subject() {
-                    super::element_types_and_sizes_match_reference(&s, &mut common::rng("dtypes"));
-                }
-            }
-
-            #[test]
-            fn extreme_logits_stay_finite() {
-                if let Some(s) = subject() {
-                    super::extreme_logits_stay_finite(&s, &mut common::rng("extreme"));
-                }
-            }
-
-            #[test]
-            fn edge_cases() {
-                if let Some(s) = subject() {
-                    super::edge_cases(&s, &mut common::rng("edges"));
-                }
-            }
+            case!(every_option_matches_reference);
+            case!(ragged_shapes_match_reference);
+            case!(element_types_under_every_variant_match_reference);
+            case!(large_logits_stay_finite_and_accurate);
+            case!(positive_and_negative_edge_cases);
+            case!(bad_inputs_are_typed_errors);
+            case!(results_are_bitwise_reproducible);
         }
     };
 }
@@ -353,15 +589,46 @@ backend_suite!(
     reference,
     Some(Subject {
         backend: ReferenceBackend,
-        supports: |_, _| true
+        supports: |_, _| true,
+        precision: Precision::F64,
+        option_shapes: &[(7, 2, 17), (13, 1, 3), (5, 3, 13), (2, 1, 1)],
+        tile_shapes: &[],
+        ragged_shapes: &[(2, 1, 1), (1, 2, 3), (17, 1, 5), (31, 2, 19)],
     })
 );
 
+// The CPU backend tiles rows in blocks of 256, lanes of 16 and product panels of 8, 16 or 32
+// columns; its default options take the dense fast path.
 backend_suite!(
     cpu,
     Some(Subject {
         backend: supcon::CpuBackend,
-        supports: |_, _| true
+        supports: |_, _| true,
+        precision: Precision::F32,
+        option_shapes: &[
+            (7, 2, 17),
+            (13, 1, 3),
+            (5, 3, 130),
+            (2, 1, 1),
+            (23, 2, 9),
+            (41, 1, 6)
+        ],
+        tile_shapes: &[(263, 2, 5), (181, 3, 7), (530, 1, 4)],
+        ragged_shapes: &[
+            (2, 1, 1),
+            (1, 2, 3),
+            (3, 1, 17),
+            (1, 3, 64),
+            (17, 1, 130),
+            (97, 1, 3),
+            (300, 1, 17),
+            (150, 2, 64),
+            (100, 3, 1),
+            (129, 2, 33),
+            (1000, 1, 17),
+            (500, 2, 130),
+            (2048, 2, 32)
+        ],
     })
 );
 
@@ -370,16 +637,40 @@ backend_suite!(
 #[cfg(any(feature = "emulation", feature = "cuda"))]
 fn kernels_support(loss: &SupConLoss, dtype: DType) -> bool {
     dtype != DType::F64
-        && loss.denominator() != supcon::Denominator::OnePositive
+        && loss.denominator() != Denominator::OnePositive
         && loss.positives_cap().is_none()
 }
+
+/// The kernels tile rows in blocks of 64, the depth in stages of 32 and the gradient in chunks
+/// of 128 columns.
+#[cfg(any(feature = "emulation", feature = "cuda"))]
+const KERNEL_OPTION_SHAPES: &[Shape] = &[(7, 2, 17), (37, 2, 33), (5, 3, 130), (71, 2, 5)];
+#[cfg(any(feature = "emulation", feature = "cuda"))]
+const KERNEL_RAGGED_SHAPES: &[Shape] = &[
+    (2, 1, 1),     // N = 2: the smallest problem
+    (1, 2, 3),     // one sample, two views (SimCLR pairs only)
+    (3, 1, 17),    // N = 3, no label positives likely
+    (7, 2, 64),    // N = 14
+    (13, 3, 128),  // N = 39
+    (31, 2, 130),  // N = 62, D one past a gradient chunk
+    (67, 1, 3),    // N = 67 (prime): two tiles
+    (43, 3, 17),   // N = 129 = 64 + 64 + 1
+    (32, 2, 33),   // N = 64: exactly one tile, D one past a stage
+    (101, 2, 64),  // N = 202
+    (97, 3, 1),    // N = 291
+    (293, 1, 130), // N = 293 (prime): five tiles, two gradient chunks
+];
 
 #[cfg(feature = "emulation")]
 backend_suite!(
     emulated,
     Some(Subject {
         backend: supcon::EmulatedBackend,
-        supports: kernels_support
+        supports: kernels_support,
+        precision: Precision::F32,
+        option_shapes: KERNEL_OPTION_SHAPES,
+        tile_shapes: &[],
+        ragged_shapes: KERNEL_RAGGED_SHAPES,
     })
 );
 
@@ -391,8 +682,12 @@ fn cuda_subject() -> Option<Subject<supcon::CudaBackend>> {
         Ok(backend) => Some(Subject {
             backend,
             supports: kernels_support,
+            precision: Precision::F32,
+            option_shapes: KERNEL_OPTION_SHAPES,
+            tile_shapes: &[(1000, 2, 128), (300, 3, 257)],
+            ragged_shapes: KERNEL_RAGGED_SHAPES,
         }),
-        Err(e) if std::env::var_os("SUPCON_REQUIRE_CUDA").is_some() => {
+        Err(e) if std::env::var_os("SUPCON_REQUIRE_CUDA").is_some_and(|v| v != "0") => {
             panic!("SUPCON_REQUIRE_CUDA is set but the CUDA backend cannot start: {e}")
         }
         Err(e) => {

@@ -1,6 +1,7 @@
-//! The CUDA backend (feature `cuda`): both APIs against the f64 reference and against each
-//! other, the device API's validation and stream handling, and the error paths of a machine
-//! without a GPU.
+//! What only the CUDA backend has (feature `cuda`): the device API against the host API, its
+//! validation and stream handling, shared kernels per context, and the error paths of a machine
+//! without a GPU. Both APIs' agreement with the reference is `tests/backends.rs` (the host API)
+//! and `device_api_equals_host_api` here.
 //!
 //! Without a usable GPU the GPU tests print why and pass, except under `SUPCON_REQUIRE_CUDA=1`
 //! (set by scripts/gpu-check.sh), where they fail: a GPU run must not skip silently.
@@ -14,9 +15,8 @@ use ndarray::{Array1, Array3};
 use std::sync::Arc;
 use supcon::cuda::{CudaFeature, DevicePositives};
 use supcon::{
-    AnyBackend, Backend, BatchShape, ContrastMode, Denominator, Element, Error, ForwardOutput,
-    GradElement, NoPositivePolicy, Positives, Reduction, ReferenceBackend, Summation, SupConLoss,
-    Upstream,
+    AnyBackend, Backend, BatchShape, Capability, Denominator, Error, NoPositivePolicy, Positives,
+    SupConLoss, Upstream,
 };
 
 /// The CUDA backend on GPU 0, or `None` (with the reason printed) where it cannot run.
@@ -31,147 +31,6 @@ fn cuda() -> Option<supcon::CudaBackend> {
             None
         }
     }
-}
-
-/// Relative error bound for f32 arithmetic on unit-norm features with τ ≥ 0.05 and D ≤ 128:
-/// logits are below 20 and carry ~√D·ε·20 ≈ 3e-5 of absolute error at worst, against losses
-/// and gradients of order 1 (a wrong term or scale is an O(1) error).
-const TOLERANCE: f64 = 1e-4;
-
-fn assert_close(
-    what: &str,
-    got: impl IntoIterator<Item = f64>,
-    want: impl IntoIterator<Item = f64>,
-) {
-    let (got, want): (Vec<f64>, Vec<f64>) = (got.into_iter().collect(), want.into_iter().collect());
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    assert!(
-        got.iter().all(|x| x.is_finite()),
-        "{what}: non-finite output"
-    );
-    let error = common::relative_error(&got, &want, 1e-3);
-    assert!(error <= TOLERANCE, "{what}: relative error {error:e}");
-}
-
-fn compare_outputs<G: GradElement, R: GradElement>(
-    what: &str,
-    (out, grad): &(ForwardOutput, Array3<G>),
-    (ref_out, ref_grad): &(ForwardOutput, Array3<R>),
-) {
-    assert_close(
-        &format!("{what}: per-anchor"),
-        out.per_anchor.iter().copied(),
-        ref_out.per_anchor.iter().copied(),
-    );
-    assert_eq!(out.loss.is_some(), ref_out.loss.is_some(), "{what}");
-    assert_close(&format!("{what}: loss"), out.loss, ref_out.loss);
-    assert_close(
-        &format!("{what}: gradient"),
-        grad.iter().map(|g| g.to_f64()),
-        ref_grad.iter().map(|g| g.to_f64()),
-    );
-}
-
-/// The reference on the very same (rounded) inputs, widened to f64.
-fn reference<T: Element>(
-    loss: &SupConLoss,
-    z: &Array3<T>,
-    positives: Positives<'_>,
-    upstream: Upstream<'_>,
-) -> (ForwardOutput, Array3<f64>) {
-    let wide = z.mapv(|x| x.to_f64());
-    ReferenceBackend
-        .forward_backward(loss, wide.view(), positives, upstream)
-        .expect("the reference accepts every valid input")
-}
-
-fn upstream_for<'a>(loss: &SupConLoss, per_anchor: &'a Array1<f64>) -> Upstream<'a> {
-    match loss.reduction() {
-        Reduction::None => Upstream::PerAnchor(per_anchor.view()),
-        _ => Upstream::Scalar(0.75),
-    }
-}
-
-/// Every option the kernels implement, every kind of positives, ragged shapes, host API.
-#[test]
-fn host_api_matches_the_reference() {
-    let Some(cuda) = cuda() else { return };
-    let mut rng = common::rng("host_api_matches_the_reference");
-    let mut compared = 0;
-    for (b, v, d) in [(7, 2, 17), (13, 1, 3), (67, 3, 130), (2, 1, 1)] {
-        let z = common::unit_features(&mut rng, (b, v, d)).mapv(|x| x as f32);
-        let labels = common::labels(&mut rng, b, 3);
-        let mask = common::soft_mask(&mut rng, b);
-        for loss in common::option_grid(0.1, 0.07, None) {
-            let anchors = BatchShape::new(b, v, d)
-                .unwrap()
-                .anchors(loss.contrast_mode());
-            let per_anchor = Array1::from_shape_fn(anchors, |i| 1.0 - 0.01 * i as f64);
-            let upstream = upstream_for(&loss, &per_anchor);
-            for positives in [
-                Positives::SimClr,
-                Positives::Labels(labels.view()),
-                Positives::Mask(mask.view()),
-            ] {
-                let what = format!("{loss:?} {positives:?} {:?}", (b, v, d));
-                let got = cuda.forward_backward(&loss, z.view(), positives, upstream);
-                if loss.denominator() == Denominator::OnePositive {
-                    assert!(
-                        matches!(
-                            got,
-                            Err(Error::Unsupported {
-                                backend: "cuda",
-                                ..
-                            })
-                        ),
-                        "{what}: {got:?}"
-                    );
-                    continue;
-                }
-                let want = ReferenceBackend.forward_backward(&loss, z.view(), positives, upstream);
-                match (got, want) {
-                    (Ok(got), Ok(want)) => {
-                        compare_outputs(&what, &got, &want);
-                        compared += 1;
-                    }
-                    (Err(got), Err(want)) => assert_eq!(got, want, "{what}"),
-                    (got, want) => panic!("{what}: {got:?} vs the reference's {want:?}"),
-                }
-            }
-        }
-    }
-    eprintln!("{compared} option combinations compared");
-}
-
-/// f16 and bf16 inputs, and sizes that span many tiles, default options.
-fn element_type_matches_the_reference<T: CudaFeature>(
-    cuda: &supcon::CudaBackend,
-    convert: fn(f64) -> T,
-) {
-    let mut rng = common::rng("element_types");
-    for (b, v, d) in [(151, 2, 64), (97, 3, 128), (1000, 2, 128)] {
-        let z = common::unit_features(&mut rng, (b, v, d)).mapv(convert);
-        let labels = common::labels(&mut rng, b, 11);
-        let loss = SupConLoss::default();
-        let positives = Positives::Labels(labels.view());
-        let got = cuda
-            .forward_backward(&loss, z.view(), positives, Upstream::Scalar(1.0))
-            .unwrap();
-        let what = format!("{:?} {:?}", T::DTYPE, (b, v, d));
-        compare_outputs(
-            &what,
-            &got,
-            &reference(&loss, &z, positives, Upstream::Scalar(1.0)),
-        );
-    }
-}
-
-#[test]
-fn every_element_type_matches_the_reference() {
-    let Some(cuda) = cuda() else { return };
-    element_type_matches_the_reference(&cuda, |x| x as f32);
-    element_type_matches_the_reference(&cuda, f16::from_f64);
-    element_type_matches_the_reference(&cuda, bf16::from_f64);
 }
 
 /// Features, labels and mask uploaded by the caller.
@@ -215,7 +74,7 @@ fn device_api_equals_host_api() {
         .filter(|l| l.denominator() != Denominator::OnePositive)
         .filter(|l| l.no_positive() != NoPositivePolicy::Error)
     {
-        let upstream = upstream_for(&loss, &per_anchor);
+        let upstream = common::upstream_for(&loss, &per_anchor);
         for (host_positives, device_positives) in [
             (Positives::SimClr, DevicePositives::SimClr),
             (
@@ -413,60 +272,36 @@ fn device_buffers_are_validated_before_any_launch() {
     assert!(matches!(error, Error::UpstreamMismatch { .. }), "{error}");
 }
 
+/// What the kernels do not implement is refused on the device API too, before any launch
+/// (the host API's refusals are in `tests/backends.rs`).
 #[test]
-fn unsupported_options_are_typed_errors_on_both_apis() {
+fn unsupported_options_are_typed_errors_on_the_device_api() {
     let Some(cuda) = cuda() else { return };
     let shape = BatchShape::new(4, 2, 3).unwrap();
     let z = Array3::<f32>::from_shape_fn((4, 2, 3), |(b, v, d)| (b + v + d) as f32 * 0.1);
     let features = cuda.stream().clone_htod(z.as_slice().unwrap()).unwrap();
-    let unsupported = [
-        SupConLoss::builder()
-            .denominator(Denominator::OnePositive)
-            .build()
-            .unwrap(),
-        SupConLoss::builder().positives_cap(1).build().unwrap(),
-    ];
-    for loss in unsupported {
-        let host = cuda.forward(&loss, z.view(), Positives::SimClr);
-        assert!(
-            matches!(
-                host,
-                Err(Error::Unsupported {
-                    backend: "cuda",
-                    ..
-                })
-            ),
-            "{host:?}"
-        );
+    let one_positive = SupConLoss::builder()
+        .denominator(Denominator::OnePositive)
+        .build()
+        .unwrap();
+    let capped = SupConLoss::builder().positives_cap(1).build().unwrap();
+    for (loss, capability) in [
+        (
+            one_positive,
+            Capability::Denominator(Denominator::OnePositive),
+        ),
+        (capped, Capability::PositivesCap),
+    ] {
         let device =
             cuda.forward_device(&loss, &features.as_view(), shape, DevicePositives::SimClr);
-        assert!(
-            matches!(
-                device,
-                Err(Error::Unsupported {
-                    backend: "cuda",
-                    ..
-                })
-            ),
-            "{loss:?}"
+        assert_eq!(
+            device.unwrap_err(),
+            Error::Unsupported {
+                backend: "cuda",
+                capability
+            }
         );
     }
-    let f64_features = z.mapv(f64::from);
-    let host = cuda.forward(
-        &SupConLoss::default(),
-        f64_features.view(),
-        Positives::SimClr,
-    );
-    assert!(
-        matches!(
-            host,
-            Err(Error::Unsupported {
-                backend: "cuda",
-                ..
-            })
-        ),
-        "{host:?}"
-    );
 }
 
 /// NoPositivePolicy::Error: the device scalar is computed, the error surfaces on the host.
@@ -503,33 +338,6 @@ fn anchors_without_positives_fail_under_the_error_policy() {
         Upstream::Scalar(1.0),
     );
     assert_eq!(grad.unwrap_err(), expected);
-}
-
-/// Un-normalised features and a small temperature stay finite (SPEC.md's edge cases).
-#[test]
-fn extreme_logits_stay_finite() {
-    let Some(cuda) = cuda() else { return };
-    let mut rng = common::rng("extreme_logits_stay_finite");
-    let z = common::features(&mut rng, (23, 2, 19), 8.0..100.0).mapv(|x| x as f32);
-    let labels = common::labels(&mut rng, 23, 4);
-    for summation in [Summation::Outside, Summation::Inside] {
-        let loss = SupConLoss::builder()
-            .temperature(0.005)
-            .summation(summation)
-            .contrast_mode(ContrastMode::All)
-            .build()
-            .unwrap();
-        let (out, grad) = cuda
-            .forward_backward(
-                &loss,
-                z.view(),
-                Positives::Labels(labels.view()),
-                Upstream::Scalar(1.0),
-            )
-            .unwrap();
-        assert!(out.loss.unwrap().is_finite(), "{summation:?}");
-        assert!(grad.iter().all(|g| g.is_finite()), "{summation:?}");
-    }
 }
 
 /// The paths a machine without a GPU takes, for real: typed errors, no panic, and `auto`

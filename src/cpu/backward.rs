@@ -1,4 +1,5 @@
-//! The backward pass: dZ = H Z / τ with SPEC.md's symmetric H, recomputing S tile by tile.
+//! The backward pass: dZ = H Z / τ with the symmetric H of docs/math.md ("The gradient"),
+//! recomputing S tile by tile.
 //!
 //! With G_ij = ∂L/∂s_ij (zero unless i is an active anchor) and s_ij = s_ji, the gradient of
 //! row k collects its anchor side G_kj z_j and its contrast side G_jk z_j:
@@ -16,8 +17,8 @@
 //! computed in f64 on the positive entries only, after a sweep for each anchor's total pull.
 //!
 //! Each tile's GEMMs write f32 partials, added into f64 row accumulators in the schedule's
-//! fixed order: deterministic, and the cancellation in Σ_j H_kj z_j (Σ_j H_kj = 0 for an anchor)
-//! costs f32 precision only within one tile.
+//! fixed order: deterministic, and the cancellation in the anchor side Σ_j G_kj z_j (whose
+//! coefficients sum to 0) costs f32 precision only within one tile.
 
 use super::forward::PositiveSums;
 use super::math::{exp, lane_group, neutral_padding, padded, sigmoid, softplus, Aligned, LANES};

@@ -1,6 +1,6 @@
 //! The fast CPU backend: fused, tiled, symmetric, multithreaded and deterministic.
 //!
-//! The algorithm is the GPU kernels' (SPEC.md), on tiles sized for a CPU cache:
+//! The algorithm is the GPU kernels' (docs/math.md), on tiles sized for a CPU cache:
 //!
 //! 1. The features become one contiguous f32 `[N, D]` buffer in view-major row order
 //!    (r = v·B + b), whatever their element type and strides, plus Zᵀ packed once into column

@@ -1,8 +1,8 @@
 //! The positive relation laid out per row, so that a tile row of pair weights is one
 //! vectorisable loop.
 //!
-//! `Relation` (problem.rs) answers one pair at a time and computes the positives cap in
-//! O(R·N). The tile loops need a whole tile row at once, without branches, so this module stores
+//! `Relation` (`src/reference/relation.rs`) answers one pair at a time and computes the positives
+//! cap in O(R·N). The tile loops need a whole tile row at once, without branches, so this module stores
 //! per flattened row r: its sample, its class (the dense label id, or the sample itself for
 //! SimCLR) and its cap bound, and fills from them, for an anchor i and a run of contrasts j (or a
 //! run of anchors and one contrast):

@@ -214,12 +214,12 @@ mod tests {
 
     use bytemuck::Zeroable;
 
-    use super::super::abi as kernel_abi;
-    use super::super::plan::{
+    use super::*;
+    use crate::device::abi;
+    use crate::device::plan::{
         launch_config, KernelShape, Stage, COEFFICIENT_THREADS, FINALIZE_THREADS, GRAD_CHUNK,
         TILE_ROWS, TILE_THREADS,
     };
-    use super::*;
 
     unsafe extern "C" {
         fn supcon_emu_params_size() -> usize;
@@ -312,31 +312,25 @@ mod tests {
     #[test]
     fn option_codes_and_tile_sizes_match_the_kernels() {
         let expected: [(&CStr, u32); 18] = [
-            (
-                c"SUPCON_POSITIVES_SAME_SAMPLE",
-                kernel_abi::positives::SAME_SAMPLE,
-            ),
-            (c"SUPCON_POSITIVES_LABELS", kernel_abi::positives::LABELS),
-            (c"SUPCON_POSITIVES_MASK", kernel_abi::positives::MASK),
-            (c"SUPCON_DENOMINATOR_ALL", kernel_abi::denominator::ALL),
+            (c"SUPCON_POSITIVES_SAME_SAMPLE", abi::positives::SAME_SAMPLE),
+            (c"SUPCON_POSITIVES_LABELS", abi::positives::LABELS),
+            (c"SUPCON_POSITIVES_MASK", abi::positives::MASK),
+            (c"SUPCON_DENOMINATOR_ALL", abi::denominator::ALL),
             (
                 c"SUPCON_DENOMINATOR_ONLY_NEGATIVES",
-                kernel_abi::denominator::ONLY_NEGATIVES,
+                abi::denominator::ONLY_NEGATIVES,
             ),
-            (c"SUPCON_SUMMATION_OUTSIDE", kernel_abi::summation::OUTSIDE),
-            (c"SUPCON_SUMMATION_INSIDE", kernel_abi::summation::INSIDE),
-            (c"SUPCON_REDUCTION_MEAN", kernel_abi::reduction::MEAN),
-            (c"SUPCON_REDUCTION_SUM", kernel_abi::reduction::SUM),
-            (c"SUPCON_REDUCTION_NONE", kernel_abi::reduction::NONE),
+            (c"SUPCON_SUMMATION_OUTSIDE", abi::summation::OUTSIDE),
+            (c"SUPCON_SUMMATION_INSIDE", abi::summation::INSIDE),
+            (c"SUPCON_REDUCTION_MEAN", abi::reduction::MEAN),
+            (c"SUPCON_REDUCTION_SUM", abi::reduction::SUM),
+            (c"SUPCON_REDUCTION_NONE", abi::reduction::NONE),
             (
                 c"SUPCON_NO_POSITIVE_ZERO_AND_COUNT",
-                kernel_abi::no_positive::ZERO_AND_COUNT,
+                abi::no_positive::ZERO_AND_COUNT,
             ),
-            (
-                c"SUPCON_NO_POSITIVE_EXCLUDE",
-                kernel_abi::no_positive::EXCLUDE,
-            ),
-            (c"SUPCON_NO_POSITIVE_ERROR", kernel_abi::no_positive::ERROR),
+            (c"SUPCON_NO_POSITIVE_EXCLUDE", abi::no_positive::EXCLUDE),
+            (c"SUPCON_NO_POSITIVE_ERROR", abi::no_positive::ERROR),
             (c"kThreads", TILE_THREADS),
             (c"kTileRows", TILE_ROWS),
             (c"kGradChunk", GRAD_CHUNK),

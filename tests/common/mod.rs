@@ -5,7 +5,9 @@
 use ndarray::{Array1, Array2, Array3};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use supcon::{ContrastMode, Denominator, NoPositivePolicy, Reduction, Summation, SupConLoss};
+use supcon::{
+    ContrastMode, Denominator, NoPositivePolicy, Reduction, Summation, SupConLoss, Upstream,
+};
 
 /// A fresh seed per run (SUPCON_TEST_SEED replays one); printed so a failure can be replayed.
 pub fn rng(test: &str) -> StdRng {
@@ -125,4 +127,15 @@ pub fn relative_error<'a>(
         scale = scale.max(y.abs());
     }
     diff / scale
+}
+
+pub mod tolerance;
+
+/// The upstream gradient a test passes: 0.75 for a reduced loss, `per_anchor` (values chosen by
+/// the test, one per anchor) for reduction none.
+pub fn upstream_for<'a>(loss: &SupConLoss, per_anchor: &'a Array1<f64>) -> Upstream<'a> {
+    match loss.reduction() {
+        Reduction::None => Upstream::PerAnchor(per_anchor.view()),
+        Reduction::Mean | Reduction::Sum => Upstream::Scalar(0.75),
+    }
 }

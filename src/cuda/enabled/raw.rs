@@ -66,7 +66,7 @@ pub(crate) fn view_as<T: bytemuck::Pod>(
 ///
 /// # Safety
 /// - `function` must be a SupCon kernel: one `SupconParams` parameter, `config` from
-///   `launch_plan::launch_config` for that kernel's stage and the shape in `params`.
+///   `device::plan::launch_config` for that kernel's stage and the shape in `params`.
 /// - Every address in `params` that the kernel reads or writes (kernels/supcon_params.h) must
 ///   point to device memory of `stream`'s context, at least as large as the kernel's accesses
 ///   for the shape in `params`, and stay allocated until the kernel has finished on `stream`.
