@@ -136,7 +136,7 @@ impl SupConLoss {
     pub fn denominator(&self) -> Denominator {
         self.denominator
     }
-    /// At most this many positives per anchor (`None`: no cap).
+    /// The positives cap (`None`: no cap); see [`SupConLossBuilder::positives_cap`].
     pub fn positives_cap(&self) -> Option<NonZeroUsize> {
         self.positives_cap
     }
@@ -184,8 +184,9 @@ impl SupConLossBuilder {
         self.loss.denominator = denominator;
         self
     }
-    /// Keep at most `cap` positives per anchor (≥ 1): the anchor's other views always stay, then
-    /// the lowest-index other positives. Dropped positives leave numerator and denominator.
+    /// Cap the positives per anchor at `cap` (≥ 1). The anchor's other views always stay, even
+    /// more than `cap` of them; positives of other samples fill the remaining room, lowest row
+    /// index first. Dropped positives leave numerator and denominator.
     pub fn positives_cap(mut self, cap: usize) -> Self {
         self.positives_cap = Some(cap);
         self

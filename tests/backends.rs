@@ -226,39 +226,30 @@ fn element_types_under_every_variant_match_reference<B: Backend>(
     let z = common::unit_features(rng, (b, v, d));
     let relations = Relations::new(rng, b, 9);
     let up = Upstream::Scalar(1.0);
-    for contrast_mode in [ContrastMode::All, ContrastMode::One] {
-        for summation in [Summation::Outside, Summation::Inside] {
-            for denominator in [
-                Denominator::All,
-                Denominator::OnlyNegatives,
-                Denominator::OnePositive,
-            ] {
-                let loss = SupConLoss::builder()
-                    .temperature(0.2)
-                    .contrast_mode(contrast_mode)
-                    .summation(summation)
-                    .denominator(denominator)
-                    .build()
-                    .unwrap();
-                for source in SOURCES {
-                    let positives = relations.positives(source);
-                    let what = format!("{loss:?} {source:?}");
-                    let ratios = [
-                        compare(subject, &loss, &z.mapv(f16::from_f64), positives, up, &what),
-                        compare(
-                            subject,
-                            &loss,
-                            &z.mapv(bf16::from_f64),
-                            positives,
-                            up,
-                            &what,
-                        ),
-                        compare(subject, &loss, &z, positives, up, &what),
-                    ];
-                    for (dtype, ratio) in ["f16", "bf16", "f64"].iter().zip(ratios) {
-                        worst.record(ratio, &format!("{dtype} {what}"));
-                    }
-                }
+    let variants = common::option_grid(0.2, 0.07, None)
+        .into_iter()
+        .filter(|loss| {
+            loss.no_positive() == NoPositivePolicy::ZeroAndCount
+                && loss.reduction() == Reduction::Mean
+        });
+    for loss in variants {
+        for source in SOURCES {
+            let positives = relations.positives(source);
+            let what = format!("{loss:?} {source:?}");
+            let ratios = [
+                compare(subject, &loss, &z.mapv(f16::from_f64), positives, up, &what),
+                compare(
+                    subject,
+                    &loss,
+                    &z.mapv(bf16::from_f64),
+                    positives,
+                    up,
+                    &what,
+                ),
+                compare(subject, &loss, &z, positives, up, &what),
+            ];
+            for (dtype, ratio) in ["f16", "bf16", "f64"].iter().zip(ratios) {
+                worst.record(ratio, &format!("{dtype} {what}"));
             }
         }
     }
@@ -272,37 +263,32 @@ fn large_logits_stay_finite_and_accurate<B: Backend>(subject: &Subject<B>, rng: 
     let (b, v, d) = (29, 2, 24);
     let z = common::features(rng, (b, v, d), 5.0..100.0);
     let relations = Relations::new(rng, b, 5);
-    for summation in [Summation::Outside, Summation::Inside] {
-        for denominator in [
-            Denominator::All,
-            Denominator::OnlyNegatives,
-            Denominator::OnePositive,
-        ] {
-            let loss = SupConLoss::builder()
-                .temperature(0.005)
-                .summation(summation)
-                .denominator(denominator)
-                .build()
-                .unwrap();
-            for source in [Source::Labels, Source::SimClr] {
-                let positives = relations.positives(source);
-                let up = Upstream::Scalar(1.0);
-                let what = format!("τ = 0.005 {summation:?} {denominator:?} {source:?}");
-                let ratios = [
-                    compare(subject, &loss, &z.mapv(|x| x as f32), positives, up, &what),
-                    compare(subject, &loss, &z.mapv(f16::from_f64), positives, up, &what),
-                    compare(
-                        subject,
-                        &loss,
-                        &z.mapv(bf16::from_f64),
-                        positives,
-                        up,
-                        &what,
-                    ),
-                ];
-                for (dtype, ratio) in ["f32", "f16", "bf16"].iter().zip(ratios) {
-                    worst.record(ratio, &format!("{dtype} {what}"));
-                }
+    let variants = common::option_grid(0.005, 0.07, None)
+        .into_iter()
+        .filter(|loss| {
+            loss.contrast_mode() == ContrastMode::All
+                && loss.no_positive() == NoPositivePolicy::ZeroAndCount
+                && loss.reduction() == Reduction::Mean
+        });
+    for loss in variants {
+        for source in [Source::Labels, Source::SimClr] {
+            let positives = relations.positives(source);
+            let up = Upstream::Scalar(1.0);
+            let what = format!("τ = 0.005 {loss:?} {source:?}");
+            let ratios = [
+                compare(subject, &loss, &z.mapv(|x| x as f32), positives, up, &what),
+                compare(subject, &loss, &z.mapv(f16::from_f64), positives, up, &what),
+                compare(
+                    subject,
+                    &loss,
+                    &z.mapv(bf16::from_f64),
+                    positives,
+                    up,
+                    &what,
+                ),
+            ];
+            for (dtype, ratio) in ["f32", "f16", "bf16"].iter().zip(ratios) {
+                worst.record(ratio, &format!("{dtype} {what}"));
             }
         }
     }
@@ -327,43 +313,27 @@ fn positive_and_negative_edge_cases<B: Backend>(subject: &Subject<B>, rng: &mut 
     let two_views = common::unit_features(rng, (9, 2, 5)).mapv(|x| x as f32);
     let nine_of_one_class = Array1::from_elem(9, -5i64);
     let up = Upstream::Scalar(1.0);
-    for policy in [
-        NoPositivePolicy::ZeroAndCount,
-        NoPositivePolicy::Exclude,
-        NoPositivePolicy::Error,
-    ] {
-        for denominator in [
-            Denominator::All,
-            Denominator::OnlyNegatives,
-            Denominator::OnePositive,
-        ] {
-            for summation in [Summation::Outside, Summation::Inside] {
-                for reduction in [Reduction::Mean, Reduction::Sum] {
-                    let loss = SupConLoss::builder()
-                        .no_positive(policy)
-                        .denominator(denominator)
-                        .summation(summation)
-                        .reduction(reduction)
-                        .build()
-                        .unwrap();
-                    let cases = [
-                        ("mixed labels", &z, Positives::Labels(mixed.view())),
-                        ("distinct labels", &z, Positives::Labels(distinct.view())),
-                        ("one class", &z, Positives::Labels(one_class.view())),
-                        ("V = 1 SimCLR", &z, Positives::SimClr),
-                        (
-                            "one class, V = 2",
-                            &two_views,
-                            Positives::Labels(nine_of_one_class.view()),
-                        ),
-                    ];
-                    for (name, features, positives) in cases {
-                        let what = format!("{name} {loss:?}");
-                        let ratio = compare(subject, &loss, features, positives, up, &what);
-                        worst.record(ratio, &what);
-                    }
-                }
-            }
+    let variants = common::option_grid(0.07, 0.07, None)
+        .into_iter()
+        .filter(|loss| {
+            loss.contrast_mode() == ContrastMode::All && loss.reduction() != Reduction::None
+        });
+    for loss in variants {
+        let cases = [
+            ("mixed labels", &z, Positives::Labels(mixed.view())),
+            ("distinct labels", &z, Positives::Labels(distinct.view())),
+            ("one class", &z, Positives::Labels(one_class.view())),
+            ("V = 1 SimCLR", &z, Positives::SimClr),
+            (
+                "one class, V = 2",
+                &two_views,
+                Positives::Labels(nine_of_one_class.view()),
+            ),
+        ];
+        for (name, features, positives) in cases {
+            let what = format!("{name} {loss:?}");
+            let ratio = compare(subject, &loss, features, positives, up, &what);
+            worst.record(ratio, &what);
         }
     }
     worst.report("edge_cases");

@@ -73,7 +73,7 @@ pub(super) enum Pairs<'a> {
 struct RowFacts {
     /// Row r's sample, r mod B.
     sample: Vec<u32>,
-    /// Row r, as an anchor, keeps a positive of another sample at row j iff j < cap_bound[r]
+    /// Row r, as an anchor, keeps a positive of another sample at row j iff `j < cap_bound[r]`
     /// (N without a cap).
     cap_bound: Vec<u32>,
     /// Whether some cap bound drops a positive (bound < N): the relation is then asymmetric.

@@ -32,7 +32,7 @@ pub(crate) struct SupconParams {
     pub reduced_loss: u64,
     /// `uint32_t[1]`: anchors with P_i = 0.
     pub anchors_without_positives: u64,
-    /// `float[R]`: c·u_i/R'·[P_i > 0]·[denominator non-empty]; read by the backward kernel,
+    /// `float[R]`: `c·u_i/R'·[P_i > 0]·[denominator non-empty]`; read by the backward kernel,
     /// written by `supcon_backward_coefficients`.
     pub anchor_grad_coef: u64,
     /// `float[B][V][D]`: ∂L/∂features.

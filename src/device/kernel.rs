@@ -88,7 +88,7 @@ impl Kernel {
 /// that holds `kernel`.
 ///
 /// # Errors
-/// [`Error::KernelsNotBuilt`] when nvcc was not found at build time.
+/// [`crate::Error::KernelsNotBuilt`] when nvcc was not found at build time.
 #[cfg(feature = "cuda")]
 pub(crate) fn fatbin(kernel: Kernel) -> Result<&'static [u8]> {
     #[cfg(supcon_kernels_built)]

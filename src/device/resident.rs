@@ -33,7 +33,7 @@ pub(crate) fn reduced_loss<E: KernelExecutor>(
 
 /// Queues the backward pass, writing `∂L/∂features` (`float[B][V][D]`) at `grad`.
 ///
-/// The per-anchor coefficients c·u_i/R'·[P_i > 0]·[LSE_i > −∞] come from
+/// The per-anchor coefficients `c·u_i/R'·[P_i > 0]·[LSE_i > −∞]` come from
 /// `supcon_backward_coefficients` on the device (`launch::launch_coefficients`): nothing is
 /// read back and nothing synchronises. Under [`NoPositivePolicy::Error`] the policy's error
 /// needs the count of anchors without positives on the host, so there the O(R) statistics are
