@@ -6,8 +6,9 @@
 //! supcon demo [--batch 4096 --views 2 --dim 128 --classes 64 --dtype f32] [OPTIONS]
 //! ```
 
-use std::fs::File;
-use std::io::{BufReader, BufWriter};
+mod npy;
+mod output;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -15,10 +16,11 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use half::{bf16, f16};
 use ndarray::{Array1, Array2, Array3, ArrayView3};
-use npyz::WriterBuilder;
+use npy::{Kind, Npy};
+use output::{Output, OutputDir};
 use supcon::{
-    AnyBackend, Backend, ContrastMode, Denominator, Element, GradElement, NoPositivePolicy,
-    Positives, Reduction, Summation, SupConLoss, Upstream,
+    AnyBackend, Backend, BatchShape, ContrastMode, Denominator, Element, GradElement,
+    NoPositivePolicy, Positives, Reduction, Summation, SupConLoss, Upstream,
 };
 
 #[derive(Parser)]
@@ -42,17 +44,20 @@ enum Command {
 
 #[derive(Args)]
 struct RunArgs {
-    /// `[B, V, D]` features (.npy: float32, float64 or float16).
+    /// `[B, V, D]` features (.npy: float32, float64 or float16, either byte order).
     #[arg(long)]
     features: PathBuf,
-    /// `[B]` integer labels (.npy: int64, int32 or uint32/uint8 …). Without labels or a mask:
-    /// SimCLR (only the other views of a sample are positives).
+    /// `[B]` integer labels (.npy: any int or uint type; uint64 values up to 2⁶³ − 1). Without
+    /// labels or a mask: SimCLR (only the other views of a sample are positives).
     #[arg(long, conflicts_with = "mask")]
     labels: Option<PathBuf>,
-    /// `[B, B]` float positive weights (.npy: float32 or float64).
+    /// `[B, B]` float positive weights (.npy: float16, float32, or float64 within the float32
+    /// range).
     #[arg(long)]
     mask: Option<PathBuf>,
-    /// Output folder (created if missing).
+    /// Output folder (created if missing; checked before the computation). Writes
+    /// loss.npy (not under --reduction none, which removes an old one), per_anchor.npy and
+    /// grad.npy, each replacing an old one only once all are complete.
     #[arg(long, default_value = ".")]
     out: PathBuf,
     #[command(flatten)]
@@ -70,8 +75,8 @@ struct DemoArgs {
     /// D: embedding width.
     #[arg(long, default_value_t = 128)]
     dim: usize,
-    /// Number of classes the labels are drawn from.
-    #[arg(long, default_value_t = 64)]
+    /// Number of classes the labels are drawn from (≥ 1).
+    #[arg(long, default_value_t = 64, value_parser = at_least_one, allow_negative_numbers = true)]
     classes: usize,
     /// Element type of the features.
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
@@ -104,8 +109,8 @@ struct LossArgs {
     summation: SummationArg,
     #[arg(long, value_enum, default_value_t = DenominatorArg::All)]
     denominator: DenominatorArg,
-    /// Keep at most this many positives per anchor.
-    #[arg(long)]
+    /// Cap the positives per anchor at this many (≥ 1); the anchor's other views always stay.
+    #[arg(long, value_parser = at_least_one, allow_negative_numbers = true)]
     positives_cap: Option<usize>,
     #[arg(long, value_enum, default_value_t = PolicyArg::ZeroAndCount)]
     no_positive: PolicyArg,
@@ -149,6 +154,15 @@ enum ReductionArg {
 }
 
 type CliResult<T> = Result<T, String>;
+
+/// A whole number ≥ 1.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<i128>() {
+        Ok(n) if n >= 1 => usize::try_from(n).map_err(|_| format!("{n} is too large")),
+        Ok(n) => Err(format!("must be at least 1, got {n}")),
+        Err(_) => Err(format!("'{text}' is not a whole number")),
+    }
+}
 
 impl LossArgs {
     fn build(&self) -> CliResult<(SupConLoss, AnyBackend)> {
@@ -228,137 +242,102 @@ fn compute<T: Element>(
     })
 }
 
-fn read_npy(path: &Path) -> CliResult<npyz::NpyFile<BufReader<File>>> {
-    let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    npyz::NpyFile::new(BufReader::new(file)).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn type_code(npy: &npyz::NpyFile<BufReader<File>>) -> String {
-    npy.dtype()
-        .descr()
-        .trim_matches('\'')
-        .trim_start_matches(['<', '|', '='])
-        .to_string()
-}
-
-fn read_vec<T: npyz::Deserialize>(
-    npy: npyz::NpyFile<BufReader<File>>,
-    path: &Path,
-) -> CliResult<Vec<T>> {
-    if npy.order() == npyz::Order::Fortran {
-        return Err(format!(
-            "{}: Fortran-ordered arrays are not supported; save with np.ascontiguousarray",
-            path.display()
-        ));
-    }
-    npy.into_vec()
-        .map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn shape_of<const N: usize>(
-    npy: &npyz::NpyFile<BufReader<File>>,
-    path: &Path,
-    what: &str,
-) -> CliResult<[usize; N]> {
-    let shape: Vec<usize> = npy.shape().iter().map(|&s| s as usize).collect();
-    shape.clone().try_into().map_err(|_| {
-        format!(
-            "{}: {what} must have {N} dimensions, got shape {shape:?}",
-            path.display()
-        )
-    })
-}
-
+/// `[B]` labels of any integer type, as i64.
 fn read_labels(path: &Path) -> CliResult<Array1<i64>> {
-    let npy = read_npy(path)?;
-    let [b] = shape_of::<1>(&npy, path, "labels")?;
-    let labels: Vec<i64> = match type_code(&npy).as_str() {
-        "i8" => read_vec::<i64>(npy, path)?,
-        "i4" => read_vec::<i32>(npy, path)?
+    let npy = Npy::open(path)?;
+    let [b] = npy.dims::<1>("labels")?;
+    let dtype = npy.dtype;
+    let labels: Vec<i64> = match (dtype.kind, dtype.size) {
+        (Kind::Signed, 8) => npy.read::<i64>()?,
+        (Kind::Signed, 4) => widen(npy.read::<i32>()?),
+        (Kind::Signed, 2) => widen(npy.read::<i16>()?),
+        (Kind::Signed, 1) => widen(npy.read::<i8>()?),
+        (Kind::Unsigned, 8) => npy
+            .read::<u64>()?
             .into_iter()
-            .map(i64::from)
-            .collect(),
-        "i2" => read_vec::<i16>(npy, path)?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        "i1" => read_vec::<i8>(npy, path)?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        "u4" => read_vec::<u32>(npy, path)?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        "u2" => read_vec::<u16>(npy, path)?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        "u1" => read_vec::<u8>(npy, path)?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        other => {
+            .enumerate()
+            .map(|(index, label)| {
+                i64::try_from(label).map_err(|_| {
+                    format!(
+                        "{}: labels[{index}] = {label} is beyond the int64 range",
+                        path.display()
+                    )
+                })
+            })
+            .collect::<CliResult<_>>()?,
+        (Kind::Unsigned, 4) => widen(npy.read::<u32>()?),
+        (Kind::Unsigned, 2) => widen(npy.read::<u16>()?),
+        (Kind::Unsigned, 1) => widen(npy.read::<u8>()?),
+        _ => {
             return Err(format!(
-                "{}: labels must be an integer array (int64/int32/…), got {other}",
-                path.display()
+                "{}: labels must be integers, got {}",
+                path.display(),
+                dtype.name()
             ))
         }
     };
-    Array1::from_shape_vec(b, labels).map_err(|e| e.to_string())
+    Ok(Array1::from_shape_vec(b, labels).expect("the length is the shape's"))
 }
 
+fn widen<T: Into<i64>>(values: Vec<T>) -> Vec<i64> {
+    values.into_iter().map(Into::into).collect()
+}
+
+/// The `[B, B]` mask as f32; an f64 weight beyond the f32 range is refused as it was given.
 fn read_mask(path: &Path) -> CliResult<Array2<f32>> {
-    let npy = read_npy(path)?;
-    let [r, c] = shape_of::<2>(&npy, path, "mask")?;
-    let mask: Vec<f32> = match type_code(&npy).as_str() {
-        "f4" => read_vec::<f32>(npy, path)?,
-        "f8" => read_vec::<f64>(npy, path)?
-            .into_iter()
-            .map(|x| x as f32)
-            .collect(),
-        other => {
+    let npy = Npy::open(path)?;
+    let [rows, cols] = npy.dims::<2>("mask")?;
+    let dtype = npy.dtype;
+    let mask: Vec<f32> = match (dtype.kind, dtype.size) {
+        (Kind::Float, 4) => npy.read::<f32>()?,
+        (Kind::Float, 2) => npy.read::<f16>()?.into_iter().map(f32::from).collect(),
+        (Kind::Float, 8) => {
+            let values = npy.read::<f64>()?;
+            let beyond = |x: f64| x.is_finite() && x.abs() > f64::from(f32::MAX);
+            if let Some(index) = values.iter().position(|&x| beyond(x)) {
+                return Err(format!(
+                    "{}: mask[{}, {}] = {:e} is beyond the float32 range the mask is used in",
+                    path.display(),
+                    index / cols,
+                    index % cols,
+                    values[index]
+                ));
+            }
+            values.into_iter().map(|x| x as f32).collect()
+        }
+        _ => {
             return Err(format!(
-                "{}: mask must be float32 or float64, got {other}",
-                path.display()
+                "{}: mask must be float16, float32 or float64, got {}",
+                path.display(),
+                dtype.name()
             ))
         }
     };
-    Array2::from_shape_vec((r, c), mask).map_err(|e| e.to_string())
+    Ok(Array2::from_shape_vec((rows, cols), mask).expect("the length is the shape's"))
 }
 
-fn write_npy<T: npyz::AutoSerialize + Copy>(
-    path: &Path,
-    shape: &[usize],
-    data: impl IntoIterator<Item = T>,
-) -> CliResult<()> {
-    let file = File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let shape: Vec<u64> = shape.iter().map(|&s| s as u64).collect();
-    let mut writer = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(&shape)
-        .writer(BufWriter::new(file))
-        .begin_nd()
-        .map_err(|e| e.to_string())?;
-    writer.extend(data).map_err(|e| e.to_string())?;
-    writer.finish().map_err(|e| e.to_string())
-}
-
-fn write_outputs<G: GradElement + npyz::AutoSerialize>(
-    dir: &Path,
+fn write_outputs<G: GradElement + npy::Element>(
+    dir: &OutputDir,
     outcome: &Outcome<G>,
 ) -> CliResult<()> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if let Some(loss) = outcome.loss {
-        write_npy(&dir.join("loss.npy"), &[], [loss])?;
-    }
-    write_npy(
-        &dir.join("per_anchor.npy"),
-        &[outcome.per_anchor.len()],
-        outcome.per_anchor.iter().copied(),
-    )?;
+    let loss = outcome.loss.map(|loss| [loss]);
+    let per_anchor = outcome.per_anchor.as_slice().expect("a fresh vector");
     let grad = outcome.grad.as_standard_layout();
-    write_npy(&dir.join("grad.npy"), grad.shape(), grad.iter().copied())
+    let mut outputs = Vec::new();
+    if let Some(loss) = &loss {
+        outputs.push(Output::new("loss.npy", vec![], loss));
+    }
+    outputs.push(Output::new(
+        "per_anchor.npy",
+        vec![per_anchor.len()],
+        per_anchor,
+    ));
+    outputs.push(Output::new(
+        "grad.npy",
+        grad.shape().to_vec(),
+        grad.as_slice().expect("standard layout"),
+    ));
+    dir.commit(&outputs)
 }
 
 fn report<G: GradElement>(outcome: &Outcome<G>) {
@@ -371,27 +350,24 @@ fn report<G: GradElement>(outcome: &Outcome<G>) {
     }
 }
 
-fn read_features<T: npyz::Deserialize>(
-    npy: npyz::NpyFile<BufReader<File>>,
-    path: &Path,
-    [b, v, d]: [usize; 3],
-) -> CliResult<Array3<T>> {
-    Array3::from_shape_vec((b, v, d), read_vec::<T>(npy, path)?).map_err(|e| e.to_string())
-}
-
-fn run_with<T: Element>(
+fn run_with<T: Element + npy::Element>(
     args: &RunArgs,
+    out: &OutputDir,
     loss: &SupConLoss,
     backend: &AnyBackend,
-    features: Array3<T>,
+    features: Npy,
     positives: Positives<'_>,
 ) -> CliResult<()>
 where
-    T::Grad: npyz::AutoSerialize,
+    T::Grad: npy::Element,
 {
+    let [b, v, d] = features.dims::<3>("features")?;
+    let features = Array3::from_shape_vec((b, v, d), features.read::<T>()?)
+        .expect("the length is the shape's");
     let outcome = compute(loss, backend, features.view(), positives)?;
-    write_outputs(&args.out, &outcome)?;
+    write_outputs(out, &outcome)?;
     report(&outcome);
+    eprintln!("backend {}; wrote {}", backend.name(), args.out.display());
     Ok(())
 }
 
@@ -404,38 +380,20 @@ fn run(args: &RunArgs) -> CliResult<()> {
         (_, Some(mask)) => Positives::Mask(mask.view()),
         _ => Positives::SimClr,
     };
-    let path = &args.features;
-    let npy = read_npy(path)?;
-    let [b, v, d] = shape_of::<3>(&npy, path, "features")?;
-    match type_code(&npy).as_str() {
-        "f4" => run_with(
-            args,
-            &loss,
-            &backend,
-            read_features::<f32>(npy, path, [b, v, d])?,
-            positives,
-        ),
-        "f8" => run_with(
-            args,
-            &loss,
-            &backend,
-            read_features::<f64>(npy, path, [b, v, d])?,
-            positives,
-        ),
-        "f2" => run_with(
-            args,
-            &loss,
-            &backend,
-            read_features::<f16>(npy, path, [b, v, d])?,
-            positives,
-        ),
-        other => Err(format!(
-            "{}: features must be float32, float64 or float16, got {other}",
-            path.display()
+    let features = Npy::open(&args.features)?;
+    features.dims::<3>("features")?;
+    let dtype = features.dtype;
+    let out = OutputDir::prepare(&args.out)?;
+    match (dtype.kind, dtype.size) {
+        (Kind::Float, 4) => run_with::<f32>(args, &out, &loss, &backend, features, positives),
+        (Kind::Float, 8) => run_with::<f64>(args, &out, &loss, &backend, features, positives),
+        (Kind::Float, 2) => run_with::<f16>(args, &out, &loss, &backend, features, positives),
+        _ => Err(format!(
+            "{}: features must be float32, float64 or float16, got {}",
+            args.features.display(),
+            dtype.name()
         )),
-    }?;
-    eprintln!("backend {}; wrote {}", backend.name(), args.out.display());
-    Ok(())
+    }
 }
 
 /// A small deterministic generator (SplitMix64), so the demo needs no dev-only crate.
@@ -455,23 +413,33 @@ impl SplitMix {
     }
 }
 
-fn demo_batch(args: &DemoArgs) -> (Array3<f32>, Array1<i64>) {
+/// A random batch of unit rows and labels, its size checked (and its memory reserved) before
+/// anything is written to it.
+fn demo_batch(args: &DemoArgs) -> CliResult<(Array3<f32>, Array1<i64>)> {
+    let shape =
+        BatchShape::new(args.batch, args.views, args.dim).map_err(|e| format!("demo: {e}"))?;
+    let no_memory = |bytes: usize| format!("demo: cannot allocate {bytes} bytes for the batch");
+    let mut values: Vec<f32> = npy::zeroed(shape.elements()).map_err(no_memory)?;
+    let mut labels: Vec<i64> = npy::zeroed(args.batch).map_err(no_memory)?;
     let mut rng = SplitMix(args.seed);
-    let mut z = Array3::from_shape_fn((args.batch, args.views, args.dim), |_| {
-        rng.symmetric() as f32
-    });
-    for mut row in z.rows_mut() {
+    for row in values.chunks_exact_mut(args.dim) {
+        for x in row.iter_mut() {
+            *x = rng.symmetric() as f32;
+        }
         let norm = row
             .iter()
             .map(|x| x * x)
             .sum::<f32>()
             .sqrt()
             .max(f32::MIN_POSITIVE);
-        row.mapv_inplace(|x| x / norm);
+        row.iter_mut().for_each(|x| *x /= norm);
     }
-    let classes = args.classes.max(1) as u64;
-    let labels = Array1::from_shape_fn(args.batch, |_| (rng.next() % classes) as i64);
-    (z, labels)
+    for label in &mut labels {
+        *label = (rng.next() % args.classes as u64) as i64;
+    }
+    let z = Array3::from_shape_vec((args.batch, args.views, args.dim), values)
+        .expect("the length is the shape's");
+    Ok((z, Array1::from(labels)))
 }
 
 fn demo_with<T: Element>(
@@ -526,7 +494,7 @@ fn demo_with<T: Element>(
 
 fn demo(args: &DemoArgs) -> CliResult<()> {
     let (loss, backend) = args.loss.build()?;
-    let (z, labels) = demo_batch(args);
+    let (z, labels) = demo_batch(args)?;
     match args.dtype {
         DTypeArg::F32 => demo_with::<f32>(args, &loss, &backend, &z, &labels),
         DTypeArg::F16 => demo_with::<f16>(args, &loss, &backend, &z, &labels),
@@ -535,6 +503,13 @@ fn demo(args: &DemoArgs) -> CliResult<()> {
 }
 
 fn main() -> ExitCode {
+    // A write beyond the file-size limit then fails with EFBIG, which the output folder cleans
+    // up after, instead of killing the process with a half-written file behind.
+    #[cfg(unix)]
+    // SAFETY: sets a signal disposition before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Run(args) => run(args),
