@@ -1,23 +1,32 @@
 //! The forward pass: per-anchor log-sum-exps, positive weights and positive logit sums, one
 //! logits tile at a time, never more than a tile of S in memory.
 //!
-//! For each tile (schedule in `tiles`), after the GEMM `S = Z_I Z_Jᵀ / τ`:
+//! For each tile (schedule in `tiles`), after the GEMM `S = Z_I Z_Jᵀ / τ`, one of two tile
+//! kernels does the elementwise work:
 //!
-//! - rows: for each anchor i of block I, fill its pair weights w_ij and biases (0 or −∞ for
-//!   excluded j) over J, then two sweeps over the row: (1) the maxima of the denominator set and
-//!   of the positives, Σ w and Σ w·s; (2) with one shared shift m (the larger maximum), one
-//!   exponential e = exp(s + bias − m) per entry feeds both Σ_den e and Σ_pos w·e. A set whose
-//!   own maximum lies more than `SHARED_SHIFT_RANGE` below m gets its sum recomputed with its own
-//!   maximum (rare: it only happens with huge logits), so nothing underflows and the shift never
-//!   comes from an excluded entry (the self logit included).
-//! - columns (off-diagonal tiles): the same for the anchors of block J against the contrasts of
-//!   I, with per-column running vectors (vertical, so no lane folding), fed chunks of 8 rows
-//!   whose weights are filled once and used by both sweeps; each column's shift follows its
-//!   running maximum, rescaling its sums when it moves. With a symmetric relation (labels or
-//!   SimCLR without a biting cap, symmetric masks) the column weights are the row weights, and
-//!   [`Columns::add_row`] instead feeds each row's exponentials e^{s − m_i} to the columns too,
-//!   scaled by e^{m_i − C} with C the tile's running largest row maximum: one exponential per
-//!   logit for both directions.
+//! - [`GeneralTile`], for any relation. Rows ([`row_piece`]): for each anchor i of block I, fill
+//!   its pair weights w_ij and biases (0 or −∞ for excluded j) over J, then two sweeps over the
+//!   row: (1) the maxima of the denominator set and of the positives, Σ w and Σ w·s; (2) with
+//!   one shared shift m (the larger maximum), one exponential e = exp(s + bias − m) per entry
+//!   feeds both Σ_den e and Σ_pos w·e. A set whose own maximum lies more than
+//!   `SHARED_SHIFT_RANGE` below m gets its sum recomputed with its own maximum (rare: it only
+//!   happens with huge logits), so nothing underflows and the shift never comes from an excluded
+//!   entry (the self logit included). Columns (off-diagonal tiles): the same for the anchors of
+//!   block J against the contrasts of I, with per-column running vectors (vertical, so no lane
+//!   folding), fed chunks of 8 contrast rows whose weights are filled once and used by both
+//!   sweeps ([`Columns::add_chunk`]); each column's shift follows its running maximum,
+//!   rescaling its sums when it moves.
+//! - [`SymmetricTile`], for a symmetric relation (labels or SimCLR without a biting cap,
+//!   symmetric masks) on a tile with column anchors. The column weights are the row weights, so
+//!   one fill per tile row serves both directions, and [`Columns::add_row`] feeds each row's
+//!   exponentials e^{s − m_i} to the columns too, scaled by e^{m_i − C} with C the tile's
+//!   running largest row maximum: one exponential per logit for both directions.
+//!
+//! A tile without column anchors (a diagonal tile, or one whose column block lies past the
+//! anchors) has row work only; [`GeneralTile`] does it without the symmetric kernel's
+//! column bookkeeping. Every site goes through the same two lane steps, [`LaneMaxima::add`] and
+//! [`LaneSums::add`], so each lane sees the same operations in the same order in both kernels
+//! and both directions; the columns end in [`Columns::finish`] for both.
 //!
 //! Each (shift, sum) piece goes into the anchor's f64 [`LogSumExp`]; pieces arrive in the
 //! schedule's fixed order. `one_positive` needs LSE^N_i before its positive terms, so it runs
@@ -76,54 +85,220 @@ struct Piece {
     weighted_logits: f32,
 }
 
-/// The statistics of one anchor's tile row: logits `s`, weights `w`, biases `b` (padded to
-/// whole lanes with w = 0, b = −∞).
+impl Piece {
+    /// A tile row's piece from its lanes: `maxima`'s weight sums and `sums`, both sets relative
+    /// to `shift`.
+    #[inline(always)]
+    fn of_lanes(shift: f32, maxima: &LaneMaxima, sums: &LaneSums) -> Piece {
+        Piece {
+            den_shift: shift,
+            den_sum: fold_sum(sums.den),
+            pos_shift: shift,
+            pos_sum: fold_sum(sums.pos),
+            weight: fold_sum(maxima.weight),
+            weighted_logits: fold_sum(maxima.weighted),
+        }
+    }
+}
+
+/// One lane group of entries (logits, weights, biases): of a tile row, or of one contrast row's
+/// strip of columns. References in a plain tuple: with copies of the arrays the compiler kept
+/// the copies on the stack, and a struct of the references compiled to twice the instructions.
+type Group<'a> = (&'a [f32; LANES], &'a [f32; LANES], &'a [f32; LANES]);
+
+/// A filled tile row: logits `s`, weights `w`, biases `b`, padded to whole lanes with w = 0,
+/// b = −∞.
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    s: &'a [f32],
+    w: &'a [f32],
+    b: &'a [f32],
+}
+
+impl<'a> Row<'a> {
+    const EMPTY: Self = Row {
+        s: &[],
+        w: &[],
+        b: &[],
+    };
+
+    /// The lane group at `start`.
+    #[inline(always)]
+    fn group(self, start: usize) -> Group<'a> {
+        (
+            lane_at(self.s, start),
+            lane_at(self.w, start),
+            lane_at(self.b, start),
+        )
+    }
+
+    /// The row's lane groups in order.
+    #[inline(always)]
+    fn groups(self) -> impl Iterator<Item = Group<'a>> {
+        lanes(self.s)
+            .zip(lanes(self.w))
+            .zip(lanes(self.b))
+            .map(|((s, w), b)| (s, w, b))
+    }
+
+    /// The starts of the row's lane groups, in order (for loops that also index the columns:
+    /// there `groups().enumerate()` compiled to about 15% more instructions).
+    #[inline(always)]
+    fn starts(self) -> impl Iterator<Item = usize> {
+        (0..self.s.len()).step_by(LANES)
+    }
+
+    /// The row's lane maxima and weight sums.
+    #[inline(always)]
+    fn maxima<const NEG_ONLY: bool>(self) -> LaneMaxima {
+        let mut maxima = LaneMaxima::EMPTY;
+        for group in self.groups() {
+            maxima.add::<NEG_ONLY>(group);
+        }
+        maxima
+    }
+
+    /// The row's lane sums of exponentials relative to `shift`.
+    #[inline(always)]
+    fn sums<const NEG_ONLY: bool>(self, shift: f32) -> LaneSums {
+        let mut sums = LaneSums::ZERO;
+        for group in self.groups() {
+            sums.add::<NEG_ONLY>(group, [shift; LANES]);
+        }
+        sums
+    }
+}
+
+/// The lane group `v[start..start + LANES]`, by reference.
 #[inline(always)]
-fn row_piece<const NEG_ONLY: bool>(s: &[f32], w: &[f32], b: &[f32]) -> Piece {
-    let mut max_den = [f32::NEG_INFINITY; LANES];
-    let mut max_pos = [f32::NEG_INFINITY; LANES];
-    let mut weight = [0.0; LANES];
-    let mut weighted = [0.0; LANES];
-    for ((s, w), b) in lanes(s).zip(lanes(w)).zip(lanes(b)) {
+fn lane_at(v: &[f32], start: usize) -> &[f32; LANES] {
+    <&[f32; LANES]>::try_from(&v[start..start + LANES]).expect("a whole lane group")
+}
+
+/// Per-lane running maxima and weight sums: of a tile row's lanes (folded at the end of the
+/// row), or of one strip of columns, one lane per column.
+#[derive(Clone, Copy)]
+struct LaneMaxima {
+    /// The maximum of the denominator set.
+    max_den: [f32; LANES],
+    /// The maximum of the kept positives.
+    max_pos: [f32; LANES],
+    /// Σ w.
+    weight: [f32; LANES],
+    /// Σ w·s.
+    weighted: [f32; LANES],
+}
+
+impl LaneMaxima {
+    const EMPTY: Self = LaneMaxima {
+        max_den: [f32::NEG_INFINITY; LANES],
+        max_pos: [f32::NEG_INFINITY; LANES],
+        weight: [0.0; LANES],
+        weighted: [0.0; LANES],
+    };
+
+    /// The first sweep's step: adds one lane group. An entry outside the denominator set (or
+    /// excluded, bias −∞) and one that is no kept positive (w = 0) count as −∞ in the maxima.
+    /// Returns the group as maxima and sums of one entry per lane (for [`Columns::add_row`],
+    /// which passes them on to the columns). One loop does both: with the entries made in a
+    /// loop of their own, some instantiations compiled to twice the instructions.
+    #[inline(always)]
+    fn add<const NEG_ONLY: bool>(&mut self, (s, w, b): Group<'_>) -> LaneMaxima {
+        let mut entries = LaneMaxima::EMPTY;
         for l in 0..LANES {
-            let den = if in_denominator::<NEG_ONLY>(w[l]) {
+            entries.max_den[l] = if in_denominator::<NEG_ONLY>(w[l]) {
                 s[l] + b[l]
             } else {
                 f32::NEG_INFINITY
             };
-            max_den[l] = max(max_den[l], den);
-            max_pos[l] = max(
-                max_pos[l],
-                if w[l] > 0.0 { s[l] } else { f32::NEG_INFINITY },
-            );
-            weight[l] += w[l];
-            weighted[l] += w[l] * s[l];
+            entries.max_pos[l] = if w[l] > 0.0 { s[l] } else { f32::NEG_INFINITY };
+            entries.weight[l] = w[l];
+            entries.weighted[l] = w[l] * s[l];
+            self.max_den[l] = max(self.max_den[l], entries.max_den[l]);
+            self.max_pos[l] = max(self.max_pos[l], entries.max_pos[l]);
+            self.weight[l] += entries.weight[l];
+            self.weighted[l] += entries.weighted[l];
+        }
+        entries
+    }
+
+    /// Adds `other`'s entries lane by lane.
+    #[inline(always)]
+    fn merge(&mut self, other: &LaneMaxima) {
+        for l in 0..LANES {
+            self.max_den[l] = max(self.max_den[l], other.max_den[l]);
+            self.max_pos[l] = max(self.max_pos[l], other.max_pos[l]);
+            self.weight[l] += other.weight[l];
+            self.weighted[l] += other.weighted[l];
         }
     }
-    let (max_den, max_pos) = (fold_max(max_den), fold_max(max_pos));
-    let shift = shift_of(max(max_den, max_pos));
-    let mut den = [0.0; LANES];
-    let mut pos = [0.0; LANES];
-    for ((s, w), b) in lanes(s).zip(lanes(w)).zip(lanes(b)) {
+
+    /// The maxima over all lanes: (denominator set, positives).
+    #[inline(always)]
+    fn fold(&self) -> (f32, f32) {
+        (fold_max(self.max_den), fold_max(self.max_pos))
+    }
+}
+
+/// Per-lane sums of exponentials relative to a shift, laid out as [`LaneMaxima`].
+#[derive(Clone, Copy)]
+struct LaneSums {
+    /// Σ e over the denominator set.
+    den: [f32; LANES],
+    /// Σ w·e over the kept positives.
+    pos: [f32; LANES],
+}
+
+impl LaneSums {
+    const ZERO: Self = LaneSums {
+        den: [0.0; LANES],
+        pos: [0.0; LANES],
+    };
+
+    /// The second sweep's step: adds one lane group's exponentials e = exp(s + b − shift), each
+    /// lane under its own shift, e to the denominator sum of an entry in the set and w·e to the
+    /// positives' sum. Returns the terms it added (for [`Columns::add_row`], which passes them
+    /// on to the columns).
+    #[inline(always)]
+    fn add<const NEG_ONLY: bool>(&mut self, (s, w, b): Group<'_>, shift: [f32; LANES]) -> LaneSums {
+        let mut terms = LaneSums::ZERO;
         for l in 0..LANES {
-            let e = exp(s[l] + b[l] - shift);
-            den[l] += if in_denominator::<NEG_ONLY>(w[l]) {
+            let e = exp(s[l] + b[l] - shift[l]);
+            terms.den[l] = if in_denominator::<NEG_ONLY>(w[l]) {
                 e
             } else {
                 0.0
             };
-            pos[l] += w[l] * e;
+            terms.pos[l] = w[l] * e;
+            self.den[l] += terms.den[l];
+            self.pos[l] += terms.pos[l];
+        }
+        terms
+    }
+
+    /// Adds `terms`, each scaled by `factor`.
+    #[inline(always)]
+    fn add_scaled(&mut self, terms: &LaneSums, factor: f32) {
+        for l in 0..LANES {
+            self.den[l] += terms.den[l] * factor;
+            self.pos[l] += terms.pos[l] * factor;
         }
     }
-    let piece = Piece {
-        den_shift: shift,
-        den_sum: fold_sum(den),
-        pos_shift: shift,
-        pos_sum: fold_sum(pos),
-        weight: fold_sum(weight),
-        weighted_logits: fold_sum(weighted),
-    };
-    with_own_shifts::<NEG_ONLY>(piece, s, w, b, max_den, max_pos)
+}
+
+/// The statistics of one anchor's tile row.
+#[inline(always)]
+fn row_piece<const NEG_ONLY: bool>(row: Row<'_>) -> Piece {
+    let maxima = row.maxima::<NEG_ONLY>();
+    let (max_den, max_pos) = maxima.fold();
+    let shift = shift_of(max(max_den, max_pos));
+    let sums = row.sums::<NEG_ONLY>(shift);
+    with_own_shifts::<NEG_ONLY>(
+        Piece::of_lanes(shift, &maxima, &sums),
+        row,
+        max_den,
+        max_pos,
+    )
 }
 
 /// A row piece whose sums were taken relative to `piece`'s shift, with each set whose own
@@ -131,37 +306,49 @@ fn row_piece<const NEG_ONLY: bool>(s: &[f32], w: &[f32], b: &[f32]) -> Piece {
 #[inline(always)]
 fn with_own_shifts<const NEG_ONLY: bool>(
     mut piece: Piece,
-    s: &[f32],
-    w: &[f32],
-    b: &[f32],
+    row: Row<'_>,
     max_den: f32,
     max_pos: f32,
 ) -> Piece {
     let shift = piece.den_shift;
+    // A kept positive has bias 0 (`relation`), so these are its terms w·e^{s − max_pos}; every
+    // other entry has w = 0 and adds 0.
     if needs_own_shift(max_pos, shift) {
-        let mut pos = [0.0; LANES];
-        for (s, w) in lanes(s).zip(lanes(w)) {
-            for l in 0..LANES {
-                pos[l] += w[l] * exp(s[l] - max_pos);
-            }
-        }
-        (piece.pos_shift, piece.pos_sum) = (max_pos, fold_sum(pos));
+        let sums = row.sums::<NEG_ONLY>(max_pos);
+        (piece.pos_shift, piece.pos_sum) = (max_pos, fold_sum(sums.pos));
     }
     if NEG_ONLY && needs_own_shift(max_den, shift) {
-        let mut den = [0.0; LANES];
-        for ((s, w), b) in lanes(s).zip(lanes(w)).zip(lanes(b)) {
-            for l in 0..LANES {
-                let e = exp(s[l] + b[l] - max_den);
-                den[l] += if in_denominator::<NEG_ONLY>(w[l]) {
-                    e
-                } else {
-                    0.0
-                };
-            }
-        }
-        (piece.den_shift, piece.den_sum) = (max_den, fold_sum(den));
+        let sums = row.sums::<NEG_ONLY>(max_den);
+        (piece.den_shift, piece.den_sum) = (max_den, fold_sum(sums.den));
     }
     piece
+}
+
+/// Anchor row `a` of the tile: its logits, and its weights and biases over the tile's columns
+/// filled into `weight` and `bias` (at least a tile stride long) with neutral lane padding.
+#[inline(always)]
+fn anchor_row<'r, R: PairWeights>(
+    pairs: &R,
+    tile: &Tile,
+    a: usize,
+    logits: &'r [f32],
+    weight: &'r mut [f32],
+    bias: &'r mut [f32],
+) -> Row<'r> {
+    let (stride, width) = (tile.stride(), tile.cols.len());
+    let (w, b) = (&mut weight[..stride], &mut bias[..stride]);
+    pairs.fill_anchor_row(
+        tile.rows.start + a,
+        tile.cols.clone(),
+        &mut w[..width],
+        &mut b[..width],
+    );
+    neutral_padding(w, b, width);
+    Row {
+        s: &logits[a * stride..][..stride],
+        w,
+        b,
+    }
 }
 
 /// Tile rows filled at once for the column direction. Column sums need each entry's weight
@@ -213,75 +400,69 @@ impl Columns {
         }
     }
 
-    /// Adds a chunk of contrast rows, each `(logits, weights, biases)` over `span` columns
-    /// (`span` a multiple of [`LANES`]). Columns go in strips of one lane group whose running
-    /// values stay in registers for the whole chunk.
+    /// The maxima and weight sums of the columns `start..start + LANES`.
     #[inline(always)]
-    fn add_chunk<'r, const NEG_ONLY: bool>(
-        &mut self,
-        rows: impl Iterator<Item = (&'r [f32], &'r [f32], &'r [f32])> + Clone,
-        span: usize,
-    ) {
+    fn maxima(&self, start: usize) -> LaneMaxima {
+        LaneMaxima {
+            max_den: lane_group(&self.max_den, start),
+            max_pos: lane_group(&self.max_pos, start),
+            weight: lane_group(&self.weight, start),
+            weighted: lane_group(&self.weighted, start),
+        }
+    }
+
+    #[inline(always)]
+    fn set_maxima(&mut self, start: usize, maxima: &LaneMaxima) {
+        set_lane_group(&mut self.max_den, start, maxima.max_den);
+        set_lane_group(&mut self.max_pos, start, maxima.max_pos);
+        set_lane_group(&mut self.weight, start, maxima.weight);
+        set_lane_group(&mut self.weighted, start, maxima.weighted);
+    }
+
+    /// The sums of the columns `start..start + LANES`.
+    #[inline(always)]
+    fn sums(&self, start: usize) -> LaneSums {
+        LaneSums {
+            den: lane_group(&self.den, start),
+            pos: lane_group(&self.pos, start),
+        }
+    }
+
+    #[inline(always)]
+    fn set_sums(&mut self, start: usize, sums: &LaneSums) {
+        set_lane_group(&mut self.den, start, sums.den);
+        set_lane_group(&mut self.pos, start, sums.pos);
+    }
+
+    /// Adds a chunk of contrast rows over the first `span` columns (`span` a multiple of
+    /// [`LANES`]). Columns go in strips of one lane group whose running values stay in
+    /// registers for the whole chunk. The rows come as a slice: an iterator that builds them
+    /// had its `next` compiled out of line, without the kernel's target features.
+    #[inline(always)]
+    fn add_chunk<const NEG_ONLY: bool>(&mut self, rows: &[Row<'_>], span: usize) {
         for start in (0..span).step_by(LANES) {
-            let mut max_den = lane_group(&self.max_den, start);
-            let mut max_pos = lane_group(&self.max_pos, start);
-            let mut weight = lane_group(&self.weight, start);
-            let mut weighted = lane_group(&self.weighted, start);
-            for (s, w, b) in rows.clone() {
-                let (s, w, b) = (
-                    lane_group(s, start),
-                    lane_group(w, start),
-                    lane_group(b, start),
-                );
-                for l in 0..LANES {
-                    let den = if in_denominator::<NEG_ONLY>(w[l]) {
-                        s[l] + b[l]
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                    max_den[l] = max(max_den[l], den);
-                    let pos = if w[l] > 0.0 { s[l] } else { f32::NEG_INFINITY };
-                    max_pos[l] = max(max_pos[l], pos);
-                    weight[l] += w[l];
-                    weighted[l] += w[l] * s[l];
-                }
+            let mut maxima = self.maxima(start);
+            for row in rows {
+                maxima.add::<NEG_ONLY>(row.group(start));
             }
             // Move the shifts up to the new maxima. A column still empty keeps shift 0 and sums
             // 0; a first entry rescales zero sums (exp saturates instead of overflowing, so
             // 0·e^88 = 0).
             let mut shift = lane_group(&self.shift, start);
-            let mut den = lane_group(&self.den, start);
-            let mut pos = lane_group(&self.pos, start);
-            for l in 0..LANES {
-                let new_shift = shift_of(max(max_den[l], max_pos[l]));
-                let factor = exp(shift[l] - new_shift);
-                den[l] *= factor;
-                pos[l] *= factor;
-                shift[l] = new_shift;
+            let mut sums = self.sums(start);
+            for (l, shift) in shift.iter_mut().enumerate() {
+                let new_shift = shift_of(max(maxima.max_den[l], maxima.max_pos[l]));
+                let factor = exp(*shift - new_shift);
+                sums.den[l] *= factor;
+                sums.pos[l] *= factor;
+                *shift = new_shift;
             }
-            for (s, w, b) in rows.clone() {
-                let (s, w, b) = (
-                    lane_group(s, start),
-                    lane_group(w, start),
-                    lane_group(b, start),
-                );
-                for l in 0..LANES {
-                    let e = exp(s[l] + b[l] - shift[l]);
-                    den[l] += if in_denominator::<NEG_ONLY>(w[l]) {
-                        e
-                    } else {
-                        0.0
-                    };
-                    pos[l] += w[l] * e;
-                }
+            for row in rows {
+                sums.add::<NEG_ONLY>(row.group(start), shift);
             }
-            set_lane_group(&mut self.max_den, start, max_den);
-            set_lane_group(&mut self.max_pos, start, max_pos);
-            set_lane_group(&mut self.weight, start, weight);
-            set_lane_group(&mut self.weighted, start, weighted);
+            self.set_maxima(start, &maxima);
             set_lane_group(&mut self.shift, start, shift);
-            set_lane_group(&mut self.den, start, den);
-            set_lane_group(&mut self.pos, start, pos);
+            self.set_sums(start, &sums);
         }
     }
 
@@ -289,61 +470,20 @@ impl Columns {
     /// row's piece and adds the row to the first `span` columns, with one exponential per entry
     /// for both directions. The row's terms e^{s − m} (m its maximum) enter the columns scaled
     /// by e^{m − C}, C the largest row maximum so far, so every column is relative to C; a
-    /// column whose own maximum ends too far below C is summed again at the end of the tile.
+    /// column whose own maximum ends too far below C is summed again in [`Columns::finish`].
     #[inline(always)]
-    fn add_row<const NEG_ONLY: bool>(
-        &mut self,
-        s: &[f32],
-        w: &[f32],
-        b: &[f32],
-        span: usize,
-    ) -> Piece {
-        let mut max_den = [f32::NEG_INFINITY; LANES];
-        let mut max_pos = [f32::NEG_INFINITY; LANES];
-        let mut weight = [0.0; LANES];
-        let mut weighted = [0.0; LANES];
-        for start in (0..s.len()).step_by(LANES) {
-            let (sv, wv, bv) = (
-                lane_group(s, start),
-                lane_group(w, start),
-                lane_group(b, start),
-            );
-            let mut den = [0.0; LANES];
-            let mut pos = [0.0; LANES];
-            for l in 0..LANES {
-                den[l] = if in_denominator::<NEG_ONLY>(wv[l]) {
-                    sv[l] + bv[l]
-                } else {
-                    f32::NEG_INFINITY
-                };
-                pos[l] = if wv[l] > 0.0 {
-                    sv[l]
-                } else {
-                    f32::NEG_INFINITY
-                };
-                max_den[l] = max(max_den[l], den[l]);
-                max_pos[l] = max(max_pos[l], pos[l]);
-                weight[l] += wv[l];
-                weighted[l] += wv[l] * sv[l];
-            }
+    fn add_row<const NEG_ONLY: bool>(&mut self, row: Row<'_>, span: usize) -> Piece {
+        let mut maxima = LaneMaxima::EMPTY;
+        for start in row.starts() {
+            let group = row.group(start);
+            let entries = maxima.add::<NEG_ONLY>(group);
             if start < span {
-                let mut col_max_den = lane_group(&self.max_den, start);
-                let mut col_max_pos = lane_group(&self.max_pos, start);
-                let mut col_weight = lane_group(&self.weight, start);
-                let mut col_weighted = lane_group(&self.weighted, start);
-                for l in 0..LANES {
-                    col_max_den[l] = max(col_max_den[l], den[l]);
-                    col_max_pos[l] = max(col_max_pos[l], pos[l]);
-                    col_weight[l] += wv[l];
-                    col_weighted[l] += wv[l] * sv[l];
-                }
-                set_lane_group(&mut self.max_den, start, col_max_den);
-                set_lane_group(&mut self.max_pos, start, col_max_pos);
-                set_lane_group(&mut self.weight, start, col_weight);
-                set_lane_group(&mut self.weighted, start, col_weighted);
+                let mut column = self.maxima(start);
+                column.merge(&entries);
+                self.set_maxima(start, &column);
             }
         }
-        let (max_den, max_pos) = (fold_max(max_den), fold_max(max_pos));
+        let (max_den, max_pos) = maxima.fold();
         let row_max = max(max_den, max_pos);
         let shift = shift_of(row_max);
         if row_max > self.common_shift {
@@ -363,57 +503,85 @@ impl Columns {
         } else {
             exp(row_max - self.common_shift)
         };
-        let mut den = [0.0; LANES];
-        let mut pos = [0.0; LANES];
-        for start in (0..s.len()).step_by(LANES) {
-            let (sv, wv, bv) = (
-                lane_group(s, start),
-                lane_group(w, start),
-                lane_group(b, start),
-            );
-            let mut d = [0.0; LANES];
-            let mut p = [0.0; LANES];
-            for l in 0..LANES {
-                let e = exp(sv[l] + bv[l] - shift);
-                d[l] = if in_denominator::<NEG_ONLY>(wv[l]) {
-                    e
-                } else {
-                    0.0
-                };
-                p[l] = wv[l] * e;
-                den[l] += d[l];
-                pos[l] += p[l];
-            }
+        let mut sums = LaneSums::ZERO;
+        for start in row.starts() {
+            let group = row.group(start);
+            let terms = sums.add::<NEG_ONLY>(group, [shift; LANES]);
             if start < span {
-                let mut col_den = lane_group(&self.den, start);
-                let mut col_pos = lane_group(&self.pos, start);
-                for l in 0..LANES {
-                    col_den[l] += d[l] * to_common;
-                    col_pos[l] += p[l] * to_common;
-                }
-                set_lane_group(&mut self.den, start, col_den);
-                set_lane_group(&mut self.pos, start, col_pos);
+                let mut column = self.sums(start);
+                column.add_scaled(&terms, to_common);
+                self.set_sums(start, &column);
             }
         }
-        let piece = Piece {
-            den_shift: shift,
-            den_sum: fold_sum(den),
-            pos_shift: shift,
-            pos_sum: fold_sum(pos),
-            weight: fold_sum(weight),
-            weighted_logits: fold_sum(weighted),
-        };
-        with_own_shifts::<NEG_ONLY>(piece, s, w, b, max_den, max_pos)
+        with_own_shifts::<NEG_ONLY>(
+            Piece::of_lanes(shift, &maxima, &sums),
+            row,
+            max_den,
+            max_pos,
+        )
+    }
+
+    /// Adds each column's piece to the statistics of its anchor (`col_stats`, the anchors of
+    /// the tile's column block, `tile.cols.start` on), once all tile rows are in.
+    #[inline(always)]
+    fn finish<R: PairWeights, const NEG_ONLY: bool>(
+        &self,
+        pairs: &R,
+        tile: &Tile,
+        logits: &[f32],
+        col_stats: &mut [AnchorStats],
+    ) {
+        let stride = tile.stride();
+        for (k, stats) in col_stats.iter_mut().enumerate() {
+            let mut piece = Piece {
+                den_shift: self.shift[k],
+                den_sum: self.den[k],
+                pos_shift: self.shift[k],
+                pos_sum: self.pos[k],
+                weight: self.weight[k],
+                weighted_logits: self.weighted[k],
+            };
+            // (With a shift of its own, a column's denominator maximum is the shift unless it
+            // excludes the positives; with `add_row`'s common shift it may lie below.)
+            let (own_pos, own_den) = (
+                needs_own_shift(self.max_pos[k], self.shift[k]),
+                needs_own_shift(self.max_den[k], self.shift[k]),
+            );
+            if own_pos || own_den {
+                // Rare (huge logits): redo this column alone, entry by entry.
+                let j = tile.cols.start + k;
+                let (mut pos, mut den) = (0.0, 0.0);
+                for (a, i) in tile.rows.clone().enumerate() {
+                    let s = logits[a * stride + k];
+                    let (mut w, mut b) = ([0.0], [0.0]);
+                    pairs.fill_contrast_row(i, j..j + 1, &mut w, &mut b);
+                    if w[0] > 0.0 {
+                        pos += w[0] * exp(s - self.max_pos[k]);
+                    }
+                    if in_denominator::<NEG_ONLY>(w[0]) {
+                        den += exp(s + b[0] - self.max_den[k]);
+                    }
+                }
+                if own_pos {
+                    (piece.pos_shift, piece.pos_sum) = (self.max_pos[k], pos);
+                }
+                if own_den {
+                    (piece.den_shift, piece.den_sum) = (self.max_den[k], den);
+                }
+            }
+            stats.absorb(piece);
+        }
     }
 }
 
 /// Per-thread buffers of the forward sweep.
 pub(super) struct Scratch {
     logits: Aligned,
-    /// Weights and biases of a chunk of tile rows, anchor direction (row c at c·stride).
+    /// One tile row's weights and biases, anchor direction.
     row_weight: Vec<f32>,
     row_bias: Vec<f32>,
-    /// The same in the contrast direction (row c at c·span); unused for symmetric relations.
+    /// A chunk of contrast rows' weights and biases (row c at c·span), for [`GeneralTile`]'s
+    /// columns.
     col_weight: Vec<f32>,
     col_bias: Vec<f32>,
     columns: Columns,
@@ -421,11 +589,12 @@ pub(super) struct Scratch {
 
 impl Scratch {
     fn new() -> Self {
+        let row = || vec![0.0; padded(BLOCK)];
         let chunk = || vec![0.0; CHUNK * padded(BLOCK)];
         Scratch {
             logits: Aligned::zeros(BLOCK * padded(BLOCK)),
-            row_weight: chunk(),
-            row_bias: chunk(),
+            row_weight: row(),
+            row_bias: row(),
             col_weight: chunk(),
             col_bias: chunk(),
             columns: Columns::new(),
@@ -433,19 +602,21 @@ impl Scratch {
     }
 }
 
-/// The elementwise work of one forward tile (after its GEMM).
-struct ForwardTile<'a, R, const NEG_ONLY: bool> {
+/// The elementwise work of one forward tile (after its GEMM) for any relation: rows one at a
+/// time, columns (if the column block holds anchors) in chunks of contrast rows.
+struct GeneralTile<'a, R, const NEG_ONLY: bool> {
     pairs: &'a R,
     tile: &'a Tile,
     scratch: &'a mut Scratch,
     row_stats: &'a mut [AnchorStats],
+    /// The column block's anchors; `None` if it has none.
     col_stats: Option<&'a mut [AnchorStats]>,
 }
 
-impl<R: PairWeights, const NEG_ONLY: bool> TileKernel for ForwardTile<'_, R, NEG_ONLY> {
+impl<R: PairWeights, const NEG_ONLY: bool> TileKernel for GeneralTile<'_, R, NEG_ONLY> {
     #[inline(always)]
     fn run(self) {
-        let ForwardTile {
+        let GeneralTile {
             pairs,
             tile,
             scratch,
@@ -460,114 +631,88 @@ impl<R: PairWeights, const NEG_ONLY: bool> TileKernel for ForwardTile<'_, R, NEG
             col_bias,
             columns,
         } = scratch;
-        let (stride, width, cols) = (tile.stride(), tile.cols.len(), tile.cols.clone());
-        let symmetric = pairs.is_symmetric();
+        let logits: &[f32] = logits;
+        let stride = tile.stride();
         let count = col_stats.as_ref().map_or(0, |c| c.len());
-        let (col_anchors, span) = (cols.start..cols.start + count, padded(count));
+        let (col_anchors, span) = (tile.cols.start..tile.cols.start + count, padded(count));
         columns.reset(span);
-        if symmetric && count > 0 {
-            for (a, i) in tile.rows.clone().enumerate() {
-                let (w, b) = (&mut row_weight[..stride], &mut row_bias[..stride]);
-                pairs.fill_anchor_row(i, cols.clone(), &mut w[..width], &mut b[..width]);
-                neutral_padding(w, b, width);
-                let s = &logits[a * stride..][..stride];
-                let piece = columns.add_row::<NEG_ONLY>(s, w, b, span);
-                if let Some(stats) = row_stats.get_mut(a) {
-                    stats.absorb(piece);
-                }
-            }
-            columns.shift[..span].fill(shift_of(columns.common_shift));
-        }
-        for chunk_start in (0..tile.rows.len())
-            .step_by(CHUNK)
-            .filter(|_| !(symmetric && count > 0))
-        {
+        for chunk_start in (0..tile.rows.len()).step_by(CHUNK) {
             let chunk = chunk_start..(chunk_start + CHUNK).min(tile.rows.len());
-            for (c, a) in chunk.clone().enumerate() {
-                let i = tile.rows.start + a;
-                let row_anchor = a < row_stats.len();
-                let w = &mut row_weight[c * stride..][..stride];
-                let b = &mut row_bias[c * stride..][..stride];
-                if row_anchor || (symmetric && count > 0) {
-                    pairs.fill_anchor_row(i, cols.clone(), &mut w[..width], &mut b[..width]);
-                    neutral_padding(w, b, width);
-                }
-                if row_anchor {
-                    let s = &logits[a * stride..][..stride];
-                    row_stats[a].absorb(row_piece::<NEG_ONLY>(s, w, b));
-                }
-                if count > 0 && !symmetric {
-                    let w = &mut col_weight[c * span..][..span];
-                    let b = &mut col_bias[c * span..][..span];
-                    pairs.fill_contrast_row(
-                        i,
-                        col_anchors.clone(),
-                        &mut w[..count],
-                        &mut b[..count],
-                    );
-                    neutral_padding(w, b, count);
-                }
+            for a in chunk.start..chunk.end.min(row_stats.len()) {
+                let row = anchor_row(pairs, tile, a, logits, row_weight, row_bias);
+                row_stats[a].absorb(row_piece::<NEG_ONLY>(row));
             }
-            if count > 0 {
-                // Symmetric: anchor j's weight against contrast i is row i's weight of j.
-                let (weights, biases, row_step) = if symmetric {
-                    (&row_weight[..], &row_bias[..], stride)
-                } else {
-                    (&col_weight[..], &col_bias[..], span)
+            if count == 0 {
+                continue;
+            }
+            let mut rows = [Row::EMPTY; CHUNK];
+            let filled = col_weight
+                .chunks_exact_mut(span)
+                .zip(col_bias.chunks_exact_mut(span));
+            for ((row, (w, b)), a) in rows.iter_mut().zip(filled).zip(chunk.clone()) {
+                pairs.fill_contrast_row(
+                    tile.rows.start + a,
+                    col_anchors.clone(),
+                    &mut w[..count],
+                    &mut b[..count],
+                );
+                neutral_padding(w, b, count);
+                *row = Row {
+                    s: &logits[a * stride..][..span],
+                    w,
+                    b,
                 };
-                let rows = chunk.clone().enumerate().map(|(c, a)| {
-                    (
-                        &logits[a * stride..][..span],
-                        &weights[c * row_step..][..span],
-                        &biases[c * row_step..][..span],
-                    )
-                });
-                columns.add_chunk::<NEG_ONLY>(rows, span);
+            }
+            columns.add_chunk::<NEG_ONLY>(&rows[..chunk.len()], span);
+        }
+        if let Some(col_stats) = col_stats {
+            columns.finish::<R, NEG_ONLY>(pairs, tile, logits, col_stats);
+        }
+    }
+}
+
+/// The elementwise work of one forward tile (after its GEMM) for a symmetric relation and a
+/// column block with anchors: one fill per tile row, [`Columns::add_row`] for both directions.
+struct SymmetricTile<'a, R, const NEG_ONLY: bool> {
+    pairs: &'a R,
+    tile: &'a Tile,
+    scratch: &'a mut Scratch,
+    row_stats: &'a mut [AnchorStats],
+    /// The column block's anchors (at least one).
+    col_stats: &'a mut [AnchorStats],
+}
+
+impl<R: PairWeights, const NEG_ONLY: bool> TileKernel for SymmetricTile<'_, R, NEG_ONLY> {
+    #[inline(always)]
+    fn run(self) {
+        let SymmetricTile {
+            pairs,
+            tile,
+            scratch,
+            row_stats,
+            col_stats,
+        } = self;
+        let Scratch {
+            logits,
+            row_weight,
+            row_bias,
+            columns,
+            ..
+        } = scratch;
+        let logits: &[f32] = logits;
+        let span = padded(col_stats.len());
+        columns.reset(span);
+        for a in 0..tile.rows.len() {
+            // Anchor j's weight against contrast i is row i's weight of j.
+            let row = anchor_row(pairs, tile, a, logits, row_weight, row_bias);
+            let piece = columns.add_row::<NEG_ONLY>(row, span);
+            if let Some(stats) = row_stats.get_mut(a) {
+                stats.absorb(piece);
             }
         }
-        let Some(col_stats) = col_stats else {
-            return;
-        };
-        let c = columns;
-        for (k, stats) in col_stats.iter_mut().enumerate() {
-            let mut piece = Piece {
-                den_shift: c.shift[k],
-                den_sum: c.den[k],
-                pos_shift: c.shift[k],
-                pos_sum: c.pos[k],
-                weight: c.weight[k],
-                weighted_logits: c.weighted[k],
-            };
-            // (With a shift of its own, a column's denominator maximum is the shift unless it
-            // excludes the positives; with `add_row`'s common shift it may lie below.)
-            let (own_pos, own_den) = (
-                needs_own_shift(c.max_pos[k], c.shift[k]),
-                needs_own_shift(c.max_den[k], c.shift[k]),
-            );
-            if own_pos || own_den {
-                // Rare (huge logits): redo this column alone, entry by entry.
-                let j = col_anchors.start + k;
-                let (mut pos, mut den) = (0.0, 0.0);
-                for (a, i) in tile.rows.clone().enumerate() {
-                    let s = logits[a * stride + k];
-                    let (mut w, mut b) = ([0.0], [0.0]);
-                    pairs.fill_contrast_row(i, j..j + 1, &mut w, &mut b);
-                    if w[0] > 0.0 {
-                        pos += w[0] * exp(s - c.max_pos[k]);
-                    }
-                    if in_denominator::<NEG_ONLY>(w[0]) {
-                        den += exp(s + b[0] - c.max_den[k]);
-                    }
-                }
-                if own_pos {
-                    (piece.pos_shift, piece.pos_sum) = (c.max_pos[k], pos);
-                }
-                if own_den {
-                    (piece.den_shift, piece.den_sum) = (c.max_den[k], den);
-                }
-            }
-            stats.absorb(piece);
-        }
+        // Every column's sums are relative to the common shift.
+        columns.shift[..span].fill(shift_of(columns.common_shift));
+        columns.finish::<R, NEG_ONLY>(pairs, tile, logits, col_stats);
     }
 }
 
@@ -603,13 +748,26 @@ fn statistics_with<R: PairWeights, const NEG_ONLY: bool>(
             batch
                 .rows
                 .logits_tile(tile, batch.inverse_temperature, &mut scratch.logits);
-            batch.isa.run(ForwardTile::<R, NEG_ONLY> {
-                pairs,
-                tile,
-                scratch,
-                row_stats: rows,
-                col_stats: cols.map(|c| c.as_mut_slice()),
-            });
+            // A tile without column anchors has row work only, which the general kernel does
+            // without the symmetric one's column bookkeeping.
+            match cols.filter(|c| !c.is_empty()) {
+                Some(cols) if pairs.is_symmetric() => {
+                    batch.isa.run(SymmetricTile::<R, NEG_ONLY> {
+                        pairs,
+                        tile,
+                        scratch,
+                        row_stats: rows,
+                        col_stats: cols,
+                    });
+                }
+                cols => batch.isa.run(GeneralTile::<R, NEG_ONLY> {
+                    pairs,
+                    tile,
+                    scratch,
+                    row_stats: rows,
+                    col_stats: cols.map(|c| c.as_mut_slice()),
+                }),
+            }
         });
     flatten(states)
 }
