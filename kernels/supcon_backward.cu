@@ -140,7 +140,9 @@ __device__ __forceinline__ void backward(const SupconParams& p) {
                 const int c = tx + kThreadGridCols * n;
                 float h = 0.0f;
                 if (r < own_count && c < contrast_count && first_row + r != first_contrast + c) {
-                    const float s = acc[m][n] * p.inv_temperature;
+                    /* As the forward kernel forms it: rounded, never fused (ptxas would contract
+                     * it into the subtractions below). */
+                    const float s = __fmul_rn(acc[m][n], p.inv_temperature);
                     if (own_stats.coef[r] != 0.0f) {
                         const float w = pair_weight(p, own_rows, r, contrast_rows, c);
                         h = own_stats.coef[r] * logit_gradient(p, own_stats, r, s, w);
@@ -221,7 +223,9 @@ extern "C" __global__ void __launch_bounds__(supcon::kCoefficientThreads)
                                 : params.upstream_scalar;
     const float positive_weight = reinterpret_cast<const float*>(params.anchor_positive_weight)[anchor];
     const float lse = reinterpret_cast<const float*>(params.anchor_lse)[anchor];
-    const bool depends_on_logits = positive_weight > 0.0f && lse > -INFINITY;
+    /* A NaN LSE (NaN features on the device API) keeps its coefficient, so that the NaN reaches
+     * the gradient too. */
+    const bool depends_on_logits = positive_weight > 0.0f && !(lse == -INFINITY);
     reinterpret_cast<float*>(params.anchor_grad_coef)[anchor] =
         depends_on_logits ? static_cast<float>(params.loss_scale_exact / mean_denominator * upstream) : 0.0f;
 }

@@ -109,8 +109,11 @@ __device__ __forceinline__ void finish_anchor(const RowStatistics (&partial)[kTh
         s.positive_weight_max = fmaxf(s.positive_weight_max, partial[q].positive_weight_max);
         s.positive_logit += partial[q].positive_logit;
     }
-    /* sum >= 1 (the max term) whenever the set is non-empty; likewise positive_sum >= max w. */
-    const bool has_denominator = s.sum > 0.0f;
+    /* sum >= 1 (the max term) whenever the set is non-empty; likewise positive_sum >= max w.
+     * A NaN logit (NaN or infinite features, which the device API does not check) makes the sum
+     * NaN: that set counts as non-empty, so the NaN reaches LSE_i, l_i and the loss instead of
+     * vanishing into an "empty" set with l_i = 0. */
+    const bool has_denominator = !(s.sum == 0.0f);
     const bool has_positive = s.positive_weight > 0.0f;
     const float log_sum = has_denominator ? logf(s.sum) : 0.0f;
     /* log sum_j (w_ij / W_i) e^(s_ij - positive_max); see "Exact cancellations" above. */
@@ -174,7 +177,9 @@ __device__ __forceinline__ void forward_statistics(const SupconParams& p) {
             for (int n = 0; n < kMicroCols; ++n) {
                 const int c = tx + kThreadGridCols * n;
                 const bool valid = c < contrast_count && first_contrast + c != first_anchor + r;
-                s[n] = acc[m][n] * p.inv_temperature;
+                /* Rounded on its own, never fused into a later subtraction: the backward kernel
+                 * forms the same logit the same way (see "Exact cancellations"). */
+                s[n] = __fmul_rn(acc[m][n], p.inv_temperature);
                 weight[n] = valid ? pair_weight(p, anchor_rows, r, contrasts, c) : 0.0f;
                 denominator[n] = valid && in_denominator(p, weight[n]);
             }

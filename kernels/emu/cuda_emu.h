@@ -36,6 +36,13 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 
+/* a * b rounded to float on its own, as on the GPU: the volatile store keeps g++ from fusing it
+ * into a following addition even when built with -ffp-contract=fast. */
+inline float __fmul_rn(float a, float b) {
+    volatile float product = a * b;
+    return product;
+}
+
 struct uint3 {
     unsigned x, y, z;
 };

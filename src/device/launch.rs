@@ -151,7 +151,8 @@ pub(crate) fn to_host<E: KernelExecutor>(
 }
 
 /// The per-anchor coefficients c·u_i/R' of the backward kernel, zeroed where ℓ_i does not
-/// depend on the logits (no positive, empty denominator).
+/// depend on the logits (no positive, empty denominator). A NaN LSE keeps its coefficient, as
+/// in `supcon_backward_coefficients`, so that NaN features on the device API reach the gradient.
 ///
 /// # Errors
 /// Upstream mismatches as [`SavedState::anchor_coefficients`].
@@ -161,7 +162,7 @@ pub(crate) fn grad_coefficients(state: &SavedState, upstream: Upstream<'_>) -> R
         .iter()
         .zip(state.positive_weight.iter().zip(&state.lse))
         .map(|(&coefficient, (&p, &lse))| {
-            if p > 0.0 && lse > f64::NEG_INFINITY {
+            if p > 0.0 && lse != f64::NEG_INFINITY {
                 coefficient as f32
             } else {
                 0.0

@@ -261,6 +261,44 @@ mod tests {
         }
     }
 
+    /// The device path checks no feature for finiteness, so NaN and infinite features must
+    /// reach the outputs: a NaN or infinite loss and a non-finite gradient, never a silently
+    /// finite value (a NaN sum used to read as an empty set: LSE −∞, ℓ = 0, loss 0).
+    #[test]
+    fn non_finite_features_on_the_device_path_reach_the_loss_and_the_gradient() {
+        let (batch, views, dim) = (6, 2, 5);
+        let labels = Array1::from(vec![1i64, 2, 1, 2, 3, 3]);
+        let mask =
+            Array2::from_shape_fn((batch, batch), |(i, j)| [0.0f32, 0.5, 2.0][(i + 2 * j) % 3]);
+        for poison in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut features = Array3::<f32>::from_shape_fn((batch, views, dim), |(b, v, d)| {
+                ((b * 7 + v * 3 + d) as f32 * 0.41).sin()
+            });
+            features[[2, 1, 3]] = poison;
+            for summation in [Summation::Outside, Summation::Inside] {
+                let loss = SupConLoss::builder().summation(summation).build().unwrap();
+                for positives in [
+                    Positives::SimClr,
+                    Positives::Labels(labels.view()),
+                    Positives::Mask(mask.view()),
+                ] {
+                    let what = format!("{poison} {summation:?} {positives:?}");
+                    let (output, reduced, grad) =
+                        resident_passes(&loss, features.view(), positives, |l| l.clone());
+                    assert!(!reduced.unwrap().is_finite(), "{what}: loss {reduced:?}");
+                    assert!(!output.loss.unwrap().is_finite(), "{what}");
+                    assert!(
+                        grad.iter().any(|g| !g.is_finite()),
+                        "{what}: finite gradient"
+                    );
+                    if poison.is_nan() {
+                        assert!(output.state.lse().iter().all(|l| l.is_nan()), "{what}");
+                    }
+                }
+            }
+        }
+    }
+
     /// `HostExecutor`, counting downloads: on a device each one synchronises the stream.
     struct CountingExecutor {
         downloads: usize,
