@@ -54,8 +54,10 @@ static_assert(kGradStageRows * kGradChunk % kThreads == 0, "the Z stage loader c
 
 /* The saved statistics of the rows of one tile. */
 struct TileStatistics {
-    float lse[kTileRows];
+    float lse[kTileRows]; /* hi and lo (supcon_params.h) */
+    float lse_lo[kTileRows];
     float scaled_positive_lse[kTileRows];
+    float scaled_positive_lse_lo[kTileRows];
     float positive_weight[kTileRows];
     float positive_weight_max[kTileRows];
     float coef[kTileRows]; /* 0 for rows that are not anchors or whose gradient vanishes */
@@ -71,7 +73,9 @@ __device__ __forceinline__ void load_statistics(TileStatistics& tile, uint32_t f
         if (row < p.anchors) {
             coef = reinterpret_cast<const float*>(p.anchor_grad_coef)[row];
             tile.lse[t] = reinterpret_cast<const float*>(p.anchor_lse)[row];
+            tile.lse_lo[t] = reinterpret_cast<const float*>(p.anchor_lse_lo)[row];
             tile.scaled_positive_lse[t] = reinterpret_cast<const float*>(p.anchor_scaled_positive_lse)[row];
+            tile.scaled_positive_lse_lo[t] = reinterpret_cast<const float*>(p.anchor_scaled_positive_lse_lo)[row];
             tile.positive_weight[t] = reinterpret_cast<const float*>(p.anchor_positive_weight)[row];
             tile.positive_weight_max[t] = reinterpret_cast<const float*>(p.anchor_positive_weight_max)[row];
         }
@@ -82,12 +86,13 @@ __device__ __forceinline__ void load_statistics(TileStatistics& tile, uint32_t f
 /* G_ij / coef_i for the anchor whose statistics are row a of `stats`, given s_ij and w_ij. */
 __device__ __forceinline__ float logit_gradient(const SupconParams& p, const TileStatistics& stats, int a, float s,
                                                 float weight) {
-    float g = in_denominator(p, weight) ? expf(s - stats.lse[a]) : 0.0f;
+    float g = in_denominator(p, weight) ? expf((s - stats.lse[a]) - stats.lse_lo[a]) : 0.0f;
     if (weight > 0.0f) {
         /* Divisions, not multiplications by reciprocals: w / w is exactly 1. */
         g -= p.summation == SUPCON_SUMMATION_OUTSIDE
                  ? weight / stats.positive_weight[a]
-                 : weight / stats.positive_weight_max[a] * expf(s - stats.scaled_positive_lse[a]);
+                 : weight / stats.positive_weight_max[a] *
+                       expf((s - stats.scaled_positive_lse[a]) - stats.scaled_positive_lse_lo[a]);
     }
     return g;
 }

@@ -126,9 +126,14 @@ __device__ __forceinline__ void finish_anchor(const RowStatistics (&partial)[kTh
                    : p.loss_scale * ((s.max - s.positive_max) + (log_sum - log_scaled_positive_sum) +
                                      logf(s.positive_weight / s.positive_weight_max));
     }
-    reinterpret_cast<float*>(p.anchor_lse)[anchor] = has_denominator ? s.max + log_sum : -INFINITY;
-    reinterpret_cast<float*>(p.anchor_scaled_positive_lse)[anchor] =
-        has_positive ? s.positive_max + log_scaled_positive_sum : -INFINITY;
+    /* hi = max + log_sum rounded, lo = (max - hi) + log_sum: max - hi is exact (Sterbenz). */
+    const float lse = has_denominator ? s.max + log_sum : -INFINITY;
+    const float positive_lse = has_positive ? s.positive_max + log_scaled_positive_sum : -INFINITY;
+    reinterpret_cast<float*>(p.anchor_lse)[anchor] = lse;
+    reinterpret_cast<float*>(p.anchor_lse_lo)[anchor] = has_denominator ? (s.max - lse) + log_sum : 0.0f;
+    reinterpret_cast<float*>(p.anchor_scaled_positive_lse)[anchor] = positive_lse;
+    reinterpret_cast<float*>(p.anchor_scaled_positive_lse_lo)[anchor] =
+        has_positive ? (s.positive_max - positive_lse) + log_scaled_positive_sum : 0.0f;
     reinterpret_cast<float*>(p.anchor_positive_weight)[anchor] = s.positive_weight;
     reinterpret_cast<float*>(p.anchor_positive_weight_max)[anchor] = s.positive_weight_max;
     reinterpret_cast<float*>(p.anchor_loss)[anchor] = loss;

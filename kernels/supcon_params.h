@@ -45,9 +45,14 @@ typedef struct SupconParams {
     uint64_t mask;      /* const float[B][B] (POSITIVES_MASK), else 0 */
     /* Per-anchor statistics: written by the forward kernel, read by the finalisation and
      * backward kernels. */
-    uint64_t anchor_lse;                 /* float[R]: LSE_i over the denominator set (-inf: empty) */
-    uint64_t anchor_scaled_positive_lse; /* float[R]: log sum_j (w_ij / W_i) e^{s_ij} = LSE^P_i - log W_i
-                                          * (-inf: no positive) */
+    /* A log-sum-exp is kept as two floats, hi (its rounding) and lo (the rest), so that the
+     * backward kernel's e^{(s - hi) - lo} has float precision at any logit scale (s - hi is exact
+     * for s near hi), where e^{s - hi} would lose up to half an ulp of hi. */
+    uint64_t anchor_lse;                    /* float[R]: LSE_i over the denominator set, hi (-inf: empty) */
+    uint64_t anchor_lse_lo;                 /* float[R]: its lo (0 for an empty set) */
+    uint64_t anchor_scaled_positive_lse;    /* float[R]: log sum_j (w_ij / W_i) e^{s_ij} = LSE^P_i - log W_i,
+                                             * hi (-inf: no positive) */
+    uint64_t anchor_scaled_positive_lse_lo; /* float[R]: its lo (0 without a positive) */
     uint64_t anchor_positive_weight;     /* float[R]: P_i = sum_j w_ij */
     uint64_t anchor_positive_weight_max; /* float[R]: W_i = max_j w_ij (0: no positive) */
     uint64_t anchor_loss;                /* float[R]: l_i */

@@ -2,11 +2,13 @@
 //! implements with the same signatures, and the values that cross it.
 
 use ndarray::{Array1, Array3, ArrayView1, ArrayView3};
+use rayon::prelude::*;
 
 use crate::config::{NoPositivePolicy, Reduction, SupConLoss};
-use crate::element::Element;
+
+use crate::element::{Element, GradElement};
 use crate::error::{Error, Result};
-use crate::inputs::{BatchShape, Positives};
+use crate::inputs::{BatchShape, Positives, Validated};
 
 /// The gradient flowing into the loss from above (`∂(objective)/∂(loss output)`).
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +37,8 @@ pub struct ForwardOutput {
     pub state: SavedState,
 }
 
-/// The O(R) per-anchor statistics a backward pass needs (nothing N×N).
+/// The O(R) per-anchor statistics a backward pass needs (nothing N×N), and a fingerprint of
+/// the forward batch, so that a backward pass on another batch is refused.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SavedState {
     pub(crate) loss: SupConLoss,
@@ -48,6 +51,9 @@ pub struct SavedState {
     pub(crate) positive_weight: Vec<f64>,
     /// R', the mean's denominator (1 for sum and none).
     pub(crate) mean_denominator: f64,
+    /// The forward batch's fingerprint (`inputs::Validated`); `None` where the forward pass read
+    /// device memory (the CUDA device API), which no backward pass can re-hash on the host.
+    pub(crate) fingerprint: Option<u64>,
 }
 
 impl SavedState {
@@ -72,8 +78,10 @@ impl SavedState {
         self.mean_denominator
     }
 
-    /// Fails unless this state came from a forward pass of `loss` on a batch of `shape`.
-    pub(crate) fn check(&self, loss: &SupConLoss, shape: BatchShape) -> Result<()> {
+    /// Fails unless this state came from a forward pass of `loss` on this batch: the same shape
+    /// and, where the state has a fingerprint, the same values of features and positives.
+    pub(crate) fn check(&self, loss: &SupConLoss, batch: &Validated) -> Result<()> {
+        let shape = batch.shape;
         if self.loss != *loss {
             return Err(Error::StateMismatch(
                 "the loss configuration differs from the forward pass".into(),
@@ -84,6 +92,11 @@ impl SavedState {
                 "features have shape {:?}, the forward pass saw {:?}",
                 shape, self.shape
             )));
+        }
+        if self.fingerprint.is_some_and(|f| f != batch.fingerprint) {
+            return Err(Error::StateMismatch(
+                "the features or positives differ from those of the forward pass".into(),
+            ));
         }
         Ok(())
     }
@@ -169,6 +182,32 @@ pub(crate) fn reduce(
         _ => Some(total / mean_denominator),
     };
     Ok((reduced, mean_denominator))
+}
+
+/// Fails unless the forward pass's losses are finite (see [`Error::Overflow`]).
+///
+/// # Errors
+/// [`Error::Overflow`].
+pub(crate) fn check_finite_loss(output: &ForwardOutput) -> Result<()> {
+    let finite =
+        output.loss.is_none_or(f64::is_finite) && output.per_anchor.iter().all(|l| l.is_finite());
+    if finite {
+        Ok(())
+    } else {
+        Err(Error::Overflow { output: "loss" })
+    }
+}
+
+/// Fails unless every gradient entry is finite (see [`Error::Overflow`]).
+///
+/// # Errors
+/// [`Error::Overflow`].
+pub(crate) fn check_finite_gradient<G: GradElement>(grad: &[G]) -> Result<()> {
+    if grad.par_iter().all(|g| g.to_f64().is_finite()) {
+        Ok(())
+    } else {
+        Err(Error::Overflow { output: "gradient" })
+    }
 }
 
 /// A SupCon implementation. Every method validates its inputs first and returns a typed error

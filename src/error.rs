@@ -89,6 +89,13 @@ pub enum Error {
     /// The upstream gradient holds NaN or ±Inf.
     #[error("upstream gradient is not finite")]
     NonFiniteUpstream,
+    /// A result is not finite although every input is valid: τ/τ_b or the upstream gradient
+    /// scale it beyond the range of its floating-point type.
+    #[error("the {output} overflows its floating-point type: τ/τ_b or the upstream gradient scale it beyond range")]
+    Overflow {
+        /// `"loss"` or `"gradient"`.
+        output: &'static str,
+    },
     /// A saved forward state was handed to a backward call it does not belong to.
     #[error("saved state does not match this backward call: {0}")]
     StateMismatch(String),
@@ -149,8 +156,9 @@ pub enum Error {
         /// The oldest version that loads the kernels.
         required: i32,
     },
-    /// Device memory ran out: the trainer may retry with a smaller batch.
-    #[error("backend `{backend}` ran out of device memory allocating {bytes} bytes")]
+    /// Memory ran out (the device's for the CUDA backend, the host's for the others): the
+    /// trainer may retry with a smaller batch.
+    #[error("backend `{backend}` ran out of memory allocating {bytes} bytes")]
     OutOfMemory {
         /// The backend's name.
         backend: &'static str,
@@ -207,10 +215,10 @@ pub enum Capability {
     Denominator(Denominator),
     /// A positives cap.
     PositivesCap,
-    /// Logits as large as `largest` = max‖z‖²/τ, beyond the `limit` of the f32 arithmetic the
-    /// backend computes in.
+    /// Dot products or logits as large as `largest` = max(max‖z‖², max‖z‖²/τ), beyond the
+    /// `limit` of the arithmetic the backend computes in.
     LogitRange {
-        /// max_r ‖z_r‖²/τ of the batch.
+        /// max(max_r ‖z_r‖², max_r ‖z_r‖²/τ) of the batch.
         largest: f64,
         /// The largest the backend accepts.
         limit: f64,
@@ -225,7 +233,7 @@ impl std::fmt::Display for Capability {
             Capability::PositivesCap => f.write_str("a positives cap"),
             Capability::LogitRange { largest, limit } => write!(
                 f,
-                "logits up to max‖z‖²/τ = {largest:e} (its f32 arithmetic allows {limit:e})"
+                "dot products or logits up to {largest:e} (its arithmetic allows {limit:e})"
             ),
         }
     }

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use crate::config::ContrastMode;
 use crate::element::Element;
-use crate::error::{Error, Extent, Result};
+use crate::error::{Capability, Error, Extent, Result};
 
 /// What makes two rows positives (docs/math.md, "Inputs").
 #[derive(Debug, Clone, Copy)]
@@ -114,8 +114,18 @@ impl BatchShape {
     }
 }
 
+/// A batch that passed [`validate_inputs`]: its shape and a fingerprint of its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Validated {
+    pub(crate) shape: BatchShape,
+    /// A 64-bit hash of the features' values (in `[B, V, D]` order, whatever the layout and
+    /// element type) and of the positives: a backward pass refuses a saved state whose
+    /// fingerprint differs (another batch of the same shape).
+    pub(crate) fingerprint: u64,
+}
+
 /// Checks everything a backend needs before touching the data: shape, positives, finiteness.
-/// Returns the batch shape.
+/// Returns the batch shape and the batch's fingerprint, from the same pass over the features.
 ///
 /// # Errors
 /// Those of [`BatchShape::new`], [`Error::LabelsLength`], [`Error::MaskShape`],
@@ -123,11 +133,11 @@ impl BatchShape {
 pub(crate) fn validate_inputs<T: Element>(
     features: &ArrayView3<'_, T>,
     positives: &Positives<'_>,
-) -> Result<BatchShape> {
+) -> Result<Validated> {
     let (batch, views, dim) = features.dim();
     let shape = BatchShape::new(batch, views, dim)?;
-    match positives {
-        Positives::SimClr => {}
+    let positives_hash = match positives {
+        Positives::SimClr => 0,
         Positives::Labels(labels) => {
             if labels.len() != batch {
                 return Err(Error::LabelsLength {
@@ -135,6 +145,7 @@ pub(crate) fn validate_inputs<T: Element>(
                     got: labels.len(),
                 });
             }
+            Hash::of(labels.iter().map(|&label| label as u64))
         }
         Positives::Mask(mask) => {
             let (rows, cols) = mask.dim();
@@ -150,15 +161,25 @@ pub(crate) fn validate_inputs<T: Element>(
             {
                 return Err(Error::InvalidMaskWeight { row, col, value });
             }
+            Hash::of(mask.iter().map(|w| u64::from(w.to_bits())))
         }
-    }
-    // A branch-free pass over the memory (in parallel) first; the position only if it fails.
-    let all_finite = |chunk: &[T]| chunk.iter().fold(true, |ok, x| ok & x.to_f64().is_finite());
-    let finite = match features.as_slice_memory_order() {
-        Some(data) => data.par_chunks(1 << 14).all(all_finite),
-        None => features.iter().all(|x| x.to_f64().is_finite()),
     };
-    if !finite {
+    // One pass over the features, a sample at a time in parallel: finiteness (branch-free) and
+    // the hash; the position of a non-finite value only if there is one.
+    let samples: Vec<(bool, u64)> = (0..batch)
+        .into_par_iter()
+        .map(|b| {
+            let sample = features.index_axis(ndarray::Axis(0), b);
+            let mut finite = true;
+            let hash = Hash::of(sample.iter().map(|x| {
+                let x = x.to_f64();
+                finite &= x.is_finite();
+                x.to_bits()
+            }));
+            (finite, hash)
+        })
+        .collect();
+    if samples.iter().any(|&(finite, _)| !finite) {
         if let Some(((sample, view, dim), _)) = features
             .indexed_iter()
             .find(|(_, x)| !x.to_f64().is_finite())
@@ -166,5 +187,126 @@ pub(crate) fn validate_inputs<T: Element>(
             return Err(Error::NonFiniteFeature { sample, view, dim });
         }
     }
-    Ok(shape)
+    let kind = match positives {
+        Positives::SimClr => 1,
+        Positives::Labels(_) => 2,
+        Positives::Mask(_) => 3,
+    };
+    let features_hash = Hash::of(samples.iter().map(|&(_, hash)| hash));
+    let fingerprint = Hash::of([kind, positives_hash, features_hash].into_iter());
+    Ok(Validated { shape, fingerprint })
+}
+
+/// A fast 64-bit hash of a sequence of words (not cryptographic): four interleaved
+/// multiply–rotate chains, so that a long sequence costs about one cycle a word.
+struct Hash;
+
+impl Hash {
+    fn of(words: impl Iterator<Item = u64>) -> u64 {
+        const K: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mix = |h: u64, x: u64| (h ^ x).wrapping_mul(K).rotate_left(29);
+        let mut lanes = [1, 2, 3, 4];
+        let mut count = 0u64;
+        for (k, word) in words.enumerate() {
+            lanes[k % 4] = mix(lanes[k % 4], word);
+            count += 1;
+        }
+        lanes.into_iter().fold(count, mix)
+    }
+}
+
+/// Largest |s_ij| that f32 arithmetic accepts (the CPU backend, the kernels): far enough below
+/// f32::MAX (3.4e38) that sums of logits and their differences stay finite.
+pub(crate) const F32_LOGIT_LIMIT: f64 = 1e36;
+
+/// Fails unless `largest` ([`largest_logit`]) is within `limit` (a NaN `largest`, from squares
+/// that overflowed, is beyond it too).
+///
+/// # Errors
+/// [`Error::Unsupported`] with [`Capability::LogitRange`].
+pub(crate) fn check_logit_range(backend: &'static str, largest: f64, limit: f64) -> Result<()> {
+    if largest <= limit {
+        Ok(())
+    } else {
+        Err(Error::Unsupported {
+            backend,
+            capability: Capability::LogitRange { largest, limit },
+        })
+    }
+}
+
+/// The bound on every dot product z_i·z_j and every logit z_i·z_j/τ of the features: the larger
+/// of max_r ‖z_r‖² and max_r ‖z_r‖²/τ, in f64. (A backend forms the dot product before it
+/// scales it by 1/τ, so with τ > 1 the product is the larger value.)
+pub(crate) fn largest_logit<T: Element>(features: &ArrayView3<'_, T>, temperature: f64) -> f64 {
+    largest_logit_of(largest_square_norm(features), temperature)
+}
+
+/// [`largest_logit`] from max_r ‖z_r‖².
+pub(crate) fn largest_logit_of(largest_square_norm: f64, temperature: f64) -> f64 {
+    largest_square_norm * temperature.recip().max(1.0)
+}
+
+/// max_r ‖z_r‖² of the features, in f64.
+fn largest_square_norm<T: Element>(features: &ArrayView3<'_, T>) -> f64 {
+    features
+        .rows()
+        .into_iter()
+        .map(|row| row.iter().map(|x| x.to_f64().powi(2)).sum::<f64>())
+        .fold(0.0, f64::max)
+}
+
+/// The weight mask with each row divided by its largest positive weight, so that no sum of
+/// weights overflows (weights up to f32::MAX) or vanishes (subnormal weights) in f32: every loss
+/// and gradient depends on the weights of an anchor only up to one common factor
+/// (docs/math.md, "Mask weights"), and P_i and LSE^P_i are rescaled on the way out.
+pub(crate) struct ScaledMask {
+    /// `[B, B]`, standard layout: `mask[b, c] / scale[b]`, a positive weight never below the
+    /// smallest positive f32 (so that it stays a positive).
+    pub(crate) weights: ndarray::Array2<f32>,
+    /// Per sample b, W_b: the largest weight an anchor row of b gives a positive, that is
+    /// mask[b, c] over c ≠ b, and mask[b, b] (its other views) when V ≥ 2; 1 where none is
+    /// positive.
+    pub(crate) scale: Vec<f32>,
+}
+
+impl ScaledMask {
+    /// Scales a validated mask.
+    ///
+    /// # Errors
+    /// [`Error::OutOfMemory`] for the B² copy.
+    pub(crate) fn new(
+        backend: &'static str,
+        mask: &ArrayView2<'_, f32>,
+        views: usize,
+    ) -> Result<Self> {
+        let batch = mask.nrows();
+        let scale: Vec<f32> = mask
+            .rows()
+            .into_iter()
+            .enumerate()
+            .map(|(b, row)| {
+                let largest = row
+                    .iter()
+                    .enumerate()
+                    .filter(|&(c, _)| c != b || views > 1)
+                    .fold(0.0f32, |largest, (_, &w)| largest.max(w));
+                if largest > 0.0 {
+                    largest
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let mut weights = crate::alloc::filled(backend, batch * batch, 0.0f32)?;
+        for ((b, c), &w) in mask.indexed_iter() {
+            weights[b * batch + c] = if w > 0.0 {
+                (w / scale[b]).max(f32::from_bits(1))
+            } else {
+                0.0
+            };
+        }
+        let weights = ndarray::Array2::from_shape_vec((batch, batch), weights).expect("B² weights");
+        Ok(ScaledMask { weights, scale })
+    }
 }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod alloc;
 mod any_backend;
 mod backend;
 mod config;

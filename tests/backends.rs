@@ -383,6 +383,90 @@ fn positive_and_negative_edge_cases<B: Backend>(subject: &Subject<B>, rng: &mut 
     }
 }
 
+/// Mask weights anywhere in the f32 range: uniform weights near f32::MAX, one huge weight
+/// among small ones, rows of subnormal weights, weights from 1e-40 to 1e38 in one mask. Every
+/// backend matches the reference (which sums them in f64); none returns a non-finite value.
+fn extreme_mask_weights_match_reference<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
+    let mut worst = Worst::default();
+    let (b, v, d) = (19, 2, 11);
+    let z = common::unit_features(rng, (b, v, d)).mapv(|x| x as f32);
+    let soft = common::soft_mask(rng, b);
+    let uniform = Array2::from_elem((b, b), 3e38f32);
+    let mut one_huge = Array2::from_elem((b, b), 0.5f32);
+    one_huge[[3, 4]] = 5e37;
+    let mut subnormal_rows = soft.clone();
+    for row in [0, 5, 11] {
+        subnormal_rows
+            .row_mut(row)
+            .mapv_inplace(|w| if w > 0.0 { 1e-45 } else { 0.0 });
+    }
+    let spread = soft.mapv(|w| {
+        if w > 0.0 {
+            10f32.powf(w * 39.0 - 40.0)
+        } else {
+            0.0
+        }
+    });
+    let masks = [
+        ("uniform 3e38", uniform),
+        ("one 5e37 among 0.5", one_huge),
+        ("subnormal rows", subnormal_rows),
+        ("1e-40 to 1e38", spread),
+    ];
+    let upstream = Array1::from_shape_fn(b * v, |i| 0.5 + 0.1 * i as f64);
+    for (name, mask) in &masks {
+        for loss in common::option_grid(0.1, 0.07, None)
+            .into_iter()
+            .filter(|l| l.no_positive() != NoPositivePolicy::Error)
+        {
+            let per_anchor = upstream
+                .slice(ndarray::s![..anchors_of(&loss, (b, v, d))])
+                .to_owned();
+            let what = format!("{name} {loss:?}");
+            let ratio = compare(
+                subject,
+                &loss,
+                &z,
+                Positives::Mask(mask.view()),
+                upstream_for(&loss, &per_anchor),
+                &what,
+            );
+            worst.record(ratio, &what);
+        }
+    }
+    worst.report("extreme_mask_weights");
+}
+
+/// Results beyond the floating-point range (a tiny τ_b, a huge upstream gradient) are
+/// `Error::Overflow`, not ∞ or NaN.
+fn overflowing_results_are_typed_errors<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
+    let z = common::unit_features(rng, (9, 2, 5)).mapv(|x| x as f32);
+    let tiny_base = SupConLoss::builder()
+        .base_temperature(1e-308)
+        .build()
+        .unwrap();
+    assert_eq!(
+        subject
+            .backend
+            .forward(&tiny_base, z.view(), Positives::SimClr)
+            .unwrap_err(),
+        Error::Overflow { output: "loss" }
+    );
+    let loss = SupConLoss::default();
+    let out = subject
+        .backend
+        .forward(&loss, z.view(), Positives::SimClr)
+        .unwrap();
+    let huge = Upstream::Scalar(1e300);
+    assert_eq!(
+        subject
+            .backend
+            .backward(&loss, z.view(), Positives::SimClr, &out.state, huge)
+            .unwrap_err(),
+        Error::Overflow { output: "gradient" }
+    );
+}
+
 /// Every input error is a typed error, the same on every backend.
 fn bad_inputs_are_typed_errors<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
     let backend = &subject.backend;
@@ -461,6 +545,37 @@ fn bad_inputs_are_typed_errors<B: Backend>(subject: &Subject<B>, rng: &mut StdRn
         backward(&loss, &narrower, Upstream::Scalar(1.0)),
         Err(Error::StateMismatch(_))
     ));
+    // Another batch of the same shape: other features, or the same features with other
+    // positives. The same values in another element type pass.
+    let mut other_batch = z.clone();
+    other_batch[[8, 0, 4]] += 0.25;
+    assert!(matches!(
+        backward(&loss, &other_batch, Upstream::Scalar(1.0)),
+        Err(Error::StateMismatch(_))
+    ));
+    let labels = Array1::from_shape_fn(9, |b| (b % 3) as i64);
+    assert!(matches!(
+        backend.backward(
+            &loss,
+            z.view(),
+            Positives::Labels(labels.view()),
+            &out.state,
+            Upstream::Scalar(1.0)
+        ),
+        Err(Error::StateMismatch(_))
+    ));
+    let wide = z.mapv(f64::from);
+    let same_values = backend.backward(
+        &loss,
+        wide.view(),
+        Positives::SimClr,
+        &out.state,
+        Upstream::Scalar(1.0),
+    );
+    assert!(
+        !matches!(same_values, Err(Error::StateMismatch(_))),
+        "{same_values:?}"
+    );
     let per_anchor = Array1::zeros(18);
     assert!(matches!(
         backward(&loss, &z, Upstream::PerAnchor(per_anchor.view())),
@@ -551,6 +666,8 @@ macro_rules! backend_suite {
             case!(positive_and_negative_edge_cases);
             case!(bad_inputs_are_typed_errors);
             case!(results_are_bitwise_reproducible);
+            case!(extreme_mask_weights_match_reference);
+            case!(overflowing_results_are_typed_errors);
         }
     };
 }

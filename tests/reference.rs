@@ -562,3 +562,23 @@ fn half_and_strided_inputs_match_f64() {
     let b = ReferenceBackend.forward(&loss, z.view(), pos).unwrap();
     assert_eq!(a.loss, b.loss);
 }
+
+/// The oracle refuses f64 logits it cannot represent (norm 1e160: ‖z‖² overflows) instead of
+/// returning 0 or NaN.
+#[test]
+fn logits_beyond_the_f64_range_are_refused() {
+    let z = Array3::from_shape_fn((3, 2, 4), |(b, v, d)| ((b + v + d) as f64 + 1.0) * 1e160);
+    let error = ReferenceBackend
+        .forward(&SupConLoss::default(), z.view(), Positives::SimClr)
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Unsupported {
+                backend: "reference",
+                capability: supcon::Capability::LogitRange { .. }
+            }
+        ),
+        "{error:?}"
+    );
+}

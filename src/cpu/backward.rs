@@ -32,9 +32,9 @@ use crate::config::{Denominator, Summation};
 trait PositiveTerm {
     /// Whether the pulls are computed separately in f64 (`one_positive`).
     const SCALAR_PULLS: bool;
-    /// The term subtracted for weight `w` and logit `s`, given the anchor's `scale` and
-    /// `lse_positive`.
-    fn term(w: f32, s: f32, scale: f32, lse_positive: f32) -> f32;
+    /// The term subtracted for weight `w` and logit `s`, given the anchor's `scale` and its
+    /// LSE^P as `hi + lo` ([`split`]).
+    fn term(w: f32, s: f32, scale: f32, lse_positive: (f32, f32)) -> f32;
 }
 
 /// L_out with denominator all / only-negatives: w·a/P (`scale` = a/P).
@@ -47,7 +47,7 @@ struct OnePositive;
 impl PositiveTerm for Outside {
     const SCALAR_PULLS: bool = false;
     #[inline(always)]
-    fn term(w: f32, _: f32, scale: f32, _: f32) -> f32 {
+    fn term(w: f32, _: f32, scale: f32, _: (f32, f32)) -> f32 {
         w * scale
     }
 }
@@ -55,27 +55,39 @@ impl PositiveTerm for Outside {
 impl PositiveTerm for Inside {
     const SCALAR_PULLS: bool = false;
     #[inline(always)]
-    fn term(w: f32, s: f32, scale: f32, lse_positive: f32) -> f32 {
-        w * scale * exp(s - lse_positive)
+    fn term(w: f32, s: f32, scale: f32, (hi, lo): (f32, f32)) -> f32 {
+        w * scale * exp(s - hi - lo)
     }
 }
 
 impl PositiveTerm for OnePositive {
     const SCALAR_PULLS: bool = true;
     #[inline(always)]
-    fn term(_: f32, _: f32, _: f32, _: f32) -> f32 {
+    fn term(_: f32, _: f32, _: f32, _: (f32, f32)) -> f32 {
         0.0
     }
 }
 
+/// An f64 log-sum-exp as two f32, `hi` (its rounding) and `lo` (the rest), for exponentials of
+/// logits relative to it: a logit s near the LSE differs from `hi` exactly in f32 (Sterbenz),
+/// so `e^{(s − hi) − lo}` keeps the f64 value's precision at any logit scale, where `e^{s − hi}`
+/// alone would lose up to half an f32 ulp of the LSE: 0.06 at logits of 2·10⁶, 6 % of the term.
+pub(super) fn split(lse: f64) -> (f32, f32) {
+    let hi = lse as f32;
+    (hi, (lse - f64::from(hi)) as f32)
+}
+
 /// Per-row coefficients of g, padded past N with inactive rows. An inactive row (not an
-/// anchor, no positive, or an empty denominator) has LSEs of +∞ and scales of 0, so every term
-/// it contributes is exactly 0 (e^{−∞} = 0, never ∞·0).
+/// anchor, no positive, or an empty denominator) has LSEs of +∞ (`lo` 0) and scales of 0, so
+/// every term it contributes is exactly 0 (e^{−∞} = 0, never ∞·0). Log-sum-exps come as
+/// [`split`] pairs.
 pub(super) struct AnchorTerms {
     pub(super) lse: Vec<f32>,
+    pub(super) lse_lo: Vec<f32>,
     pub(super) den_scale: Vec<f32>,
     pub(super) positive_scale: Vec<f32>,
     lse_positive: Vec<f32>,
+    lse_positive_lo: Vec<f32>,
 }
 
 /// `one_positive`'s per-anchor f64 values for the pulls (anchors only).
@@ -114,16 +126,18 @@ pub(super) struct Saved<'a> {
 /// The coefficients of g for every row (and the pulls for `one_positive`, which need the
 /// `positive_sums` sweep).
 pub(super) fn anchor_terms(
-    batch: &Batch<'_>,
+    batch: &Batch,
     saved: &Saved<'_>,
     positive_sums: Option<&[PositiveSums]>,
 ) -> (AnchorTerms, Option<Pulls>) {
     let len = padded(batch.shape.rows());
     let mut terms = AnchorTerms {
         lse: vec![f32::INFINITY; len],
+        lse_lo: vec![0.0; len],
         den_scale: vec![0.0; len],
         positive_scale: vec![0.0; len],
         lse_positive: vec![f32::INFINITY; len],
+        lse_positive_lo: vec![0.0; len],
     };
     let summation = batch.loss.summation();
     let mut pulls = positive_sums.map(|_| Pulls {
@@ -139,7 +153,7 @@ pub(super) fn anchor_terms(
             continue;
         }
         let a = saved.coefficients[i] / tau;
-        terms.lse[i] = lse as f32;
+        (terms.lse[i], terms.lse_lo[i]) = split(lse);
         match (positive_sums, &mut pulls) {
             (Some(sums), Some(pulls)) => {
                 let sums = &sums[i];
@@ -160,7 +174,8 @@ pub(super) fn anchor_terms(
                     Summation::Outside => terms.positive_scale[i] = (a / p) as f32,
                     Summation::Inside => {
                         terms.positive_scale[i] = a as f32;
-                        terms.lse_positive[i] = saved.lse_positive[i] as f32;
+                        (terms.lse_positive[i], terms.lse_positive_lo[i]) =
+                            split(saved.lse_positive[i]);
                     }
                 }
             }
@@ -221,9 +236,11 @@ impl<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool> TileKernel
         let stride = tile.stride();
         let (width, cols) = (tile.cols.len(), tile.cols.clone());
         let col_lse = &terms.lse[cols.start..][..stride];
+        let col_lse_lo = &terms.lse_lo[cols.start..][..stride];
         let col_den = &terms.den_scale[cols.start..][..stride];
         let col_pos = &terms.positive_scale[cols.start..][..stride];
         let col_lse_pos = &terms.lse_positive[cols.start..][..stride];
+        let col_lse_pos_lo = &terms.lse_positive_lo[cols.start..][..stride];
         let Scratch {
             row_weight,
             row_bias,
@@ -269,26 +286,28 @@ impl<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool> TileKernel
                     }
                 }
             }
-            let (lse, den, pos, lse_pos) = (
+            let (lse, lse_lo, den, pos) = (
                 terms.lse[i],
+                terms.lse_lo[i],
                 terms.den_scale[i],
                 terms.positive_scale[i],
-                terms.lse_positive[i],
             );
+            let lse_pos = (terms.lse_positive[i], terms.lse_positive_lo[i]);
             // Whole lane groups with fixed-size arrays: the loop body is then one vector
             // instruction sequence on every ISA (a zip of this many slices stayed scalar).
             for start in (0..stride).step_by(LANES) {
                 let group = |v: &[f32]| lane_group(v, start);
                 let (x, pull) = (group(h), group(pull));
                 let (row_w, row_b, col_w, col_b) = (group(rw), group(rb), group(cw), group(cb));
-                let (c_lse, c_den) = (group(col_lse), group(col_den));
-                let (c_pos, c_lse_pos) = (group(col_pos), group(col_lse_pos));
+                let (c_lse, c_lse_lo, c_den) = (group(col_lse), group(col_lse_lo), group(col_den));
+                let (c_pos, c_lse_pos, c_lse_pos_lo) =
+                    (group(col_pos), group(col_lse_pos), group(col_lse_pos_lo));
                 let out: &mut [f32; LANES] = (&mut h[start..start + LANES])
                     .try_into()
                     .expect("whole lanes");
                 for l in 0..LANES {
-                    let e_row = exp(x[l] + row_b[l] - lse);
-                    let e_col = exp(x[l] + col_b[l] - c_lse[l]);
+                    let e_row = exp(x[l] + row_b[l] - lse - lse_lo);
+                    let e_col = exp(x[l] + col_b[l] - c_lse[l] - c_lse_lo[l]);
                     let d_row = if in_denominator::<NEG_ONLY>(row_w[l]) {
                         e_row
                     } else {
@@ -300,7 +319,8 @@ impl<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool> TileKernel
                         0.0
                     };
                     let g_row = den * d_row - P::term(row_w[l], x[l], pos, lse_pos);
-                    let g_col = c_den[l] * d_col - P::term(col_w[l], x[l], c_pos[l], c_lse_pos[l]);
+                    let c_lse_pos = (c_lse_pos[l], c_lse_pos_lo[l]);
+                    let g_col = c_den[l] * d_col - P::term(col_w[l], x[l], c_pos[l], c_lse_pos);
                     out[l] = if P::SCALAR_PULLS {
                         g_row + g_col - pull[l]
                     } else {
@@ -314,11 +334,11 @@ impl<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool> TileKernel
 
 /// ∂L/∂z for every row, in f64, `[N, D]` row-major.
 pub(super) fn gradient<R: PairWeights>(
-    batch: &Batch<'_>,
+    batch: &Batch,
     pairs: &R,
     terms: &AnchorTerms,
     pulls: Option<&Pulls>,
-) -> Vec<f64> {
+) -> crate::Result<Vec<f64>> {
     let neg_only = batch.only_negatives_in_denominator();
     match (batch.loss.denominator(), batch.loss.summation(), neg_only) {
         (Denominator::OnePositive, ..) => {
@@ -340,11 +360,11 @@ pub(super) fn gradient<R: PairWeights>(
 }
 
 fn gradient_with<R: PairWeights, P: PositiveTerm, const NEG_ONLY: bool>(
-    batch: &Batch<'_>,
+    batch: &Batch,
     pairs: &R,
     terms: &AnchorTerms,
     pulls: Option<&Pulls>,
-) -> Vec<f64> {
+) -> crate::Result<Vec<f64>> {
     sweep(batch, Scratch::new, |tile, logits, scratch| {
         batch.isa.run(GradientTile::<R, P, NEG_ONLY> {
             pairs,
@@ -369,14 +389,14 @@ struct SweepScratch<X> {
 
 /// The backward sweep of both paths: for each tile, S; `to_h` turns it into H in place (given
 /// the tile, the logits and this thread's `extra` scratch); then the gradient products. Returns
-/// ∂L/∂z in f64, `[N, D]` row-major.
+/// ∂L/∂z in f64, `[N, D]` row-major, or [`crate::Error::OutOfMemory`] for it.
 pub(super) fn sweep<X: Send>(
-    batch: &Batch<'_>,
+    batch: &Batch,
     extra: impl Fn() -> X + Sync + Send,
     to_h: impl Fn(&Tile, &mut [f32], &mut X) + Sync + Send,
-) -> Vec<f64> {
+) -> crate::Result<Vec<f64>> {
     let dim = batch.rows.dim;
-    let mut dz = vec![0.0; batch.shape.rows() * dim];
+    let mut dz = crate::alloc::filled("cpu", batch.shape.rows() * dim, 0.0)?;
     let states = block_chunks(&mut dz, dim);
     batch.schedule.for_each_tile(
         &states,
@@ -400,7 +420,7 @@ pub(super) fn sweep<X: Send>(
         },
     );
     drop(states);
-    dz
+    Ok(dz)
 }
 
 /// The f32 products of one tile's H with the feature blocks, before they join the f64 totals.
@@ -424,7 +444,7 @@ impl Partials {
     /// turned into H in place.
     fn add_tile(
         &mut self,
-        batch: &Batch<'_>,
+        batch: &Batch,
         tile: &Tile,
         h: &[f32],
         grad_rows: &mut [f64],

@@ -45,7 +45,7 @@ pub(super) const LSE_SPREAD: f32 = 40.0;
 
 /// Whether the batch takes this path, given that its relation is a class relation without a
 /// cap (`ClassPairs::is_symmetric`).
-pub(super) fn applies(batch: &Batch<'_>) -> bool {
+pub(super) fn applies(batch: &Batch) -> bool {
     batch.loss.denominator() == Denominator::All && batch.loss.summation() == Summation::Outside
 }
 
@@ -63,7 +63,7 @@ pub(super) struct Classes {
 
 impl Classes {
     /// The classes of the batch's rows (`of_row` has N entries, dense ids).
-    pub(super) fn new(batch: &Batch<'_>, of_row: &[u32]) -> Self {
+    pub(super) fn new(batch: &Batch, of_row: &[u32]) -> Self {
         let class_count = of_row.iter().map(|&c| c as usize + 1).max().unwrap_or(0);
         // A counting sort of the rows by class keeps each class's rows ascending.
         let mut starts = vec![0; class_count + 1];
@@ -93,7 +93,7 @@ impl Classes {
 
     /// Per class, Σ_{y_r = y} weight(r)·z_r in f64, `[classes, D]` (each in row order, so the
     /// result does not depend on the thread count).
-    fn weighted_sums(&self, batch: &Batch<'_>, weight: impl Fn(usize) -> f64 + Sync) -> Vec<f64> {
+    fn weighted_sums(&self, batch: &Batch, weight: impl Fn(usize) -> f64 + Sync) -> Vec<f64> {
         let dim = batch.rows.dim;
         let mut sums = vec![0.0; (self.starts.len() - 1) * dim];
         sums.par_chunks_mut(dim).enumerate().for_each(|(c, total)| {
@@ -118,7 +118,7 @@ impl Classes {
     }
 
     /// P_i and Σ_j w_ij s_ij of every anchor.
-    fn positive_statistics(&self, batch: &Batch<'_>) -> Vec<(f64, f64)> {
+    fn positive_statistics(&self, batch: &Batch) -> Vec<(f64, f64)> {
         let (dim, tau) = (batch.rows.dim, batch.loss.temperature());
         (0..batch.anchors)
             .into_par_iter()
@@ -326,7 +326,7 @@ impl SetSums {
 }
 
 /// Forward statistics of every anchor on this path (see the module docs).
-pub(super) fn statistics(batch: &Batch<'_>, classes: &Classes) -> Vec<AnchorStats> {
+pub(super) fn statistics(batch: &Batch, classes: &Classes) -> Vec<AnchorStats> {
     let states = block_states(batch, AnchorStats::EMPTY);
     // Every logit is at most ‖z_i‖‖z_j‖/τ; a little above the largest so that rounding in the
     // GEMM cannot put a logit past it.
@@ -357,8 +357,10 @@ pub(super) fn statistics(batch: &Batch<'_>, classes: &Classes) -> Vec<AnchorStat
 /// The elementwise work of one backward tile: S → H in place.
 struct GradientTile<'a> {
     tile: &'a Tile,
-    /// Per row: LSE_k (+∞ for inactive rows) and a_k (0 for inactive rows), padded.
+    /// Per row: LSE_k as `hi + lo` (`backward::split`; +∞ and 0 for inactive rows) and a_k (0
+    /// for inactive rows), padded.
     lse: &'a [f32],
+    lse_lo: &'a [f32],
     scale: &'a [f32],
     logits: &'a mut [f32],
     col_alpha: &'a mut [f32],
@@ -370,6 +372,7 @@ impl TileKernel for GradientTile<'_> {
         let GradientTile {
             tile,
             lse,
+            lse_lo,
             scale,
             logits,
             col_alpha,
@@ -388,22 +391,27 @@ impl TileKernel for GradientTile<'_> {
             return;
         };
         let (low, high) = lse_range.fold((first, first), |(l, h), x| (l.min(x), h.max(x)));
-        let (col_lse, col_scale) = (
+        let (col_lse, col_lse_lo, col_scale) = (
             &lse[tile.cols.start..][..stride],
+            &lse_lo[tile.cols.start..][..stride],
             &scale[tile.cols.start..][..stride],
         );
+        // α_k = a_k e^{m − LSE_k}; m − hi_k is exact in f32 (both are f32 LSEs of the tile).
+        let alpha_of = |m: f32, k: usize| {
+            if scale[k] != 0.0 {
+                scale[k] * exp(m - lse[k] - lse_lo[k])
+            } else {
+                0.0
+            }
+        };
         if high - low <= LSE_SPREAD {
             let m = high;
-            for (alpha, (&l, &a)) in col_alpha.iter_mut().zip(col_lse.iter().zip(col_scale)) {
-                *alpha = if a != 0.0 { a * exp(m - l) } else { 0.0 };
+            for (c, alpha) in col_alpha.iter_mut().take(stride).enumerate() {
+                *alpha = alpha_of(m, tile.cols.start + c);
             }
             let col_alpha = &col_alpha[..stride];
             for (a, i) in tile.rows.clone().enumerate() {
-                let row_alpha = if scale[i] != 0.0 {
-                    scale[i] * exp(m - lse[i])
-                } else {
-                    0.0
-                };
+                let row_alpha = alpha_of(m, i);
                 let h = &mut logits[a * stride..][..stride];
                 for start in (0..stride).step_by(LANES) {
                     let (s, alpha) = (lane_group(h, start), lane_group(col_alpha, start));
@@ -416,16 +424,19 @@ impl TileKernel for GradientTile<'_> {
             }
         } else {
             for (a, i) in tile.rows.clone().enumerate() {
-                let (row_lse, row_scale) = (lse[i], scale[i]);
+                let (row_lse, row_lo, row_scale) = (lse[i], lse_lo[i], scale[i]);
                 let h = &mut logits[a * stride..][..stride];
                 for start in (0..stride).step_by(LANES) {
                     let s = lane_group(h, start);
-                    let (c_lse, c_scale) =
-                        (lane_group(col_lse, start), lane_group(col_scale, start));
+                    let (c_lse, c_lo, c_scale) = (
+                        lane_group(col_lse, start),
+                        lane_group(col_lse_lo, start),
+                        lane_group(col_scale, start),
+                    );
                     let mut out = [0.0; LANES];
                     for l in 0..LANES {
-                        out[l] =
-                            row_scale * exp(s[l] - row_lse) + c_scale[l] * exp(s[l] - c_lse[l]);
+                        out[l] = row_scale * exp(s[l] - row_lse - row_lo)
+                            + c_scale[l] * exp(s[l] - c_lse[l] - c_lo[l]);
                     }
                     set_lane_group(h, start, out);
                 }
@@ -434,26 +445,28 @@ impl TileKernel for GradientTile<'_> {
     }
 }
 
-/// ∂L/∂z for every row on this path, in f64, `[N, D]` row-major. `lse` and `scale` hold LSE_k
-/// and a_k per row (+∞ and 0 for inactive rows), `positive_scale` a_k / P_k.
+/// ∂L/∂z for every row on this path, in f64, `[N, D]` row-major. `lse` and `lse_lo` hold LSE_k
+/// as `hi + lo` and `scale` a_k per row (+∞, 0 and 0 for inactive rows), `positive_scale`
+/// a_k / P_k.
 pub(super) fn gradient(
-    batch: &Batch<'_>,
+    batch: &Batch,
     classes: &Classes,
-    lse: &[f32],
+    (lse, lse_lo): (&[f32], &[f32]),
     scale: &[f32],
     positive_scale: &[f32],
-) -> Vec<f64> {
+) -> crate::Result<Vec<f64>> {
     let dim = batch.rows.dim;
     let col_alpha = || vec![0.0; padded(BLOCK)];
     let mut dz = sweep(batch, col_alpha, |tile, logits, col_alpha| {
         batch.isa.run(GradientTile {
             tile,
             lse,
+            lse_lo,
             scale,
             logits,
             col_alpha,
         });
-    });
+    })?;
     // The positive part: C'_y = Σ_{y_r = y} pos_r z_r (each class in row order), then per row
     // −pos_k (C_y − z_k) − (C'_y − pos_k z_k) = −pos_k C_y − C'_y + 2 pos_k z_k.
     let weighted_sum = classes.weighted_sums(batch, |r| f64::from(positive_scale[r]));
@@ -473,5 +486,5 @@ pub(super) fn gradient(
             *g -= pos * total + weighted - 2.0 * pos * f64::from(z);
         }
     });
-    dz
+    Ok(dz)
 }

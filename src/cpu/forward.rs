@@ -718,7 +718,7 @@ impl<R: PairWeights, const NEG_ONLY: bool> TileKernel for SymmetricTile<'_, R, N
 
 /// Per-block state: the anchors of the block (`BLOCK` of them, fewer in the last anchor block,
 /// none past the anchors).
-pub(super) fn block_states<T: Clone>(batch: &Batch<'_>, empty: T) -> Vec<Mutex<Vec<T>>> {
+pub(super) fn block_states<T: Clone>(batch: &Batch, empty: T) -> Vec<Mutex<Vec<T>>> {
     (0..batch.schedule.blocks())
         .map(|b| {
             let rows = batch.schedule.block_rows(b);
@@ -729,7 +729,7 @@ pub(super) fn block_states<T: Clone>(batch: &Batch<'_>, empty: T) -> Vec<Mutex<V
 }
 
 /// Forward statistics of every anchor (see the module docs).
-pub(super) fn statistics<R: PairWeights>(batch: &Batch<'_>, pairs: &R) -> Vec<AnchorStats> {
+pub(super) fn statistics<R: PairWeights>(batch: &Batch, pairs: &R) -> Vec<AnchorStats> {
     if batch.only_negatives_in_denominator() {
         statistics_with::<R, true>(batch, pairs)
     } else {
@@ -738,7 +738,7 @@ pub(super) fn statistics<R: PairWeights>(batch: &Batch<'_>, pairs: &R) -> Vec<An
 }
 
 fn statistics_with<R: PairWeights, const NEG_ONLY: bool>(
-    batch: &Batch<'_>,
+    batch: &Batch,
     pairs: &R,
 ) -> Vec<AnchorStats> {
     let states = block_states(batch, AnchorStats::EMPTY);
@@ -807,7 +807,7 @@ impl PositiveSums {
 /// The `one_positive` sums of every anchor given LSE^N (`lse`, one per anchor): a second sweep
 /// over the tiles, scalar over the positive entries.
 pub(super) fn positive_sums<R: PairWeights>(
-    batch: &Batch<'_>,
+    batch: &Batch,
     pairs: &R,
     lse: &[f64],
 ) -> Vec<PositiveSums> {

@@ -66,10 +66,10 @@ pub(super) enum Right<'a> {
 
 /// Zᵀ in column panels for [`Right::Panels`]: `rows` (n×k row-major) becomes, for each group of
 /// `width` rows (zero-padded at the end), a k×width row-major block.
-pub(super) fn pack_panels(rows: &[f32], k: usize, width: usize) -> Aligned {
+pub(super) fn pack_panels(rows: &[f32], k: usize, width: usize) -> crate::Result<Aligned> {
     let n = rows.len() / k;
     let panels = n.div_ceil(width);
-    let mut packed = Aligned::zeros(panels * k * width);
+    let mut packed = Aligned::try_zeros(panels * k * width)?;
     for (q, panel) in packed.chunks_mut(k * width).enumerate() {
         for c in 0..width.min(n - q * width) {
             let row = &rows[(q * width + c) * k..][..k];
@@ -78,7 +78,7 @@ pub(super) fn pack_panels(rows: &[f32], k: usize, width: usize) -> Aligned {
             }
         }
     }
-    packed
+    Ok(packed)
 }
 
 /// One product `C = α·A·B` (C overwritten).
@@ -257,7 +257,7 @@ mod tests {
                 let a: Vec<f32> = (0..m * k).map(value).collect();
                 let b: Vec<f32> = (0..k * n).map(|i| value(i + 5)).collect();
                 let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-                let packed = pack_panels(&bt, k, isa.panel_width());
+                let packed = pack_panels(&bt, k, isa.panel_width()).unwrap();
                 let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
                 let want: Vec<f64> = (0..m * n)
                     .map(|i| {

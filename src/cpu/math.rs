@@ -18,12 +18,22 @@ pub(super) struct Aligned {
 }
 
 impl Aligned {
-    /// `len` zeros.
+    const SLACK: usize = 64 / std::mem::size_of::<f32>() - 1;
+
+    /// `len` zeros (for per-thread scratch, whose size the batch does not set).
     pub(super) fn zeros(len: usize) -> Self {
-        const SLACK: usize = 64 / std::mem::size_of::<f32>() - 1;
-        let buffer = vec![0.0; len + SLACK];
+        Self::from_buffer(vec![0.0; len + Self::SLACK], len)
+    }
+
+    /// `len` zeros, or [`crate::Error::OutOfMemory`] (for the buffers of size N·D).
+    pub(super) fn try_zeros(len: usize) -> crate::Result<Self> {
+        let buffer = crate::alloc::filled("cpu", len.saturating_add(Self::SLACK), 0.0)?;
+        Ok(Self::from_buffer(buffer, len))
+    }
+
+    fn from_buffer(buffer: Vec<f32>, len: usize) -> Self {
         // `align_offset` may decline (usize::MAX); the data is then merely unaligned.
-        let start = buffer.as_ptr().align_offset(64).min(SLACK);
+        let start = buffer.as_ptr().align_offset(64).min(Self::SLACK);
         Aligned { buffer, start, len }
     }
 }

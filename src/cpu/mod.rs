@@ -48,11 +48,16 @@ mod tiles;
 use ndarray::{s, Array1, Array3, ArrayView3};
 use rayon::prelude::*;
 
-use crate::backend::{reduce, Backend, ForwardOutput, SavedState, Upstream};
+use crate::backend::{
+    check_finite_gradient, check_finite_loss, reduce, Backend, ForwardOutput, SavedState, Upstream,
+};
 use crate::config::{Denominator, Summation, SupConLoss};
 use crate::element::{Element, GradElement};
-use crate::error::{Capability, Error, Result};
-use crate::inputs::{validate_inputs, BatchShape, Positives};
+use crate::error::Result;
+use crate::inputs::{
+    check_logit_range, largest_logit_of, validate_inputs, BatchShape, Positives, Validated,
+    F32_LOGIT_LIMIT,
+};
 use forward::{AnchorStats, PositiveSums};
 use math::Aligned;
 use relation::{PairWeights, Pairs};
@@ -63,18 +68,14 @@ use tiles::{Rows, Schedule};
 /// results do not depend on its size.
 ///
 /// Every option of [`SupConLoss`] and every kind of [`Positives`] is supported. Features are
-/// computed in f32 whatever their type (f64 features are rounded to f32); logits beyond
-/// ±1e36 (features of enormous norm) are refused with [`Error::Unsupported`] instead of
-/// overflowing f32.
+/// computed in f32 whatever their type (f64 features are rounded to f32); dot products or
+/// logits beyond 1e36 (features of enormous norm) are refused with
+/// [`crate::Error::Unsupported`] instead of overflowing f32.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
-/// Largest |s_ij| the f32 tiles accept: far enough below f32::MAX (3.4e38) that sums of
-/// logits and their differences stay finite.
-const LOGIT_LIMIT: f64 = 1e36;
-
 /// A validated batch as the tile loops see it.
-struct Batch<'a> {
+struct Batch {
     loss: SupConLoss,
     shape: BatchShape,
     /// R: rows `0..anchors` are the anchors.
@@ -84,23 +85,31 @@ struct Batch<'a> {
     /// max_r ‖z_r‖²/τ, the largest logit any pair can have.
     largest_logit: f32,
     rows: Rows,
-    pairs: Pairs<'a>,
+    pairs: Pairs,
     schedule: Schedule,
     isa: Isa,
+    /// The batch's fingerprint, for the state of its forward pass.
+    fingerprint: u64,
 }
 
-impl<'a> Batch<'a> {
-    /// Converts the features and lays out the relation. `features` must have passed
-    /// `validate_inputs`, which returned `shape`.
+impl Batch {
+    /// Lays out the relation and converts the features. `features` must have passed
+    /// `validate_inputs`, which returned `validated`.
+    ///
+    /// # Errors
+    /// [`crate::Error::TooLarge`] (N beyond u32, checked before anything of size N·D is allocated),
+    /// [`crate::Error::OutOfMemory`], [`crate::Error::Unsupported`] (logits beyond `F32_LOGIT_LIMIT`).
     fn new<T: Element>(
         loss: &SupConLoss,
         features: &ArrayView3<'_, T>,
-        shape: BatchShape,
-        positives: Positives<'a>,
+        validated: Validated,
+        positives: Positives<'_>,
         isa: Isa,
     ) -> Result<Self> {
+        let shape = validated.shape;
+        let pairs = Pairs::new(loss, shape, positives)?;
         let (n, dim) = (shape.rows(), shape.dim());
-        let mut data = Aligned::zeros(n * dim);
+        let mut data = Aligned::try_zeros(n * dim)?;
         let largest_square_norm = data
             .par_chunks_mut(dim)
             .enumerate()
@@ -115,15 +124,11 @@ impl<'a> Batch<'a> {
             })
             .reduce(|| 0.0, f64::max);
         let largest_logit = largest_square_norm / loss.temperature();
-        if largest_logit > LOGIT_LIMIT {
-            return Err(Error::Unsupported {
-                backend: "cpu",
-                capability: Capability::LogitRange {
-                    largest: largest_logit,
-                    limit: LOGIT_LIMIT,
-                },
-            });
-        }
+        check_logit_range(
+            "cpu",
+            largest_logit_of(largest_square_norm, loss.temperature()),
+            F32_LOGIT_LIMIT,
+        )?;
         let anchors = shape.anchors(loss.contrast_mode());
         Ok(Batch {
             loss: *loss,
@@ -131,10 +136,11 @@ impl<'a> Batch<'a> {
             anchors,
             inverse_temperature: (1.0 / loss.temperature()) as f32,
             largest_logit: largest_logit as f32,
-            rows: Rows::new(data, dim, isa),
-            pairs: Pairs::new(loss, shape, positives)?,
+            rows: Rows::new(data, dim, isa)?,
+            pairs,
             schedule: Schedule::new(n, anchors),
             isa,
+            fingerprint: validated.fingerprint,
         })
     }
 
@@ -174,7 +180,7 @@ fn anchor_loss(loss: &SupConLoss, stats: &AnchorStats, sums: Option<&PositiveSum
     loss.loss_scale() * unscaled
 }
 
-impl<'a> Batch<'a> {
+impl Batch {
     /// The class layout of [`dense`]'s fast path, if this batch takes it.
     fn dense_classes(&self) -> Option<dense::Classes> {
         match &self.pairs {
@@ -200,20 +206,30 @@ impl<'a> Batch<'a> {
             .enumerate()
             .map(|(i, stats)| anchor_loss(loss, stats, sums.as_ref().map(|sums| &sums[i])))
             .collect();
-        let positive_weight: Vec<f64> = stats.iter().map(|s| s.positive_weight).collect();
+        // The tiles saw each anchor's mask weights divided by W_i: P_i and LSE^P_i scale back.
+        let scale = |i: usize| self.pairs.anchor_scale(i);
+        let positive_weight: Vec<f64> = (stats.iter().enumerate())
+            .map(|(i, s)| s.positive_weight * scale(i))
+            .collect();
+        let lse_positive = (stats.iter().enumerate())
+            .map(|(i, s)| s.positive.value() + scale(i).ln())
+            .collect();
         let (reduced, mean_denominator) = reduce(loss, &per_anchor, &positive_weight)?;
-        Ok(ForwardOutput {
+        let output = ForwardOutput {
             loss: reduced,
             per_anchor: Array1::from(per_anchor),
             state: SavedState {
                 loss: *loss,
                 shape: self.shape,
                 lse,
-                lse_positive: stats.iter().map(|s| s.positive.value()).collect(),
+                lse_positive,
                 positive_weight,
                 mean_denominator,
+                fingerprint: Some(self.fingerprint),
             },
-        })
+        };
+        check_finite_loss(&output)?;
+        Ok(output)
     }
 
     /// The backward pass on this batch, from a state that `check`ed against it.
@@ -226,10 +242,18 @@ impl<'a> Batch<'a> {
         let coefficients = state.anchor_coefficients(upstream)?;
         let sums = (self.loss.denominator() == Denominator::OnePositive)
             .then(|| with_pairs!(self, pairs => forward::positive_sums(self, pairs, &state.lse)));
+        // The tiles see each anchor's mask weights divided by W_i: so do P_i and LSE^P_i.
+        let scaled = |values: &[f64], unscale: fn(f64, f64) -> f64| -> Vec<f64> {
+            (values.iter().enumerate())
+                .map(|(i, &x)| unscale(x, self.pairs.anchor_scale(i)))
+                .collect()
+        };
+        let lse_positive = scaled(&state.lse_positive, |lse, w| lse - w.ln());
+        let positive_weight = scaled(&state.positive_weight, |p, w| p / w);
         let saved = backward::Saved {
             lse: &state.lse,
-            lse_positive: &state.lse_positive,
-            positive_weight: &state.positive_weight,
+            lse_positive: &lse_positive,
+            positive_weight: &positive_weight,
             coefficients: &coefficients,
         };
         let (terms, pulls) = backward::anchor_terms(self, &saved, sums.as_deref());
@@ -237,27 +261,40 @@ impl<'a> Batch<'a> {
             Some(classes) => dense::gradient(
                 self,
                 classes,
-                &terms.lse,
+                (&terms.lse, &terms.lse_lo),
                 &terms.den_scale,
                 &terms.positive_scale,
-            ),
+            )?,
             None => {
-                with_pairs!(self, pairs => backward::gradient(self, pairs, &terms, pulls.as_ref()))
+                with_pairs!(self, pairs => backward::gradient(self, pairs, &terms, pulls.as_ref()))?
             }
         };
         let (b, dim) = (self.shape.batch(), self.shape.dim());
         // Output row (sample s, view v) is feature row v·B + s.
-        let (views, mut grad) = (self.shape.views(), vec![G::from_f64(0.0); dz.len()]);
+        let views = self.shape.views();
+        let mut grad = crate::alloc::filled("cpu", dz.len(), G::from_f64(0.0))?;
         grad.par_chunks_mut(dim).enumerate().for_each(|(out, row)| {
             let source = &dz[((out % views) * b + out / views) * dim..][..dim];
             for (g, &x) in row.iter_mut().zip(source) {
                 *g = G::from_f64(x);
             }
         });
+        check_finite_gradient(&grad)?;
         let grad = Array3::from_shape_vec((b, views, dim), grad)
             .expect("the gradient has the features' shape");
         Ok(grad)
     }
+}
+
+/// The batch validated, after the backend's own size limit: a batch with too many rows fails
+/// before any pass over its values.
+fn validated<T: Element>(
+    features: &ArrayView3<'_, T>,
+    positives: &Positives<'_>,
+) -> Result<Validated> {
+    let (batch, views, dim) = features.dim();
+    relation::check_rows(BatchShape::new(batch, views, dim)?)?;
+    validate_inputs(features, positives)
 }
 
 impl CpuBackend {
@@ -267,8 +304,8 @@ impl CpuBackend {
         features: ArrayView3<'_, T>,
         positives: Positives<'_>,
     ) -> Result<ForwardOutput> {
-        let shape = validate_inputs(&features, &positives)?;
-        let batch = Batch::new(loss, &features, shape, positives, isa)?;
+        let validated = validated(&features, &positives)?;
+        let batch = Batch::new(loss, &features, validated, positives, isa)?;
         batch.forward(batch.dense_classes().as_ref())
     }
 
@@ -280,9 +317,9 @@ impl CpuBackend {
         state: &SavedState,
         upstream: Upstream<'_>,
     ) -> Result<Array3<T::Grad>> {
-        let shape = validate_inputs(&features, &positives)?;
-        state.check(loss, shape)?;
-        let batch = Batch::new(loss, &features, shape, positives, isa)?;
+        let validated = validated(&features, &positives)?;
+        state.check(loss, &validated)?;
+        let batch = Batch::new(loss, &features, validated, positives, isa)?;
         batch.backward(batch.dense_classes().as_ref(), state, upstream)
     }
 
@@ -294,8 +331,8 @@ impl CpuBackend {
         positives: Positives<'_>,
         upstream: Upstream<'_>,
     ) -> Result<(ForwardOutput, Array3<T::Grad>)> {
-        let shape = validate_inputs(&features, &positives)?;
-        let batch = Batch::new(loss, &features, shape, positives, isa)?;
+        let validated = validated(&features, &positives)?;
+        let batch = Batch::new(loss, &features, validated, positives, isa)?;
         let classes = batch.dense_classes();
         let output = batch.forward(classes.as_ref())?;
         let grad = batch.backward(classes.as_ref(), &output.state, upstream)?;
@@ -478,9 +515,9 @@ mod tests {
                         .build()
                         .unwrap();
                     let what = format!("{batch_size}x{views}x{dim} {source} {mode:?}");
-                    let shape = validate_inputs(&features.view(), &positives).unwrap();
+                    let validated = validate_inputs(&features.view(), &positives).unwrap();
                     let batch =
-                        Batch::new(&loss, &features.view(), shape, positives, Isa::detect())
+                        Batch::new(&loss, &features.view(), validated, positives, Isa::detect())
                             .unwrap();
                     let classes = batch.dense_classes().expect("takes the dense path");
                     let general = batch.forward(None).unwrap();

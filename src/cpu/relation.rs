@@ -19,11 +19,9 @@
 
 use std::ops::Range;
 
-use ndarray::{ArrayView2, CowArray, Ix2};
-
 use crate::config::SupConLoss;
 use crate::error::{Error, Extent, Result};
-use crate::inputs::{BatchShape, Positives};
+use crate::inputs::{BatchShape, Positives, ScaledMask};
 
 /// Fills tile rows of pair weights and biases (see the module docs).
 pub(super) trait PairWeights: Sync {
@@ -62,11 +60,11 @@ pub(super) fn in_denominator<const NEG_ONLY: bool>(weight: f32) -> bool {
 }
 
 /// The relation of a batch in one of its two layouts.
-pub(super) enum Pairs<'a> {
+pub(super) enum Pairs {
     /// SimCLR or labels: positives share a class.
     Class(ClassPairs),
     /// An explicit `[B, B]` weight mask.
-    Mask(MaskPairs<'a>),
+    Mask(MaskPairs),
 }
 
 /// Per-row facts every layout needs.
@@ -101,32 +99,24 @@ pub(super) struct ClassPairs {
 }
 
 /// Explicit-mask batches.
-pub(super) struct MaskPairs<'a> {
+pub(super) struct MaskPairs {
     rows: RowFacts,
     batch: usize,
-    /// `[B, B]` weights in standard layout (copied only if the caller's view is not).
-    mask: CowArray<'a, f32, Ix2>,
-    /// Whether the mask equals its transpose.
+    /// The `[B, B]` weights, each row divided by its largest positive weight.
+    mask: ScaledMask,
+    /// Whether the scaled mask equals its transpose.
     symmetric_mask: bool,
 }
 
-impl<'a> Pairs<'a> {
+impl Pairs {
     /// The relation of a validated batch, the cap applied. Fails if N does not fit in u32.
     pub(super) fn new(
         loss: &SupConLoss,
         shape: BatchShape,
-        positives: Positives<'a>,
+        positives: Positives<'_>,
     ) -> Result<Self> {
+        check_rows(shape)?;
         let n = shape.rows();
-        // The tile loops index rows in u32.
-        let limit = u32::MAX as usize;
-        if n > limit {
-            return Err(Error::TooLarge {
-                extent: Extent::Rows,
-                requested: n as u128,
-                limit: limit as u128,
-            });
-        }
         let sample: Vec<u32> = (0..n).map(|r| shape.sample_of(r) as u32).collect();
         match positives {
             Positives::SimClr | Positives::Labels(_) => {
@@ -151,8 +141,8 @@ impl<'a> Pairs<'a> {
                 }))
             }
             Positives::Mask(mask) => {
-                let mask = standard_layout(mask);
-                let weights = mask.as_slice().unwrap_or_default();
+                let mask = ScaledMask::new("cpu", &mask, shape.views())?;
+                let weights = mask.weights.as_slice().expect("standard layout");
                 let batch = shape.batch();
                 let bounds = per_sample_bounds(loss, shape, |s| {
                     let row = &weights[s * batch..(s + 1) * batch];
@@ -161,7 +151,7 @@ impl<'a> Pairs<'a> {
                         (0..batch).filter(|&b| b != s && row[b] > 0.0).collect();
                     (own, others.len(), move |k: usize| others[k])
                 });
-                let symmetric_mask = mask == mask.t();
+                let symmetric_mask = mask.weights == mask.weights.t();
                 Ok(Pairs::Mask(MaskPairs {
                     rows: RowFacts::new(sample, &bounds, shape),
                     batch,
@@ -173,13 +163,31 @@ impl<'a> Pairs<'a> {
     }
 }
 
-/// The mask in standard (row-major, contiguous) layout.
-fn standard_layout(mask: ArrayView2<'_, f32>) -> CowArray<'_, f32, Ix2> {
-    if mask.is_standard_layout() {
-        CowArray::from(mask)
-    } else {
-        CowArray::from(mask.as_standard_layout().into_owned())
+impl Pairs {
+    /// W_i: the factor that anchor `anchor`'s weights were divided by (1 for labels and
+    /// SimCLR; see [`ScaledMask`]).
+    pub(super) fn anchor_scale(&self, anchor: usize) -> f64 {
+        match self {
+            Pairs::Class(_) => 1.0,
+            Pairs::Mask(pairs) => f64::from(pairs.mask.scale[pairs.rows.sample[anchor] as usize]),
+        }
     }
+}
+
+/// Fails unless the tile loops can index the batch's rows, in u32.
+///
+/// # Errors
+/// [`Error::TooLarge`].
+pub(super) fn check_rows(shape: BatchShape) -> Result<()> {
+    let (rows, limit) = (shape.rows(), u32::MAX as usize);
+    if rows > limit {
+        return Err(Error::TooLarge {
+            extent: Extent::Rows,
+            requested: rows as u128,
+            limit: limit as u128,
+        });
+    }
+    Ok(())
 }
 
 /// Labels mapped to 0, 1, … in order of their values.
@@ -329,7 +337,7 @@ impl PairWeights for ClassPairs {
     }
 }
 
-impl PairWeights for MaskPairs<'_> {
+impl PairWeights for MaskPairs {
     fn is_symmetric(&self) -> bool {
         self.symmetric_mask && !self.rows.capped
     }
@@ -343,7 +351,7 @@ impl PairWeights for MaskPairs<'_> {
         bias: &mut [f32],
     ) {
         let (sample, bound) = (self.rows.sample[anchor], self.rows.cap_bound[anchor]);
-        let mask = self.mask.as_slice().unwrap_or_default();
+        let mask = self.mask.weights.as_slice().unwrap_or_default();
         let mask_row = &mask[sample as usize * self.batch..][..self.batch];
         // Row indices as u32, as for `ClassPairs`.
         let (start, anchor) = (contrasts.start as u32, anchor as u32);
@@ -367,7 +375,7 @@ impl PairWeights for MaskPairs<'_> {
         bias: &mut [f32],
     ) {
         let sample = self.rows.sample[contrast];
-        let mask = self.mask.as_slice().unwrap_or_default();
+        let mask = self.mask.weights.as_slice().unwrap_or_default();
         let start = anchors.start;
         let samples = &self.rows.sample[anchors.clone()];
         let bounds = &self.rows.cap_bound[anchors];
@@ -396,16 +404,18 @@ mod tests {
     use crate::config::ContrastMode;
     use crate::reference::relation::{Pair, Relation};
 
-    /// Every pair of every anchor, from both fills, against `Relation::pair`.
+    /// Every pair of every anchor, from both fills, against `Relation::pair`, whose weights
+    /// the fills hold divided by the anchor's scale ([`ScaledMask`]).
     fn assert_matches_relation(loss: &SupConLoss, shape: BatchShape, positives: Positives<'_>) {
         let relation = Relation::new(loss, shape, positives);
         let pairs = Pairs::new(loss, shape, positives).unwrap();
         let n = shape.rows();
         let (mut weight, mut bias) = (vec![0.0; n], vec![0.0; n]);
         for anchor in 0..shape.anchors(loss.contrast_mode()) {
+            let scale = pairs.anchor_scale(anchor) as f32;
             let want: Vec<(f32, f32)> = (0..n)
                 .map(|j| match relation.pair(anchor, j) {
-                    Pair::Positive(w) => (w as f32, 0.0),
+                    Pair::Positive(w) => ((w as f32 / scale).max(f32::from_bits(1)), 0.0),
                     Pair::Negative => (0.0, 0.0),
                     Pair::Excluded => (0.0, f32::NEG_INFINITY),
                 })

@@ -163,14 +163,17 @@ pub(super) struct Rows {
 
 impl Rows {
     /// Rows from their row-major data, packed for `isa`.
-    pub(super) fn new(data: Aligned, dim: usize, isa: Isa) -> Self {
-        let panels = pack_panels(&data, dim, isa.panel_width());
-        Rows {
+    ///
+    /// # Errors
+    /// [`crate::Error::OutOfMemory`] for the panels.
+    pub(super) fn new(data: Aligned, dim: usize, isa: Isa) -> crate::Result<Self> {
+        let panels = pack_panels(&data, dim, isa.panel_width())?;
+        Ok(Rows {
             data,
             dim,
             panels,
             isa,
-        }
+        })
     }
 
     /// Rows `range`, as one slice.

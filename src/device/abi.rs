@@ -19,9 +19,13 @@ pub(crate) struct SupconParams {
     pub mask: u64,
     /// `float[R]`: LSE_i over the denominator set (−∞: empty).
     pub anchor_lse: u64,
+    /// `float[R]`: the lo part of LSE_i (0 for an empty set): LSE_i = hi + lo.
+    pub anchor_lse_lo: u64,
     /// `float[R]`: log Σ_j (w_ij/W_i) e^{s_ij} = LSE^P_i − log W_i (−∞: no positive); see
     /// [`super::launch::saved_positive_lse`].
     pub anchor_scaled_positive_lse: u64,
+    /// `float[R]`: its lo part (0 without a positive).
+    pub anchor_scaled_positive_lse_lo: u64,
     /// `float[R]`: P_i.
     pub anchor_positive_weight: u64,
     /// `float[R]`: W_i = max_j w_ij (0: no positive).

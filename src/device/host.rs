@@ -1,6 +1,11 @@
 //! The host-array path ([`crate::Backend`] on an executor): upload the inputs, run the launch
-//! sequences, download the results. The backward pass uploads the saved state as the kernels'
-//! statistics, rebuilding W_i = max_j w_ij from the positives (see [`positive_weight_max`]).
+//! sequences, download the results.
+//!
+//! A mask is uploaded scaled row by row ([`ScaledMask`]): the kernels then see weights of at
+//! most 1, whose f32 sums neither overflow nor vanish, and P_i and LSE^P_i are rescaled by
+//! W_i on the way back (forward) and in (backward). With the largest weight of every anchor's
+//! positives 1, the kernels' W_i is 1 too, so the backward pass uploads the saved state as the
+//! kernels' statistics directly.
 //!
 //! f64 features are rejected with [`crate::Error::Unsupported`]: the kernels read f32, f16 or
 //! bf16, and silently rounding f64 input would hide a precision loss the caller did not ask for.
@@ -8,15 +13,21 @@
 use half::{bf16, f16};
 use ndarray::{Array3, ArrayView3};
 
-use super::executor::{download_vec, upload_slice, KernelExecutor};
+use super::executor::{upload_slice, KernelExecutor};
 use super::kernel::FeatureType;
-use super::launch::{grad_coefficients, launch_backward, launch_forward, to_host, SavedAddresses};
+use super::launch::{
+    grad_coefficients, launch_backward, launch_forward, split, to_host, SavedAddresses,
+};
 use super::problem::{InputAddresses, PositiveAddresses, Problem};
-use crate::backend::{ForwardOutput, SavedState, Upstream};
+use crate::backend::{
+    check_finite_gradient, check_finite_loss, ForwardOutput, SavedState, Upstream,
+};
 use crate::config::SupConLoss;
 use crate::element::{Element, GradElement};
 use crate::error::Result;
-use crate::inputs::{validate_inputs, BatchShape, Positives};
+use crate::inputs::{
+    check_logit_range, largest_logit, validate_inputs, Positives, ScaledMask, F32_LOGIT_LIMIT,
+};
 
 /// Host inputs uploaded to the device (the host-array path).
 struct UploadedInputs<B> {
@@ -29,19 +40,20 @@ impl<B> UploadedInputs<B> {
     /// exactly to the kernel's element type) and the positives.
     fn upload<E: KernelExecutor<Buffer = B>, T: Element>(
         executor: &mut E,
+        backend: &'static str,
         problem: &Problem,
         features: &ArrayView3<'_, T>,
         positives: &Positives<'_>,
+        mask: Option<&ScaledMask>,
     ) -> Result<Self> {
         // Every f32/f16/bf16 value survives the trip through f32 unchanged.
-        let values = features.iter().map(|x| x.to_f32());
         let features = match problem.feature_type() {
-            FeatureType::F32 => upload_slice(executor, &values.collect::<Vec<f32>>())?,
+            FeatureType::F32 => upload_slice(executor, &converted(backend, features, |x| x)?)?,
             FeatureType::F16 => {
-                upload_slice(executor, &values.map(f16::from_f32).collect::<Vec<_>>())?
+                upload_slice(executor, &converted(backend, features, f16::from_f32)?)?
             }
             FeatureType::Bf16 => {
-                upload_slice(executor, &values.map(bf16::from_f32).collect::<Vec<_>>())?
+                upload_slice(executor, &converted(backend, features, bf16::from_f32)?)?
             }
         };
         let positives = match positives {
@@ -50,9 +62,12 @@ impl<B> UploadedInputs<B> {
                 let labels: Vec<i64> = labels.iter().copied().collect();
                 Some(upload_slice(executor, &labels)?)
             }
-            Positives::Mask(mask) => {
-                let weights: Vec<f32> = mask.iter().copied().collect();
-                Some(upload_slice(executor, &weights)?)
+            Positives::Mask(_) => {
+                let mask = mask.expect("a mask is uploaded scaled");
+                Some(upload_slice(
+                    executor,
+                    mask.weights.as_slice().expect("standard layout"),
+                )?)
             }
         };
         Ok(UploadedInputs {
@@ -79,40 +94,11 @@ impl<B> UploadedInputs<B> {
     }
 }
 
-fn narrow(values: &[f64]) -> Vec<f32> {
-    values.iter().map(|&x| x as f32).collect()
-}
-
-/// W_i for every anchor, as the forward kernel finds it (the largest weight among i's positives),
-/// from the positives alone; 1 where i has no positive (any positive value works there).
-///
-/// Only the exactness of the cancellations above depends on matching the kernel: any W_i > 0
-/// gives the same gradient up to rounding.
-fn positive_weight_max(positives: &Positives<'_>, shape: BatchShape, anchors: usize) -> Vec<f32> {
-    let Positives::Mask(mask) = positives else {
-        return vec![1.0; anchors];
-    };
-    // Anchor i's contrasts j ≠ i cover every sample but its own, which they cover only
-    // through other views (V ≥ 2).
-    let per_sample: Vec<f32> = mask
-        .rows()
-        .into_iter()
-        .enumerate()
-        .map(|(b, weights)| {
-            let largest = weights
-                .iter()
-                .enumerate()
-                .filter(|&(other, _)| other != b || shape.views() > 1)
-                .fold(0.0f32, |largest, (_, &w)| largest.max(w));
-            if largest > 0.0 {
-                largest
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    (0..anchors)
-        .map(|i| per_sample[shape.sample_of(i)])
+/// Per anchor, the factor W_i its mask weights were divided by (1 without a mask).
+fn anchor_scales(mask: Option<&ScaledMask>, problem: &Problem) -> Vec<f64> {
+    let shape = problem.shape();
+    (0..problem.anchors())
+        .map(|i| mask.map_or(1.0, |mask| f64::from(mask.scale[shape.sample_of(i)])))
         .collect()
 }
 
@@ -124,14 +110,38 @@ pub(crate) fn forward<E: KernelExecutor, T: Element>(
     features: ArrayView3<'_, T>,
     positives: Positives<'_>,
 ) -> Result<ForwardOutput> {
-    let shape = validate_inputs(&features, &positives)?;
-    let problem = Problem::new(backend, loss, shape, T::DTYPE)?;
-    let uploaded = UploadedInputs::upload(executor, &problem, &features, &positives)?;
+    let validated = validate_inputs(&features, &positives)?;
+    let problem = Problem::new(backend, loss, validated.shape, T::DTYPE)?;
+    check_logit_range(
+        backend,
+        largest_logit(&features, loss.temperature()),
+        F32_LOGIT_LIMIT,
+    )?;
+    let mask = scaled_mask(backend, &problem, &positives)?;
+    let uploaded = UploadedInputs::upload(
+        executor,
+        backend,
+        &problem,
+        &features,
+        &positives,
+        mask.as_ref(),
+    )?;
     let inputs = uploaded.addresses(executor, &positives);
     // SAFETY: the uploaded inputs hold B·V·D features of the kernel's type, B labels or B·B
     // weights, and stay alive until the downloads of `to_host`.
     let statistics = unsafe { launch_forward(executor, &problem, &inputs)? };
-    to_host(executor, &problem, &statistics)
+    let mut output = to_host(executor, &problem, &statistics)?;
+    let state = &mut output.state;
+    for (i, scale) in anchor_scales(mask.as_ref(), &problem)
+        .into_iter()
+        .enumerate()
+    {
+        state.positive_weight[i] *= scale;
+        state.lse_positive[i] += scale.ln();
+    }
+    state.fingerprint = Some(validated.fingerprint);
+    check_finite_loss(&output)?;
+    Ok(output)
 }
 
 /// The backward pass on `executor` (see [`crate::Backend::backward`]).
@@ -144,28 +154,59 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
     state: &SavedState,
     upstream: Upstream<'_>,
 ) -> Result<Array3<T::Grad>> {
-    let shape = validate_inputs(&features, &positives)?;
+    let validated = validate_inputs(&features, &positives)?;
+    let shape = validated.shape;
     let problem = Problem::new(backend, loss, shape, T::DTYPE)?;
-    state.check(loss, shape)?;
+    state.check(loss, &validated)?;
+    check_logit_range(
+        backend,
+        largest_logit(&features, loss.temperature()),
+        F32_LOGIT_LIMIT,
+    )?;
     let coefficients = upload_slice(executor, &grad_coefficients(state, upstream)?)?;
-    let uploaded = UploadedInputs::upload(executor, &problem, &features, &positives)?;
+    let mask = scaled_mask(backend, &problem, &positives)?;
+    let uploaded = UploadedInputs::upload(
+        executor,
+        backend,
+        &problem,
+        &features,
+        &positives,
+        mask.as_ref(),
+    )?;
     let inputs = uploaded.addresses(executor, &positives);
-    let lse = upload_slice(executor, &narrow(&state.lse))?;
-    let weight_max = positive_weight_max(&positives, shape, problem.anchors());
-    let scaled_positive_lse: Vec<f32> = state
-        .lse_positive
-        .iter()
-        .zip(&weight_max)
-        .map(|(&lse, &w)| (lse - f64::from(w).ln()) as f32)
+    // The saved state as the kernels' statistics: LSEs split into hi and lo, the scaled
+    // mask's P_i and LSE^P_i (whose W_i is then 1).
+    let scales = anchor_scales(mask.as_ref(), &problem);
+    let (lse, lse_lo): (Vec<f32>, Vec<f32>) = state.lse.iter().map(|&lse| split(lse)).unzip();
+    let (positive_lse, positive_lse_lo): (Vec<f32>, Vec<f32>) = (state.lse_positive.iter())
+        .zip(&scales)
+        .map(|(&lse, &scale)| split(lse - scale.ln()))
+        .unzip();
+    let positive_weight: Vec<f32> = (state.positive_weight.iter())
+        .zip(&scales)
+        .map(|(&p, &scale)| (p / scale) as f32)
         .collect();
-    let scaled_positive_lse = upload_slice(executor, &scaled_positive_lse)?;
-    let positive_weight_max = upload_slice(executor, &weight_max)?;
-    let positive_weight = upload_slice(executor, &narrow(&state.positive_weight))?;
+    // Alive until the download below, which waits for the kernel.
+    let uploads = [
+        lse,
+        lse_lo,
+        positive_lse,
+        positive_lse_lo,
+        positive_weight,
+        vec![1.0f32; problem.anchors()],
+    ]
+    .into_iter()
+    .map(|values| upload_slice(executor, &values))
+    .collect::<Result<Vec<_>>>()?;
+    let [lse, lse_lo, positive_lse, positive_lse_lo, positive_weight, positive_weight_max] =
+        [0, 1, 2, 3, 4, 5].map(|k| executor.address(&uploads[k]));
     let saved = SavedAddresses {
-        lse: executor.address(&lse),
-        scaled_positive_lse: executor.address(&scaled_positive_lse),
-        positive_weight: executor.address(&positive_weight),
-        positive_weight_max: executor.address(&positive_weight_max),
+        lse,
+        lse_lo,
+        scaled_positive_lse: positive_lse,
+        scaled_positive_lse_lo: positive_lse_lo,
+        positive_weight,
+        positive_weight_max,
     };
     let (batch, views, dim) = (shape.batch(), shape.views(), shape.dim());
     let grad = executor.alloc(shape.elements() * size_of::<f32>())?;
@@ -184,8 +225,44 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
             grad_address,
         )?;
     }
-    let grad: Vec<f32> = download_vec(executor, &grad, shape.elements())?;
-    Ok(Array3::from_shape_fn((batch, views, dim), |(b, v, k)| {
-        T::Grad::from_f32(grad[(b * views + v) * dim + k])
-    }))
+    // The kernel writes ∂L/∂z in the features' [B, V, D] layout.
+    let mut on_host = crate::alloc::filled(backend, shape.elements(), 0.0f32)?;
+    executor.download(&grad, bytemuck::cast_slice_mut(&mut on_host))?;
+    let mut grad = crate::alloc::filled(backend, shape.elements(), T::Grad::from_f32(0.0))?;
+    for (g, &x) in grad.iter_mut().zip(&on_host) {
+        *g = T::Grad::from_f32(x);
+    }
+    check_finite_gradient(&grad)?;
+    Ok(Array3::from_shape_vec((batch, views, dim), grad)
+        .expect("the gradient has the features' shape"))
+}
+
+/// The mask scaled row by row, for a batch with a mask.
+fn scaled_mask(
+    backend: &'static str,
+    problem: &Problem,
+    positives: &Positives<'_>,
+) -> Result<Option<ScaledMask>> {
+    match positives {
+        Positives::Mask(mask) => Ok(Some(ScaledMask::new(
+            backend,
+            mask,
+            problem.shape().views(),
+        )?)),
+        _ => Ok(None),
+    }
+}
+
+/// The features in `[B, V, D]` order (whatever the view's strides), each converted by `convert`
+/// from its f32 value.
+fn converted<T: Element, U: bytemuck::Pod>(
+    backend: &'static str,
+    features: &ArrayView3<'_, T>,
+    convert: impl Fn(f32) -> U,
+) -> Result<Vec<U>> {
+    let mut values = crate::alloc::filled(backend, features.len(), U::zeroed())?;
+    for (value, x) in values.iter_mut().zip(features.iter()) {
+        *value = convert(x.to_f32());
+    }
+    Ok(values)
 }

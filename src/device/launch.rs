@@ -22,10 +22,12 @@ use crate::error::Result;
 /// The forward pass's outputs, on the device.
 #[derive(Debug)]
 pub(crate) struct Statistics<B> {
-    /// `float[R]` LSE_i.
+    /// `float[R]` LSE_i, hi and lo (`kernels/supcon_params.h`).
     pub(crate) lse: B,
-    /// `float[R]` LSE^P_i − log W_i (see [`saved_positive_lse`]).
+    pub(crate) lse_lo: B,
+    /// `float[R]` LSE^P_i − log W_i (see [`saved_positive_lse`]), hi and lo.
     pub(crate) scaled_positive_lse: B,
+    pub(crate) scaled_positive_lse_lo: B,
     /// `float[R]` P_i.
     pub(crate) positive_weight: B,
     /// `float[R]` W_i = max_j w_ij over positives (0: none).
@@ -44,7 +46,9 @@ impl<B> Statistics<B> {
     pub(crate) fn saved<E: KernelExecutor<Buffer = B>>(&self, executor: &E) -> SavedAddresses {
         SavedAddresses {
             lse: executor.address(&self.lse),
+            lse_lo: executor.address(&self.lse_lo),
             scaled_positive_lse: executor.address(&self.scaled_positive_lse),
+            scaled_positive_lse_lo: executor.address(&self.scaled_positive_lse_lo),
             positive_weight: executor.address(&self.positive_weight),
             positive_weight_max: executor.address(&self.positive_weight_max),
         }
@@ -54,10 +58,12 @@ impl<B> Statistics<B> {
 /// The per-anchor statistics the backward kernel reads, `float[R]` each, by address.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SavedAddresses {
-    /// LSE_i.
+    /// LSE_i, hi and lo.
     pub(crate) lse: u64,
-    /// LSE^P_i − log W_i.
+    pub(crate) lse_lo: u64,
+    /// LSE^P_i − log W_i, hi and lo.
     pub(crate) scaled_positive_lse: u64,
+    pub(crate) scaled_positive_lse_lo: u64,
     /// P_i.
     pub(crate) positive_weight: u64,
     /// W_i.
@@ -78,7 +84,9 @@ pub(crate) unsafe fn launch_forward<E: KernelExecutor>(
     let per_anchor_bytes = problem.anchors() * size_of::<f32>();
     let statistics = Statistics {
         lse: executor.alloc(per_anchor_bytes)?,
+        lse_lo: executor.alloc(per_anchor_bytes)?,
         scaled_positive_lse: executor.alloc(per_anchor_bytes)?,
+        scaled_positive_lse_lo: executor.alloc(per_anchor_bytes)?,
         positive_weight: executor.alloc(per_anchor_bytes)?,
         positive_weight_max: executor.alloc(per_anchor_bytes)?,
         anchor_loss: executor.alloc(per_anchor_bytes)?,
@@ -87,7 +95,9 @@ pub(crate) unsafe fn launch_forward<E: KernelExecutor>(
     };
     let params = SupconParams {
         anchor_lse: executor.address(&statistics.lse),
+        anchor_lse_lo: executor.address(&statistics.lse_lo),
         anchor_scaled_positive_lse: executor.address(&statistics.scaled_positive_lse),
+        anchor_scaled_positive_lse_lo: executor.address(&statistics.scaled_positive_lse_lo),
         anchor_positive_weight: executor.address(&statistics.positive_weight),
         anchor_positive_weight_max: executor.address(&statistics.positive_weight_max),
         anchor_loss: executor.address(&statistics.anchor_loss),
@@ -120,9 +130,15 @@ pub(crate) fn to_host<E: KernelExecutor>(
     statistics: &Statistics<E::Buffer>,
 ) -> Result<ForwardOutput> {
     let anchors = problem.anchors();
-    let lse: Vec<f32> = download_vec(executor, &statistics.lse, anchors)?;
-    let scaled_positive_lse: Vec<f32> =
-        download_vec(executor, &statistics.scaled_positive_lse, anchors)?;
+    let lse = download_split(executor, (&statistics.lse, &statistics.lse_lo), anchors)?;
+    let scaled_positive_lse = download_split(
+        executor,
+        (
+            &statistics.scaled_positive_lse,
+            &statistics.scaled_positive_lse_lo,
+        ),
+        anchors,
+    )?;
     let positive_weight_max: Vec<f32> =
         download_vec(executor, &statistics.positive_weight_max, anchors)?;
     let positive_weight: Vec<f32> = download_vec(executor, &statistics.positive_weight, anchors)?;
@@ -138,7 +154,7 @@ pub(crate) fn to_host<E: KernelExecutor>(
         state: SavedState {
             loss: *problem.loss(),
             shape: problem.shape(),
-            lse: widen(&lse),
+            lse,
             lse_positive: scaled_positive_lse
                 .iter()
                 .zip(&positive_weight_max)
@@ -146,6 +162,8 @@ pub(crate) fn to_host<E: KernelExecutor>(
                 .collect(),
             positive_weight,
             mean_denominator,
+            // The host path adds the batch's fingerprint; the device API has none to give.
+            fingerprint: None,
         },
     })
 }
@@ -235,7 +253,9 @@ pub(crate) unsafe fn launch_backward<E: KernelExecutor>(
 ) -> Result<()> {
     let params = SupconParams {
         anchor_lse: saved.lse,
+        anchor_lse_lo: saved.lse_lo,
         anchor_scaled_positive_lse: saved.scaled_positive_lse,
+        anchor_scaled_positive_lse_lo: saved.scaled_positive_lse_lo,
         anchor_positive_weight: saved.positive_weight,
         anchor_positive_weight_max: saved.positive_weight_max,
         anchor_grad_coef: coefficients,
@@ -251,16 +271,44 @@ fn widen(values: &[f32]) -> Vec<f64> {
 }
 
 /// [`SavedState`]'s LSE^P_i = log Σ_j w_ij e^{s_ij} from the kernels' scaled statistic
-/// LSE^P_i − log W_i and W_i = max_j w_ij (0: no positive).
+/// LSE^P_i − log W_i (as hi + lo, in f64) and W_i = max_j w_ij (0: no positive).
 ///
 /// The kernels scale by W_i so that the backward kernel reproduces the forward's softmaxes bit
 /// for bit in the cases where a loss does not depend on the logits (a one-class batch under
 /// L_in, a single positive of any weight): their gradients are then exactly zero
 /// (kernels/supcon_forward.cu, "Exact cancellations").
-pub(crate) fn saved_positive_lse(scaled_lse: f32, positive_weight_max: f32) -> f64 {
+pub(crate) fn saved_positive_lse(scaled_lse: f64, positive_weight_max: f32) -> f64 {
     if positive_weight_max > 0.0 {
-        f64::from(scaled_lse) + f64::from(positive_weight_max).ln()
+        scaled_lse + f64::from(positive_weight_max).ln()
     } else {
         f64::NEG_INFINITY
     }
+}
+
+/// A log-sum-exp the kernels keep as hi and lo (`float[R]` each), downloaded as hi + lo in
+/// f64 (−∞ + 0 for an empty set).
+fn download_split<E: KernelExecutor>(
+    executor: &mut E,
+    (hi, lo): (&E::Buffer, &E::Buffer),
+    anchors: usize,
+) -> Result<Vec<f64>> {
+    let hi: Vec<f32> = download_vec(executor, hi, anchors)?;
+    let lo: Vec<f32> = download_vec(executor, lo, anchors)?;
+    Ok(hi
+        .iter()
+        .zip(&lo)
+        .map(|(&hi, &lo)| f64::from(hi) + f64::from(lo))
+        .collect())
+}
+
+/// An f64 log-sum-exp as the kernels keep it: hi (its rounding to f32) and lo (the rest, 0
+/// for ±∞), so that a kernel's e^{(s − hi) − lo} keeps the f64 value's precision.
+pub(crate) fn split(lse: f64) -> (f32, f32) {
+    let hi = lse as f32;
+    let lo = if hi.is_finite() {
+        (lse - f64::from(hi)) as f32
+    } else {
+        0.0
+    };
+    (hi, lo)
 }

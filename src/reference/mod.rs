@@ -8,17 +8,23 @@ pub(crate) mod relation;
 
 use ndarray::{Array1, Array3, ArrayView3};
 
-use crate::backend::{reduce, Backend, ForwardOutput, SavedState, Upstream};
+use crate::backend::{
+    check_finite_gradient, check_finite_loss, reduce, Backend, ForwardOutput, SavedState, Upstream,
+};
 use crate::config::{Denominator, Summation, SupConLoss};
 use crate::element::{Element, GradElement};
 use crate::error::Result;
-use crate::inputs::{validate_inputs, BatchShape, Positives};
+use crate::inputs::{check_logit_range, largest_logit, validate_inputs, BatchShape, Positives};
 use crate::math::{sigmoid, softplus};
 use relation::{Pair, Relation};
 
 /// The f64 reference backend (see the module docs).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ReferenceBackend;
+
+/// Largest |s_ij| the f64 arithmetic accepts: sums of N logits and their differences stay far
+/// below f64::MAX (1.8e308).
+const LOGIT_LIMIT: f64 = 1e300;
 
 /// The flattened rows z_r (row `v·B + b` = view v of sample b) in f64.
 struct Rows {
@@ -27,21 +33,31 @@ struct Rows {
 }
 
 impl Rows {
-    fn new<T: Element>(features: &ArrayView3<'_, T>, shape: BatchShape) -> Self {
-        let mut data = Vec::with_capacity(shape.rows() * shape.dim());
-        for row in 0..shape.rows() {
+    /// The rows in f64.
+    ///
+    /// # Errors
+    /// [`crate::Error::OutOfMemory`]; [`crate::Error::Unsupported`] for logits beyond
+    /// [`LOGIT_LIMIT`].
+    fn new<T: Element>(
+        features: &ArrayView3<'_, T>,
+        shape: BatchShape,
+        temperature: f64,
+    ) -> Result<Self> {
+        let dim = shape.dim();
+        let mut data = crate::alloc::filled("reference", shape.elements(), 0.0)?;
+        for (row, values) in data.chunks_exact_mut(dim).enumerate() {
             let (b, v) = (shape.sample_of(row), shape.view_of(row));
-            data.extend(
-                features
-                    .slice(ndarray::s![b, v, ..])
-                    .iter()
-                    .map(|x| x.to_f64()),
-            );
+            let source = features.slice(ndarray::s![b, v, ..]);
+            for (value, x) in values.iter_mut().zip(source) {
+                *value = x.to_f64();
+            }
         }
-        Rows {
-            dim: shape.dim(),
-            data,
-        }
+        check_logit_range(
+            "reference",
+            largest_logit(features, temperature),
+            LOGIT_LIMIT,
+        )?;
+        Ok(Rows { dim, data })
     }
 
     fn row(&self, r: usize) -> &[f64] {
@@ -214,8 +230,9 @@ impl Backend for ReferenceBackend {
         features: ArrayView3<'_, T>,
         positives: Positives<'_>,
     ) -> Result<ForwardOutput> {
-        let shape = validate_inputs(&features, &positives)?;
-        let rows = Rows::new(&features, shape);
+        let batch = validate_inputs(&features, &positives)?;
+        let shape = batch.shape;
+        let rows = Rows::new(&features, shape, loss.temperature())?;
         let relation = Relation::new(loss, shape, positives);
         let anchors = shape.anchors(loss.contrast_mode());
         let c = loss.loss_scale();
@@ -230,7 +247,7 @@ impl Backend for ReferenceBackend {
             positive_weight.push(stats.2);
         }
         let (reduced, mean_denominator) = reduce(loss, &per_anchor, &positive_weight)?;
-        Ok(ForwardOutput {
+        let output = ForwardOutput {
             loss: reduced,
             per_anchor: Array1::from(per_anchor),
             state: SavedState {
@@ -240,8 +257,11 @@ impl Backend for ReferenceBackend {
                 lse_positive,
                 positive_weight,
                 mean_denominator,
+                fingerprint: Some(batch.fingerprint),
             },
-        })
+        };
+        check_finite_loss(&output)?;
+        Ok(output)
     }
 
     fn backward<T: Element>(
@@ -252,13 +272,14 @@ impl Backend for ReferenceBackend {
         state: &SavedState,
         upstream: Upstream<'_>,
     ) -> Result<Array3<T::Grad>> {
-        let shape = validate_inputs(&features, &positives)?;
-        state.check(loss, shape)?;
+        let batch = validate_inputs(&features, &positives)?;
+        state.check(loss, &batch)?;
+        let shape = batch.shape;
         let coefficients = state.anchor_coefficients(upstream)?;
-        let rows = Rows::new(&features, shape);
+        let rows = Rows::new(&features, shape, loss.temperature())?;
         let relation = Relation::new(loss, shape, positives);
         let (n, d, tau) = (shape.rows(), shape.dim(), loss.temperature());
-        let mut dz = vec![0.0; n * d];
+        let mut dz = crate::alloc::filled("reference", n * d, 0.0)?;
         for (i, coefficient) in coefficients.iter().enumerate() {
             let row = AnchorRow::new(&rows, &relation, loss, i);
             let stats = (
@@ -276,9 +297,17 @@ impl Backend for ReferenceBackend {
                 }
             }
         }
-        Ok(Array3::from_shape_fn(
-            (shape.batch(), shape.views(), d),
-            |(b, v, k)| T::Grad::from_f64(dz[(v * shape.batch() + b) * d + k]),
-        ))
+        // Output row (sample b, view v) is feature row v·B + b.
+        let (batch, views) = (shape.batch(), shape.views());
+        let mut grad = crate::alloc::filled("reference", n * d, T::Grad::from_f64(0.0))?;
+        for (out, values) in grad.chunks_exact_mut(d).enumerate() {
+            let row = (out % views) * batch + out / views;
+            for (g, &x) in values.iter_mut().zip(&dz[row * d..(row + 1) * d]) {
+                *g = T::Grad::from_f64(x);
+            }
+        }
+        check_finite_gradient(&grad)?;
+        Ok(Array3::from_shape_vec((batch, views, d), grad)
+            .expect("the gradient has the features' shape"))
     }
 }

@@ -374,7 +374,9 @@ impl CudaBackend {
 fn record_writes(statistics: &mut Statistics<CudaSlice<u8>>, stream: &CudaStream) {
     for buffer in [
         &mut statistics.lse,
+        &mut statistics.lse_lo,
         &mut statistics.scaled_positive_lse,
+        &mut statistics.scaled_positive_lse_lo,
         &mut statistics.positive_weight,
         &mut statistics.positive_weight_max,
         &mut statistics.anchor_loss,
