@@ -202,6 +202,10 @@ fn bad_inputs_fail_with_a_message() {
         (vec!["demo", "--temperature", "-1"], "temperature"),
         (vec!["demo", "--backend", "gpu9000"], "unknown backend"),
         (vec!["demo", "--repeat", "0"], "--repeat"),
+        (
+            vec!["demo", "--batch", "64", "--base-temperature", "1e-308"],
+            "the loss overflows",
+        ),
     ];
     for (args, message) in cases {
         let args: Vec<String> = args
