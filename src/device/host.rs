@@ -26,7 +26,8 @@ use crate::config::SupConLoss;
 use crate::element::{Element, GradElement};
 use crate::error::Result;
 use crate::inputs::{
-    check_logit_range, largest_logit, validate_inputs, Positives, ScaledMask, F32_LOGIT_LIMIT,
+    check_logit_range, largest_logit, validate_inputs, Positives, ScaledMask, Validated,
+    F32_LOGIT_LIMIT,
 };
 
 /// Host inputs uploaded to the device (the host-array path).
@@ -41,13 +42,12 @@ impl<B> UploadedInputs<B> {
     fn upload<E: KernelExecutor<Buffer = B>, T: Element>(
         executor: &mut E,
         backend: &'static str,
-        problem: &Problem,
+        batch: &Prepared,
         features: &ArrayView3<'_, T>,
         positives: &Positives<'_>,
-        mask: Option<&ScaledMask>,
     ) -> Result<Self> {
         // Every f32/f16/bf16 value survives the trip through f32 unchanged.
-        let features = match problem.feature_type() {
+        let features = match batch.problem.feature_type() {
             FeatureType::F32 => upload_slice(executor, &converted(backend, features, |x| x)?)?,
             FeatureType::F16 => {
                 upload_slice(executor, &converted(backend, features, f16::from_f32)?)?
@@ -63,7 +63,7 @@ impl<B> UploadedInputs<B> {
                 Some(upload_slice(executor, &labels)?)
             }
             Positives::Mask(_) => {
-                let mask = mask.expect("a mask is uploaded scaled");
+                let mask = batch.mask.as_ref().expect("a mask is uploaded scaled");
                 Some(upload_slice(
                     executor,
                     mask.weights.as_slice().expect("standard layout"),
@@ -94,12 +94,45 @@ impl<B> UploadedInputs<B> {
     }
 }
 
-/// Per anchor, the factor W_i its mask weights were divided by (1 without a mask).
-fn anchor_scales(mask: Option<&ScaledMask>, problem: &Problem) -> Vec<f64> {
-    let shape = problem.shape();
-    (0..problem.anchors())
-        .map(|i| mask.map_or(1.0, |mask| f64::from(mask.scale[shape.sample_of(i)])))
-        .collect()
+/// A validated batch and what its launches need: the problem, and for a mask its scaled weights
+/// and, per anchor, the factor W_i they were divided by (1 without a mask).
+struct Prepared {
+    validated: Validated,
+    problem: Problem,
+    mask: Option<ScaledMask>,
+    scales: Vec<f64>,
+}
+
+impl Prepared {
+    /// Validates the batch and checks it against what the kernels implement and represent.
+    fn new<T: Element>(
+        backend: &'static str,
+        loss: &SupConLoss,
+        features: &ArrayView3<'_, T>,
+        positives: &Positives<'_>,
+    ) -> Result<Self> {
+        let validated = validate_inputs(features, positives)?;
+        let problem = Problem::new(backend, loss, validated.shape, T::DTYPE)?;
+        let largest = largest_logit(features, loss.temperature());
+        check_logit_range(backend, largest, F32_LOGIT_LIMIT)?;
+        let shape = validated.shape;
+        let mask = match positives {
+            Positives::Mask(mask) => Some(ScaledMask::new(backend, mask, shape.views())?),
+            _ => None,
+        };
+        let scales = (0..problem.anchors())
+            .map(|i| {
+                mask.as_ref()
+                    .map_or(1.0, |mask| f64::from(mask.scale[shape.sample_of(i)]))
+            })
+            .collect();
+        Ok(Prepared {
+            validated,
+            problem,
+            mask,
+            scales,
+        })
+    }
 }
 
 /// The forward pass on `executor` (see [`crate::Backend::forward`]).
@@ -110,36 +143,19 @@ pub(crate) fn forward<E: KernelExecutor, T: Element>(
     features: ArrayView3<'_, T>,
     positives: Positives<'_>,
 ) -> Result<ForwardOutput> {
-    let validated = validate_inputs(&features, &positives)?;
-    let problem = Problem::new(backend, loss, validated.shape, T::DTYPE)?;
-    check_logit_range(
-        backend,
-        largest_logit(&features, loss.temperature()),
-        F32_LOGIT_LIMIT,
-    )?;
-    let mask = scaled_mask(backend, &problem, &positives)?;
-    let uploaded = UploadedInputs::upload(
-        executor,
-        backend,
-        &problem,
-        &features,
-        &positives,
-        mask.as_ref(),
-    )?;
+    let batch = Prepared::new(backend, loss, &features, &positives)?;
+    let uploaded = UploadedInputs::upload(executor, backend, &batch, &features, &positives)?;
     let inputs = uploaded.addresses(executor, &positives);
     // SAFETY: the uploaded inputs hold B·V·D features of the kernel's type, B labels or B·B
     // weights, and stay alive until the downloads of `to_host`.
-    let statistics = unsafe { launch_forward(executor, &problem, &inputs)? };
-    let mut output = to_host(executor, &problem, &statistics)?;
+    let statistics = unsafe { launch_forward(executor, &batch.problem, &inputs)? };
+    let mut output = to_host(executor, &batch.problem, &statistics)?;
     let state = &mut output.state;
-    for (i, scale) in anchor_scales(mask.as_ref(), &problem)
-        .into_iter()
-        .enumerate()
-    {
+    for (i, scale) in batch.scales.iter().enumerate() {
         state.positive_weight[i] *= scale;
         state.lse_positive[i] += scale.ln();
     }
-    state.fingerprint = Some(validated.fingerprint);
+    state.fingerprint = Some(batch.validated.fingerprint);
     check_finite_loss(&output)?;
     Ok(output)
 }
@@ -154,36 +170,21 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
     state: &SavedState,
     upstream: Upstream<'_>,
 ) -> Result<Array3<T::Grad>> {
-    let validated = validate_inputs(&features, &positives)?;
-    let shape = validated.shape;
-    let problem = Problem::new(backend, loss, shape, T::DTYPE)?;
-    state.check(loss, &validated)?;
-    check_logit_range(
-        backend,
-        largest_logit(&features, loss.temperature()),
-        F32_LOGIT_LIMIT,
-    )?;
+    let batch = Prepared::new(backend, loss, &features, &positives)?;
+    state.check(loss, &batch.validated)?;
+    let (problem, shape, scales) = (&batch.problem, batch.validated.shape, &batch.scales);
     let coefficients = upload_slice(executor, &grad_coefficients(state, upstream)?)?;
-    let mask = scaled_mask(backend, &problem, &positives)?;
-    let uploaded = UploadedInputs::upload(
-        executor,
-        backend,
-        &problem,
-        &features,
-        &positives,
-        mask.as_ref(),
-    )?;
+    let uploaded = UploadedInputs::upload(executor, backend, &batch, &features, &positives)?;
     let inputs = uploaded.addresses(executor, &positives);
     // The saved state as the kernels' statistics: LSEs split into hi and lo, the scaled
     // mask's P_i and LSE^P_i (whose W_i is then 1).
-    let scales = anchor_scales(mask.as_ref(), &problem);
     let (lse, lse_lo): (Vec<f32>, Vec<f32>) = state.lse.iter().map(|&lse| split(lse)).unzip();
     let (positive_lse, positive_lse_lo): (Vec<f32>, Vec<f32>) = (state.lse_positive.iter())
-        .zip(&scales)
+        .zip(scales)
         .map(|(&lse, &scale)| split(lse - scale.ln()))
         .unzip();
     let positive_weight: Vec<f32> = (state.positive_weight.iter())
-        .zip(&scales)
+        .zip(scales)
         .map(|(&p, &scale)| (p / scale) as f32)
         .collect();
     // Alive until the download below, which waits for the kernel.
@@ -218,7 +219,7 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
     unsafe {
         launch_backward(
             executor,
-            &problem,
+            problem,
             &inputs,
             saved,
             coefficients,
@@ -235,22 +236,6 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
     check_finite_gradient(&grad)?;
     Ok(Array3::from_shape_vec((batch, views, dim), grad)
         .expect("the gradient has the features' shape"))
-}
-
-/// The mask scaled row by row, for a batch with a mask.
-fn scaled_mask(
-    backend: &'static str,
-    problem: &Problem,
-    positives: &Positives<'_>,
-) -> Result<Option<ScaledMask>> {
-    match positives {
-        Positives::Mask(mask) => Ok(Some(ScaledMask::new(
-            backend,
-            mask,
-            problem.shape().views(),
-        )?)),
-        _ => Ok(None),
-    }
 }
 
 /// The features in `[B, V, D]` order (whatever the view's strides), each converted by `convert`
