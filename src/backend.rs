@@ -57,6 +57,51 @@ pub struct SavedState {
 }
 
 impl SavedState {
+    /// A state from its parts, for bindings that keep it between the passes as plain arrays
+    /// (PyTorch's `save_for_backward`): per anchor LSE_i, LSE^P_i and P_i, then R', and the
+    /// forward batch's [`fingerprint`](Self::fingerprint) if it had one.
+    ///
+    /// # Errors
+    /// [`Error::StateMismatch`] unless each vector holds one value per anchor of `shape`
+    /// under `loss`, and R' is ≥ 1.
+    pub fn from_parts(
+        loss: SupConLoss,
+        shape: BatchShape,
+        [lse, lse_positive, positive_weight]: [Vec<f64>; 3],
+        mean_denominator: f64,
+        fingerprint: Option<u64>,
+    ) -> Result<Self> {
+        let anchors = shape.anchors(loss.contrast_mode());
+        if [&lse, &lse_positive, &positive_weight]
+            .iter()
+            .any(|values| values.len() != anchors)
+        {
+            return Err(Error::StateMismatch(format!(
+                "a state of {anchors} anchors needs {anchors} values of each statistic"
+            )));
+        }
+        if mean_denominator.is_nan() || mean_denominator < 1.0 {
+            return Err(Error::StateMismatch(format!(
+                "R' = {mean_denominator} is below 1"
+            )));
+        }
+        Ok(SavedState {
+            loss,
+            shape,
+            lse,
+            lse_positive,
+            positive_weight,
+            mean_denominator,
+            fingerprint,
+        })
+    }
+
+    /// The forward batch's fingerprint (a hash of its features and positives), which a
+    /// backward pass compares with its own batch's; `None` for states of the CUDA device API.
+    pub fn fingerprint(&self) -> Option<u64> {
+        self.fingerprint
+    }
+
     /// The batch shape the state belongs to.
     pub fn shape(&self) -> BatchShape {
         self.shape

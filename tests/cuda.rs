@@ -384,3 +384,84 @@ fn backends_share_a_context_and_drop_in_any_order() {
     let c = third.forward(&loss, z.view(), Positives::SimClr).unwrap();
     assert_eq!(a.loss, c.loss);
 }
+
+/// The device API on memory the caller owns (a framework's allocator): the workspace holds the
+/// same loss and per-anchor losses as `forward_device`, and the backward pass from it gives
+/// the same gradient, bit for bit.
+#[test]
+fn device_api_on_caller_memory_equals_the_allocating_api() {
+    let Some(cuda) = cuda() else { return };
+    let mut rng = common::rng("device_api_on_caller_memory");
+    let (b, v, d) = (37, 2, 40);
+    let z = common::unit_features(&mut rng, (b, v, d)).mapv(|x| x as f32);
+    let labels = common::labels(&mut rng, b, 5);
+    let mask = common::soft_mask(&mut rng, b);
+    let batch = DeviceBatch::upload(cuda.stream(), &z, &labels, &mask);
+    let stream = cuda.stream();
+    for loss in common::option_grid(0.2, 0.1, None)
+        .into_iter()
+        .filter(|l| l.denominator() != Denominator::OnePositive)
+        .filter(|l| l.no_positive() != NoPositivePolicy::Error)
+    {
+        let layout = supcon::CudaBackend::workspace(&loss, batch.shape);
+        let anchors = batch.shape.anchors(loss.contrast_mode());
+        let per_anchor_upstream = Array1::from_shape_fn(anchors, |i| 0.5 - 0.01 * i as f64);
+        let upstream = common::upstream_for(&loss, &per_anchor_upstream);
+        let upstream_values: Vec<f64> = match upstream {
+            Upstream::PerAnchor(u) => u.to_vec(),
+            Upstream::Scalar(u) => vec![u; anchors],
+        };
+        let labels_view = batch.labels.as_view();
+        let positives = DevicePositives::Labels(&labels_view);
+        let features = batch.features.as_view();
+        let forward = cuda
+            .forward_device(&loss, &features, batch.shape, positives)
+            .unwrap();
+        let grad = cuda
+            .backward_device(&forward, &features, positives, upstream)
+            .unwrap();
+        let mut workspace = stream.alloc_zeros::<u8>(layout.bytes()).unwrap();
+        cuda.forward_device_into(
+            &loss,
+            &features,
+            batch.shape,
+            positives,
+            &mut workspace.as_view_mut(),
+        )
+        .unwrap();
+        let device_upstream = stream.clone_htod(&upstream_values).unwrap();
+        let mut scratch = stream.alloc_zeros::<u8>(layout.scratch_bytes()).unwrap();
+        let mut into = stream.alloc_zeros::<f32>(b * v * d).unwrap();
+        cuda.backward_device_from(
+            &loss,
+            &features,
+            batch.shape,
+            positives,
+            &workspace.as_view(),
+            &device_upstream.as_view(),
+            &mut scratch.as_view_mut(),
+            &mut into.as_view_mut(),
+        )
+        .unwrap();
+        let bytes = stream.clone_dtoh(&workspace).unwrap();
+        let loss_value = f64::from_le_bytes(bytes[layout.loss_offset()..][..8].try_into().unwrap());
+        let allocated = stream.clone_dtoh(&forward.loss()).unwrap()[0];
+        assert_eq!(loss_value.to_bits(), allocated.to_bits(), "{loss:?}");
+        let per_anchor = stream.clone_dtoh(&forward.per_anchor()).unwrap();
+        for (k, &l) in per_anchor.iter().enumerate() {
+            let at = layout.per_anchor_offset() + 4 * k;
+            let from_workspace = f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+            assert_eq!(from_workspace.to_bits(), l.to_bits(), "{loss:?} ℓ_{k}");
+        }
+        let (grad, into) = (
+            stream.clone_dtoh(&grad).unwrap(),
+            stream.clone_dtoh(&into).unwrap(),
+        );
+        assert!(
+            grad.iter()
+                .zip(&into)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{loss:?}"
+        );
+    }
+}

@@ -21,6 +21,6 @@ mod enabled;
 pub use disabled::CudaBackend;
 #[cfg(feature = "cuda")]
 pub use enabled::{
-    CudaBackend, CudaFeature, DeviceForward, DevicePositives, MIN_COMPUTE_CAPABILITY,
-    MIN_DRIVER_VERSION,
+    CudaBackend, CudaFeature, DeviceForward, DevicePositives, DeviceWorkspace,
+    MIN_COMPUTE_CAPABILITY, MIN_DRIVER_VERSION,
 };

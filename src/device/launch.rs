@@ -41,16 +41,74 @@ pub(crate) struct Statistics<B> {
 }
 
 impl<B> Statistics<B> {
-    /// What the backward kernel reads of them (the device-resident path's).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) fn saved<E: KernelExecutor<Buffer = B>>(&self, executor: &E) -> SavedAddresses {
-        SavedAddresses {
+    /// The buffers by address.
+    pub(crate) fn addresses<E: KernelExecutor<Buffer = B>>(
+        &self,
+        executor: &E,
+    ) -> StatisticsAddresses {
+        StatisticsAddresses {
             lse: executor.address(&self.lse),
             lse_lo: executor.address(&self.lse_lo),
             scaled_positive_lse: executor.address(&self.scaled_positive_lse),
             scaled_positive_lse_lo: executor.address(&self.scaled_positive_lse_lo),
             positive_weight: executor.address(&self.positive_weight),
             positive_weight_max: executor.address(&self.positive_weight_max),
+            anchor_loss: executor.address(&self.anchor_loss),
+            reduced_loss: executor.address(&self.reduced_loss),
+            anchors_without_positives: executor.address(&self.anchors_without_positives),
+        }
+    }
+}
+
+/// Where the forward kernels write their outputs: a [`Statistics`]' buffers, or regions of one
+/// caller-provided workspace ([`WorkspaceLayout`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StatisticsAddresses {
+    /// `float[R]` LSE_i, hi and lo.
+    pub(crate) lse: u64,
+    pub(crate) lse_lo: u64,
+    /// `float[R]` LSE^P_i − log W_i, hi and lo.
+    pub(crate) scaled_positive_lse: u64,
+    pub(crate) scaled_positive_lse_lo: u64,
+    /// `float[R]` P_i.
+    pub(crate) positive_weight: u64,
+    /// `float[R]` W_i.
+    pub(crate) positive_weight_max: u64,
+    /// `float[R]` ℓ_i.
+    pub(crate) anchor_loss: u64,
+    /// `double[1]` the reduced loss.
+    pub(crate) reduced_loss: u64,
+    /// `uint32_t[1]` anchors without positives.
+    pub(crate) anchors_without_positives: u64,
+}
+
+impl StatisticsAddresses {
+    /// What the backward kernel reads of them (the device-resident paths').
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn saved(&self) -> SavedAddresses {
+        SavedAddresses {
+            lse: self.lse,
+            lse_lo: self.lse_lo,
+            scaled_positive_lse: self.scaled_positive_lse,
+            scaled_positive_lse_lo: self.scaled_positive_lse_lo,
+            positive_weight: self.positive_weight,
+            positive_weight_max: self.positive_weight_max,
+        }
+    }
+
+    /// The forward kernels' parameter block writing here.
+    fn params(&self, problem: &Problem, inputs: &InputAddresses) -> SupconParams {
+        SupconParams {
+            anchor_lse: self.lse,
+            anchor_lse_lo: self.lse_lo,
+            anchor_scaled_positive_lse: self.scaled_positive_lse,
+            anchor_scaled_positive_lse_lo: self.scaled_positive_lse_lo,
+            anchor_positive_weight: self.positive_weight,
+            anchor_positive_weight_max: self.positive_weight_max,
+            anchor_loss: self.anchor_loss,
+            reduced_loss: self.reduced_loss,
+            anchors_without_positives: self.anchors_without_positives,
+            ..problem.params(inputs)
         }
     }
 }
@@ -70,7 +128,76 @@ pub(crate) struct SavedAddresses {
     pub(crate) positive_weight_max: u64,
 }
 
-/// Queues the forward kernels on inputs already on the device. Nothing is copied or awaited.
+/// The forward's outputs laid out in one workspace of device memory that the caller owns (a
+/// framework's allocator): the reduced loss (`double`) first, the count of anchors without
+/// positives (`uint32_t`), then the seven `float[R]` statistics, each region on a 256-byte
+/// boundary, as the driver aligns its own allocations.
+// The CUDA backend's; the emulated executor's tests run it.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WorkspaceLayout {
+    anchors: usize,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl WorkspaceLayout {
+    const ALIGN: usize = 256;
+
+    pub(crate) fn new(anchors: usize) -> Self {
+        WorkspaceLayout { anchors }
+    }
+
+    /// Bytes of one `float[R]` region.
+    fn region(&self) -> usize {
+        (self.anchors * size_of::<f32>()).next_multiple_of(Self::ALIGN)
+    }
+
+    /// Offset of the reduced loss (`double`).
+    pub(crate) fn loss_offset(&self) -> usize {
+        0
+    }
+
+    /// Offset of the count of anchors without positives (`uint32_t`).
+    pub(crate) fn anchors_without_positives_offset(&self) -> usize {
+        Self::ALIGN
+    }
+
+    /// Offset of statistic `k` of 7: ℓ_i, then LSE_i (hi, lo), LSE^P_i − log W_i (hi, lo), P_i
+    /// and W_i.
+    fn statistic_offset(&self, k: usize) -> usize {
+        2 * Self::ALIGN + k * self.region()
+    }
+
+    /// Offset of ℓ_i (`float[R]`).
+    pub(crate) fn per_anchor_offset(&self) -> usize {
+        self.statistic_offset(0)
+    }
+
+    /// Bytes of the whole workspace.
+    pub(crate) fn bytes(&self) -> usize {
+        self.statistic_offset(7)
+    }
+
+    /// The outputs' addresses in a workspace at `base`.
+    pub(crate) fn addresses(&self, base: u64) -> StatisticsAddresses {
+        let at = |offset: usize| base + offset as u64;
+        let statistic = |k| at(self.statistic_offset(k));
+        StatisticsAddresses {
+            anchor_loss: statistic(0),
+            lse: statistic(1),
+            lse_lo: statistic(2),
+            scaled_positive_lse: statistic(3),
+            scaled_positive_lse_lo: statistic(4),
+            positive_weight: statistic(5),
+            positive_weight_max: statistic(6),
+            reduced_loss: at(self.loss_offset()),
+            anchors_without_positives: at(self.anchors_without_positives_offset()),
+        }
+    }
+}
+
+/// Queues the forward kernels on inputs already on the device, into new buffers. Nothing is
+/// copied or awaited.
 ///
 /// # Safety
 /// `inputs` must address device memory of `executor` holding the problem's `B·V·D` features of
@@ -93,30 +220,35 @@ pub(crate) unsafe fn launch_forward<E: KernelExecutor>(
         reduced_loss: executor.alloc(size_of::<f64>())?,
         anchors_without_positives: executor.alloc(size_of::<u32>())?,
     };
-    let params = SupconParams {
-        anchor_lse: executor.address(&statistics.lse),
-        anchor_lse_lo: executor.address(&statistics.lse_lo),
-        anchor_scaled_positive_lse: executor.address(&statistics.scaled_positive_lse),
-        anchor_scaled_positive_lse_lo: executor.address(&statistics.scaled_positive_lse_lo),
-        anchor_positive_weight: executor.address(&statistics.positive_weight),
-        anchor_positive_weight_max: executor.address(&statistics.positive_weight_max),
-        anchor_loss: executor.address(&statistics.anchor_loss),
-        reduced_loss: executor.address(&statistics.reduced_loss),
-        anchors_without_positives: executor.address(&statistics.anchors_without_positives),
-        ..problem.params(inputs)
-    };
-    // SAFETY: the inputs per this function's contract; the outputs are the R-float, one-f64
-    // and one-u32 buffers just allocated, which the caller keeps (dropping a buffer frees it
-    // only after the queued work).
+    let at = statistics.addresses(executor);
+    // SAFETY: the inputs per this function's contract; the outputs are the buffers just
+    // allocated, which the caller keeps (dropping a buffer frees it only after the queued work).
+    unsafe { launch_forward_at(executor, problem, inputs, &at)? };
+    Ok(statistics)
+}
+
+/// Queues the forward kernels on inputs already on the device, writing their outputs `at`.
+///
+/// # Safety
+/// As [`launch_forward`] for `inputs`; `at` must address writable device memory of `executor`
+/// (`R` floats for each statistic, a `double` and a `uint32_t`) that nothing else reads or
+/// writes until the kernels have finished.
+pub(crate) unsafe fn launch_forward_at<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    inputs: &InputAddresses,
+    at: &StatisticsAddresses,
+) -> Result<()> {
+    let params = at.params(problem, inputs);
+    // SAFETY: inputs and outputs per this function's contract.
     unsafe {
         problem.launch(
             executor,
             Kernel::ForwardStatistics(problem.feature_type()),
             &params,
         )?;
-        problem.launch(executor, Kernel::ForwardFinalize, &params)?;
+        problem.launch(executor, Kernel::ForwardFinalize, &params)
     }
-    Ok(statistics)
 }
 
 /// Everything the forward pass computed, on the host (synchronises): what
@@ -216,22 +348,61 @@ pub(crate) unsafe fn launch_coefficients<E: KernelExecutor>(
         Upstream::Scalar(u) => (None, u),
         Upstream::PerAnchor(u) => (Some(upload_slice(executor, &u.to_vec())?), 0.0),
     };
+    let upstream = match &per_anchor {
+        Some(buffer) => DeviceUpstream::PerAnchor(executor.address(buffer)),
+        None => DeviceUpstream::Scalar(scalar),
+    };
     let coefficients = executor.alloc(problem.anchors() * size_of::<f32>())?;
+    let at = statistics.addresses(executor);
+    let address = executor.address(&coefficients);
+    // SAFETY: the statistics per this function's contract, the R doubles just uploaded for
+    // reduction none (freed in stream order after the launch), the R floats just allocated.
+    unsafe { launch_coefficients_at(executor, problem, &at, upstream, address)? };
+    Ok(coefficients)
+}
+
+/// The upstream gradient as the coefficients kernel reads it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum DeviceUpstream {
+    /// One value for a reduced loss, passed by value.
+    Scalar(f64),
+    /// `const double[R]` in device memory.
+    PerAnchor(u64),
+}
+
+/// Queues `supcon_backward_coefficients` on the forward's outputs `at`, writing `float[R]` at
+/// `coefficients`. Under [`NoPositivePolicy::Error`] it computes R' as under
+/// `ZeroAndCount`; the error is the caller's to raise.
+///
+/// # Safety
+/// `at` must address the outputs of the forward kernels for `problem`, `upstream` (if on the
+/// device) `R` doubles and `coefficients` `R` writable floats, all of `executor`'s memory and
+/// alive until the kernel has finished.
+pub(crate) unsafe fn launch_coefficients_at<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    at: &StatisticsAddresses,
+    upstream: DeviceUpstream,
+    coefficients: u64,
+) -> Result<()> {
+    let (anchor_upstream, upstream_scalar) = match upstream {
+        DeviceUpstream::Scalar(u) => (0, u),
+        DeviceUpstream::PerAnchor(address) => (address, 0.0),
+    };
     let params = SupconParams {
-        anchor_lse: executor.address(&statistics.lse),
-        anchor_positive_weight: executor.address(&statistics.positive_weight),
-        anchors_without_positives: executor.address(&statistics.anchors_without_positives),
-        anchor_grad_coef: executor.address(&coefficients),
-        anchor_upstream: per_anchor.as_ref().map_or(0, |b| executor.address(b)),
-        upstream_scalar: scalar,
+        anchor_lse: at.lse,
+        anchor_positive_weight: at.positive_weight,
+        anchors_without_positives: at.anchors_without_positives,
+        anchor_grad_coef: coefficients,
+        anchor_upstream,
+        upstream_scalar,
         loss_scale_exact: problem.loss().loss_scale(),
         ..problem.shape_params()
     };
-    // SAFETY: the kernel reads R floats of LSE and P and one u32 of the statistics (alive per
-    // this function's contract), the R doubles uploaded for reduction none, and writes the R
-    // floats just allocated; the upload is freed in stream order after the launch.
-    unsafe { problem.launch(executor, Kernel::BackwardCoefficients, &params)? };
-    Ok(coefficients)
+    // SAFETY: the kernel reads R floats of LSE and P and one u32 at `at`, R doubles of
+    // upstream for a per-anchor upstream, and writes R floats at `coefficients`: all per this
+    // function's contract.
+    unsafe { problem.launch(executor, Kernel::BackwardCoefficients, &params) }
 }
 
 /// Queues the backward kernel, writing `∂L/∂features` (`float[B][V][D]`) at `grad`, with the

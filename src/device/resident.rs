@@ -8,7 +8,7 @@
 //! except under `NoPositivePolicy::Error` (see [`backward`]).
 
 use super::executor::{download_vec, KernelExecutor};
-use super::launch::{self, Statistics};
+use super::launch::{self, DeviceUpstream, Statistics, WorkspaceLayout};
 use super::problem::{InputAddresses, Problem};
 use crate::backend::Upstream;
 use crate::config::{NoPositivePolicy, Reduction};
@@ -66,11 +66,60 @@ pub(crate) unsafe fn backward<E: KernelExecutor>(
         // freed in stream order.
         unsafe { launch::launch_coefficients(executor, problem, statistics, upstream)? }
     };
-    let (saved, coefficients) = (statistics.saved(executor), executor.address(&coefficients));
+    let saved = statistics.addresses(executor).saved();
+    let coefficients = executor.address(&coefficients);
     // SAFETY: inputs and `grad` per this function's contract; the statistics and the
     // coefficients are R floats of the same problem, alive for the borrow (the coefficients
     // until the end of this function, freed in stream order after the launch).
     unsafe { launch::launch_backward(executor, problem, inputs, saved, coefficients, grad) }
+}
+
+/// Queues the forward kernels, writing their outputs into the workspace at `workspace`
+/// ([`WorkspaceLayout`] for the problem's anchors): memory the caller owns, nothing allocated.
+///
+/// # Safety
+/// As `launch::launch_forward` for `inputs`; `workspace` must address
+/// `WorkspaceLayout::bytes` writable bytes of `executor`'s memory, 256-byte aligned, that
+/// nothing else reads or writes until the kernels have finished.
+pub(crate) unsafe fn forward_into<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    inputs: &InputAddresses,
+    workspace: u64,
+) -> Result<()> {
+    let at = WorkspaceLayout::new(problem.anchors()).addresses(workspace);
+    // SAFETY: per this function's contract.
+    unsafe { launch::launch_forward_at(executor, problem, inputs, &at) }
+}
+
+/// Queues the backward pass from the forward's outputs in `workspace` ([`forward_into`]),
+/// the upstream gradient `const double[R]` at `upstream` (R copies of the scalar for a reduced
+/// loss), with `scratch` (R floats) for the per-anchor coefficients, writing `∂L/∂features`
+/// (`float[B][V][D]`) at `grad`. Nothing is allocated, copied or awaited. Under
+/// [`NoPositivePolicy::Error`] R' is computed as under `ZeroAndCount`: the caller reads the
+/// count from the workspace to raise the error.
+///
+/// # Safety
+/// As [`forward_into`], with `workspace` holding the outputs of [`forward_into`] for `problem`
+/// and these `inputs`; `upstream` must address R doubles and `scratch` R writable floats, and
+/// `grad` `B·V·D` writable floats, of `executor`'s memory, none read or written by anything
+/// else until the kernels have finished.
+pub(crate) unsafe fn backward_from<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    inputs: &InputAddresses,
+    workspace: u64,
+    upstream: u64,
+    scratch: u64,
+    grad: u64,
+) -> Result<()> {
+    let at = WorkspaceLayout::new(problem.anchors()).addresses(workspace);
+    // SAFETY: per this function's contract.
+    unsafe {
+        let upstream = DeviceUpstream::PerAnchor(upstream);
+        launch::launch_coefficients_at(executor, problem, &at, upstream, scratch)?;
+        launch::launch_backward(executor, problem, inputs, at.saved(), scratch, grad)
+    }
 }
 
 /// The device-resident sequence run through the emulated kernels: its backward pass reads the
@@ -83,6 +132,7 @@ mod tests {
     use crate::backend::Backend;
     use crate::config::{ContrastMode, Denominator, NoPositivePolicy, Summation, SupConLoss};
     use crate::device::emulated::{EmulatedBackend, HostExecutor};
+    use crate::device::launch::WorkspaceLayout;
     use crate::device::problem::PositiveAddresses;
     use crate::element::DType;
     use crate::inputs::{BatchShape, Positives};
@@ -189,6 +239,65 @@ mod tests {
         }
         .unwrap();
         let grad: Vec<f32> = download_vec(executor, &grad, batch * views * dim).unwrap();
+
+        // The same passes in caller-owned memory: one workspace, the upstream as R doubles on
+        // the device, R floats of scratch. Bit for bit the same outputs.
+        let layout = WorkspaceLayout::new(problem.anchors());
+        let workspace = executor.alloc(layout.bytes()).unwrap();
+        let workspace_address = executor.address(&workspace);
+        // SAFETY: as above; the workspace holds the layout's bytes.
+        unsafe { forward_into(executor, &problem, &inputs, workspace_address) }.unwrap();
+        let bytes: Vec<u8> = download_vec(executor, &workspace, layout.bytes()).unwrap();
+        let read_f32 = |offset: usize, k: usize| {
+            f32::from_le_bytes(bytes[offset + 4 * k..][..4].try_into().unwrap())
+        };
+        let loss_bytes: [u8; 8] = bytes[layout.loss_offset()..][..8].try_into().unwrap();
+        let allocated: Vec<f64> = download_vec(executor, &statistics.reduced_loss, 1).unwrap();
+        assert_eq!(
+            loss_bytes,
+            allocated[0].to_le_bytes(),
+            "the workspace's loss"
+        );
+        for (k, &l) in output.per_anchor.iter().enumerate() {
+            let from_workspace = f64::from(read_f32(layout.per_anchor_offset(), k));
+            assert_eq!(from_workspace.to_bits(), l.to_bits(), "ℓ_{k}");
+        }
+        let upstream_vector: Vec<f64> = match upstream {
+            Upstream::PerAnchor(u) => u.to_vec(),
+            Upstream::Scalar(u) => vec![u; problem.anchors()],
+        };
+        let upstream_buffer = executor
+            .upload(bytemuck::cast_slice(&upstream_vector))
+            .unwrap();
+        let scratch = executor
+            .alloc(problem.anchors() * size_of::<f32>())
+            .unwrap();
+        let into = executor
+            .alloc(batch * views * dim * size_of::<f32>())
+            .unwrap();
+        let addresses = [&upstream_buffer, &scratch, &into].map(|b| executor.address(b));
+        // SAFETY: as above; the upstream holds R doubles, the scratch R floats, `into` B·V·D
+        // floats.
+        unsafe {
+            backward_from(
+                executor,
+                &problem,
+                &inputs,
+                workspace_address,
+                addresses[0],
+                addresses[1],
+                addresses[2],
+            )
+        }
+        .unwrap();
+        let from_workspace: Vec<f32> = download_vec(executor, &into, batch * views * dim).unwrap();
+        let bits = |g: &[f32]| g.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&from_workspace),
+            bits(&grad),
+            "the workspace path's gradient"
+        );
+
         let grad = Array3::from_shape_vec((batch, views, dim), grad).unwrap();
         (output, reduced, grad)
     }

@@ -17,7 +17,7 @@ use super::executor::{allocation_error, driver_error, LoadedKernels, StreamExecu
 use super::raw::{self, DriverLibrary};
 use crate::backend::{Backend, ForwardOutput, SavedState, Upstream};
 use crate::config::SupConLoss;
-use crate::device::launch::{self, Statistics};
+use crate::device::launch::{self, Statistics, WorkspaceLayout};
 use crate::device::problem::{InputAddresses, PositiveAddresses, Problem};
 use crate::device::{host, resident};
 use crate::element::Element;
@@ -299,6 +299,129 @@ impl CudaBackend {
         Ok(grad)
     }
 
+    /// The layout of the workspace that [`forward_device_into`](Self::forward_device_into)
+    /// writes for `loss` on a batch of `shape`, and of the backward's scratch.
+    pub fn workspace(loss: &SupConLoss, shape: BatchShape) -> DeviceWorkspace {
+        DeviceWorkspace {
+            layout: WorkspaceLayout::new(shape.anchors(loss.contrast_mode())),
+            anchors: shape.anchors(loss.contrast_mode()),
+        }
+    }
+
+    /// Queues the forward pass into memory the caller owns (a framework's allocator): the
+    /// loss, the per-anchor losses and the backward's statistics go into `workspace`, laid out
+    /// as [`workspace`](Self::workspace) describes. Nothing is allocated, copied or awaited,
+    /// and nothing is checked on the device (NaN features reach the loss; under
+    /// `NoPositivePolicy::Error` the caller reads the count of anchors without positives at
+    /// [`DeviceWorkspace::anchors_without_positives_offset`]).
+    ///
+    /// # Errors
+    /// As [`forward_device`](Self::forward_device); [`Error::InvalidDeviceBuffer`] for a
+    /// workspace of another length or context, or not 256-byte aligned.
+    pub fn forward_device_into<T: CudaFeature>(
+        &self,
+        loss: &SupConLoss,
+        features: &CudaView<'_, T>,
+        shape: BatchShape,
+        positives: DevicePositives<'_>,
+        workspace: &mut CudaViewMut<'_, u8>,
+    ) -> Result<()> {
+        let problem = Problem::new(NAME, loss, shape, T::DTYPE)?;
+        let layout = Self::workspace(loss, shape);
+        let bound = self.bind_inputs(shape, features, positives)?;
+        let (base, guard) = self.bind_workspace("workspace", workspace, layout.bytes())?;
+        let mut executor = self.executor();
+        // SAFETY: the inputs as in `forward_device`; the workspace holds the layout's bytes of
+        // this context (checked), 256-byte aligned (checked), borrowed mutably for this call,
+        // its guard recording the kernels' writes.
+        unsafe { resident::forward_into(&mut executor, &problem, &bound.inputs, base)? };
+        drop(guard);
+        drop(bound);
+        Ok(())
+    }
+
+    /// Queues the backward pass from a `workspace` that
+    /// [`forward_device_into`](Self::forward_device_into) wrote for the same `loss`, shape,
+    /// features and positives, with the upstream gradient on the device (`upstream`: R values,
+    /// R copies of the scalar for a reduced loss), `scratch` for the per-anchor coefficients
+    /// ([`DeviceWorkspace::scratch_bytes`]), writing `∂(objective)/∂features` (`[B, V, D]`,
+    /// f32) into `grad`. Nothing is allocated, copied or awaited.
+    ///
+    /// # Errors
+    /// As [`forward_device_into`](Self::forward_device_into), for every buffer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_device_from<T: CudaFeature>(
+        &self,
+        loss: &SupConLoss,
+        features: &CudaView<'_, T>,
+        shape: BatchShape,
+        positives: DevicePositives<'_>,
+        workspace: &CudaView<'_, u8>,
+        upstream: &CudaView<'_, f64>,
+        scratch: &mut CudaViewMut<'_, u8>,
+        grad: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let problem = Problem::new(NAME, loss, shape, T::DTYPE)?;
+        let layout = Self::workspace(loss, shape);
+        let bound = self.bind_inputs(shape, features, positives)?;
+        self.check_buffer(
+            "workspace",
+            workspace.len(),
+            workspace.stream(),
+            layout.bytes(),
+        )?;
+        self.check_buffer(
+            "upstream",
+            upstream.len(),
+            upstream.stream(),
+            layout.anchors,
+        )?;
+        self.check_buffer("grad", grad.len(), grad.stream(), shape.elements())?;
+        let (workspace_address, workspace_guard) = workspace.device_ptr(&self.stream);
+        check_alignment("workspace", workspace_address)?;
+        let (upstream_address, upstream_guard) = upstream.device_ptr(&self.stream);
+        let (scratch_address, scratch_guard) =
+            self.bind_workspace("scratch", scratch, layout.scratch_bytes())?;
+        let (grad_address, grad_guard) = grad.device_ptr_mut(&self.stream);
+        let mut executor = self.executor();
+        // SAFETY: inputs as in `forward_device`; the workspace holds a forward's outputs for
+        // this problem (the caller's promise, documented), the upstream R doubles, the scratch
+        // R floats and `grad` B·V·D floats, all of this context (checked) and borrowed for the
+        // call, their guards ordering other streams' work after the kernels.
+        unsafe {
+            resident::backward_from(
+                &mut executor,
+                &problem,
+                &bound.inputs,
+                workspace_address,
+                upstream_address,
+                scratch_address,
+                grad_address,
+            )?;
+        }
+        drop((
+            workspace_guard,
+            upstream_guard,
+            scratch_guard,
+            grad_guard,
+            bound,
+        ));
+        Ok(())
+    }
+
+    /// A writable workspace of `bytes` bytes of this context, 256-byte aligned, by address.
+    fn bind_workspace<'a>(
+        &'a self,
+        buffer: &'static str,
+        workspace: &'a mut CudaViewMut<'_, u8>,
+        bytes: usize,
+    ) -> Result<(u64, SyncOnDrop<'a>)> {
+        self.check_buffer(buffer, workspace.len(), workspace.stream(), bytes)?;
+        let (address, guard) = workspace.device_ptr_mut(&self.stream);
+        check_alignment(buffer, address)?;
+        Ok((address, guard))
+    }
+
     /// Fails unless a buffer of `len` elements on `stream` fits an argument needing `expected`.
     fn check_buffer(
         &self,
@@ -365,6 +488,54 @@ impl CudaBackend {
             },
             _guards: guards,
         })
+    }
+}
+
+/// Fails unless a workspace starts on a 256-byte boundary (every allocation of the driver, and
+/// of PyTorch's caching allocator, does).
+fn check_alignment(buffer: &'static str, address: u64) -> Result<()> {
+    if address % 256 == 0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidDeviceBuffer {
+            buffer,
+            reason: format!("address {address:#x} is not 256-byte aligned"),
+        })
+    }
+}
+
+/// Where [`CudaBackend::forward_device_into`] puts its outputs in the caller's workspace, and
+/// what [`CudaBackend::backward_device_from`] needs as scratch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceWorkspace {
+    layout: WorkspaceLayout,
+    anchors: usize,
+}
+
+impl DeviceWorkspace {
+    /// Bytes of the workspace.
+    pub fn bytes(&self) -> usize {
+        self.layout.bytes()
+    }
+
+    /// Offset of the loss (`f64`: the reduced loss, or Σℓ_i for reduction none).
+    pub fn loss_offset(&self) -> usize {
+        self.layout.loss_offset()
+    }
+
+    /// Offset of the per-anchor losses ℓ_i (`f32[R]`).
+    pub fn per_anchor_offset(&self) -> usize {
+        self.layout.per_anchor_offset()
+    }
+
+    /// Offset of the count of anchors without positives (`u32`).
+    pub fn anchors_without_positives_offset(&self) -> usize {
+        self.layout.anchors_without_positives_offset()
+    }
+
+    /// Bytes of the backward pass's scratch (`f32[R]`).
+    pub fn scratch_bytes(&self) -> usize {
+        self.anchors * size_of::<f32>()
     }
 }
 

@@ -11,5 +11,5 @@ mod checks;
 mod executor;
 mod raw;
 
-pub use backend::{CudaBackend, CudaFeature, DeviceForward, DevicePositives};
+pub use backend::{CudaBackend, CudaFeature, DeviceForward, DevicePositives, DeviceWorkspace};
 pub use checks::{MIN_COMPUTE_CAPABILITY, MIN_DRIVER_VERSION};
