@@ -5,6 +5,8 @@
 #             tests/*.rs that uses the CUDA backend), built by `cargo test --release --no-run`
 #   benches/  the CUDA criterion benchmark (`cargo bench --no-run`)
 #   bin/      examples/cuda_table.rs and the supcon command line (for the PyTorch cross-check)
+#   python/   the Python package as a wheel (wheels/), its pytest suite (tests/) and its
+#             benchmark (bench.py); examples/python/digits.py and README.md, which tests read
 #   gpu-check.sh, torch_baseline.py, BUILD_INFO
 # All with --all-features and the kernels compiled by the pinned nvcc 13.0
 # (scripts/install-nvcc.sh), by default for sm_90 only (the H200; SUPCON_CUDA_ARCHS overrides),
@@ -22,12 +24,13 @@ max_mib=48
 export SUPCON_CUDA_ARCHS=${SUPCON_CUDA_ARCHS:-sm_90}
 NVCC=${NVCC:-$(scripts/install-nvcc.sh)}
 export NVCC
-export CARGO_TARGET_DIR=${SUPCON_BUNDLE_TARGET_DIR:-target/gpu-bundle-build}
+export CARGO_TARGET_DIR=$(realpath -m "${SUPCON_BUNDLE_TARGET_DIR:-target/gpu-bundle-build}")
 export CARGO_TERM_COLOR=never
 echo "== nvcc: $NVCC ($SUPCON_CUDA_ARCHS); target directory $CARGO_TARGET_DIR" >&2
 
 messages=$(mktemp -d)
-trap 'rm -rf "$messages"' EXIT
+wheels=$(mktemp -d)
+trap 'rm -rf "$messages" "$wheels"' EXIT
 json=(--message-format=json-render-diagnostics)
 echo "== cargo test --release --all-features --no-run" >&2
 cargo test --release --all-features --no-run "${json[@]}" >"$messages/test.json"
@@ -95,14 +98,35 @@ PY
 }
 artifacts=$(select_artifacts)
 
+# The wheel: pip fetches maturin into an isolated build environment; the kernels come from
+# the same nvcc and architectures as above.
+echo "== pip wheel ./python" >&2
+python3 -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$wheels" ./python >&2
+python3 - "$wheels" <<'PY'
+import sys, zipfile, pathlib
+wheel, = pathlib.Path(sys.argv[1]).glob("supcon-*.whl")
+names = zipfile.ZipFile(wheel).namelist()
+extension = [n for n in names if n.startswith("supcon/_supcon") and n.endswith(".so")]
+if not extension:
+    sys.exit(f"{wheel.name} holds no extension module: {names}")
+# A fatbin's magic number (little-endian 0xBA55ED50): the kernels are embedded.
+if b"\x50\xed\x55\xba" not in zipfile.ZipFile(wheel).read(extension[0]):
+    sys.exit(f"{wheel.name}: the extension holds no CUDA fatbin (was nvcc found?)")
+PY
+
 rm -rf "$bundle"
 mkdir -p "$bundle/tests" "$bundle/benches" "$bundle/bin"
 while IFS=$'\t' read -r destination executable; do
     cp "$executable" "$bundle/$destination"
     strip --strip-debug "$bundle/$destination"
 done <<<"$artifacts"
-cp scripts/gpu-check.sh scripts/torch_baseline.py "$bundle/"
+cp scripts/gpu-check.sh scripts/torch_baseline.py README.md "$bundle/"
 chmod +x "$bundle/gpu-check.sh"
+mkdir -p "$bundle/python/wheels" "$bundle/python/tests" "$bundle/examples/python"
+mv "$wheels"/supcon-*.whl "$bundle/python/wheels/"
+cp python/tests/*.py "$bundle/python/tests/"
+cp python/bench.py "$bundle/python/"
+cp examples/python/digits.py "$bundle/examples/python/"
 
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 if ! git diff --quiet HEAD 2>/dev/null; then

@@ -4,10 +4,13 @@
 # or downloaded here). In under 8 minutes it runs
 #   1. every CUDA correctness test (the bundled test binaries, SUPCON_REQUIRE_CUDA=1 so that
 #      none can skip),
-#   2. compute-sanitizer memcheck and racecheck over a small ragged run, where the tool exists,
-#   3. the performance table of our kernels (bin/cuda_table) and
-#   4. the same table for the unfused PyTorch baseline (torch_baseline.py, eager and
-#      torch.compile), after checking its loss and gradient against our CUDA backend,
+#   2. the Python package's pytest suite on the bundled wheel (SUPCON_REQUIRE_CUDA=1 again),
+#   3. compute-sanitizer memcheck and racecheck over a small ragged run, where the tool exists,
+#   4. the performance table of our kernels (bin/cuda_table),
+#   5. the same table for the unfused PyTorch baseline (torch_baseline.py, eager and
+#      torch.compile), after checking its loss and gradient against our CUDA backend, and
+#   6. python/bench.py --device cuda: supcon.torch.SupConLoss in a PyTorch training step
+#      against the original formula and a lean one, in one process,
 # and prints a markdown report, also written to $OUT/gpu-check.md when OUT is set (with the
 # full logs in $OUT/gpu-check.log).
 #
@@ -37,7 +40,7 @@ logged() {
     return "$status"
 }
 # Seconds left until second $1 of the run (at least 10): every stage ends by a fixed deadline,
-# so the whole check ends within 8 minutes (the last deadline is 455 s, plus 10 s of kill grace)
+# so the whole check ends within 8 minutes (the last deadline is 460 s, plus 10 s of kill grace)
 # whatever hangs.
 until_second() {
     local left=$(($1 - SECONDS))
@@ -76,7 +79,7 @@ for binary in "$here"/tests/*; do
     filter=cuda
     [[ $name == *cuda* ]] && filter=""
     start=$SECONDS
-    SUPCON_REQUIRE_CUDA=1 logged "$(until_second 120)" "$binary" ${filter:+"$filter"}
+    SUPCON_REQUIRE_CUDA=1 logged "$(until_second 100)" "$binary" ${filter:+"$filter"}
     status=$?
     counts=$(grep -E '^test result:' "$last" | tail -n 1 |
         sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed; ([0-9]+) ignored.*/\1 | \2 | \3/')
@@ -86,7 +89,30 @@ for binary in "$here"/tests/*; do
 done
 say ""
 
-# 2. compute-sanitizer over a ragged problem (N = 666, D = 130: partial tiles everywhere).
+# 2. The Python package: the bundled wheel installed into a folder of this run, then pytest.
+say "## Python package (pytest on the bundled wheel)"
+say ""
+python_ok=0
+if ! python3 -c 'import torch, numpy, pytest' 2>/dev/null; then
+    say "not available (no python3 with torch, numpy and pytest)"
+elif ! logged 60 python3 -m pip install --quiet --no-index --no-deps --target "$work/site" \
+    "$here"/python/wheels/supcon-*.whl; then
+    failures=$((failures + 1))
+    say "the wheel did not install: FAILED (see the log)"
+else
+    python_ok=1
+    start=$SECONDS
+    SUPCON_REQUIRE_CUDA=1 PYTHONPATH="$work/site" logged "$(until_second 160)" \
+        python3 -m pytest -q -p no:cacheprovider "$here/python/tests"
+    status=$?
+    ((status == 0)) || failures=$((failures + 1))
+    summary=$(grep -E '[0-9]+ (passed|failed)' "$last" | tail -n 1)
+    say "pytest python/tests: ${summary:-no summary} — $(describe_status $status) in $((SECONDS - start)) s"
+    grep -E '^FAILED' "$last" | head -n 20 | sed 's/^/    /' >>"$report"
+fi
+say ""
+
+# 3. compute-sanitizer over a ragged problem (N = 666, D = 130: partial tiles everywhere).
 say "## compute-sanitizer"
 say ""
 sanitizer=$(command -v compute-sanitizer)
@@ -99,9 +125,9 @@ if [[ -z $sanitizer ]]; then
 else
     say "| tool | run | result | summary |"
     say "|---|---|---|---|"
-    deadline=170
+    deadline=160
     for tool in memcheck racecheck; do
-        deadline=$((deadline + 50))
+        deadline=$((deadline + 40))
         logged "$(until_second $deadline)" "$sanitizer" --tool "$tool" --error-exitcode 3 \
             "$here/bin/cuda_table" --sizes 666 --dim 130 --dtypes f32,bf16 --repeats 1 --cap-s 1
         status=$?
@@ -112,13 +138,13 @@ else
 fi
 say ""
 
-# 3 and 4. Performance.
+# 4, 5 and 6. Performance.
 say "## Performance: forward + backward, D = $dim, V = 2, labels from 100 classes"
 say ""
 say "| implementation | dtype | N | D | fwd+bwd (ms) | TFLOP/s (6·N²·D) | peak memory (MiB) |"
 say "|---|---|---|---|---|---|---|"
-logged "$(until_second 330)" "$here/bin/cuda_table" --sizes "$sizes" --dim "$dim" \
-    --dtypes f32,bf16 --cap-s 8 --budget-s 80
+logged "$(until_second 290)" "$here/bin/cuda_table" --sizes "$sizes" --dim "$dim" \
+    --dtypes f32,bf16 --cap-s 8 --budget-s 45
 status=$?
 grep -E '^\| supcon' "$last" >>"$report"
 if ((status != 0)); then
@@ -128,7 +154,7 @@ fi
 if ! python3 -c 'import torch, numpy' 2>/dev/null; then
     say "| torch | | | | not available (no python3 with torch and numpy) | | |"
 else
-    limit=$(until_second 455)
+    limit=$(until_second 390)
     logged "$limit" python3 "$here/torch_baseline.py" --sizes "$sizes" --dim "$dim" \
         --verify-with "$here/bin/supcon" --budget-s $((limit * 2 / 3))
     status=$?
@@ -137,6 +163,20 @@ else
     ((status == 0)) || failures=$((failures + 1))
     say ""
     say "PyTorch baseline: $(describe_status $status). ${verify:-verify: no result}"
+fi
+say ""
+say "## Performance in PyTorch: python/bench.py --device cuda (f32, D = 128, V = 2)"
+say ""
+if ((python_ok == 0)); then
+    say "not run (the Python stage did not install the wheel)"
+else
+    PYTHONPATH="$work/site" logged "$(until_second 460)" python3 "$here/python/bench.py" \
+        --device cuda --sizes 4096,16384,65536 --cap-s 5
+    status=$?
+    grep -E '^(\||Agreement)' "$last" >>"$report"
+    ((status == 0)) || failures=$((failures + 1))
+    say ""
+    say "bench.py: $(describe_status $status)"
 fi
 say ""
 say "Result: $( ((failures == 0)) && echo "all checks passed" || echo "$failures check(s) failed") in $SECONDS s."

@@ -1,0 +1,662 @@
+//! `supcon._supcon`: the crate's backends for Python, on buffers the Python side owns.
+//!
+//! The Python package (`supcon/`) allocates every array (NumPy or PyTorch, inputs and outputs
+//! alike), checks dtype, shape and contiguity, and passes each one here as an [`Array`]: its
+//! address and its element type. Nothing is copied on the way in; the results are written into
+//! the output arrays. The GIL is released while the crate computes.
+//!
+//! Errors become Python exceptions: `ValueError` for anything about the inputs or options,
+//! `RuntimeError` for a device that cannot run, [`OutOfMemoryError`] (a `MemoryError`) when
+//! memory runs out.
+
+use half::{bf16, f16};
+use ndarray::{ArrayView1, ArrayView2, ArrayView3};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use supcon::{
+    AnyBackend, Backend, BatchShape, ContrastMode, Denominator, Element, Error, NoPositivePolicy,
+    Positives, Reduction, SavedState, Summation, SupConLoss, Upstream,
+};
+
+pyo3::create_exception!(
+    _supcon,
+    OutOfMemoryError,
+    PyMemoryError,
+    "Memory ran out (the device's or the host's): retry with a smaller batch."
+);
+
+/// The Python exception for a crate error.
+fn to_py(error: Error) -> PyErr {
+    let message = error.to_string();
+    match error {
+        Error::OutOfMemory { .. } => OutOfMemoryError::new_err(message),
+        Error::NotCompiledWithCuda
+        | Error::KernelsNotBuilt
+        | Error::NoCudaDriver
+        | Error::NoCudaDevice { .. }
+        | Error::UnsupportedComputeCapability { .. }
+        | Error::DriverTooOld { .. }
+        | Error::Cuda { .. } => PyRuntimeError::new_err(message),
+        _ => PyValueError::new_err(message),
+    }
+}
+
+/// An array the Python side owns: the address of its first element, its element type's name
+/// (`float32`, `float16`, `bfloat16`, `float64`, `int64`) and its number of elements. It is
+/// C-contiguous and stays alive, unmodified, for the whole call.
+#[derive(FromPyObject)]
+struct Array(usize, String, usize);
+
+impl Array {
+    /// The array as `len` values of `T`.
+    ///
+    /// # Safety
+    /// The Python side's promise ([`Array`]): `address` points to `len` initialised values of
+    /// the named type, alive and unmodified for the call.
+    unsafe fn slice<T>(&self, dtype: &str) -> PyResult<&[T]> {
+        self.check(dtype, align_of::<T>())?;
+        // SAFETY: per this function's contract; the address is non-null and aligned (checked).
+        Ok(unsafe { std::slice::from_raw_parts(self.0 as *const T, self.2) })
+    }
+
+    /// The array as `len` writable values of `T`.
+    ///
+    /// # Safety
+    /// As [`slice`](Self::slice), and nothing else reads or writes the array during the call.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut<T>(&self, dtype: &str) -> PyResult<&mut [T]> {
+        self.check(dtype, align_of::<T>())?;
+        // SAFETY: per this function's contract; the address is non-null and aligned (checked).
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.0 as *mut T, self.2) })
+    }
+
+    fn check(&self, dtype: &str, align: usize) -> PyResult<()> {
+        if self.1 != dtype {
+            return Err(PyValueError::new_err(format!(
+                "expected a {dtype} array, got {}",
+                self.1
+            )));
+        }
+        if self.0 == 0 || self.0 % align != 0 {
+            return Err(PyValueError::new_err("an array is not aligned"));
+        }
+        Ok(())
+    }
+}
+
+/// The loss options, as the Python side names them: temperature, base temperature, contrast
+/// mode, summation, denominator, positives cap, no-positive policy and reduction.
+#[derive(FromPyObject)]
+struct Options(
+    f64,
+    f64,
+    String,
+    String,
+    String,
+    Option<usize>,
+    String,
+    String,
+);
+
+impl Options {
+    fn loss(&self) -> PyResult<SupConLoss> {
+        let Options(
+            temperature,
+            base_temperature,
+            contrast_mode,
+            summation,
+            denominator,
+            positives_cap,
+            no_positive,
+            reduction,
+        ) = self;
+        let choice = |name: &str, value: &str, choices: &[&str]| -> PyResult<usize> {
+            choices.iter().position(|c| *c == value).ok_or_else(|| {
+                PyValueError::new_err(format!("{name} must be one of {choices:?}, got {value:?}"))
+            })
+        };
+        let mode = choice("contrast_mode", contrast_mode, &["all", "one"])?;
+        let summation = choice("summation", summation, &["outside", "inside"])?;
+        let denominator = choice(
+            "denominator",
+            denominator,
+            &["all", "only_negatives", "one_positive"],
+        )?;
+        let policy = choice(
+            "no_positive",
+            no_positive,
+            &["zero_and_count", "exclude", "error"],
+        )?;
+        let reduction = choice("reduction", reduction, &["mean", "sum", "none"])?;
+        let mut builder = SupConLoss::builder()
+            .temperature(*temperature)
+            .base_temperature(*base_temperature)
+            .contrast_mode([ContrastMode::All, ContrastMode::One][mode])
+            .summation([Summation::Outside, Summation::Inside][summation])
+            .denominator(
+                [
+                    Denominator::All,
+                    Denominator::OnlyNegatives,
+                    Denominator::OnePositive,
+                ][denominator],
+            )
+            .no_positive(
+                [
+                    NoPositivePolicy::ZeroAndCount,
+                    NoPositivePolicy::Exclude,
+                    NoPositivePolicy::Error,
+                ][policy],
+            )
+            .reduction([Reduction::Mean, Reduction::Sum, Reduction::None][reduction]);
+        if let Some(cap) = *positives_cap {
+            builder = builder.positives_cap(cap);
+        }
+        builder.build().map_err(to_py)
+    }
+}
+
+/// What makes rows positives: `None` (SimCLR), an `int64[B]` array of labels, or a
+/// `float32[B, B]` mask, told apart by `kind` (`"simclr"`, `"labels"`, `"mask"`).
+#[derive(FromPyObject)]
+struct PositivesArg(String, Option<Array>);
+
+impl PositivesArg {
+    /// # Safety
+    /// The array's promise ([`Array`]).
+    unsafe fn view(&self, batch: usize) -> PyResult<Positives<'_>> {
+        let PositivesArg(kind, array) = self;
+        let array = || {
+            array
+                .as_ref()
+                .ok_or_else(|| PyValueError::new_err(format!("{kind} need an array")))
+        };
+        Ok(match kind.as_str() {
+            "simclr" => Positives::SimClr,
+            // SAFETY: the array's promise.
+            "labels" => {
+                Positives::Labels(ArrayView1::from(unsafe { array()?.slice::<i64>("int64")? }))
+            }
+            "mask" => {
+                // SAFETY: the array's promise.
+                let weights = unsafe { array()?.slice::<f32>("float32")? };
+                let mask = ArrayView2::from_shape((batch, weights.len() / batch.max(1)), weights)
+                    .map_err(|e| PyValueError::new_err(format!("mask: {e}")))?;
+                Positives::Mask(mask)
+            }
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown positives {other:?}"
+                )))
+            }
+        })
+    }
+}
+
+/// The backend called `name` for CPU arrays (`auto` is the fused CPU backend).
+fn host_backend(name: &str) -> PyResult<AnyBackend> {
+    match name {
+        "auto" | "cpu" => AnyBackend::from_name("cpu"),
+        "reference" => AnyBackend::from_name("reference"),
+        other => Err(Error::UnknownBackend(other.to_string())),
+    }
+    .map_err(to_py)
+}
+
+/// The features `[B, V, D]` as element type T.
+///
+/// # Safety
+/// The array's promise ([`Array`]).
+unsafe fn features_view<'a, T: Element>(
+    features: &'a Array,
+    dtype: &str,
+    shape: (usize, usize, usize),
+) -> PyResult<ArrayView3<'a, T>> {
+    // SAFETY: the array's promise.
+    let values = unsafe { features.slice::<T>(dtype)? };
+    ArrayView3::from_shape(shape, values)
+        .map_err(|e| PyValueError::new_err(format!("features: {e}")))
+}
+
+/// Runs `$body` with `$T` the element type of the features' dtype.
+macro_rules! with_dtype {
+    ($dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            "float32" => {
+                type $T = f32;
+                $body
+            }
+            "float16" => {
+                type $T = f16;
+                $body
+            }
+            "bfloat16" => {
+                type $T = bf16;
+                $body
+            }
+            "float64" => {
+                type $T = f64;
+                $body
+            }
+            other => Err(PyValueError::new_err(format!(
+                "features must be float32, float16, bfloat16 or float64, got {other}"
+            ))),
+        }
+    };
+}
+
+/// The forward pass on CPU arrays. Writes ℓ_i, LSE_i, LSE^P_i and P_i (`float64[R]` each) into
+/// `per_anchor` and `state`; returns the reduced loss (`None` for reduction none), R' and the
+/// batch's fingerprint.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    py: Python<'_>,
+    backend: &str,
+    options: Options,
+    features: Array,
+    shape: (usize, usize, usize),
+    positives: PositivesArg,
+    per_anchor: Array,
+    state: [Array; 3],
+) -> PyResult<(Option<f64>, f64, Option<u64>)> {
+    let loss = options.loss()?;
+    let backend = host_backend(backend)?;
+    let dtype = features.1.clone();
+    with_dtype!(dtype.as_str(), T => {
+        // SAFETY: the arrays' promise ([`Array`]); the outputs are not read by Python during
+        // the call (it waits for it).
+        unsafe {
+            let z = features_view::<T>(&features, &dtype, shape)?;
+            let positives = positives.view(shape.0)?;
+            let out = py.detach(|| backend.forward(&loss, z, positives)).map_err(to_py)?;
+            let s = &out.state;
+            per_anchor.slice_mut::<f64>("float64")?.copy_from_slice(out.per_anchor.as_slice().expect("a vector"));
+            for (array, values) in state.iter().zip([s.lse(), s.lse_positive(), s.positive_weight()]) {
+                array.slice_mut::<f64>("float64")?.copy_from_slice(values);
+            }
+            Ok((out.loss, s.mean_denominator(), s.fingerprint()))
+        }
+    })
+}
+
+/// The upstream gradient: a scalar, or a `float64[R]` array for reduction none.
+#[derive(FromPyObject)]
+enum UpstreamArg {
+    Scalar(f64),
+    PerAnchor(Array),
+}
+
+/// The backward pass on CPU arrays, from the state of [`forward`]: writes ∂(objective)/∂z into
+/// `grad` (`[B, V, D]`, float64 for float64 features, float32 otherwise).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    py: Python<'_>,
+    backend: &str,
+    options: Options,
+    features: Array,
+    shape: (usize, usize, usize),
+    positives: PositivesArg,
+    state: [Array; 3],
+    mean_denominator: f64,
+    fingerprint: Option<u64>,
+    upstream: UpstreamArg,
+    grad: Array,
+) -> PyResult<()> {
+    let loss = options.loss()?;
+    let backend = host_backend(backend)?;
+    let batch_shape = BatchShape::new(shape.0, shape.1, shape.2).map_err(to_py)?;
+    let dtype = features.1.clone();
+    with_dtype!(dtype.as_str(), T => {
+        // SAFETY: the arrays' promise ([`Array`]).
+        unsafe {
+            let z = features_view::<T>(&features, &dtype, shape)?;
+            let positives = positives.view(shape.0)?;
+            let [lse, lse_positive, positive_weight] = [&state[0], &state[1], &state[2]]
+                .map(|array| array.slice::<f64>("float64").map(<[f64]>::to_vec));
+            let saved = SavedState::from_parts(
+                loss,
+                batch_shape,
+                [lse?, lse_positive?, positive_weight?],
+                mean_denominator,
+                fingerprint,
+            )
+            .map_err(to_py)?;
+            let upstream_values;
+            let upstream = match &upstream {
+                UpstreamArg::Scalar(u) => Upstream::Scalar(*u),
+                UpstreamArg::PerAnchor(array) => {
+                    upstream_values = array.slice::<f64>("float64")?;
+                    Upstream::PerAnchor(ArrayView1::from(upstream_values))
+                }
+            };
+            let result = py
+                .detach(|| backend.backward(&loss, z, positives, &saved, upstream))
+                .map_err(to_py)?;
+            let values = result.as_slice().expect("a fresh array");
+            let grad_dtype = if <T as Element>::DTYPE == supcon::DType::F64 { "float64" } else { "float32" };
+            grad.slice_mut::<<T as Element>::Grad>(grad_dtype)?.copy_from_slice(values);
+            Ok(())
+        }
+    })
+}
+
+/// The CUDA backend on PyTorch's memory and stream.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::collections::HashMap;
+    use std::mem::ManuallyDrop;
+    use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+    use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DeviceRepr};
+    use pyo3::exceptions::PyValueError;
+    use pyo3::prelude::*;
+    use supcon::cuda::{CudaFeature, DevicePositives};
+    use supcon::{BatchShape, CudaBackend, SupConLoss};
+
+    use super::{to_py, Array, Options, PositivesArg};
+
+    /// Runs `$body` with `$T` the kernel element type of the features' dtype (the kernels read
+    /// float32, float16 and bfloat16).
+    macro_rules! with_cuda_dtype {
+        ($dtype:expr, $T:ident => $body:expr) => {
+            match $dtype {
+                "float32" => {
+                    type $T = f32;
+                    $body
+                }
+                "float16" => {
+                    type $T = half::f16;
+                    $body
+                }
+                "bfloat16" => {
+                    type $T = half::bf16;
+                    $body
+                }
+                other => Err(to_py(supcon::Error::Unsupported {
+                    backend: "cuda",
+                    capability: supcon::Capability::ElementType(match other {
+                        "float64" => supcon::DType::F64,
+                        _ => return Err(PyValueError::new_err(format!("unknown dtype {other}"))),
+                    }),
+                })),
+            }
+        };
+    }
+
+    /// The primary context of device `ordinal`, the one PyTorch uses: created once through
+    /// `CudaBackend::new`, which checks driver, device, compute capability and kernels first.
+    fn context(ordinal: usize) -> PyResult<Arc<CudaContext>> {
+        static CONTEXTS: OnceLock<Mutex<HashMap<usize, Arc<CudaContext>>>> = OnceLock::new();
+        let contexts = CONTEXTS.get_or_init(Default::default);
+        let mut contexts = contexts.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(context) = contexts.get(&ordinal) {
+            return Ok(context.clone());
+        }
+        let context = CudaBackend::new(ordinal).map_err(to_py)?.context().clone();
+        contexts.insert(ordinal, context.clone());
+        Ok(context)
+    }
+
+    /// The backend on PyTorch's stream `stream` of device `ordinal`.
+    fn backend(ordinal: usize, stream: usize) -> PyResult<CudaBackend> {
+        let context = context(ordinal)?;
+        // SAFETY: `stream` is PyTorch's current stream of this device (the Python side's
+        // promise), which lives in the device's primary context, stays alive for the call,
+        // and orders our work with PyTorch's because all of it is queued on it.
+        let stream = unsafe { context.wrap_borrowed_stream(stream as sys::CUstream) };
+        CudaBackend::from_stream(stream).map_err(to_py)
+    }
+
+    /// Device memory that PyTorch owns, as a cudarc slice that is never freed.
+    struct Borrowed<T: DeviceRepr>(ManuallyDrop<CudaSlice<T>>);
+
+    impl<T: DeviceRepr> Borrowed<T> {
+        /// # Safety
+        /// `array` addresses `array.2` values of `T` in device memory of `stream`'s context
+        /// that stay allocated for the call (the Python side's promise).
+        unsafe fn new(stream: &Arc<CudaStream>, array: &Array, dtype: &str) -> PyResult<Self> {
+            if array.1 != dtype || array.0 == 0 {
+                return Err(PyValueError::new_err(format!(
+                    "expected a {dtype} device tensor, got {}",
+                    array.1
+                )));
+            }
+            // SAFETY: per this function's contract.
+            let slice = unsafe { stream.upgrade_device_ptr::<T>(array.0 as u64, array.2) };
+            Ok(Borrowed(ManuallyDrop::new(slice)))
+        }
+    }
+
+    impl<T: DeviceRepr> Drop for Borrowed<T> {
+        fn drop(&mut self) {
+            // SAFETY: taken once, here; `leak` hands the allocation back without freeing it.
+            let slice = unsafe { ManuallyDrop::take(&mut self.0) };
+            slice.leak();
+        }
+    }
+
+    /// The layout of the forward's workspace for R anchors: (bytes, offset of the loss, of
+    /// ℓ_i, of the count of anchors without positives, of P_i, bytes of the backward's
+    /// scratch).
+    #[pyfunction]
+    pub(super) fn cuda_workspace(
+        options: Options,
+        shape: (usize, usize, usize),
+    ) -> PyResult<(usize, usize, usize, usize, usize)> {
+        let loss = options.loss()?;
+        let shape = BatchShape::new(shape.0, shape.1, shape.2).map_err(to_py)?;
+        let workspace = CudaBackend::workspace(&loss, shape);
+        Ok((
+            workspace.bytes(),
+            workspace.loss_offset(),
+            workspace.per_anchor_offset(),
+            workspace.anchors_without_positives_offset(),
+            workspace.scratch_bytes(),
+        ))
+    }
+
+    /// The features, the positives and the stream's backend, for one call.
+    struct Call {
+        backend: CudaBackend,
+        loss: SupConLoss,
+        shape: BatchShape,
+    }
+
+    impl Call {
+        fn new(
+            ordinal: usize,
+            stream: usize,
+            options: &Options,
+            shape: (usize, usize, usize),
+        ) -> PyResult<Self> {
+            Ok(Call {
+                backend: backend(ordinal, stream)?,
+                loss: options.loss()?,
+                shape: BatchShape::new(shape.0, shape.1, shape.2).map_err(to_py)?,
+            })
+        }
+
+        /// Runs `body` with the positives as device views.
+        ///
+        /// # Safety
+        /// `positives` as [`Borrowed::new`].
+        unsafe fn with_positives<R>(
+            &self,
+            positives: &PositivesArg,
+            body: impl FnOnce(DevicePositives<'_>) -> PyResult<R>,
+        ) -> PyResult<R> {
+            let stream = self.backend.stream();
+            let PositivesArg(kind, array) = positives;
+            let array = || {
+                array
+                    .as_ref()
+                    .ok_or_else(|| PyValueError::new_err(format!("{kind} need an array")))
+            };
+            match kind.as_str() {
+                "simclr" => body(DevicePositives::SimClr),
+                "labels" => {
+                    // SAFETY: per this function's contract.
+                    let labels = unsafe { Borrowed::<i64>::new(stream, array()?, "int64")? };
+                    let view = labels.0.as_view();
+                    body(DevicePositives::Labels(&view))
+                }
+                "mask" => {
+                    // SAFETY: per this function's contract.
+                    let mask = unsafe { Borrowed::<f32>::new(stream, array()?, "float32")? };
+                    let view = mask.0.as_view();
+                    body(DevicePositives::Mask(&view))
+                }
+                other => Err(PyValueError::new_err(format!(
+                    "unknown positives {other:?}"
+                ))),
+            }
+        }
+
+        /// The forward pass into `workspace`.
+        ///
+        /// # Safety
+        /// Every array as [`Borrowed::new`].
+        unsafe fn forward<T: CudaFeature>(
+            &self,
+            features: &Array,
+            dtype: &str,
+            positives: &PositivesArg,
+            workspace: &Array,
+        ) -> PyResult<()> {
+            let stream = self.backend.stream();
+            // SAFETY: per this function's contract.
+            unsafe {
+                let features = Borrowed::<T>::new(stream, features, dtype)?;
+                let mut workspace = Borrowed::<u8>::new(stream, workspace, "uint8")?;
+                self.with_positives(positives, |positives| {
+                    self.backend
+                        .forward_device_into(
+                            &self.loss,
+                            &features.0.as_view(),
+                            self.shape,
+                            positives,
+                            &mut workspace.0.as_view_mut(),
+                        )
+                        .map_err(to_py)
+                })
+            }
+        }
+
+        /// The backward pass from `workspace` into `grad`.
+        ///
+        /// # Safety
+        /// Every array as [`Borrowed::new`].
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn backward<T: CudaFeature>(
+            &self,
+            features: &Array,
+            dtype: &str,
+            positives: &PositivesArg,
+            workspace: &Array,
+            upstream: &Array,
+            scratch: &Array,
+            grad: &Array,
+        ) -> PyResult<()> {
+            let stream = self.backend.stream();
+            // SAFETY: per this function's contract.
+            unsafe {
+                let features = Borrowed::<T>::new(stream, features, dtype)?;
+                let workspace = Borrowed::<u8>::new(stream, workspace, "uint8")?;
+                let upstream = Borrowed::<f64>::new(stream, upstream, "float64")?;
+                let mut scratch = Borrowed::<u8>::new(stream, scratch, "uint8")?;
+                let mut grad = Borrowed::<f32>::new(stream, grad, "float32")?;
+                self.with_positives(positives, |positives| {
+                    self.backend
+                        .backward_device_from(
+                            &self.loss,
+                            &features.0.as_view(),
+                            self.shape,
+                            positives,
+                            &workspace.0.as_view(),
+                            &upstream.0.as_view(),
+                            &mut scratch.0.as_view_mut(),
+                            &mut grad.0.as_view_mut(),
+                        )
+                        .map_err(to_py)
+                })
+            }
+        }
+    }
+
+    /// The forward pass on PyTorch CUDA tensors, queued on PyTorch's `stream` of device
+    /// `ordinal`: the loss, ℓ_i and the backward's statistics go into `workspace` (laid out as
+    /// [`cuda_workspace`] says). Nothing is allocated, copied or awaited.
+    #[pyfunction]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_cuda(
+        py: Python<'_>,
+        ordinal: usize,
+        stream: usize,
+        options: Options,
+        features: Array,
+        shape: (usize, usize, usize),
+        positives: PositivesArg,
+        workspace: Array,
+    ) -> PyResult<()> {
+        let call = Call::new(ordinal, stream, &options, shape)?;
+        let dtype = features.1.clone();
+        py.detach(|| {
+            with_cuda_dtype!(dtype.as_str(), T => {
+                // SAFETY: the Python side's promise: device tensors of the named types, alive
+                // for the call and ordered on `stream`.
+                unsafe { call.forward::<T>(&features, &dtype, &positives, &workspace) }
+            })
+        })
+    }
+
+    /// The backward pass on PyTorch CUDA tensors, from a [`forward_cuda`] workspace, with the
+    /// upstream gradient as R doubles on the device, R floats of `scratch`, into `grad`
+    /// (float32, the features' shape).
+    #[pyfunction]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_cuda(
+        py: Python<'_>,
+        ordinal: usize,
+        stream: usize,
+        options: Options,
+        features: Array,
+        shape: (usize, usize, usize),
+        positives: PositivesArg,
+        workspace: Array,
+        upstream: Array,
+        scratch: Array,
+        grad: Array,
+    ) -> PyResult<()> {
+        let call = Call::new(ordinal, stream, &options, shape)?;
+        let dtype = features.1.clone();
+        py.detach(|| {
+            with_cuda_dtype!(dtype.as_str(), T => {
+                // SAFETY: as in `forward_cuda`.
+                unsafe {
+                    call.backward::<T>(
+                        &features, &dtype, &positives, &workspace, &upstream, &scratch, &grad,
+                    )
+                }
+            })
+        })
+    }
+}
+
+/// The extension module.
+#[pymodule]
+fn _supcon(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_function(wrap_pyfunction!(forward, module)?)?;
+    module.add_function(wrap_pyfunction!(backward, module)?)?;
+    #[cfg(feature = "cuda")]
+    {
+        module.add_function(wrap_pyfunction!(cuda::cuda_workspace, module)?)?;
+        module.add_function(wrap_pyfunction!(cuda::forward_cuda, module)?)?;
+        module.add_function(wrap_pyfunction!(cuda::backward_cuda, module)?)?;
+    }
+    module.add(
+        "OutOfMemoryError",
+        module.py().get_type::<OutOfMemoryError>(),
+    )?;
+    Ok(())
+}
