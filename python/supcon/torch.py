@@ -374,8 +374,10 @@ def supcon_loss(
         if tuple(mask.shape) != (batch, batch):
             raise ValueError(f"mask must be [{batch}, {batch}], got {list(mask.shape)}")
         mask = mask.detach().to(features.device)
+    # [B, V, D], contiguous: a view of contiguous features, else their one copy (autograd
+    # carries the gradient back through it), which the backward pass then reads in place too.
     output, _state = torch.ops.supcon.forward(
-        features, labels, mask, float(options.temperature), float(options.base_temperature),
+        _as_batch(features), labels, mask, float(options.temperature), float(options.base_temperature),
         options.contrast_mode, options.summation, options.denominator,
         _NO_CAP if options.positives_cap is None else options.positives_cap,
         options.no_positive, options.reduction, backend,

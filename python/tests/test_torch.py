@@ -219,6 +219,29 @@ def test_non_contiguous_features(gen):
     assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
 
 
+def test_features_are_copied_at_most_once(gen):
+    """Contiguous features are saved for the backward pass as they are (the same storage, no
+    copy); non-contiguous ones are copied once, and that copy is what the backward reads."""
+    labels = h.labels(5, gen=gen)
+    for z, copies in ((h.features(5, 3, 8, torch.float32, gen=gen), 0),
+                      (h.features(3, 5, 8, torch.float32, gen=gen).transpose(0, 1), 1)):
+        x = z.clone().requires_grad_(True) if copies == 0 else z.requires_grad_(True)
+        saved = []
+
+        def pack(tensor):
+            if tensor.is_floating_point() and tensor.dim() == 3:
+                saved.append(tensor)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = supcon_loss(x, labels)
+        assert len(saved) == 1 and saved[0].is_contiguous()
+        shares_storage = saved[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        assert shares_storage == (copies == 0)
+        loss.backward()
+        assert x.grad.shape == x.shape
+
+
 def test_label_forms(gen):
     """Labels in any integer dtype, shaped [bsz] or [bsz, 1], negative or huge, give the same
     loss: they are only compared for equality."""
