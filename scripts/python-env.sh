@@ -2,7 +2,8 @@
 # Makes ./.venv (git-ignored) a Python environment for the package's tests, example and
 # benchmark: PyTorch from PyPI (the CUDA build, ~5.6 GB; it runs on the CPU too), NumPy,
 # scikit-learn, matplotlib, tqdm, maturin and pytest; then (re)installs the package from
-# ./python into it. Prints the environment's python.
+# ./python into it. Prints the venv's own python: resolving its symlink would name the base
+# interpreter, which lacks these packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
@@ -14,4 +15,4 @@ if ! "$venv/bin/python" -c "import torch, numpy, sklearn, matplotlib, tqdm, matu
         torch numpy scikit-learn matplotlib tqdm maturin pytest >&2
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps ./python >&2
-realpath "$venv/bin/python"
+echo "$PWD/$venv/bin/python"
