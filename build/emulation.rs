@@ -38,7 +38,8 @@ pub fn build(kernel_dir: &Path, kernels: &[PathBuf]) {
         .warnings_into_errors(true)
         .files(kernels)
         .file(emu_dir.join("cuda_emu.cpp"))
-        .file(emu_dir.join("supcon_emu.cpp"));
+        .file(emu_dir.join("supcon_emu.cpp"))
+        .file(emu_dir.join("tensor_core_check.cpp"));
     match tracked_env("SUPCON_EMU_FP_CONTRACT").as_deref() {
         None | Some("off") => {}
         Some("fast") => {

@@ -7,6 +7,10 @@
 //!     --sizes 4096,16384,65536,262144 --dim 128 --dtypes f32,bf16 --header
 //! ```
 //!
+//! Half-precision rows come twice: on the tensor-core kernels (`Precision::Auto`, "supcon cuda
+//! mma") and on the f32 SIMT kernels (`Precision::F32`, "supcon cuda simt"), side by side;
+//! `--precisions auto` or `--precisions f32` keeps one. f32 features always run the SIMT kernels.
+//!
 //! Batches are `[N/2, 2, D]` unit-norm features with labels from `--classes` classes, the
 //! default loss options (τ = τ_b = 0.07, contrast mode all, mean). Each row is the median of
 //! up to `--repeats` timed iterations after a warm-up, stopping early past `--cap-s` seconds;
@@ -20,12 +24,13 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{result, sys, CudaContext};
 use half::bf16;
 use supcon::cuda::{CudaFeature, DevicePositives};
-use supcon::{BatchShape, CudaBackend, SupConLoss, Upstream};
+use supcon::{BatchShape, CudaBackend, Precision, SupConLoss, Upstream};
 
 struct Args {
     sizes: Vec<usize>,
     dim: usize,
     dtypes: Vec<String>,
+    precisions: Vec<Precision>,
     classes: i64,
     repeats: usize,
     cap: Duration,
@@ -38,6 +43,7 @@ fn parse_args() -> Result<Args, String> {
         sizes: vec![4096, 16384, 65536, 262_144],
         dim: 128,
         dtypes: vec!["f32".into(), "bf16".into()],
+        precisions: vec![Precision::Auto, Precision::F32],
         classes: 100,
         repeats: 10,
         cap: Duration::from_secs(10),
@@ -64,6 +70,16 @@ fn parse_args() -> Result<Args, String> {
             "--sizes" => args.sizes = value.split(',').map(number).collect::<Result<_, _>>()?,
             "--dim" => args.dim = number(&value)?,
             "--dtypes" => args.dtypes = value.split(',').map(str::to_string).collect(),
+            "--precisions" => {
+                args.precisions = value
+                    .split(',')
+                    .map(|p| match p {
+                        "auto" => Ok(Precision::Auto),
+                        "f32" => Ok(Precision::F32),
+                        other => Err(format!("--precisions {other}: auto or f32")),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
             "--classes" => args.classes = number(&value)?.max(1) as i64,
             "--repeats" => args.repeats = number(&value)?,
             "--cap-s" => args.cap = seconds(&value)?,
@@ -237,37 +253,52 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut failed = false;
     for dtype in &args.dtypes {
-        for &rows in &args.sizes {
-            let label = format!("| supcon cuda | {dtype} | {rows} | {} |", args.dim);
-            if started.elapsed() > args.budget {
-                println!("{label} skipped (time budget) | | |");
+        for &precision in &args.precisions {
+            // f32 features run the SIMT kernels under either precision: one row.
+            if dtype == "f32" && precision == Precision::F32 && args.precisions.len() > 1 {
                 continue;
             }
-            let result = match dtype.as_str() {
-                "f32" => measure(&cuda, watermark.as_ref(), &args, rows, |x| x),
-                "bf16" => measure(&cuda, watermark.as_ref(), &args, rows, bf16::from_f32),
-                "f16" => measure(&cuda, watermark.as_ref(), &args, rows, half::f16::from_f32),
-                other => {
-                    eprintln!("cuda_table: unknown dtype {other} (f32, f16, bf16)");
-                    return ExitCode::from(2);
-                }
+            let kernels = match (dtype.as_str(), precision) {
+                ("f32", _) | (_, Precision::F32) => "simt",
+                (_, Precision::Auto) => "mma",
             };
-            match result {
-                Ok((seconds, peak, loss)) => {
-                    let flops = 6.0 * (rows as f64).powi(2) * args.dim as f64;
-                    let peak = peak.map_or("n/a".to_string(), |b| {
-                        format!("{:.0}", b as f64 / f64::from(1 << 20))
-                    });
-                    println!(
-                        "{label} {:.3} | {:.1} | {peak} |",
-                        seconds * 1e3,
-                        flops / seconds / 1e12
-                    );
-                    eprintln!("{dtype} N = {rows}: loss {loss:.6}");
+            let backend = cuda.clone().with_precision(precision);
+            for &rows in &args.sizes {
+                let label = format!(
+                    "| supcon cuda {kernels} | {dtype} | {rows} | {} |",
+                    args.dim
+                );
+                if started.elapsed() > args.budget {
+                    println!("{label} skipped (time budget) | | |");
+                    continue;
                 }
-                Err(error) => {
-                    println!("{label} error: {error} | | |");
-                    failed = true;
+                let watermark = watermark.as_ref();
+                let result = match dtype.as_str() {
+                    "f32" => measure(&backend, watermark, &args, rows, |x| x),
+                    "bf16" => measure(&backend, watermark, &args, rows, bf16::from_f32),
+                    "f16" => measure(&backend, watermark, &args, rows, half::f16::from_f32),
+                    other => {
+                        eprintln!("cuda_table: unknown dtype {other} (f32, f16, bf16)");
+                        return ExitCode::from(2);
+                    }
+                };
+                match result {
+                    Ok((seconds, peak, loss)) => {
+                        let flops = 6.0 * (rows as f64).powi(2) * args.dim as f64;
+                        let peak = peak.map_or("n/a".to_string(), |b| {
+                            format!("{:.0}", b as f64 / f64::from(1 << 20))
+                        });
+                        println!(
+                            "{label} {:.3} | {:.1} | {peak} |",
+                            seconds * 1e3,
+                            flops / seconds / 1e12
+                        );
+                        eprintln!("{dtype} {kernels} N = {rows}: loss {loss:.6}");
+                    }
+                    Err(error) => {
+                        println!("{label} error: {error} | | |");
+                        failed = true;
+                    }
                 }
             }
         }

@@ -37,7 +37,7 @@
  * per column tile 2 x 64 x D elements for S and 64 x min(D, 128) for step 3, mostly L2 hits;
  * the gradient (f32) is written once.
  */
-#include "supcon_common.cuh"
+#include "supcon_statistics.cuh"
 
 namespace supcon {
 /* Internal linkage: in the host emulation the __shared__ variables below become function-local
@@ -51,51 +51,6 @@ constexpr int kGradMicroCols = kGradChunk / kThreadGridCols;
 
 static_assert(kTileCols % kGradStageRows == 0, "whole stages per column tile");
 static_assert(kGradStageRows * kGradChunk % kThreads == 0, "the Z stage loader covers the stage in whole passes");
-
-/* The saved statistics of the rows of one tile. */
-struct TileStatistics {
-    float lse[kTileRows]; /* hi and lo (supcon_params.h) */
-    float lse_lo[kTileRows];
-    float scaled_positive_lse[kTileRows];
-    float scaled_positive_lse_lo[kTileRows];
-    float positive_weight[kTileRows];
-    float positive_weight_max[kTileRows];
-    float coef[kTileRows]; /* 0 for rows that are not anchors or whose gradient vanishes */
-};
-
-/* Threads 0..kTileRows-1 each load one row's statistics. The caller synchronises. */
-__device__ __forceinline__ void load_statistics(TileStatistics& tile, uint32_t first_row, int count,
-                                                const SupconParams& p) {
-    const int t = threadIdx.x;
-    if (t < kTileRows && t < count) {
-        const uint32_t row = first_row + t;
-        float coef = 0.0f;
-        if (row < p.anchors) {
-            coef = reinterpret_cast<const float*>(p.anchor_grad_coef)[row];
-            tile.lse[t] = reinterpret_cast<const float*>(p.anchor_lse)[row];
-            tile.lse_lo[t] = reinterpret_cast<const float*>(p.anchor_lse_lo)[row];
-            tile.scaled_positive_lse[t] = reinterpret_cast<const float*>(p.anchor_scaled_positive_lse)[row];
-            tile.scaled_positive_lse_lo[t] = reinterpret_cast<const float*>(p.anchor_scaled_positive_lse_lo)[row];
-            tile.positive_weight[t] = reinterpret_cast<const float*>(p.anchor_positive_weight)[row];
-            tile.positive_weight_max[t] = reinterpret_cast<const float*>(p.anchor_positive_weight_max)[row];
-        }
-        tile.coef[t] = coef;
-    }
-}
-
-/* G_ij / coef_i for the anchor whose statistics are row a of `stats`, given s_ij and w_ij. */
-__device__ __forceinline__ float logit_gradient(const SupconParams& p, const TileStatistics& stats, int a, float s,
-                                                float weight) {
-    float g = in_denominator(p, weight) ? expf((s - stats.lse[a]) - stats.lse_lo[a]) : 0.0f;
-    if (weight > 0.0f) {
-        /* Divisions, not multiplications by reciprocals: w / w is exactly 1. */
-        g -= p.summation == SUPCON_SUMMATION_OUTSIDE
-                 ? weight / stats.positive_weight[a]
-                 : weight / stats.positive_weight_max[a] *
-                       expf((s - stats.scaled_positive_lse[a]) - stats.scaled_positive_lse_lo[a]);
-    }
-    return g;
-}
 
 template <typename T>
 __device__ __forceinline__ void backward(const SupconParams& p) {

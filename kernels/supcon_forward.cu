@@ -40,104 +40,12 @@
  * run (no atomics). It applies the reduction and the no-positive policy's mean denominator R'
  * (R, or the anchors with P_i > 0, at least 1).
  */
-#include "supcon_common.cuh"
+#include "supcon_statistics.cuh"
 
 namespace supcon {
 /* Internal linkage: in the host emulation the __shared__ variables below become function-local
  * statics, and only statics outside COMDAT groups get AddressSanitizer redzones. */
 namespace {
-
-/* One anchor row's running statistics over the contrasts seen so far. */
-struct RowStatistics {
-    float max;             /* running max of s over D_i (-inf: none yet) */
-    float sum;             /* sum_{j in D_i} e^(s_ij - max) */
-    float positive_max;    /* running max of s over positives */
-    float positive_sum;    /* sum_j w_ij e^(s_ij - positive_max) */
-    float positive_weight;     /* P_i */
-    float positive_weight_max; /* W_i (0: none yet) */
-    float positive_logit;      /* T_i = sum_j w_ij s_ij */
-};
-
-/* (max, sum) <- the log-sum-exp pair of the union of two disjoint sets. */
-__device__ __forceinline__ void merge_log_sum(float& max, float& sum, float other_max, float other_sum) {
-    const float merged = fmaxf(max, other_max);
-    if (merged == -INFINITY) return; /* both sets empty */
-    sum = sum * expf(max - merged) + other_sum * expf(other_max - merged);
-    max = merged;
-}
-
-/* Folds one tile row of logits (this thread's kMicroCols columns) into `stats`. */
-__device__ __forceinline__ void accumulate_row(RowStatistics& stats, const float (&s)[kMicroCols],
-                                               const float (&weight)[kMicroCols],
-                                               const bool (&denominator)[kMicroCols]) {
-    float tile_max = -INFINITY;
-    float tile_positive_max = -INFINITY;
-#pragma unroll
-    for (int n = 0; n < kMicroCols; ++n) {
-        if (denominator[n]) tile_max = fmaxf(tile_max, s[n]);
-        if (weight[n] > 0.0f) tile_positive_max = fmaxf(tile_positive_max, s[n]);
-    }
-    if (tile_max > stats.max) {
-        stats.sum *= expf(stats.max - tile_max);
-        stats.max = tile_max;
-    }
-    if (tile_positive_max > stats.positive_max) {
-        stats.positive_sum *= expf(stats.positive_max - tile_positive_max);
-        stats.positive_max = tile_positive_max;
-    }
-#pragma unroll
-    for (int n = 0; n < kMicroCols; ++n) {
-        if (denominator[n]) stats.sum += expf(s[n] - stats.max);
-        if (weight[n] > 0.0f) {
-            stats.positive_sum = fmaf(weight[n], expf(s[n] - stats.positive_max), stats.positive_sum);
-            stats.positive_weight += weight[n];
-            stats.positive_weight_max = fmaxf(stats.positive_weight_max, weight[n]);
-            stats.positive_logit = fmaf(weight[n], s[n], stats.positive_logit);
-        }
-    }
-}
-
-/* Merges the kThreadGridCols partial statistics of anchor row r (fixed order) and writes the
- * anchor's outputs. */
-__device__ __forceinline__ void finish_anchor(const RowStatistics (&partial)[kThreadGridCols], uint32_t anchor,
-                                              const SupconParams& p) {
-    RowStatistics s = partial[0];
-    for (int q = 1; q < kThreadGridCols; ++q) {
-        merge_log_sum(s.max, s.sum, partial[q].max, partial[q].sum);
-        merge_log_sum(s.positive_max, s.positive_sum, partial[q].positive_max, partial[q].positive_sum);
-        s.positive_weight += partial[q].positive_weight;
-        s.positive_weight_max = fmaxf(s.positive_weight_max, partial[q].positive_weight_max);
-        s.positive_logit += partial[q].positive_logit;
-    }
-    /* sum >= 1 (the max term) whenever the set is non-empty; likewise positive_sum >= max w.
-     * A NaN logit (NaN or infinite features, which the device API does not check) makes the sum
-     * NaN: that set counts as non-empty, so the NaN reaches LSE_i, l_i and the loss instead of
-     * vanishing into an "empty" set with l_i = 0. */
-    const bool has_denominator = !(s.sum == 0.0f);
-    const bool has_positive = s.positive_weight > 0.0f;
-    const float log_sum = has_denominator ? logf(s.sum) : 0.0f;
-    /* log sum_j (w_ij / W_i) e^(s_ij - positive_max); see "Exact cancellations" above. */
-    const float log_scaled_positive_sum = has_positive ? logf(s.positive_sum / s.positive_weight_max) : 0.0f;
-    float loss = 0.0f;
-    if (has_denominator && has_positive) {
-        /* Differences of large logits first, then the O(log N) log-sums: less cancellation. */
-        loss = p.summation == SUPCON_SUMMATION_OUTSIDE
-                   ? p.loss_scale * ((s.max - s.positive_logit / s.positive_weight) + log_sum)
-                   : p.loss_scale * ((s.max - s.positive_max) + (log_sum - log_scaled_positive_sum) +
-                                     logf(s.positive_weight / s.positive_weight_max));
-    }
-    /* hi = max + log_sum rounded, lo = (max - hi) + log_sum: max - hi is exact (Sterbenz). */
-    const float lse = has_denominator ? s.max + log_sum : -INFINITY;
-    const float positive_lse = has_positive ? s.positive_max + log_scaled_positive_sum : -INFINITY;
-    reinterpret_cast<float*>(p.anchor_lse)[anchor] = lse;
-    reinterpret_cast<float*>(p.anchor_lse_lo)[anchor] = has_denominator ? (s.max - lse) + log_sum : 0.0f;
-    reinterpret_cast<float*>(p.anchor_scaled_positive_lse)[anchor] = positive_lse;
-    reinterpret_cast<float*>(p.anchor_scaled_positive_lse_lo)[anchor] =
-        has_positive ? (s.positive_max - positive_lse) + log_scaled_positive_sum : 0.0f;
-    reinterpret_cast<float*>(p.anchor_positive_weight)[anchor] = s.positive_weight;
-    reinterpret_cast<float*>(p.anchor_positive_weight_max)[anchor] = s.positive_weight_max;
-    reinterpret_cast<float*>(p.anchor_loss)[anchor] = loss;
-}
 
 template <typename T>
 __device__ __forceinline__ void forward_statistics(const SupconParams& p) {

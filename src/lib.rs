@@ -13,6 +13,7 @@ mod element;
 mod error;
 mod inputs;
 mod math;
+mod precision;
 pub mod reference;
 
 pub use any_backend::AnyBackend;
@@ -28,4 +29,5 @@ pub use device::EmulatedBackend;
 pub use element::{DType, Element, GradElement};
 pub use error::{Capability, Error, Extent, Result};
 pub use inputs::{BatchShape, Positives};
+pub use precision::Precision;
 pub use reference::ReferenceBackend;

@@ -748,11 +748,26 @@ const KERNEL_RAGGED_SHAPES: &[Shape] = &[
     (293, 1, 130), // N = 293 (prime): five tiles, two gradient chunks
 ];
 
+// The default kernels: tensor cores for f16 and bf16, the f32 path for f32.
 #[cfg(feature = "emulation")]
 backend_suite!(
     emulated,
     Some(Subject {
-        backend: supcon::EmulatedBackend,
+        backend: supcon::EmulatedBackend::default(),
+        supports: kernels_support,
+        precision: Precision::TensorCores,
+        option_shapes: KERNEL_OPTION_SHAPES,
+        tile_shapes: &[],
+        ragged_shapes: KERNEL_RAGGED_SHAPES,
+    })
+);
+
+// The f32 (SIMT) kernels for every element type.
+#[cfg(feature = "emulation")]
+backend_suite!(
+    emulated_f32,
+    Some(Subject {
+        backend: supcon::EmulatedBackend::with_precision(supcon::Precision::F32),
         supports: kernels_support,
         precision: Precision::F32,
         option_shapes: KERNEL_OPTION_SHAPES,
@@ -764,12 +779,15 @@ backend_suite!(
 /// GPU 0, or `None` with the reason printed ("skipped") when this machine cannot run CUDA;
 /// `SUPCON_REQUIRE_CUDA=1` (the GPU check) turns the skip into a failure.
 #[cfg(feature = "cuda")]
-fn cuda_subject() -> Option<Subject<supcon::CudaBackend>> {
+fn cuda_subject(precision: supcon::Precision) -> Option<Subject<supcon::CudaBackend>> {
     match supcon::CudaBackend::new(0) {
         Ok(backend) => Some(Subject {
-            backend,
+            backend: backend.with_precision(precision),
             supports: kernels_support,
-            precision: Precision::F32,
+            precision: match precision {
+                supcon::Precision::Auto => Precision::TensorCores,
+                supcon::Precision::F32 => Precision::F32,
+            },
             option_shapes: KERNEL_OPTION_SHAPES,
             tile_shapes: &[(1000, 2, 128), (300, 3, 257)],
             ragged_shapes: KERNEL_RAGGED_SHAPES,
@@ -785,4 +803,6 @@ fn cuda_subject() -> Option<Subject<supcon::CudaBackend>> {
 }
 
 #[cfg(feature = "cuda")]
-backend_suite!(cuda, cuda_subject());
+backend_suite!(cuda, cuda_subject(supcon::Precision::Auto));
+#[cfg(feature = "cuda")]
+backend_suite!(cuda_f32, cuda_subject(supcon::Precision::F32));

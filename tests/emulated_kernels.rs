@@ -6,17 +6,49 @@
 //!   depth stages and the 128-column gradient chunks at every possible place;
 //! - exact zeros: where a loss does not depend on the logits, its gradient is exactly 0.
 //!
+//! Both for f32 features (the f32 kernels) and f16 and bf16 (the tensor-core kernels), with
+//! rows of every alignment (16-byte copies for D a multiple of 8, element loads otherwise).
+//!
 //! Inputs are fresh random values (the seed is printed; SUPCON_TEST_SEED replays a run).
 #![cfg(feature = "emulation")]
 
 mod common;
 
-use ndarray::{Array1, Array2};
+use half::{bf16, f16};
+use ndarray::{Array1, Array2, Array3};
 use rand::RngExt;
 use supcon::{
-    Backend, BatchShape, ContrastMode, Denominator, EmulatedBackend, ForwardOutput, Positives,
-    Reduction, Summation, SupConLoss, Upstream,
+    Backend, BatchShape, ContrastMode, Denominator, Element, EmulatedBackend, ForwardOutput,
+    GradElement, Positives, Reduction, Summation, SupConLoss, Upstream,
 };
+
+/// The gradient of `z` as f32, f16 and bf16 features (what the tensor cores read).
+fn gradients_by_type(
+    loss: &SupConLoss,
+    z: &Array3<f32>,
+    positives: Positives<'_>,
+    upstream: Upstream<'_>,
+) -> Vec<(&'static str, ForwardOutput, Vec<f32>)> {
+    fn run<T: Element>(
+        loss: &SupConLoss,
+        z: &Array3<T>,
+        positives: Positives<'_>,
+        upstream: Upstream<'_>,
+    ) -> (ForwardOutput, Vec<f32>) {
+        let (out, grad) = EmulatedBackend::default()
+            .forward_backward(loss, z.view(), positives, upstream)
+            .unwrap();
+        (out, grad.iter().map(|g| g.to_f64() as f32).collect())
+    }
+    let (f32_out, f32_grad) = run(loss, z, positives, upstream);
+    let (f16_out, f16_grad) = run(loss, &z.mapv(f16::from_f32), positives, upstream);
+    let (bf16_out, bf16_grad) = run(loss, &z.mapv(bf16::from_f32), positives, upstream);
+    vec![
+        ("f32", f32_out, f32_grad),
+        ("f16", f16_out, f16_grad),
+        ("bf16", bf16_out, bf16_grad),
+    ]
+}
 
 fn assert_forward_written(out: &ForwardOutput, what: &str) {
     let state = &out.state;
@@ -55,6 +87,8 @@ fn every_output_element_is_written() {
         (43, 3, 17),
         (32, 2, 33),
         (97, 3, 1),
+        (70, 1, 64),
+        (20, 3, 136),
     ];
     for (b, v, d) in shapes {
         let z = common::unit_features(&mut rng, (b, v, d)).mapv(|x| x as f32);
@@ -93,15 +127,14 @@ fn every_output_element_is_written() {
                 Positives::Labels(labels.view()),
                 Positives::Mask(mask.view()),
             ] {
-                let what = format!("{:?} {loss:?} {positives:?}", (b, v, d));
-                let (out, grad) = EmulatedBackend
-                    .forward_backward(&loss, z.view(), positives, upstream)
-                    .unwrap();
-                assert_forward_written(&out, &what);
-                assert!(
-                    grad.iter().all(|g| g.is_finite()),
-                    "{what}: unwritten gradient"
-                );
+                for (dtype, out, grad) in gradients_by_type(&loss, &z, positives, upstream) {
+                    let what = format!("{dtype} {:?} {loss:?} {positives:?}", (b, v, d));
+                    assert_forward_written(&out, &what);
+                    assert!(
+                        grad.iter().all(|g| g.is_finite()),
+                        "{what}: unwritten gradient"
+                    );
+                }
             }
         }
     }
@@ -115,7 +148,7 @@ fn logit_independent_losses_have_exactly_zero_gradients() {
     let mut rng = common::rng("exact_zero");
     let one_class = Array1::from_elem(37, 42i64);
     let z = common::unit_features(&mut rng, (37, 2, 19)).mapv(|x| x as f32);
-    let pair = common::unit_features(&mut rng, (2, 1, 7)).mapv(|x| x as f32);
+    let pair = common::unit_features(&mut rng, (2, 1, 16)).mapv(|x| x as f32);
     let pair_mask = Array2::from_shape_fn((2, 2), |_| rng.random_range(0.1f32..3.0));
     for summation in [Summation::Outside, Summation::Inside] {
         let loss = SupConLoss::builder().summation(summation).build().unwrap();
@@ -128,13 +161,13 @@ fn logit_independent_losses_have_exactly_zero_gradients() {
             cases.push(("one class", &z, Positives::Labels(one_class.view())));
         }
         for (what, features, positives) in cases {
-            let (_, grad) = EmulatedBackend
-                .forward_backward(&loss, features.view(), positives, Upstream::Scalar(1.0))
-                .unwrap();
-            assert!(
-                grad.iter().all(|&g| g == 0.0),
-                "{what} {summation:?}: gradient {grad:?}"
-            );
+            let up = Upstream::Scalar(1.0);
+            for (dtype, _, grad) in gradients_by_type(&loss, features, positives, up) {
+                assert!(
+                    grad.iter().all(|&g| g == 0.0),
+                    "{dtype} {what} {summation:?}: gradient {grad:?}"
+                );
+            }
         }
     }
 }

@@ -305,7 +305,7 @@ fn reference_results_are_typed_errors_or_self_consistent() {
 fn emulated_results_are_typed_errors_or_within_tolerance() {
     run_cases(
         "emulated_properties",
-        &supcon::EmulatedBackend,
+        &supcon::EmulatedBackend::default(),
         Precision::F32,
         kernel_case,
         150,

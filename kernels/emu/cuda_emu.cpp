@@ -13,6 +13,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -28,12 +29,16 @@ namespace {
 
 constexpr unsigned kWarpSize = 32;
 constexpr unsigned kMaxBlockThreads = 1024;
+/* Bytes one lane contributes to a warp exchange (a shuffle: 8; an mma's A and B fragments: 24). */
+constexpr size_t kExchangeBytes = 32;
 
 /* Everything the threads of one launch share. */
 struct Launch {
-    Launch(Kernel kernel, dim3 grid, dim3 block, const SupconParams& params, unsigned threads)
+    Launch(Kernel kernel, dim3 grid, dim3 block, const SupconParams& params, unsigned threads,
+           size_t dynamic_shared_bytes)
         : kernel(kernel), grid(grid), block(block), params(params), threads(threads), block_barrier(threads),
-          exchange((threads + kWarpSize - 1) / kWarpSize * 2 * kWarpSize) {
+          exchange((threads + kWarpSize - 1) / kWarpSize * 2 * kWarpSize * kExchangeBytes),
+          dynamic_shared(dynamic_shared_bytes) {
         for (unsigned first = 0; first < threads; first += kWarpSize) {
             const unsigned lanes = threads - first < kWarpSize ? threads - first : kWarpSize;
             warp_barriers.push_back(std::make_unique<std::barrier<>>(lanes));
@@ -47,22 +52,37 @@ struct Launch {
     unsigned threads;
     std::barrier<> block_barrier;
     std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-    /* Per warp, two alternating rounds of 32 slots: a shuffle writes its round's slots, waits on
-     * the warp barrier, reads. The next shuffle uses the other round, and the one after that may
-     * overwrite this round only after passing another warp barrier, which every lane reaches only
-     * after its read: one barrier per shuffle suffices. */
-    std::vector<uint64_t> exchange;
+    /* Per warp, two alternating rounds of 32 slots of kExchangeBytes: an exchange (a shuffle, a
+     * fragment gather) writes its round's slots, waits on the warp barrier, reads. The next
+     * exchange uses the other round, and the one after that may overwrite this round only after
+     * passing another warp barrier, which every lane reaches only after its read: one barrier
+     * per exchange suffices. */
+    std::vector<unsigned char> exchange;
+    /* The block's dynamic shared memory: one buffer of exactly the launch's size (so that
+     * AddressSanitizer sees an access past it), reused by the blocks in turn like the statics. */
+    std::vector<unsigned char> dynamic_shared;
+};
+
+/* One cp.async copy, performed when a wait retires its group. */
+struct AsyncCopy {
+    void* destination;
+    const void* source;
+    size_t bytes;        /* written at destination */
+    size_t source_bytes; /* read from source; the rest is zero-filled */
 };
 
 /* The launch and CUDA thread this OS thread is currently playing. */
 thread_local Launch* current_launch = nullptr;
 thread_local unsigned current_thread = 0;
-thread_local unsigned shuffle_round = 0;
+thread_local unsigned exchange_round = 0;
+/* This thread's committed cp.async groups, oldest first, and the copies not yet committed. */
+thread_local std::deque<std::vector<AsyncCopy>> async_groups;
+thread_local std::vector<AsyncCopy> async_uncommitted;
 
 void run_thread(Launch& launch, unsigned thread) {
     current_launch = &launch;
     current_thread = thread;
-    shuffle_round = 0;
+    exchange_round = 0;
     blockDim = launch.block;
     gridDim = launch.grid;
     threadIdx = uint3{thread % launch.block.x, thread / launch.block.x % launch.block.y,
@@ -72,6 +92,10 @@ void run_thread(Launch& launch, unsigned thread) {
             for (unsigned x = 0; x < launch.grid.x; ++x) {
                 blockIdx = uint3{x, y, z};
                 launch.kernel(launch.params);
+                /* Copies a kernel never waited for complete on the GPU into memory nobody reads;
+                 * here they are dropped, never landing in the next block's shared memory. */
+                async_groups.clear();
+                async_uncommitted.clear();
                 launch.block_barrier.arrive_and_wait();
             }
         }
@@ -146,6 +170,26 @@ class WorkerPool {
     std::abort();
 }
 
+/* Lanes of the current thread's warp, and the mask naming them all. */
+unsigned warp_lanes(const Launch& launch, unsigned warp) {
+    const unsigned first = warp * kWarpSize;
+    return launch.threads - first < kWarpSize ? launch.threads - first : kWarpSize;
+}
+
+/* Every lane of the warp contributes `bytes` at `mine`; returns the warp's contributions, lane
+ * by lane, kExchangeBytes apart (valid until this thread's exchange after next). */
+const unsigned char* exchange(const void* mine, size_t bytes, const char* what) {
+    if (current_launch == nullptr) fail(what);
+    if (bytes > kExchangeBytes) fail("a warp exchange of more than kExchangeBytes per lane");
+    Launch& launch = *current_launch;
+    const unsigned warp = current_thread / kWarpSize;
+    unsigned char* slots = &launch.exchange[(warp * 2 + exchange_round % 2) * kWarpSize * kExchangeBytes];
+    ++exchange_round;
+    memcpy(slots + (current_thread % kWarpSize) * kExchangeBytes, mine, bytes);
+    launch.warp_barriers[warp]->arrive_and_wait();
+    return slots;
+}
+
 } // namespace
 
 void sync_block() {
@@ -155,20 +199,55 @@ void sync_block() {
 
 uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask) {
     if (current_launch == nullptr) fail("warp shuffle outside a kernel");
-    Launch& launch = *current_launch;
-    const unsigned warp = current_thread / kWarpSize;
-    const unsigned lane = current_thread % kWarpSize;
-    const unsigned lanes = launch.threads - warp * kWarpSize < kWarpSize ? launch.threads - warp * kWarpSize : kWarpSize;
+    const unsigned lanes = warp_lanes(*current_launch, current_thread / kWarpSize);
     const unsigned all_lanes = lanes == kWarpSize ? 0xffffffffu : (1u << lanes) - 1u;
     if (mask != all_lanes) fail("only shuffles over all lanes of a warp are emulated");
     if (lane_mask < 0 || lane_mask >= static_cast<int>(kWarpSize)) fail("shuffle lane mask out of range");
-    uint64_t* slots = &launch.exchange[(warp * 2 + shuffle_round % 2) * kWarpSize];
-    ++shuffle_round;
-    slots[lane] = bits;
-    launch.warp_barriers[warp]->arrive_and_wait();
-    const unsigned source = lane ^ static_cast<unsigned>(lane_mask);
+    const unsigned char* slots = exchange(&bits, sizeof bits, "warp shuffle outside a kernel");
+    const unsigned source = (current_thread % kWarpSize) ^ static_cast<unsigned>(lane_mask);
     /* CUDA leaves a lane with no source (beyond a partial last warp) its own value. */
-    return source < lanes ? slots[source] : bits;
+    if (source >= lanes) return bits;
+    uint64_t value;
+    memcpy(&value, slots + source * kExchangeBytes, sizeof value);
+    return value;
+}
+
+void warp_gather(const void* mine, size_t bytes, void* all) {
+    if (current_launch == nullptr) fail("warp-wide instruction outside a kernel");
+    if (warp_lanes(*current_launch, current_thread / kWarpSize) != kWarpSize) {
+        fail("warp-wide instructions (mma, ldmatrix) need a full warp");
+    }
+    const unsigned char* slots = exchange(mine, bytes, "warp-wide instruction outside a kernel");
+    for (unsigned lane = 0; lane < kWarpSize; ++lane) {
+        memcpy(static_cast<unsigned char*>(all) + lane * bytes, slots + lane * kExchangeBytes, bytes);
+    }
+}
+
+unsigned char* dynamic_shared() {
+    if (current_launch == nullptr) fail("dynamic shared memory outside a kernel");
+    if (current_launch->dynamic_shared.empty()) fail("dynamic shared memory used by a launch that asked for none");
+    return current_launch->dynamic_shared.data();
+}
+
+void async_copy(void* destination, const void* source, size_t bytes, size_t source_bytes) {
+    if (current_launch == nullptr) fail("cp.async outside a kernel");
+    async_uncommitted.push_back(AsyncCopy{destination, source, bytes, source_bytes});
+}
+
+void async_commit() {
+    async_groups.push_back(std::move(async_uncommitted));
+    async_uncommitted.clear();
+}
+
+void async_wait(unsigned pending) {
+    while (async_groups.size() > pending) {
+        for (const AsyncCopy& copy : async_groups.front()) {
+            memcpy(copy.destination, copy.source, copy.source_bytes);
+            memset(static_cast<unsigned char*>(copy.destination) + copy.source_bytes, 0,
+                   copy.bytes - copy.source_bytes);
+        }
+        async_groups.pop_front();
+    }
 }
 
 int launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_shared_bytes, const SupconParams& params) {
@@ -179,9 +258,9 @@ int launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_shared_bytes, co
         static_cast<uint64_t>(block.x) * block.y * block.z > kMaxBlockThreads) {
         return SUPCON_EMU_BAD_BLOCK;
     }
-    if (dynamic_shared_bytes != 0) return SUPCON_EMU_DYNAMIC_SHARED;
+    if (dynamic_shared_bytes > kMaxDynamicSharedBytes) return SUPCON_EMU_DYNAMIC_SHARED;
     static WorkerPool pool;
-    Launch state(kernel, grid, block, params, block.x * block.y * block.z);
+    Launch state(kernel, grid, block, params, block.x * block.y * block.z, dynamic_shared_bytes);
     pool.run(state);
     return SUPCON_EMU_OK;
 }

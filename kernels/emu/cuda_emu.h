@@ -8,9 +8,15 @@
  *   - __shared__ becomes `static`: a __shared__ variable declared in a kernel (or device
  *     function) is one object shared by every thread running that function, exactly the
  *     per-block storage CUDA gives it, since only one block runs at a time (launches are
- *     serialised too). Dynamic (extern) shared memory is not emulated: launches asking for it fail.
+ *     serialised too). Dynamic shared memory is one buffer per launch of exactly the size asked
+ *     for (supcon::dynamic_shared() in the kernels).
  *   - __syncthreads() is a std::barrier across the block's threads.
- *   - Warp shuffles exchange values through a per-warp buffer guarded by a per-warp barrier.
+ *   - Warp shuffles exchange values through a per-warp buffer guarded by a per-warp barrier; the
+ *     warp-wide tensor-core instructions (mma.sync, ldmatrix) gather their lanes' registers the
+ *     same way and compute each lane's share by the PTX ISA's fragment layouts
+ *     (tensor_core_emu.cpp).
+ *   - cp.async copies are deferred: a thread's copies land when its cp.async.wait_group retires
+ *     their group, so a kernel that reads a stage before waiting for it reads stale data.
  *   - threadIdx / blockIdx / blockDim / gridDim are thread_local variables.
  *   - __half and __nv_bfloat16 are our own storage types with exact widening to float (the
  *     kernels only read half-precision data), so the emulation needs no CUDA headers.
@@ -65,6 +71,22 @@ void sync_block();
  * must take part (`mask` must name them all); anything else aborts. */
 uint64_t shuffle_xor(unsigned mask, uint64_t bits, int lane_mask);
 
+/* Copies `bytes` (at most 32) from `mine` of every lane of the current warp into `all`, lane by
+ * lane. The warp must be full and every lane must take part. */
+void warp_gather(const void* mine, size_t bytes, void* all);
+
+/* The current block's dynamic shared memory (the launch must have asked for some). */
+unsigned char* dynamic_shared();
+
+/* cp.async: queues a copy of `source_bytes` from `source` to `destination`, zero-filling up to
+ * `bytes`, in this thread's uncommitted group. */
+void async_copy(void* destination, const void* source, size_t bytes, size_t source_bytes);
+/* cp.async.commit_group. */
+void async_commit();
+/* cp.async.wait_group: performs this thread's oldest committed groups until at most `pending`
+ * remain. */
+void async_wait(unsigned pending);
+
 } // namespace supcon_emu
 
 inline void __syncthreads() { supcon_emu::sync_block(); }
@@ -111,5 +133,14 @@ inline float __half2float(__half h) {
 }
 
 inline float __bfloat162float(__nv_bfloat16 h) { return supcon_emu_float_from_bits(static_cast<uint32_t>(h.bits) << 16); }
+
+/* Round to nearest even; NaN stays a (quiet) NaN of the same sign. */
+inline __nv_bfloat16 __float2bfloat16_rn(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{static_cast<uint16_t>((bits >> 16) | 0x0040u)};
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return __nv_bfloat16{static_cast<uint16_t>(bits >> 16)};
+}
 
 #endif /* SUPCON_CUDA_EMU_H */

@@ -15,10 +15,13 @@
 #define SUPCON_EMU_UNKNOWN_KERNEL 1
 #define SUPCON_EMU_BAD_GRID 2          /* a grid dimension is 0 or above CUDA's limit */
 #define SUPCON_EMU_BAD_BLOCK 3         /* a block dimension is 0, or more than 1024 threads */
-#define SUPCON_EMU_DYNAMIC_SHARED 4    /* dynamic shared memory is not emulated */
+#define SUPCON_EMU_DYNAMIC_SHARED 4    /* more dynamic shared memory than a block gets on sm_90 */
 #define SUPCON_EMU_NULL_ARGUMENT 5
 
 namespace supcon_emu {
+
+/* The most dynamic shared memory a block may have: sm_90's 227 KiB. */
+constexpr size_t kMaxDynamicSharedBytes = 227 * 1024;
 
 using Kernel = void (*)(SupconParams);
 

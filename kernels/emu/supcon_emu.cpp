@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "../supcon_common.cuh"
+#include "../supcon_mma_tiles.cuh"
 #include "cuda_emu_runtime.h"
 
 /* The kernels' entry points, defined in the .cu files compiled as C++. */
@@ -21,6 +22,10 @@ void supcon_backward_f32(SupconParams);
 void supcon_backward_f16(SupconParams);
 void supcon_backward_bf16(SupconParams);
 void supcon_backward_coefficients(SupconParams);
+void supcon_mma_forward_f16(SupconParams);
+void supcon_mma_forward_bf16(SupconParams);
+void supcon_mma_backward_f16(SupconParams);
+void supcon_mma_backward_bf16(SupconParams);
 }
 
 namespace {
@@ -35,6 +40,8 @@ constexpr NamedKernel kKernels[] = {
     {"supcon_forward_bf16", supcon_forward_bf16}, {"supcon_forward_finalize", supcon_forward_finalize},
     {"supcon_backward_f32", supcon_backward_f32}, {"supcon_backward_f16", supcon_backward_f16},
     {"supcon_backward_bf16", supcon_backward_bf16}, {"supcon_backward_coefficients", supcon_backward_coefficients},
+    {"supcon_mma_forward_f16", supcon_mma_forward_f16}, {"supcon_mma_forward_bf16", supcon_mma_forward_bf16},
+    {"supcon_mma_backward_f16", supcon_mma_backward_f16}, {"supcon_mma_backward_bf16", supcon_mma_backward_bf16},
 };
 
 struct FieldLayout {
@@ -109,6 +116,10 @@ constexpr NamedConstant kConstants[] = {
     {"kGradChunk", supcon::kGradChunk},
     {"kFinalizeThreads", supcon::kFinalizeThreads},
     {"kCoefficientThreads", supcon::kCoefficientThreads},
+    {"tc::kThreads", supcon::tc::kThreads},
+    /* The tensor-core kernels' dynamic shared memory at D = 130 (padded to 144): 3 rows of 64. */
+    {"tc::kSharedBytesD130", 3 * supcon::tc::kRows * static_cast<int64_t>(supcon::tc::row_stride(130)) * 2},
+    {"kMaxDynamicSharedBytes", static_cast<int64_t>(supcon_emu::kMaxDynamicSharedBytes)},
 };
 
 } // namespace

@@ -34,6 +34,15 @@ def tolerance(dtype: torch.dtype) -> float:
     return HALF_TOL + eps(dtype) / 2
 
 
+def tensor_core_tolerance(dtype: torch.dtype) -> float:
+    """What the CUDA kernels' tensor cores add to a half-precision gradient: the backward rounds
+    each weight H_kj to bf16 (2^-9 relative) and, for f16 features, the z_j it multiplies too
+    (docs/math.md, "Precision of the kernels"); 4x that rounding, norm-wise (the emulated kernels
+    measure about 1x on unit-norm batches)."""
+    rounding = {torch.float16: 2 * 2.0**-9, torch.bfloat16: 2.0**-9}.get(dtype, 0.0)
+    return 4 * rounding
+
+
 def logit_tolerance(z, temperature) -> float:
     """The f32 tolerance for features of any scale: 1e-5, plus eps32·max|s| for the rounding
     of logits of size max|s| = max‖z‖²/τ (which every f32 backend forms)."""

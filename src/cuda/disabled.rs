@@ -11,6 +11,7 @@ use crate::config::SupConLoss;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::inputs::Positives;
+use crate::precision::Precision;
 
 /// The CUDA backend of a build without feature `cuda`: it cannot be created.
 #[derive(Debug, Clone)]
@@ -27,6 +28,17 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self> {
         let _ = ordinal;
         Err(Error::NotCompiledWithCuda)
+    }
+
+    /// As the CUDA build's: the same backend with other kernels.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        let _ = precision;
+        match self.never {}
+    }
+
+    /// As the CUDA build's.
+    pub fn precision(&self) -> Precision {
+        match self.never {}
     }
 }
 

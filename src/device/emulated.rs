@@ -29,6 +29,7 @@ use crate::element::Element;
 use crate::error::Extent;
 use crate::error::{Error, Result};
 use crate::inputs::Positives;
+use crate::precision::Precision;
 
 unsafe extern "C" {
     /// kernels/emu/supcon_emu.cpp: runs `kernel` on the grid and returns 0, or a
@@ -47,9 +48,25 @@ unsafe extern "C" {
 }
 
 /// The CUDA kernels, emulated on the CPU (see the module docs). Same results as the CUDA
-/// backend up to the order of floating-point operations inside a thread's code paths.
+/// backend up to the order of floating-point operations inside a thread's code paths (and
+/// inside a tensor core's sums). The default, [`Precision::Auto`], runs the tensor-core kernels
+/// for f16 and bf16 features, as the CUDA backend does.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct EmulatedBackend;
+pub struct EmulatedBackend {
+    precision: Precision,
+}
+
+impl EmulatedBackend {
+    /// The emulated kernels of `precision`.
+    pub fn with_precision(precision: Precision) -> Self {
+        EmulatedBackend { precision }
+    }
+
+    /// Which kernels it runs.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+}
 
 impl Backend for EmulatedBackend {
     fn name(&self) -> &'static str {
@@ -62,7 +79,14 @@ impl Backend for EmulatedBackend {
         features: ArrayView3<'_, T>,
         positives: Positives<'_>,
     ) -> Result<ForwardOutput> {
-        host::forward(&mut HostExecutor, self.name(), loss, features, positives)
+        host::forward(
+            &mut HostExecutor,
+            self.name(),
+            self.precision,
+            loss,
+            features,
+            positives,
+        )
     }
 
     fn backward<T: Element>(
@@ -76,6 +100,7 @@ impl Backend for EmulatedBackend {
         host::backward(
             &mut HostExecutor,
             self.name(),
+            self.precision,
             loss,
             features,
             positives,
@@ -85,7 +110,7 @@ impl Backend for EmulatedBackend {
     }
 }
 
-/// "Device" memory of the emulation: an 8-byte aligned host allocation of exactly the requested
+/// "Device" memory of the emulation: a 256-byte aligned (as the CUDA driver aligns) host allocation of exactly the requested
 /// size (so AddressSanitizer flags a kernel access one byte past it), which Rust only touches
 /// through raw copies, so kernels may write it through its address like device memory.
 pub(crate) struct HostBuffer {
@@ -96,7 +121,7 @@ pub(crate) struct HostBuffer {
 impl HostBuffer {
     /// `bytes` bytes, every one 0xFF (NaN in every float format).
     fn poisoned(bytes: usize) -> Result<Self> {
-        let layout = Layout::from_size_align(bytes.max(1), 8).map_err(|_| Error::TooLarge {
+        let layout = Layout::from_size_align(bytes.max(1), 256).map_err(|_| Error::TooLarge {
             extent: Extent::Bytes,
             requested: bytes as u128,
             limit: isize::MAX as u128,
@@ -160,6 +185,10 @@ impl KernelExecutor for HostExecutor {
         buffer.data.as_ptr() as u64
     }
 
+    fn max_dynamic_shared_bytes(&self) -> u64 {
+        EMULATED_MAX_DYNAMIC_SHARED_BYTES
+    }
+
     unsafe fn launch(
         &mut self,
         kernel: Kernel,
@@ -203,6 +232,10 @@ impl KernelExecutor for HostExecutor {
     }
 }
 
+/// The emulation's limit on a launch's dynamic shared memory: sm_90's 227 KiB
+/// (`kMaxDynamicSharedBytes`), so that the emulated tests pick the kernels an H100 or H200 runs.
+const EMULATED_MAX_DYNAMIC_SHARED_BYTES: u64 = 227 * 1024;
+
 /// The driver's `CUDA_ERROR_INVALID_VALUE`, which a download beyond a buffer would get.
 const INVALID_VALUE: (i32, &str) = (1, "CUDA_ERROR_INVALID_VALUE");
 
@@ -217,8 +250,8 @@ mod tests {
     use super::*;
     use crate::device::abi;
     use crate::device::plan::{
-        launch_config, KernelShape, Stage, COEFFICIENT_THREADS, FINALIZE_THREADS, GRAD_CHUNK,
-        TILE_ROWS, TILE_THREADS,
+        launch_config, mma_shared_bytes, KernelShape, Stage, COEFFICIENT_THREADS, FINALIZE_THREADS,
+        GRAD_CHUNK, MMA_THREADS, TILE_ROWS, TILE_THREADS,
     };
 
     unsafe extern "C" {
@@ -230,6 +263,7 @@ mod tests {
             size: *mut usize,
         ) -> c_int;
         fn supcon_emu_constant(name: *const c_char, value: *mut i64) -> c_int;
+        fn supcon_emu_tensor_core_check(name: *const c_char) -> c_int;
     }
 
     /// (offset, size) of every SupconParams field, by name, as the C++ compiler laid it out.
@@ -313,7 +347,7 @@ mod tests {
 
     #[test]
     fn option_codes_and_tile_sizes_match_the_kernels() {
-        let expected: [(&CStr, u32); 18] = [
+        let expected: [(&CStr, u32); 21] = [
             (c"SUPCON_POSITIVES_SAME_SAMPLE", abi::positives::SAME_SAMPLE),
             (c"SUPCON_POSITIVES_LABELS", abi::positives::LABELS),
             (c"SUPCON_POSITIVES_MASK", abi::positives::MASK),
@@ -338,6 +372,12 @@ mod tests {
             (c"kGradChunk", GRAD_CHUNK),
             (c"kFinalizeThreads", FINALIZE_THREADS),
             (c"kCoefficientThreads", COEFFICIENT_THREADS),
+            (c"tc::kThreads", MMA_THREADS),
+            (c"tc::kSharedBytesD130", mma_shared_bytes(130) as u32),
+            (
+                c"kMaxDynamicSharedBytes",
+                EMULATED_MAX_DYNAMIC_SHARED_BYTES as u32,
+            ),
         ];
         for (name, value) in expected {
             assert_eq!(cpp_constant(name), i64::from(value), "{name:?}");
@@ -361,7 +401,7 @@ mod tests {
             assert_eq!(status, 2, "{} is not registered", kernel.name());
         }
         let mut bad = launch_config(Stage::ForwardStatistics, shape);
-        bad.dynamic_shared_bytes = 16;
+        bad.dynamic_shared_bytes = EMULATED_MAX_DYNAMIC_SHARED_BYTES as u32 + 1;
         // SAFETY: refused before any kernel code runs.
         let error = unsafe { HostExecutor.launch(Kernel::ForwardFinalize, bad, &params) };
         assert!(
@@ -372,5 +412,26 @@ mod tests {
         let status =
             unsafe { supcon_emu_launch(c"no_such_kernel".as_ptr(), 1, 1, 1, 1, 1, 1, 0, &params) };
         assert_eq!(status, 1);
+    }
+
+    /// The twins of mma.sync and ldmatrix against the PTX ISA's fragment layouts, and the
+    /// kernels' S and H·Z tiles against plain products (kernels/emu/tensor_core_check.cpp).
+    #[test]
+    fn tensor_core_fragments_follow_the_ptx_layouts() {
+        for check in [
+            c"mma_layout",
+            c"ldmatrix_layout",
+            c"multiply_tile",
+            c"multiply_h_tile",
+        ] {
+            // SAFETY: a NUL-terminated name; the check owns all its memory.
+            let mismatches = unsafe { supcon_emu_tensor_core_check(check.as_ptr()) };
+            assert_eq!(mismatches, 0, "{check:?}: mismatching elements");
+        }
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { supcon_emu_tensor_core_check(c"none".as_ptr()) },
+            -1
+        );
     }
 }

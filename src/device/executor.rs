@@ -24,6 +24,9 @@ pub(crate) trait KernelExecutor {
     /// The address kernels see for `buffer`.
     fn address(&self, buffer: &Self::Buffer) -> u64;
 
+    /// The most dynamic shared memory a launch of the tensor-core kernels may ask for.
+    fn max_dynamic_shared_bytes(&self) -> u64;
+
     /// Launches `kernel` with `config` and `params` (asynchronously or not).
     ///
     /// # Safety

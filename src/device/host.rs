@@ -29,6 +29,7 @@ use crate::inputs::{
     check_logit_range, largest_logit, validate_inputs, Positives, ScaledMask, Validated,
     F32_LOGIT_LIMIT,
 };
+use crate::precision::Precision;
 
 /// Host inputs uploaded to the device (the host-array path).
 struct UploadedInputs<B> {
@@ -107,12 +108,13 @@ impl Prepared {
     /// Validates the batch and checks it against what the kernels implement and represent.
     fn new<T: Element>(
         backend: &'static str,
+        precision: Precision,
         loss: &SupConLoss,
         features: &ArrayView3<'_, T>,
         positives: &Positives<'_>,
     ) -> Result<Self> {
         let validated = validate_inputs(features, positives)?;
-        let problem = Problem::new(backend, loss, validated.shape, T::DTYPE)?;
+        let problem = Problem::new(backend, loss, validated.shape, T::DTYPE, precision)?;
         let largest = largest_logit(features, loss.temperature());
         check_logit_range(backend, largest, F32_LOGIT_LIMIT)?;
         let shape = validated.shape;
@@ -139,11 +141,12 @@ impl Prepared {
 pub(crate) fn forward<E: KernelExecutor, T: Element>(
     executor: &mut E,
     backend: &'static str,
+    precision: Precision,
     loss: &SupConLoss,
     features: ArrayView3<'_, T>,
     positives: Positives<'_>,
 ) -> Result<ForwardOutput> {
-    let batch = Prepared::new(backend, loss, &features, &positives)?;
+    let batch = Prepared::new(backend, precision, loss, &features, &positives)?;
     let uploaded = UploadedInputs::upload(executor, backend, &batch, &features, &positives)?;
     let inputs = uploaded.addresses(executor, &positives);
     // SAFETY: the uploaded inputs hold B·V·D features of the kernel's type, B labels or B·B
@@ -161,16 +164,18 @@ pub(crate) fn forward<E: KernelExecutor, T: Element>(
 }
 
 /// The backward pass on `executor` (see [`crate::Backend::backward`]).
+#[allow(clippy::too_many_arguments)] // the trait method's arguments plus who runs it, and how
 pub(crate) fn backward<E: KernelExecutor, T: Element>(
     executor: &mut E,
     backend: &'static str,
+    precision: Precision,
     loss: &SupConLoss,
     features: ArrayView3<'_, T>,
     positives: Positives<'_>,
     state: &SavedState,
     upstream: Upstream<'_>,
 ) -> Result<Array3<T::Grad>> {
-    let batch = Prepared::new(backend, loss, &features, &positives)?;
+    let batch = Prepared::new(backend, precision, loss, &features, &positives)?;
     state.check(loss, &batch.validated)?;
     let (problem, shape, scales) = (&batch.problem, batch.validated.shape, &batch.scales);
     let coefficients = upload_slice(executor, &grad_coefficients(state, upstream)?)?;

@@ -30,6 +30,26 @@ impl FeatureType {
     }
 }
 
+/// The feature types the tensor-core kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum HalfType {
+    /// `__half`.
+    F16,
+    /// `__nv_bfloat16`.
+    Bf16,
+}
+
+impl HalfType {
+    /// The tensor-core type of a feature type; `None` for f32.
+    pub(crate) fn of(feature_type: FeatureType) -> Option<Self> {
+        match feature_type {
+            FeatureType::F16 => Some(HalfType::F16),
+            FeatureType::Bf16 => Some(HalfType::Bf16),
+            FeatureType::F32 => None,
+        }
+    }
+}
+
 /// A kernel entry point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Kernel {
@@ -43,13 +63,17 @@ pub(crate) enum Kernel {
     BackwardCoefficients,
     /// The feature gradient.
     Backward(FeatureType),
+    /// Per-anchor statistics and losses on tensor cores.
+    MmaForward(HalfType),
+    /// The feature gradient on tensor cores.
+    MmaBackward(HalfType),
 }
 
 impl Kernel {
     /// Every entry point.
     // The CUDA executor loads them all; the emulated executor's tests check them all.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) const ALL: [Kernel; 8] = [
+    pub(crate) const ALL: [Kernel; 12] = [
         Kernel::ForwardStatistics(FeatureType::F32),
         Kernel::ForwardStatistics(FeatureType::F16),
         Kernel::ForwardStatistics(FeatureType::Bf16),
@@ -58,6 +82,10 @@ impl Kernel {
         Kernel::Backward(FeatureType::F32),
         Kernel::Backward(FeatureType::F16),
         Kernel::Backward(FeatureType::Bf16),
+        Kernel::MmaForward(HalfType::F16),
+        Kernel::MmaForward(HalfType::Bf16),
+        Kernel::MmaBackward(HalfType::F16),
+        Kernel::MmaBackward(HalfType::Bf16),
     ];
 
     /// The `extern "C"` name in the fatbin (and in the emulation).
@@ -71,6 +99,10 @@ impl Kernel {
             Kernel::Backward(FeatureType::F32) => "supcon_backward_f32",
             Kernel::Backward(FeatureType::F16) => "supcon_backward_f16",
             Kernel::Backward(FeatureType::Bf16) => "supcon_backward_bf16",
+            Kernel::MmaForward(HalfType::F16) => "supcon_mma_forward_f16",
+            Kernel::MmaForward(HalfType::Bf16) => "supcon_mma_forward_bf16",
+            Kernel::MmaBackward(HalfType::F16) => "supcon_mma_backward_f16",
+            Kernel::MmaBackward(HalfType::Bf16) => "supcon_mma_backward_bf16",
         }
     }
 
@@ -80,6 +112,8 @@ impl Kernel {
             Kernel::ForwardFinalize => Stage::ForwardFinalize,
             Kernel::BackwardCoefficients => Stage::BackwardCoefficients,
             Kernel::Backward(_) => Stage::Backward,
+            Kernel::MmaForward(_) => Stage::MmaForward,
+            Kernel::MmaBackward(_) => Stage::MmaBackward,
         }
     }
 }
@@ -99,6 +133,12 @@ pub(crate) fn fatbin(kernel: Kernel) -> Result<&'static [u8]> {
             }
             Kernel::BackwardCoefficients | Kernel::Backward(_) => {
                 include_bytes!(concat!(env!("OUT_DIR"), "/supcon_backward.fatbin"))
+            }
+            Kernel::MmaForward(_) => {
+                include_bytes!(concat!(env!("OUT_DIR"), "/supcon_mma_forward.fatbin"))
+            }
+            Kernel::MmaBackward(_) => {
+                include_bytes!(concat!(env!("OUT_DIR"), "/supcon_mma_backward.fatbin"))
             }
         })
     }

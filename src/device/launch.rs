@@ -242,11 +242,8 @@ pub(crate) unsafe fn launch_forward_at<E: KernelExecutor>(
     let params = at.params(problem, inputs);
     // SAFETY: inputs and outputs per this function's contract.
     unsafe {
-        problem.launch(
-            executor,
-            Kernel::ForwardStatistics(problem.feature_type()),
-            &params,
-        )?;
+        let kernel = problem.forward_kernel(executor.max_dynamic_shared_bytes());
+        problem.launch(executor, kernel, &params)?;
         problem.launch(executor, Kernel::ForwardFinalize, &params)
     }
 }
@@ -434,7 +431,8 @@ pub(crate) unsafe fn launch_backward<E: KernelExecutor>(
         ..problem.params(inputs)
     };
     // SAFETY: inputs, statistics, coefficients and `grad` per this function's contract.
-    unsafe { problem.launch(executor, Kernel::Backward(problem.feature_type()), &params) }
+    let kernel = problem.backward_kernel(executor.max_dynamic_shared_bytes());
+    unsafe { problem.launch(executor, kernel, &params) }
 }
 
 fn widen(values: &[f32]) -> Vec<f64> {

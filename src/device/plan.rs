@@ -16,6 +16,18 @@ pub(crate) const MAX_GRID_Y: u32 = 65_535;
 pub(crate) const FINALIZE_THREADS: u32 = 256;
 /// Threads per block of the backward coefficients, one anchor each (`kCoefficientThreads`).
 pub(crate) const COEFFICIENT_THREADS: u32 = 256;
+/// Threads per block of the tensor-core kernels (`tc::kThreads`: 4 warps).
+pub(crate) const MMA_THREADS: u32 = 128;
+/// Shared rows the tensor-core kernels keep: the block's own 64, two stages of 64 contrasts.
+const MMA_SHARED_ROWS: u32 = 3 * 64;
+/// Zero elements after each shared row (`tc::kRowSlack`).
+const MMA_ROW_SLACK: u32 = 8;
+
+/// Dynamic shared memory of a tensor-core kernel for rows of `dim` elements: 3 × 64 rows of D
+/// padded to a multiple of 16, plus 8, two bytes each (`kernels/supcon_mma_tiles.cuh`).
+pub(crate) fn mma_shared_bytes(dim: u32) -> u64 {
+    u64::from(MMA_SHARED_ROWS) * (u64::from(dim.div_ceil(16) * 16) + u64::from(MMA_ROW_SLACK)) * 2
+}
 
 /// The launch stages; the element type does not change the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +40,10 @@ pub(crate) enum Stage {
     BackwardCoefficients,
     /// `supcon_backward_{f32,f16,bf16}`: the feature gradient.
     Backward,
+    /// `supcon_mma_forward_{f16,bf16}`: per-anchor statistics and losses on tensor cores.
+    MmaForward,
+    /// `supcon_mma_backward_{f16,bf16}`: the feature gradient on tensor cores.
+    MmaBackward,
 }
 
 /// The sizes a launch plan depends on.
@@ -48,7 +64,8 @@ pub(crate) struct LaunchConfig {
     pub grid: [u32; 3],
     /// Threads per block (x, y, z).
     pub block: [u32; 3],
-    /// Dynamic shared memory in bytes (the kernels use static shared memory only).
+    /// Dynamic shared memory in bytes (the tensor-core kernels'; the others use static shared
+    /// memory only).
     pub dynamic_shared_bytes: u32,
 }
 
@@ -69,11 +86,27 @@ pub(crate) fn launch_config(stage: Stage, shape: KernelShape) -> LaunchConfig {
             ],
             TILE_THREADS,
         ),
+        Stage::MmaForward => ([shape.anchors.div_ceil(TILE_ROWS), 1, 1], MMA_THREADS),
+        Stage::MmaBackward => (
+            [
+                shape.rows.div_ceil(TILE_ROWS),
+                shape.dim.div_ceil(GRAD_CHUNK),
+                1,
+            ],
+            MMA_THREADS,
+        ),
+    };
+    let dynamic_shared_bytes = match stage {
+        // Callers pick the tensor-core kernels only where this fits the device (`Problem`).
+        Stage::MmaForward | Stage::MmaBackward => {
+            u32::try_from(mma_shared_bytes(shape.dim)).unwrap_or(u32::MAX)
+        }
+        _ => 0,
     };
     LaunchConfig {
         grid,
         block: [threads, 1, 1],
-        dynamic_shared_bytes: 0,
+        dynamic_shared_bytes,
     }
 }
 
@@ -94,6 +127,15 @@ mod tests {
         );
         assert_eq!(launch_config(Stage::Backward, shape).grid, [5, 2, 1]);
         assert_eq!(launch_config(Stage::ForwardFinalize, shape).grid, [1, 1, 1]);
+        assert_eq!(launch_config(Stage::MmaForward, shape).grid, [3, 1, 1]);
+        let backward = launch_config(Stage::MmaBackward, shape);
+        assert_eq!(backward.grid, [5, 2, 1]);
+        // D = 130 pads to 144 (+ 8 slack) elements of 2 bytes, for 3 × 64 rows.
+        assert_eq!(backward.dynamic_shared_bytes, 3 * 64 * 152 * 2);
+        assert_eq!(
+            launch_config(Stage::Backward, shape).dynamic_shared_bytes,
+            0
+        );
     }
 
     #[test]

@@ -6,12 +6,13 @@ use bytemuck::Zeroable;
 
 use super::abi::{self, SupconParams};
 use super::executor::KernelExecutor;
-use super::kernel::{FeatureType, Kernel};
-use super::plan::{launch_config, KernelShape, GRAD_CHUNK, MAX_GRID_Y};
+use super::kernel::{FeatureType, HalfType, Kernel};
+use super::plan::{launch_config, mma_shared_bytes, KernelShape, GRAD_CHUNK, MAX_GRID_Y};
 use crate::config::{Denominator, NoPositivePolicy, Reduction, Summation, SupConLoss};
 use crate::element::DType;
 use crate::error::{Capability, Error, Extent, Result};
 use crate::inputs::BatchShape;
+use crate::precision::Precision;
 
 /// Most rows the kernels index (32-bit row arithmetic with room for one tile).
 const MAX_ROWS: usize = i32::MAX as usize;
@@ -26,6 +27,7 @@ pub(crate) struct Problem {
     shape: BatchShape,
     kernel_shape: KernelShape,
     feature_type: FeatureType,
+    precision: Precision,
 }
 
 impl Problem {
@@ -41,6 +43,7 @@ impl Problem {
         loss: &SupConLoss,
         shape: BatchShape,
         dtype: DType,
+        precision: Precision,
     ) -> Result<Self> {
         let unsupported = |capability| Error::Unsupported {
             backend,
@@ -77,7 +80,36 @@ impl Problem {
             shape,
             kernel_shape,
             feature_type,
+            precision,
         })
+    }
+
+    /// The tensor-core type, if this problem runs on tensor cores on a device that gives a
+    /// launch up to `max_dynamic_shared_bytes`: half-precision features under
+    /// [`Precision::Auto`] whose shared rows fit. The forward and the backward pass decide
+    /// alike, so the backward reproduces the forward's logits bit for bit.
+    fn tensor_cores(&self, max_dynamic_shared_bytes: u64) -> Option<HalfType> {
+        let fits = mma_shared_bytes(self.kernel_shape.dim) <= max_dynamic_shared_bytes;
+        match self.precision {
+            Precision::Auto if fits => HalfType::of(self.feature_type),
+            Precision::Auto | Precision::F32 => None,
+        }
+    }
+
+    /// The kernel of the forward statistics on a device with `max_dynamic_shared_bytes`.
+    pub(crate) fn forward_kernel(&self, max_dynamic_shared_bytes: u64) -> Kernel {
+        match self.tensor_cores(max_dynamic_shared_bytes) {
+            Some(half) => Kernel::MmaForward(half),
+            None => Kernel::ForwardStatistics(self.feature_type),
+        }
+    }
+
+    /// The kernel of the feature gradient on a device with `max_dynamic_shared_bytes`.
+    pub(crate) fn backward_kernel(&self, max_dynamic_shared_bytes: u64) -> Kernel {
+        match self.tensor_cores(max_dynamic_shared_bytes) {
+            Some(half) => Kernel::MmaBackward(half),
+            None => Kernel::Backward(self.feature_type),
+        }
     }
 
     /// The loss configuration.
@@ -199,7 +231,7 @@ mod tests {
         let default = SupConLoss::default();
         let refused = |loss: &SupConLoss, dtype, capability| {
             assert_eq!(
-                Problem::new("cuda", loss, shape, dtype).unwrap_err(),
+                Problem::new("cuda", loss, shape, dtype, Precision::Auto).unwrap_err(),
                 Error::Unsupported {
                     backend: "cuda",
                     capability
@@ -219,7 +251,7 @@ mod tests {
         let capped = SupConLoss::builder().positives_cap(2).build().unwrap();
         refused(&capped, DType::BF16, Capability::PositivesCap);
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            assert!(Problem::new("cuda", &default, shape, dtype).is_ok());
+            assert!(Problem::new("cuda", &default, shape, dtype, Precision::Auto).is_ok());
         }
     }
 
@@ -228,7 +260,7 @@ mod tests {
         let loss = SupConLoss::default();
         let problem = |batch, views, dim| {
             let shape = BatchShape::new(batch, views, dim).unwrap();
-            Problem::new("cuda", &loss, shape, DType::F32)
+            Problem::new("cuda", &loss, shape, DType::F32, Precision::F32)
         };
         assert_eq!(
             problem(1 << 31, 1, 3).unwrap_err(),

@@ -136,6 +136,7 @@ mod tests {
     use crate::device::problem::PositiveAddresses;
     use crate::element::DType;
     use crate::inputs::{BatchShape, Positives};
+    use crate::precision::Precision;
     use crate::reference::ReferenceBackend;
 
     fn loss_grid() -> Vec<SupConLoss> {
@@ -188,7 +189,7 @@ mod tests {
     ) -> (crate::backend::ForwardOutput, Option<f64>, Array3<f32>) {
         let (batch, views, dim) = features.dim();
         let shape = BatchShape::new(batch, views, dim).unwrap();
-        let problem = Problem::new("emulated", loss, shape, DType::F32).unwrap();
+        let problem = Problem::new("emulated", loss, shape, DType::F32, Precision::Auto).unwrap();
         let executor = &mut HostExecutor;
         let upload = |executor: &mut HostExecutor, bytes: &[u8]| executor.upload(bytes).unwrap();
         let features = upload(
@@ -330,7 +331,7 @@ mod tests {
                 let (output, reduced, grad) =
                     resident_passes(&loss, features.view(), positives, upstream_of);
 
-                let host = EmulatedBackend
+                let host = EmulatedBackend::default()
                     .forward(&loss, features.view(), positives)
                     .unwrap();
                 // The device API has no fingerprint to give its state; everything else matches.
@@ -347,7 +348,7 @@ mod tests {
                     Reduction::None => Upstream::PerAnchor(upstream_values.view()),
                     _ => Upstream::Scalar(0.75),
                 };
-                let host_grad = EmulatedBackend
+                let host_grad = EmulatedBackend::default()
                     .backward(&loss, features.view(), positives, &host.state, upstream)
                     .unwrap();
                 assert_eq!(grad, host_grad, "{what}");
@@ -440,6 +441,10 @@ mod tests {
             HostExecutor.address(buffer)
         }
 
+        fn max_dynamic_shared_bytes(&self) -> u64 {
+            HostExecutor.max_dynamic_shared_bytes()
+        }
+
         unsafe fn launch(
             &mut self,
             kernel: crate::device::kernel::Kernel,
@@ -496,7 +501,8 @@ mod tests {
                     .build()
                     .unwrap();
                 let what = format!("{reduction:?} {policy:?}");
-                let problem = Problem::new("emulated", &loss, shape, DType::F32).unwrap();
+                let problem =
+                    Problem::new("emulated", &loss, shape, DType::F32, Precision::Auto).unwrap();
                 // SAFETY: the inputs hold B·V·D f32 and B i64 and outlive the launches (the
                 // emulation's launches are synchronous).
                 let statistics =

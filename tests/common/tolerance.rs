@@ -19,10 +19,11 @@
 //! | LSE_i, LSE^P_i | δs (−∞, an empty set, must match exactly) |
 //! | P_i | ε·N·max_j w_ij |
 //! | R' | exact |
-//! | ∂L/∂z | (c·max|u|/R')·(max‖z‖/τ)·(2 + 2R/N)·δs |
+//! | ∂L/∂z | (c·max|u|/R')·(max‖z‖/τ)·(2 + 2R/N)·(δs + ρ) |
 //!
 //! The gradient's unit is the size of one row's gradient: weights H that carry relative errors
-//! δs, on terms of total size (c·|u|/R')·‖z‖/τ from both sides of the pair. A wrong mask, term or
+//! δs, on terms of total size (c·|u|/R')·‖z‖/τ from both sides of the pair. ρ is the rounding of
+//! the product's operands: 0, except on tensor cores (H in bf16: 2⁻⁹; f16 features: 2·2⁻⁹). A wrong mask, term or
 //! scale is an O(1) relative error, orders of magnitude above these bounds. Each test prints the
 //! largest error/bound ratio it saw ([`Worst`]).
 
@@ -42,13 +43,29 @@ pub enum Precision {
     /// f32 products, exponentials and sums (the CPU backend, the kernels); f64 features, where
     /// accepted, are rounded to f32 first.
     F32,
+    /// The kernels under `supcon::Precision::Auto`: as [`Precision::F32`] for f32 features;
+    /// f16 and bf16 features on tensor cores, whose backward rounds each weight H_kj to bf16
+    /// (and, for f16 features, the z_j it multiplies): see [`Precision::operand_rounding`].
+    TensorCores,
 }
 
 impl Precision {
     fn epsilon(self) -> f64 {
         match self {
             Precision::F64 => f64::EPSILON,
-            Precision::F32 => f64::from(f32::EPSILON),
+            Precision::F32 | Precision::TensorCores => f64::from(f32::EPSILON),
+        }
+    }
+
+    /// The relative rounding of each term H_kj z_j of the gradient's product: bf16's unit
+    /// roundoff 2⁻⁹ for H (bf16 features), twice that when z_j is rounded from f16 to bf16 too.
+    /// |Σ_j δH_kj z_jd| ≤ ρ (max‖z‖/τ) Σ_j |H_kj|, and Σ_j |H_kj| is what the gradient unit
+    /// bounds, so the gradient's bound gains ρ next to δs.
+    fn operand_rounding(self, dtype: DType) -> f64 {
+        match (self, dtype) {
+            (Precision::TensorCores, DType::BF16) => 2f64.powi(-9),
+            (Precision::TensorCores, DType::F16) => 2.0 * 2f64.powi(-9),
+            _ => 0.0,
         }
     }
 }
@@ -84,7 +101,7 @@ impl Tolerance {
         let tau = loss.temperature();
         let s_max = max_norm * max_norm / tau;
         let eps = precision.epsilon();
-        let rounded_input = T::DTYPE == DType::F64 && precision == Precision::F32;
+        let rounded_input = T::DTYPE == DType::F64 && precision != Precision::F64;
         let logit = eps * (((d as f64).sqrt() + 4.0) * s_max + n.sqrt())
             + if rounded_input { eps * s_max } else { 0.0 };
         let c = loss.loss_scale();
@@ -107,7 +124,7 @@ impl Tolerance {
             reduced: SAFETY * c * logit * reduced_scale,
             lse: SAFETY * logit,
             weight: SAFETY * eps * n * max_weight.max(1.0),
-            gradient: SAFETY * gradient_unit * logit,
+            gradient: SAFETY * gradient_unit * (logit + precision.operand_rounding(T::DTYPE)),
         }
     }
 

@@ -23,6 +23,7 @@ use crate::device::{host, resident};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::inputs::{BatchShape, Positives};
+use crate::precision::Precision;
 
 const NAME: &str = "cuda";
 
@@ -99,6 +100,7 @@ pub enum DevicePositives<'a> {
 pub struct CudaBackend {
     stream: Arc<CudaStream>,
     kernels: Arc<LoadedKernels>,
+    precision: Precision,
 }
 
 /// The driver library, checked to speak the API version the kernels and cudarc need.
@@ -173,7 +175,22 @@ impl CudaBackend {
         check_compute_capability(major, minor)?;
         check_kernels_built(cfg!(supcon_kernels_built))?;
         let kernels = LoadedKernels::for_context(context)?;
-        Ok(CudaBackend { stream, kernels })
+        Ok(CudaBackend {
+            stream,
+            kernels,
+            precision: Precision::Auto,
+        })
+    }
+
+    /// The same backend running the kernels of `precision` (default [`Precision::Auto`]:
+    /// tensor cores for f16 and bf16 features).
+    pub fn with_precision(self, precision: Precision) -> Self {
+        CudaBackend { precision, ..self }
+    }
+
+    /// Which kernels it runs.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The stream all work is queued on.
@@ -206,7 +223,7 @@ impl CudaBackend {
         shape: BatchShape,
         positives: DevicePositives<'_>,
     ) -> Result<DeviceForward> {
-        let problem = Problem::new(NAME, loss, shape, T::DTYPE)?;
+        let problem = Problem::new(NAME, loss, shape, T::DTYPE, self.precision)?;
         let bound = self.bind_inputs(shape, features, positives)?;
         let mut executor = self.executor();
         // SAFETY: `bind_inputs` checked that the features hold B·V·D elements of T and the
@@ -326,7 +343,7 @@ impl CudaBackend {
         positives: DevicePositives<'_>,
         workspace: &mut CudaViewMut<'_, u8>,
     ) -> Result<()> {
-        let problem = Problem::new(NAME, loss, shape, T::DTYPE)?;
+        let problem = Problem::new(NAME, loss, shape, T::DTYPE, self.precision)?;
         let layout = Self::workspace(loss, shape);
         let bound = self.bind_inputs(shape, features, positives)?;
         let (base, guard) = self.bind_workspace("workspace", workspace, layout.bytes())?;
@@ -361,7 +378,7 @@ impl CudaBackend {
         scratch: &mut CudaViewMut<'_, u8>,
         grad: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        let problem = Problem::new(NAME, loss, shape, T::DTYPE)?;
+        let problem = Problem::new(NAME, loss, shape, T::DTYPE, self.precision)?;
         let layout = Self::workspace(loss, shape);
         let bound = self.bind_inputs(shape, features, positives)?;
         self.check_buffer(
@@ -633,11 +650,19 @@ impl DeviceForward {
                 "the forward pass ran on another CUDA context".into(),
             ));
         }
-        let problem = Problem::new(NAME, self.problem.loss(), self.problem.shape(), T::DTYPE)?;
+        let problem = Problem::new(
+            NAME,
+            self.problem.loss(),
+            self.problem.shape(),
+            T::DTYPE,
+            backend.precision,
+        )?;
         if problem != self.problem {
             return Err(Error::StateMismatch(format!(
-                "features are {:?}, the forward pass read another element type",
-                T::DTYPE
+                "features are {:?} under {:?}, the forward pass read another element type or \
+                 ran other kernels",
+                T::DTYPE,
+                backend.precision
             )));
         }
         Ok(problem)
@@ -655,7 +680,14 @@ impl Backend for CudaBackend {
         features: ArrayView3<'_, T>,
         positives: Positives<'_>,
     ) -> Result<ForwardOutput> {
-        host::forward(&mut self.executor(), NAME, loss, features, positives)
+        host::forward(
+            &mut self.executor(),
+            NAME,
+            self.precision,
+            loss,
+            features,
+            positives,
+        )
     }
 
     fn backward<T: Element>(
@@ -669,6 +701,7 @@ impl Backend for CudaBackend {
         host::backward(
             &mut self.executor(),
             NAME,
+            self.precision,
             loss,
             features,
             positives,

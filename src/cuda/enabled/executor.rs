@@ -53,6 +53,9 @@ pub(crate) struct LoadedKernels {
     /// missing one fails backend creation rather than a later call); each function keeps its
     /// module loaded.
     functions: Vec<(Kernel, CudaFunction)>,
+    /// The dynamic shared memory every tensor-core kernel may use on this device: the opt-in
+    /// maximum per block less the kernel's static shared memory (the smallest over them).
+    max_dynamic_shared_bytes: u64,
 }
 
 impl LoadedKernels {
@@ -108,7 +111,34 @@ impl LoadedKernels {
                 .map_err(driver_error(format_args!("resolving {}", kernel.name())))?;
             functions.push((kernel, function));
         }
-        Ok(LoadedKernels { functions })
+        let opt_in = context
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(driver_error("reading the shared memory per block"))?;
+        let mut max_dynamic_shared_bytes = u64::MAX;
+        for (kernel, function) in &functions {
+            if !matches!(kernel, Kernel::MmaForward(_) | Kernel::MmaBackward(_)) {
+                continue;
+            }
+            let what = |action| format!("{action} of {}", kernel.name());
+            let fixed = function
+                .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .map_err(driver_error(what("reading the static shared memory")))?;
+            let dynamic = (opt_in - fixed).max(0);
+            // Above 48 KiB a launch needs the kernel's consent (the opt-in attribute).
+            function
+                .set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    dynamic,
+                )
+                .map_err(driver_error(what("allowing the dynamic shared memory")))?;
+            max_dynamic_shared_bytes = max_dynamic_shared_bytes.min(dynamic as u64);
+        }
+        Ok(LoadedKernels {
+            functions,
+            max_dynamic_shared_bytes,
+        })
     }
 
     fn function(&self, kernel: Kernel) -> Result<&CudaFunction> {
@@ -189,6 +219,10 @@ impl KernelExecutor for StreamExecutor<'_> {
         // needed for ordering.
         let (address, _record) = buffer.device_ptr(self.stream);
         address
+    }
+
+    fn max_dynamic_shared_bytes(&self) -> u64 {
+        self.kernels.max_dynamic_shared_bytes
     }
 
     unsafe fn launch(

@@ -1,0 +1,166 @@
+/*
+ * SupCon backward pass on tensor cores (sm_80+): dL/dZ from f16 or bf16 features and the saved
+ * per-anchor statistics, the same result as supcon_backward.cu (whose header has the math):
+ *     dL/dz_k = (1/tau) sum_j H_kj z_j,   H_kj = G_kj + G_jk.
+ *
+ * supcon_mma_backward_{f16,bf16}: grid (ceil(N / 64), ceil(D / 128)) blocks of 128 threads
+ * (4 warps) with the forward kernel's dynamic shared memory. Block (x, y) owns gradient rows
+ * 64x .. 64x + 63 (16 per warp) and feature columns 128y .. 128y + 127, and streams the contrast
+ * rows past them as the forward kernel does (supcon_mma_tiles.cuh). Per tile a warp
+ *     1. forms S for its 16 rows x 64 contrasts with mma.sync: the instruction sequence of the
+ *        forward kernel, so the logits are the forward's bit for bit (a product is symmetric);
+ *     2. turns each logit into H (both terms, from the saved statistics of both rows, weights
+ *        from labels / sample / mask) in f32, in registers;
+ *     3. rounds H to bf16 and feeds it, still in registers, as the A operand of
+ *        dZ[16 x 128] += H[16 x 64] Z_tile[64 x 128] (two adjacent n-tiles of the S accumulator
+ *        are one k-step's A fragment, supcon_mma.cuh), with the tile's rows as a k-major B via
+ *        ldmatrix.trans, f32 accumulators: 64 per thread.
+ * Each gradient element is written once, by one thread: no atomics, deterministic.
+ *
+ * Precision: S is exact products with f32 sums, as in the forward kernel. H is rounded to bf16
+ * (relative error <= 2^-9 per term; f16 would underflow, since H ~ 1/(R' N)); for f16 features
+ * the tile's gradient columns are converted to bf16 in shared memory after step 1 (the mma
+ * takes one type for both operands), another 2^-9 per term. docs/math.md derives the bound the
+ * tests assert.
+ *
+ * Cost: 2 N^2 D flops for S per 128-column chunk of D and 2 N^2 D for H Z, on the tensor
+ * cores; ~2 exponentials per logit (one per anchor side) and ~40 other instructions per logit
+ * for H. With contrast mode one, tiles where neither side holds an anchor are skipped.
+ */
+#include <type_traits>
+
+#include "supcon_mma_tiles.cuh"
+#include "supcon_statistics.cuh"
+
+namespace supcon {
+namespace tc {
+/* Internal linkage: in the host emulation the __shared__ variables below become function-local
+ * statics, and only statics outside COMDAT groups get AddressSanitizer redzones. */
+namespace {
+
+
+/* Rewrites columns [first, first + width) of the 64 rows of an f16 tile as bf16, in place. */
+__device__ __forceinline__ void convert_to_bf16(__half* tile, uint32_t stride, uint32_t first, uint32_t width) {
+    for (uint32_t e = threadIdx.x; e < kRows * width; e += kThreads) {
+        const uint32_t r = e / width;
+        __half* element = tile + r * stride + first + (e - r * width);
+        const __nv_bfloat16 converted = __float2bfloat16_rn(__half2float(*element));
+        memcpy(element, &converted, sizeof converted);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void backward(const SupconParams& p) {
+    /* Descriptions and statistics of the contrast tiles rotate over three slots, as in the
+     * forward kernel. */
+    __shared__ TileRows own_rows;
+    __shared__ TileStatistics own_stats;
+    __shared__ TileRows contrast_rows[3];
+    __shared__ TileStatistics contrast_stats[3];
+
+    const T* __restrict__ features = reinterpret_cast<const T*>(p.features);
+    const SharedRows<T> shared(p);
+    const FragmentLane lane;
+    const uint32_t first_row = blockIdx.x * kRows;
+    const int own_count = rows_in_tile(first_row, p.rows);
+    const uint32_t first_column = blockIdx.y * kGradCols;
+    /* Columns of this chunk that the shared rows hold (whole 16-column pairs of n-tiles). */
+    const uint32_t padded = padded_dim(p.dim);
+    const uint32_t chunk_width = padded - first_column < kGradCols ? padded - first_column : kGradCols;
+    /* Anchors are rows 0..R-1: once neither side has one, H is zero. */
+    const uint32_t contrast_limit = first_row < p.anchors ? p.rows : p.anchors;
+    const uint32_t tiles = (contrast_limit + kCols - 1) / kCols;
+
+    describe_rows(own_rows, first_row, own_count, p);
+    load_statistics(own_stats, first_row, own_count, p);
+    describe_rows(contrast_rows[0], 0, rows_in_tile(0, p.rows), p);
+    load_statistics(contrast_stats[0], 0, rows_in_tile(0, p.rows), p);
+    load_rows(shared.own, features, first_row, own_count, shared.aligned, p);
+    load_rows(shared.contrast(0), features, 0, rows_in_tile(0, p.rows), shared.aligned, p);
+    cp_async_commit();
+
+    float grad[kGradTiles][4];
+#pragma unroll
+    for (int n = 0; n < kGradTiles; ++n) grad[n][0] = grad[n][1] = grad[n][2] = grad[n][3] = 0.0f;
+
+    for (uint32_t t = 0; t < tiles; ++t) {
+        if (t + 1 < tiles) {
+            const uint32_t next = (t + 1) * kCols;
+            const int next_count = rows_in_tile(next, p.rows);
+            describe_rows(contrast_rows[(t + 1) % 3], next, next_count, p);
+            load_statistics(contrast_stats[(t + 1) % 3], next, next_count, p);
+            load_rows(shared.contrast((t + 1) % 2), features, next, next_count, shared.aligned, p);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+
+        T* tile = shared.contrast(t % 2);
+        float acc[kColTiles][4];
+        multiply_tile(acc, shared.own, tile, p.dim);
+
+        const uint32_t first_contrast = t * kCols;
+        const int contrast_count = rows_in_tile(first_contrast, p.rows);
+        const TileRows& cols = contrast_rows[t % 3];
+        const TileStatistics& col_stats = contrast_stats[t % 3];
+        float h[kColTiles][4];
+#pragma unroll
+        for (int n = 0; n < kColTiles; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = lane.row[e / 2];
+                const int c = 8 * n + 2 * lane.quad + e % 2;
+                h[n][e] = 0.0f;
+                if (r < own_count && c < contrast_count && first_row + r != first_contrast + c) {
+                    /* As the forward kernel forms it: rounded, never fused (ptxas would contract
+                     * it into the subtractions below). */
+                    const float s = __fmul_rn(acc[n][e], p.inv_temperature);
+                    if (own_stats.coef[r] != 0.0f) {
+                        const float w = pair_weight(p, own_rows, r, cols, c);
+                        h[n][e] = own_stats.coef[r] * logit_gradient(p, own_stats, r, s, w);
+                    }
+                    if (col_stats.coef[c] != 0.0f) {
+                        const float w = pair_weight(p, cols, c, own_rows, r);
+                        h[n][e] = fmaf(col_stats.coef[c], logit_gradient(p, col_stats, c, s, w), h[n][e]);
+                    }
+                }
+            }
+        }
+        uint32_t h_fragment[kTileSteps][4];
+        pack_a_fragments(h_fragment, h);
+
+        if constexpr (std::is_same_v<T, __half>) {
+            __syncthreads(); /* every warp's S is done with the f16 values */
+            convert_to_bf16(tile, shared.stride, first_column, chunk_width);
+            __syncthreads();
+        }
+        multiply_h_tile(grad, h_fragment, tile, shared.stride, first_column, chunk_width);
+        __syncthreads();
+    }
+
+    float* grad_features = reinterpret_cast<float*>(p.grad_features);
+#pragma unroll
+    for (int n = 0; n < kGradTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int r = lane.row[e / 2];
+            const uint32_t column = first_column + 8 * n + 2 * lane.quad + e % 2;
+            if (r < own_count && column < p.dim) {
+                grad_features[own_rows.offset[r] + column] = grad[n][e] * p.inv_temperature;
+            }
+        }
+    }
+}
+
+} // namespace
+} // namespace tc
+} // namespace supcon
+
+extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) supcon_mma_backward_f16(const SupconParams params) {
+    supcon::tc::backward<__half>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads)
+    supcon_mma_backward_bf16(const SupconParams params) {
+    supcon::tc::backward<__nv_bfloat16>(params);
+}

@@ -1,0 +1,216 @@
+/*
+ * The tile machinery of the tensor-core kernels (supcon_mma_forward.cu, supcon_mma_backward.cu):
+ * a block of 4 warps owns 64 rows of Z (16 per warp), keeps them in shared memory for the whole
+ * pass, and streams the contrast rows past them 64 at a time through a two-stage pipeline:
+ *
+ *     own[64][stride]          the block's rows, loaded once
+ *     contrast[2][64][stride]  tile t + 1 is copied (cp.async) while tile t is multiplied
+ *
+ *     issue the copies of own rows and tile 0, commit
+ *     for each tile t:
+ *         issue the copies of tile t + 1 (if any), commit      -- always one group per tile
+ *         wait until at most one group is pending               -- tile t has landed
+ *         __syncthreads()
+ *         S = own x contrast[t % 2]^T   (mma.sync, f32 accumulators in registers)
+ *         ... the pass's own use of the tile ...
+ *         __syncthreads()                                       -- contrast[t % 2] is free for t + 2
+ *
+ * Each shared row holds D elements padded with zeros to a multiple of 16 (the mma's k) plus 8
+ * elements (16 bytes) of slack: with a row stride of an odd number of 16-byte units, the 8 rows
+ * an ldmatrix phase reads fall in 8 distinct groups of banks (no swizzle needed). Rows past N
+ * are zeros too, so that they add nothing to a product.
+ *
+ * Copies are 16-byte cp.async when every row starts on a 16-byte boundary (D a multiple of 8
+ * and an aligned buffer, as every framework allocates); otherwise each thread loads and stores
+ * elements itself (correct for any D, without the overlap). The shared memory is dynamic:
+ * 3 x 64 x stride elements (52 KiB for D = 128), above the 48 KiB default from D = 121 on, which
+ * the host allows per kernel (src/device/plan.rs has the limits).
+ *
+ * The S tile of a warp: 16 own rows x 64 contrast rows as 8 n-tiles of 16 x 8, i.e. per thread
+ * acc[n][0..3] = S[group, group + 8][8n + 2 quad, +1] (supcon_mma.cuh's C layout).
+ */
+#ifndef SUPCON_MMA_TILES_CUH
+#define SUPCON_MMA_TILES_CUH
+
+#include "supcon_common.cuh"
+#include "supcon_mma.cuh"
+
+namespace supcon {
+namespace tc {
+
+/* Threads per block: 4 warps of 16 own rows each. */
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+/* Own rows per block and contrast rows per tile. */
+constexpr int kRows = 64;
+constexpr int kCols = 64;
+constexpr int kWarpRows = kRows / kWarps;
+/* n-tiles of 8 contrast rows per S tile. */
+constexpr int kColTiles = kCols / 8;
+/* Gradient columns per backward block (grid.y chunks); per warp 16 n-tiles of 8. */
+constexpr int kGradCols = 128;
+constexpr int kGradTiles = kGradCols / 8;
+/* k-steps of 16 contrast rows per tile of the backward's H Z product. */
+constexpr int kTileSteps = kCols / 16;
+/* Elements of zeros after each shared row (16 bytes). */
+constexpr int kRowSlack = 8;
+
+static_assert(kWarpRows == 16, "one m16 fragment row block per warp");
+static_assert(kRows == supcon::kTileRows && kCols == supcon::kTileCols, "row descriptions are 64 rows");
+static_assert(kGradCols == supcon::kGradChunk, "the launch plan's gradient chunk");
+
+/* D rounded up to the mma's k. */
+__device__ __forceinline__ constexpr uint32_t padded_dim(uint32_t dim) { return (dim + 15u) / 16u * 16u; }
+
+/* Elements between consecutive shared rows. */
+__device__ __forceinline__ constexpr uint32_t row_stride(uint32_t dim) { return padded_dim(dim) + kRowSlack; }
+
+/* The block's dynamic shared memory, 16-byte aligned (cp.async and ldmatrix need it). */
+__device__ __forceinline__ unsigned char* dynamic_shared() {
+#if defined(SUPCON_EMULATION)
+    return supcon_emu::dynamic_shared();
+#else
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    return shared_bytes;
+#endif
+}
+
+/* Whether 16-byte copies may be used: every row of the buffer starts 16-byte aligned. */
+__device__ __forceinline__ bool rows_are_aligned(const SupconParams& p) {
+    return p.dim % 8 == 0 && p.features % 16 == 0;
+}
+
+/* The block's shared rows: its own 64, then the two stages of contrast tiles. */
+template <typename T>
+struct SharedRows {
+    T* own;
+    uint32_t stride;
+    bool aligned; /* 16-byte copies (rows_are_aligned) */
+
+    __device__ __forceinline__ explicit SharedRows(const SupconParams& p)
+        : own(reinterpret_cast<T*>(dynamic_shared())), stride(row_stride(p.dim)), aligned(rows_are_aligned(p)) {}
+
+    /* Stage k (by arithmetic: an array of two pointers indexed at run time would live on the
+     * stack). */
+    __device__ __forceinline__ T* contrast(uint32_t k) const { return own + (1 + k) * kRows * stride; }
+};
+
+/* Where a thread's accumulator elements sit (the C layout): rows group and group + 8 of its
+ * warp's 16, i.e. block rows row[0] and row[1], and columns 8n + 2 quad, +1 of n-tile n. */
+struct FragmentLane {
+    int quad;
+    int row[2];
+
+    __device__ __forceinline__ FragmentLane()
+        : quad(threadIdx.x % 4),
+          row{kWarpRows * static_cast<int>(threadIdx.x / 32) + static_cast<int>(threadIdx.x % 32) / 4,
+              kWarpRows * static_cast<int>(threadIdx.x / 32) + static_cast<int>(threadIdx.x % 32) / 4 + 8} {}
+};
+
+/* Element offset of flattened row `row` (= v B + b) in the [B, V, D] buffer. */
+__device__ __forceinline__ uint64_t row_offset(uint32_t row, const SupconParams& p) {
+    const uint32_t view = row / p.batch;
+    const uint32_t sample = row - view * p.batch;
+    return (static_cast<uint64_t>(sample) * p.views + view) * p.dim;
+}
+
+/* Copies rows first .. first + count - 1 into tile[64][stride] (zeros past D and past `count`),
+ * as 16-byte cp.async copies in the current group when `aligned`, else by plain loads. */
+template <typename T>
+__device__ __forceinline__ void load_rows(T* tile, const T* __restrict__ features, uint32_t first, int count,
+                                          bool aligned, const SupconParams& p) {
+    const uint32_t dim = p.dim;
+    const uint32_t stride = row_stride(dim);
+    if (aligned) {
+        const uint32_t chunks = padded_dim(dim) / 8; /* 16-byte chunks per row */
+        for (uint32_t e = threadIdx.x; e < kRows * chunks; e += kThreads) {
+            const uint32_t r = e / chunks;
+            const uint32_t k = (e - r * chunks) * 8;
+            const bool fill = static_cast<int>(r) < count && k < dim;
+            const T* source = fill ? features + row_offset(first + r, p) + k : features;
+            cp_async_16(tile + r * stride + k, source, fill);
+        }
+    } else {
+        const uint32_t width = padded_dim(dim);
+        for (uint32_t e = threadIdx.x; e < kRows * width; e += kThreads) {
+            const uint32_t r = e / width;
+            const uint32_t k = e - r * width;
+            T value;
+            memset(&value, 0, sizeof value);
+            if (static_cast<int>(r) < count && k < dim) value = features[row_offset(first + r, p) + k];
+            tile[r * stride + k] = value;
+        }
+    }
+}
+
+/* acc = own rows 16 w .. 16 w + 15 (w this thread's warp) x contrast rows 0..63, over all of
+ * the padded D, k in order: the same instruction sequence wherever the same pair is formed. */
+template <typename T>
+__device__ __forceinline__ void multiply_tile(float (&acc)[kColTiles][4], const T* own, const T* contrast,
+                                              uint32_t dim) {
+    const uint32_t stride = row_stride(dim);
+    const uint32_t depth = padded_dim(dim);
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+#pragma unroll
+    for (int n = 0; n < kColTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    /* A: lane l points at own row 16 w + l % 16, column 8 (l / 16) of the k-step.
+     * B (two n-tiles per ldmatrix): lane l points at contrast row 16 pair + l % 8 + 8 (l / 16),
+     * column 8 ((l / 8) % 2) of the k-step. */
+    const T* a_row = own + (kWarpRows * warp + lane % 16) * stride + 8 * (lane / 16);
+    const T* b_row = contrast + (lane % 8 + 8 * (lane / 16)) * stride + 8 * ((lane / 8) % 2);
+    for (uint32_t k0 = 0; k0 < depth; k0 += 16) {
+        uint32_t a[4];
+        ldmatrix_x4(a, a_row + k0);
+#pragma unroll
+        for (int pair = 0; pair < kColTiles / 2; ++pair) {
+            uint32_t b[4];
+            ldmatrix_x4(b, b_row + 16 * pair * stride + k0);
+            const uint32_t first[2] = {b[0], b[1]};
+            const uint32_t second[2] = {b[2], b[3]};
+            mma_m16n8k16<T>(acc[2 * pair], a, first);
+            mma_m16n8k16<T>(acc[2 * pair + 1], a, second);
+        }
+    }
+}
+
+/* The S accumulator of a warp (C layout, 16 x 64) as the A fragments of four 16-wide k-steps,
+ * rounded to bf16: step k is n-tiles 2k and 2k + 1, element for element. */
+__device__ __forceinline__ void pack_a_fragments(uint32_t (&a)[kTileSteps][4], const float (&c)[kColTiles][4]) {
+#pragma unroll
+    for (int n = 0; n < kColTiles; ++n) {
+        a[n / 2][2 * (n % 2)] = pack_bf16x2(c[n][0], c[n][1]);
+        a[n / 2][2 * (n % 2) + 1] = pack_bf16x2(c[n][2], c[n][3]);
+    }
+}
+
+/* grad += H (this warp's 16 x 64, as A fragments) x tile[0..63][first_column ..
+ * first_column + width) (bf16, k-major: the tile's rows are the k index): 16 n-tiles of 8
+ * gradient columns, of which the first width / 8 exist. */
+__device__ __forceinline__ void multiply_h_tile(float (&grad)[kGradTiles][4], const uint32_t (&h)[kTileSteps][4],
+                                                const void* tile, uint32_t stride, uint32_t first_column,
+                                                uint32_t width) {
+    const int lane = threadIdx.x % 32;
+    /* B (two n-tiles per ldmatrix.trans): lane l points at row 16 step + l % 8 + 8 ((l / 8) % 2),
+     * column 16 pair + 8 (l / 16) of the chunk. */
+    const __nv_bfloat16* b_row = static_cast<const __nv_bfloat16*>(tile) +
+                                 (lane % 8 + 8 * ((lane / 8) % 2)) * stride + first_column + 8 * (lane / 16);
+#pragma unroll
+    for (int step = 0; step < kTileSteps; ++step) {
+#pragma unroll
+        for (int pair = 0; pair < kGradTiles / 2; ++pair) {
+            if (16u * pair >= width) continue;
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, b_row + 16 * step * stride + 16 * pair);
+            const uint32_t first[2] = {b[0], b[1]};
+            const uint32_t second[2] = {b[2], b[3]};
+            mma_m16n8k16<__nv_bfloat16>(grad[2 * pair], h[step], first);
+            mma_m16n8k16<__nv_bfloat16>(grad[2 * pair + 1], h[step], second);
+        }
+    }
+}
+
+} // namespace tc
+} // namespace supcon
+
+#endif /* SUPCON_MMA_TILES_CUH */

@@ -1,0 +1,158 @@
+/*
+ * The per-anchor statistics of both passes, shared by the SIMT and the tensor-core kernels.
+ *
+ * Forward: a thread folds the logits it sees of an anchor row into running RowStatistics
+ * (accumulate_row); the partial statistics of one anchor are merged in a fixed order and turned
+ * into the saved state and the anchor's loss (finish_anchor). Backward: the saved state of the
+ * rows of a tile (TileStatistics) and the logit gradient G_ij / coef_i (logit_gradient).
+ * docs/math.md has the formulas; supcon_forward.cu and supcon_backward.cu explain the exact
+ * cancellations these functions preserve.
+ */
+#ifndef SUPCON_STATISTICS_CUH
+#define SUPCON_STATISTICS_CUH
+
+#include "supcon_common.cuh"
+
+namespace supcon {
+
+/* One anchor row's running statistics over the contrasts seen so far. */
+struct RowStatistics {
+    float max;             /* running max of s over D_i (-inf: none yet) */
+    float sum;             /* sum_{j in D_i} e^(s_ij - max) */
+    float positive_max;    /* running max of s over positives */
+    float positive_sum;    /* sum_j w_ij e^(s_ij - positive_max) */
+    float positive_weight;     /* P_i */
+    float positive_weight_max; /* W_i (0: none yet) */
+    float positive_logit;      /* T_i = sum_j w_ij s_ij */
+};
+
+/* (max, sum) <- the log-sum-exp pair of the union of two disjoint sets. */
+__device__ __forceinline__ void merge_log_sum(float& max, float& sum, float other_max, float other_sum) {
+    const float merged = fmaxf(max, other_max);
+    if (merged == -INFINITY) return; /* both sets empty */
+    sum = sum * expf(max - merged) + other_sum * expf(other_max - merged);
+    max = merged;
+}
+
+/* Folds one tile row of logits (this thread's kCols columns of it) into `stats`. */
+template <int kCols>
+__device__ __forceinline__ void accumulate_row(RowStatistics& stats, const float (&s)[kCols],
+                                               const float (&weight)[kCols], const bool (&denominator)[kCols]) {
+    float tile_max = -INFINITY;
+    float tile_positive_max = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < kCols; ++n) {
+        if (denominator[n]) tile_max = fmaxf(tile_max, s[n]);
+        if (weight[n] > 0.0f) tile_positive_max = fmaxf(tile_positive_max, s[n]);
+    }
+    if (tile_max > stats.max) {
+        stats.sum *= expf(stats.max - tile_max);
+        stats.max = tile_max;
+    }
+    if (tile_positive_max > stats.positive_max) {
+        stats.positive_sum *= expf(stats.positive_max - tile_positive_max);
+        stats.positive_max = tile_positive_max;
+    }
+#pragma unroll
+    for (int n = 0; n < kCols; ++n) {
+        if (denominator[n]) stats.sum += expf(s[n] - stats.max);
+        if (weight[n] > 0.0f) {
+            stats.positive_sum = fmaf(weight[n], expf(s[n] - stats.positive_max), stats.positive_sum);
+            stats.positive_weight += weight[n];
+            stats.positive_weight_max = fmaxf(stats.positive_weight_max, weight[n]);
+            stats.positive_logit = fmaf(weight[n], s[n], stats.positive_logit);
+        }
+    }
+}
+
+/* Merges the kParts partial statistics of one anchor (in order: a fixed summation order) and
+ * writes the anchor's outputs. */
+template <int kParts>
+__device__ __forceinline__ void finish_anchor(const RowStatistics (&partial)[kParts], uint32_t anchor,
+                                              const SupconParams& p) {
+    RowStatistics s = partial[0];
+    for (int q = 1; q < kParts; ++q) {
+        merge_log_sum(s.max, s.sum, partial[q].max, partial[q].sum);
+        merge_log_sum(s.positive_max, s.positive_sum, partial[q].positive_max, partial[q].positive_sum);
+        s.positive_weight += partial[q].positive_weight;
+        s.positive_weight_max = fmaxf(s.positive_weight_max, partial[q].positive_weight_max);
+        s.positive_logit += partial[q].positive_logit;
+    }
+    /* sum >= 1 (the max term) whenever the set is non-empty; likewise positive_sum >= max w.
+     * A NaN logit (NaN or infinite features, which the device API does not check) makes the sum
+     * NaN: that set counts as non-empty, so the NaN reaches LSE_i, l_i and the loss instead of
+     * vanishing into an "empty" set with l_i = 0. */
+    const bool has_denominator = !(s.sum == 0.0f);
+    const bool has_positive = s.positive_weight > 0.0f;
+    const float log_sum = has_denominator ? logf(s.sum) : 0.0f;
+    /* log sum_j (w_ij / W_i) e^(s_ij - positive_max); see "Exact cancellations" above. */
+    const float log_scaled_positive_sum = has_positive ? logf(s.positive_sum / s.positive_weight_max) : 0.0f;
+    float loss = 0.0f;
+    if (has_denominator && has_positive) {
+        /* Differences of large logits first, then the O(log N) log-sums: less cancellation. */
+        loss = p.summation == SUPCON_SUMMATION_OUTSIDE
+                   ? p.loss_scale * ((s.max - s.positive_logit / s.positive_weight) + log_sum)
+                   : p.loss_scale * ((s.max - s.positive_max) + (log_sum - log_scaled_positive_sum) +
+                                     logf(s.positive_weight / s.positive_weight_max));
+    }
+    /* hi = max + log_sum rounded, lo = (max - hi) + log_sum: max - hi is exact (Sterbenz). */
+    const float lse = has_denominator ? s.max + log_sum : -INFINITY;
+    const float positive_lse = has_positive ? s.positive_max + log_scaled_positive_sum : -INFINITY;
+    reinterpret_cast<float*>(p.anchor_lse)[anchor] = lse;
+    reinterpret_cast<float*>(p.anchor_lse_lo)[anchor] = has_denominator ? (s.max - lse) + log_sum : 0.0f;
+    reinterpret_cast<float*>(p.anchor_scaled_positive_lse)[anchor] = positive_lse;
+    reinterpret_cast<float*>(p.anchor_scaled_positive_lse_lo)[anchor] =
+        has_positive ? (s.positive_max - positive_lse) + log_scaled_positive_sum : 0.0f;
+    reinterpret_cast<float*>(p.anchor_positive_weight)[anchor] = s.positive_weight;
+    reinterpret_cast<float*>(p.anchor_positive_weight_max)[anchor] = s.positive_weight_max;
+    reinterpret_cast<float*>(p.anchor_loss)[anchor] = loss;
+}
+
+/* The saved statistics of the rows of one tile. */
+struct TileStatistics {
+    float lse[kTileRows]; /* hi and lo (supcon_params.h) */
+    float lse_lo[kTileRows];
+    float scaled_positive_lse[kTileRows];
+    float scaled_positive_lse_lo[kTileRows];
+    float positive_weight[kTileRows];
+    float positive_weight_max[kTileRows];
+    float coef[kTileRows]; /* 0 for rows that are not anchors or whose gradient vanishes */
+};
+
+/* Threads 0..kTileRows-1 each load one row's statistics. The caller synchronises. */
+__device__ __forceinline__ void load_statistics(TileStatistics& tile, uint32_t first_row, int count,
+                                                const SupconParams& p) {
+    const int t = threadIdx.x;
+    if (t < kTileRows && t < count) {
+        const uint32_t row = first_row + t;
+        float coef = 0.0f;
+        if (row < p.anchors) {
+            coef = reinterpret_cast<const float*>(p.anchor_grad_coef)[row];
+            tile.lse[t] = reinterpret_cast<const float*>(p.anchor_lse)[row];
+            tile.lse_lo[t] = reinterpret_cast<const float*>(p.anchor_lse_lo)[row];
+            tile.scaled_positive_lse[t] = reinterpret_cast<const float*>(p.anchor_scaled_positive_lse)[row];
+            tile.scaled_positive_lse_lo[t] = reinterpret_cast<const float*>(p.anchor_scaled_positive_lse_lo)[row];
+            tile.positive_weight[t] = reinterpret_cast<const float*>(p.anchor_positive_weight)[row];
+            tile.positive_weight_max[t] = reinterpret_cast<const float*>(p.anchor_positive_weight_max)[row];
+        }
+        tile.coef[t] = coef;
+    }
+}
+
+/* G_ij / coef_i for the anchor whose statistics are row a of `stats`, given s_ij and w_ij. */
+__device__ __forceinline__ float logit_gradient(const SupconParams& p, const TileStatistics& stats, int a, float s,
+                                                float weight) {
+    float g = in_denominator(p, weight) ? expf((s - stats.lse[a]) - stats.lse_lo[a]) : 0.0f;
+    if (weight > 0.0f) {
+        /* Divisions, not multiplications by reciprocals: w / w is exactly 1. */
+        g -= p.summation == SUPCON_SUMMATION_OUTSIDE
+                 ? weight / stats.positive_weight[a]
+                 : weight / stats.positive_weight_max[a] *
+                       expf((s - stats.scaled_positive_lse[a]) - stats.scaled_positive_lse_lo[a]);
+    }
+    return g;
+}
+
+} // namespace supcon
+
+#endif /* SUPCON_STATISTICS_CUH */
