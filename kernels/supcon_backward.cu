@@ -53,7 +53,8 @@ static_assert(kTileCols % kGradStageRows == 0, "whole stages per column tile");
 static_assert(kGradStageRows * kGradChunk % kThreads == 0, "the Z stage loader covers the stage in whole passes");
 
 template <typename T>
-__device__ __forceinline__ void backward(const SupconParams& p) {
+__device__ __forceinline__ void backward(const SupconBackwardParams& b) {
+    const SupconProblem& p = b.problem;
     /* The S stages and the Z stages of step 3 are never live at the same time. */
     union BackwardShared {
         StageTiles stage;
@@ -69,12 +70,12 @@ __device__ __forceinline__ void backward(const SupconParams& p) {
     const T* __restrict__ features = reinterpret_cast<const T*>(p.features);
     const int ty = threadIdx.x / kThreadGridCols;
     const int tx = threadIdx.x % kThreadGridCols;
-    const uint32_t first_row = blockIdx.x * kTileRows;
-    const int own_count = rows_in_tile(first_row, p.rows);
+    const uint32_t first_row = b.grad_begin + blockIdx.x * kTileRows;
+    const int own_count = rows_in_tile(first_row, b.grad_end);
     const uint32_t first_column = blockIdx.y * kGradChunk;
 
     describe_rows(own_rows, first_row, own_count, p);
-    load_statistics(own_stats, first_row, own_count, p);
+    load_statistics(own_stats, first_row, own_count, b);
 
     float grad[kMicroRows][kGradMicroCols];
 #pragma unroll
@@ -87,7 +88,7 @@ __device__ __forceinline__ void backward(const SupconParams& p) {
         if (first_row >= p.anchors && first_contrast >= p.anchors) break;
         const int contrast_count = rows_in_tile(first_contrast, p.rows);
         describe_rows(contrast_rows, first_contrast, contrast_count, p);
-        load_statistics(contrast_stats, first_contrast, contrast_count, p);
+        load_statistics(contrast_stats, first_contrast, contrast_count, b);
         __syncthreads();
 
         float acc[kMicroRows][kMicroCols];
@@ -144,7 +145,7 @@ __device__ __forceinline__ void backward(const SupconParams& p) {
         }
     }
 
-    float* grad_features = reinterpret_cast<float*>(p.grad_features);
+    float* grad_features = reinterpret_cast<float*>(b.grad_features);
 #pragma unroll
     for (int m = 0; m < kMicroRows; ++m) {
         const int r = ty + kThreadGridRows * m;
@@ -160,32 +161,31 @@ __device__ __forceinline__ void backward(const SupconParams& p) {
 } // namespace
 } // namespace supcon
 
-extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_backward_f32(const SupconParams params) {
+extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_backward_f32(const SupconBackwardParams params) {
     supcon::backward<float>(params);
 }
 
-extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_backward_f16(const SupconParams params) {
+extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_backward_f16(const SupconBackwardParams params) {
     supcon::backward<__half>(params);
 }
 
-extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_backward_bf16(const SupconParams params) {
+extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_backward_bf16(const SupconBackwardParams params) {
     supcon::backward<__nv_bfloat16>(params);
 }
 
 extern "C" __global__ void __launch_bounds__(supcon::kCoefficientThreads)
-    supcon_backward_coefficients(const SupconParams params) {
+    supcon_backward_coefficients(const SupconCoefficientParams params) {
     const uint32_t anchor = blockIdx.x * supcon::kCoefficientThreads + threadIdx.x;
-    if (anchor >= params.anchors) return;
+    if (anchor >= params.reduction.anchors) return;
     const double mean_denominator = supcon::mean_denominator(
-        params, *reinterpret_cast<const uint32_t*>(params.anchors_without_positives));
-    const double upstream = params.anchor_upstream != 0
-                                ? reinterpret_cast<const double*>(params.anchor_upstream)[anchor]
-                                : params.upstream_scalar;
-    const float positive_weight = reinterpret_cast<const float*>(params.anchor_positive_weight)[anchor];
-    const float lse = reinterpret_cast<const float*>(params.anchor_lse)[anchor];
+        params.reduction, *reinterpret_cast<const uint32_t*>(params.anchors_without_positives));
+    const double upstream = params.upstream != 0 ? reinterpret_cast<const double*>(params.upstream)[anchor]
+                                                 : params.upstream_scalar;
+    const float positive_weight = reinterpret_cast<const float*>(params.positive_weight)[anchor];
+    const float lse = reinterpret_cast<const float*>(params.lse)[anchor];
     /* A NaN LSE (NaN features on the device API) keeps its coefficient, so that the NaN reaches
      * the gradient too. */
     const bool depends_on_logits = positive_weight > 0.0f && !(lse == -INFINITY);
-    reinterpret_cast<float*>(params.anchor_grad_coef)[anchor] =
-        depends_on_logits ? static_cast<float>(params.loss_scale_exact / mean_denominator * upstream) : 0.0f;
+    reinterpret_cast<float*>(params.grad_coef)[anchor] =
+        depends_on_logits ? static_cast<float>(params.loss_scale / mean_denominator * upstream) : 0.0f;
 }

@@ -66,7 +66,7 @@ static_assert(kThreadGridRows * kMicroRows == kTileRows && kThreadGridCols * kMi
 /* R', what the reduction divides the sum of the losses by: R, or under the "exclude" policy the
  * anchors with P_i > 0 (at least 1), for the mean; 1 for sum and none. Shared by the
  * finalisation and the gradient coefficients, so the loss and its gradient agree. */
-__device__ __forceinline__ double mean_denominator(const SupconParams& p, uint32_t without_positive) {
+__device__ __forceinline__ double mean_denominator(const SupconReduction& p, uint32_t without_positive) {
     if (p.reduction != SUPCON_REDUCTION_MEAN) return 1.0;
     if (p.no_positive_policy != SUPCON_NO_POSITIVE_EXCLUDE) return p.anchors;
     const uint32_t with_positive = p.anchors - without_positive;
@@ -93,7 +93,7 @@ struct StageTiles {
 /* Fills `tile` for rows first_row .. first_row + count - 1 (threads 0..kTileRows-1 each describe
  * one row). The caller synchronises before the description is read. */
 __device__ __forceinline__ void describe_rows(TileRows& tile, uint32_t first_row, int count,
-                                              const SupconParams& p) {
+                                              const SupconProblem& p) {
     const int t = threadIdx.x;
     if (t < kTileRows && t < count) {
         const uint32_t row = first_row + t;
@@ -109,7 +109,7 @@ __device__ __forceinline__ void describe_rows(TileRows& tile, uint32_t first_row
 
 /* w_ij: the positive weight of row j (column c of `cols`) for row i (row r of `rows`). The
  * caller excludes i == j. */
-__device__ __forceinline__ float pair_weight(const SupconParams& p, const TileRows& rows, int r,
+__device__ __forceinline__ float pair_weight(const SupconProblem& p, const TileRows& rows, int r,
                                              const TileRows& cols, int c) {
     if (p.positive_kind == SUPCON_POSITIVES_MASK) {
         const float* mask = reinterpret_cast<const float*>(p.mask);
@@ -119,7 +119,7 @@ __device__ __forceinline__ float pair_weight(const SupconParams& p, const TileRo
 }
 
 /* Is j in anchor i's softmax denominator, given w_ij (j != i)? */
-__device__ __forceinline__ bool in_denominator(const SupconParams& p, float weight) {
+__device__ __forceinline__ bool in_denominator(const SupconProblem& p, float weight) {
     return p.denominator == SUPCON_DENOMINATOR_ALL || weight == 0.0f;
 }
 

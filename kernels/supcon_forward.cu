@@ -48,7 +48,8 @@ namespace supcon {
 namespace {
 
 template <typename T>
-__device__ __forceinline__ void forward_statistics(const SupconParams& p) {
+__device__ __forceinline__ void forward_statistics(const SupconForwardParams& f) {
+    const SupconProblem& p = f.problem;
     /* The stages are dead once the last tile is done; the partial statistics reuse them. */
     union ForwardShared {
         StageTiles stage;
@@ -63,8 +64,8 @@ __device__ __forceinline__ void forward_statistics(const SupconParams& p) {
     const T* __restrict__ features = reinterpret_cast<const T*>(p.features);
     const int ty = threadIdx.x / kThreadGridCols;
     const int tx = threadIdx.x % kThreadGridCols;
-    const uint32_t first_anchor = blockIdx.x * kTileRows;
-    const int anchor_count = rows_in_tile(first_anchor, p.anchors);
+    const uint32_t first_anchor = f.anchor_begin + blockIdx.x * kTileRows;
+    const int anchor_count = rows_in_tile(first_anchor, f.anchor_end);
 
     describe_rows(anchor_rows, first_anchor, anchor_count, p);
     RowStatistics stats[kMicroRows];
@@ -105,36 +106,36 @@ __device__ __forceinline__ void forward_statistics(const SupconParams& p) {
     for (int m = 0; m < kMicroRows; ++m) shared.partial[ty + kThreadGridRows * m][tx] = stats[m];
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < anchor_count) {
-        finish_anchor(shared.partial[threadIdx.x], first_anchor + threadIdx.x, p);
+        finish_anchor(shared.partial[threadIdx.x], first_anchor + threadIdx.x, f);
     }
 }
 
 } // namespace
 } // namespace supcon
 
-extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_f32(const SupconParams params) {
+extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_f32(const SupconForwardParams params) {
     supcon::forward_statistics<float>(params);
 }
 
-extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_f16(const SupconParams params) {
+extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_f16(const SupconForwardParams params) {
     supcon::forward_statistics<__half>(params);
 }
 
-extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_bf16(const SupconParams params) {
+extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_bf16(const SupconForwardParams params) {
     supcon::forward_statistics<__nv_bfloat16>(params);
 }
 
 extern "C" __global__ void __launch_bounds__(supcon::kFinalizeThreads)
-    supcon_forward_finalize(const SupconParams params) {
+    supcon_forward_finalize(const SupconFinalizeParams params) {
     constexpr int kWarps = supcon::kFinalizeThreads / 32;
     __shared__ double warp_loss[kWarps];
     __shared__ uint32_t warp_without_positive[kWarps];
 
     const float* anchor_loss = reinterpret_cast<const float*>(params.anchor_loss);
-    const float* positive_weight = reinterpret_cast<const float*>(params.anchor_positive_weight);
+    const float* positive_weight = reinterpret_cast<const float*>(params.positive_weight);
     double loss = 0.0;
     uint32_t without_positive = 0;
-    for (uint32_t a = threadIdx.x; a < params.anchors; a += supcon::kFinalizeThreads) {
+    for (uint32_t a = threadIdx.x; a < params.reduction.anchors; a += supcon::kFinalizeThreads) {
         loss += anchor_loss[a];
         without_positive += positive_weight[a] > 0.0f ? 0u : 1u;
     }
@@ -155,7 +156,7 @@ extern "C" __global__ void __launch_bounds__(supcon::kFinalizeThreads)
             without += warp_without_positive[w];
         }
         /* Sum and none divide by 1, exactly. */
-        *reinterpret_cast<double*>(params.reduced_loss) = total / supcon::mean_denominator(params, without);
+        *reinterpret_cast<double*>(params.reduced_loss) = total / supcon::mean_denominator(params.reduction, without);
         *reinterpret_cast<uint32_t*>(params.anchors_without_positives) = without;
     }
 }

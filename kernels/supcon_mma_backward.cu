@@ -50,7 +50,8 @@ __device__ __forceinline__ void convert_to_bf16(__half* tile, uint32_t stride, u
 }
 
 template <typename T>
-__device__ __forceinline__ void backward(const SupconParams& p) {
+__device__ __forceinline__ void backward(const SupconBackwardParams& b) {
+    const SupconProblem& p = b.problem;
     /* Descriptions and statistics of the contrast tiles rotate over three slots, as in the
      * forward kernel. */
     __shared__ TileRows own_rows;
@@ -61,8 +62,8 @@ __device__ __forceinline__ void backward(const SupconParams& p) {
     const T* __restrict__ features = reinterpret_cast<const T*>(p.features);
     const SharedRows<T> shared(p);
     const FragmentLane lane;
-    const uint32_t first_row = blockIdx.x * kRows;
-    const int own_count = rows_in_tile(first_row, p.rows);
+    const uint32_t first_row = b.grad_begin + blockIdx.x * kRows;
+    const int own_count = rows_in_tile(first_row, b.grad_end);
     const uint32_t first_column = blockIdx.y * kGradCols;
     /* Columns of this chunk that the shared rows hold (whole 16-column pairs of n-tiles). */
     const uint32_t padded = padded_dim(p.dim);
@@ -72,9 +73,9 @@ __device__ __forceinline__ void backward(const SupconParams& p) {
     const uint32_t tiles = (contrast_limit + kCols - 1) / kCols;
 
     describe_rows(own_rows, first_row, own_count, p);
-    load_statistics(own_stats, first_row, own_count, p);
+    load_statistics(own_stats, first_row, own_count, b);
     describe_rows(contrast_rows[0], 0, rows_in_tile(0, p.rows), p);
-    load_statistics(contrast_stats[0], 0, rows_in_tile(0, p.rows), p);
+    load_statistics(contrast_stats[0], 0, rows_in_tile(0, p.rows), b);
     load_rows(shared.own, features, first_row, own_count, shared.aligned, p);
     load_rows(shared.contrast(0), features, 0, rows_in_tile(0, p.rows), shared.aligned, p);
     cp_async_commit();
@@ -88,7 +89,7 @@ __device__ __forceinline__ void backward(const SupconParams& p) {
             const uint32_t next = (t + 1) * kCols;
             const int next_count = rows_in_tile(next, p.rows);
             describe_rows(contrast_rows[(t + 1) % 3], next, next_count, p);
-            load_statistics(contrast_stats[(t + 1) % 3], next, next_count, p);
+            load_statistics(contrast_stats[(t + 1) % 3], next, next_count, b);
             load_rows(shared.contrast((t + 1) % 2), features, next, next_count, shared.aligned, p);
         }
         cp_async_commit();
@@ -138,7 +139,7 @@ __device__ __forceinline__ void backward(const SupconParams& p) {
         __syncthreads();
     }
 
-    float* grad_features = reinterpret_cast<float*>(p.grad_features);
+    float* grad_features = reinterpret_cast<float*>(b.grad_features);
 #pragma unroll
     for (int n = 0; n < kGradTiles; ++n) {
 #pragma unroll
@@ -156,11 +157,11 @@ __device__ __forceinline__ void backward(const SupconParams& p) {
 } // namespace tc
 } // namespace supcon
 
-extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) supcon_mma_backward_f16(const SupconParams params) {
+extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) supcon_mma_backward_f16(const SupconBackwardParams params) {
     supcon::tc::backward<__half>(params);
 }
 
 extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads)
-    supcon_mma_backward_bf16(const SupconParams params) {
+    supcon_mma_backward_bf16(const SupconBackwardParams params) {
     supcon::tc::backward<__nv_bfloat16>(params);
 }

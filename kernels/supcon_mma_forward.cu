@@ -34,7 +34,8 @@ constexpr int kThreadCols = 2 * kColTiles;
 constexpr int kRowParts = 4;
 
 template <typename T>
-__device__ __forceinline__ void forward(const SupconParams& p) {
+__device__ __forceinline__ void forward(const SupconForwardParams& f) {
+    const SupconProblem& p = f.problem;
     /* Row descriptions rotate over three slots: slot (t + 1) % 3 is written during tile t, and
      * was last read by the epilogue of tile t - 2, which every thread left before the barriers
      * of tile t - 1. */
@@ -45,8 +46,8 @@ __device__ __forceinline__ void forward(const SupconParams& p) {
     const T* __restrict__ features = reinterpret_cast<const T*>(p.features);
     const SharedRows<T> shared(p);
     const FragmentLane lane;
-    const uint32_t first_anchor = blockIdx.x * kRows;
-    const int anchor_count = rows_in_tile(first_anchor, p.anchors);
+    const uint32_t first_anchor = f.anchor_begin + blockIdx.x * kRows;
+    const int anchor_count = rows_in_tile(first_anchor, f.anchor_end);
     const uint32_t tiles = (p.rows + kCols - 1) / kCols;
 
     describe_rows(anchor_rows, first_anchor, anchor_count, p);
@@ -105,7 +106,7 @@ __device__ __forceinline__ void forward(const SupconParams& p) {
     for (int h = 0; h < 2; ++h) partial[lane.row[h]][lane.quad] = stats[h];
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < anchor_count) {
-        finish_anchor(partial[threadIdx.x], first_anchor + threadIdx.x, p);
+        finish_anchor(partial[threadIdx.x], first_anchor + threadIdx.x, f);
     }
 }
 
@@ -113,10 +114,10 @@ __device__ __forceinline__ void forward(const SupconParams& p) {
 } // namespace tc
 } // namespace supcon
 
-extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) supcon_mma_forward_f16(const SupconParams params) {
+extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) supcon_mma_forward_f16(const SupconForwardParams params) {
     supcon::tc::forward<__half>(params);
 }
 
-extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) supcon_mma_forward_bf16(const SupconParams params) {
+extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) supcon_mma_forward_bf16(const SupconForwardParams params) {
     supcon::tc::forward<__nv_bfloat16>(params);
 }

@@ -76,7 +76,7 @@ __device__ __forceinline__ unsigned char* dynamic_shared() {
 }
 
 /* Whether 16-byte copies may be used: every row of the buffer starts 16-byte aligned. */
-__device__ __forceinline__ bool rows_are_aligned(const SupconParams& p) {
+__device__ __forceinline__ bool rows_are_aligned(const SupconProblem& p) {
     return p.dim % 8 == 0 && p.features % 16 == 0;
 }
 
@@ -87,7 +87,7 @@ struct SharedRows {
     uint32_t stride;
     bool aligned; /* 16-byte copies (rows_are_aligned) */
 
-    __device__ __forceinline__ explicit SharedRows(const SupconParams& p)
+    __device__ __forceinline__ explicit SharedRows(const SupconProblem& p)
         : own(reinterpret_cast<T*>(dynamic_shared())), stride(row_stride(p.dim)), aligned(rows_are_aligned(p)) {}
 
     /* Stage k (by arithmetic: an array of two pointers indexed at run time would live on the
@@ -108,7 +108,7 @@ struct FragmentLane {
 };
 
 /* Element offset of flattened row `row` (= v B + b) in the [B, V, D] buffer. */
-__device__ __forceinline__ uint64_t row_offset(uint32_t row, const SupconParams& p) {
+__device__ __forceinline__ uint64_t row_offset(uint32_t row, const SupconProblem& p) {
     const uint32_t view = row / p.batch;
     const uint32_t sample = row - view * p.batch;
     return (static_cast<uint64_t>(sample) * p.views + view) * p.dim;
@@ -118,7 +118,7 @@ __device__ __forceinline__ uint64_t row_offset(uint32_t row, const SupconParams&
  * as 16-byte cp.async copies in the current group when `aligned`, else by plain loads. */
 template <typename T>
 __device__ __forceinline__ void load_rows(T* tile, const T* __restrict__ features, uint32_t first, int count,
-                                          bool aligned, const SupconParams& p) {
+                                          bool aligned, const SupconProblem& p) {
     const uint32_t dim = p.dim;
     const uint32_t stride = row_stride(dim);
     if (aligned) {

@@ -1,14 +1,22 @@
 /*
- * The one parameter block every SupCon kernel takes (by value), shared with Rust
- * (src/kernel_abi.rs mirrors it field for field; a test compares sizeof/offsetof).
+ * The parameter blocks of the SupCon kernels (each takes one by value), shared with Rust
+ * (src/device/abi.rs mirrors them field for field; a test compares sizeof/offsetof).
+ *
+ *   SupconForwardParams      supcon_forward_*, supcon_mma_forward_*
+ *   SupconFinalizeParams     supcon_forward_finalize
+ *   SupconCoefficientParams  supcon_backward_coefficients
+ *   SupconBackwardParams     supcon_backward_*, supcon_mma_backward_*
  *
  * ABI rules: fixed-width types only, every field naturally aligned, device pointers as
- * uint64_t addresses, explicit padding so the compiler inserts none. Fields a kernel does
- * not use are 0.
+ * uint64_t addresses, explicit padding so the compiler inserts none. A kernel reads every field
+ * of its block.
  *
  * Rows are view-major: flattened row r = v*B + b is view v of sample b, stored at
  * element offset (b*V + v)*D of the [B, V, D] feature buffer. Anchors are rows 0..R-1
- * (R = N for contrast mode "all", R = B for "one"); contrasts are all N rows.
+ * (R = N for contrast mode "all", R = B for "one"); contrasts are all N rows. The statistics
+ * arrays are indexed by anchor. The forward kernels compute the anchors of one range and the
+ * backward kernels the gradient rows of one range, so that a launch can cover a shard of the
+ * rows (the host launches [0, R) and [0, N) today).
  */
 #ifndef SUPCON_PARAMS_H
 #define SUPCON_PARAMS_H
@@ -38,48 +46,84 @@
 #define SUPCON_NO_POSITIVE_EXCLUDE 1u        /* R' = anchors with P_i > 0 */
 #define SUPCON_NO_POSITIVE_ERROR 2u          /* host fails on a non-zero count */
 
-typedef struct SupconParams {
-    /* Inputs. */
-    uint64_t features;  /* const T[B][V][D], T = float, __half or __nv_bfloat16 */
-    uint64_t labels;    /* const int64_t[B] (POSITIVES_LABELS), else 0 */
-    uint64_t mask;      /* const float[B][B] (POSITIVES_MASK), else 0 */
-    /* Per-anchor statistics: written by the forward kernel, read by the finalisation and
-     * backward kernels. */
-    /* A log-sum-exp is kept as two floats, hi (its rounding) and lo (the rest), so that the
-     * backward kernel's e^{(s - hi) - lo} has float precision at any logit scale (s - hi is exact
-     * for s near hi), where e^{s - hi} would lose up to half an ulp of hi. */
-    uint64_t anchor_lse;                    /* float[R]: LSE_i over the denominator set, hi (-inf: empty) */
-    uint64_t anchor_lse_lo;                 /* float[R]: its lo (0 for an empty set) */
-    uint64_t anchor_scaled_positive_lse;    /* float[R]: log sum_j (w_ij / W_i) e^{s_ij} = LSE^P_i - log W_i,
-                                             * hi (-inf: no positive) */
-    uint64_t anchor_scaled_positive_lse_lo; /* float[R]: its lo (0 without a positive) */
-    uint64_t anchor_positive_weight;     /* float[R]: P_i = sum_j w_ij */
-    uint64_t anchor_positive_weight_max; /* float[R]: W_i = max_j w_ij (0: no positive) */
-    uint64_t anchor_loss;                /* float[R]: l_i */
-    /* Finalisation outputs. */
-    uint64_t reduced_loss;              /* double[1]: the loss under `reduction` */
-    uint64_t anchors_without_positives; /* uint32_t[1]: #anchors with P_i = 0 */
-    /* Backward. */
-    uint64_t anchor_grad_coef; /* float[R]: c*u_i/R' * [P_i > 0] * [denominator non-empty], read by the
-                                * backward kernel, written by supcon_backward_coefficients */
-    uint64_t grad_features;    /* float[B][V][D], same layout as features */
-    uint64_t anchor_upstream;  /* const double[R]: u_i under reduction none, else 0 (coefficients) */
-    double upstream_scalar;    /* u of a reduced loss (coefficients) */
-    double loss_scale_exact;   /* c = tau/tau_b in double (coefficients) */
-    /* Shape. */
-    uint32_t batch;       /* B */
-    uint32_t views;       /* V */
-    uint32_t dim;         /* D */
-    uint32_t rows;        /* N = B*V */
-    uint32_t anchors;     /* R */
+/* The batch, its positives and the loss options. */
+typedef struct SupconProblem {
+    uint64_t features; /* const T[B][V][D], T = float, __half or __nv_bfloat16 */
+    uint64_t labels;   /* const int64_t[B] (POSITIVES_LABELS), else 0 */
+    uint64_t mask;     /* const float[B][B] (POSITIVES_MASK), else 0 */
+    uint32_t batch;    /* B */
+    uint32_t views;    /* V */
+    uint32_t dim;      /* D */
+    uint32_t rows;     /* N = B*V */
+    uint32_t anchors;  /* R */
     /* Options (the SUPCON_* constants above). */
     uint32_t positive_kind;
     uint32_t denominator;
     uint32_t summation;
-    uint32_t reduction;
-    uint32_t no_positive_policy;
     float inv_temperature; /* 1/tau */
     float loss_scale;      /* c = tau/tau_b */
-} SupconParams;
+} SupconProblem;
+
+/* The per-anchor statistics, float[R] each: written by the forward kernels, read by the
+ * backward kernels. A log-sum-exp is kept as two floats, hi (its rounding) and lo (the rest),
+ * so that the backward kernel's e^{(s - hi) - lo} has float precision at any logit scale (s - hi
+ * is exact for s near hi), where e^{s - hi} would lose up to half an ulp of hi. */
+typedef struct SupconStatistics {
+    uint64_t lse;                    /* LSE_i over the denominator set, hi (-inf: empty) */
+    uint64_t lse_lo;                 /* its lo (0 for an empty set) */
+    uint64_t scaled_positive_lse;    /* log sum_j (w_ij / W_i) e^{s_ij} = LSE^P_i - log W_i, hi
+                                      * (-inf: no positive) */
+    uint64_t scaled_positive_lse_lo; /* its lo (0 without a positive) */
+    uint64_t positive_weight;        /* P_i = sum_j w_ij */
+    uint64_t positive_weight_max;    /* W_i = max_j w_ij (0: no positive) */
+} SupconStatistics;
+
+/* How the per-anchor losses reduce. */
+typedef struct SupconReduction {
+    uint32_t anchors; /* R */
+    uint32_t reduction;
+    uint32_t no_positive_policy;
+    uint32_t padding; /* 0 */
+} SupconReduction;
+
+/* Statistics and losses of anchors anchor_begin .. anchor_end - 1 against all N rows. */
+typedef struct SupconForwardParams {
+    SupconProblem problem;
+    SupconStatistics statistics; /* written at the range's anchors */
+    uint64_t anchor_loss;        /* float[R]: l_i, written at the range's anchors */
+    uint32_t anchor_begin;
+    uint32_t anchor_end;
+} SupconForwardParams;
+
+/* The reduced loss over anchors 0..R-1, and their count without positives. */
+typedef struct SupconFinalizeParams {
+    uint64_t anchor_loss;               /* const float[R]: l_i */
+    uint64_t positive_weight;           /* const float[R]: P_i */
+    uint64_t reduced_loss;              /* double[1]: the loss under `reduction` */
+    uint64_t anchors_without_positives; /* uint32_t[1]: #anchors with P_i = 0 */
+    SupconReduction reduction;
+} SupconFinalizeParams;
+
+/* The backward kernels' per-anchor coefficients c*u_i/R' * [P_i > 0] * [D_i non-empty]. */
+typedef struct SupconCoefficientParams {
+    uint64_t lse;                       /* const float[R]: LSE_i (hi) */
+    uint64_t positive_weight;           /* const float[R]: P_i */
+    uint64_t anchors_without_positives; /* const uint32_t[1] */
+    uint64_t upstream;                  /* const double[R]: u_i under reduction none, else 0 */
+    uint64_t grad_coef;                 /* float[R]: the coefficients */
+    double upstream_scalar;             /* u of a reduced loss */
+    double loss_scale;                  /* c = tau/tau_b in double */
+    SupconReduction reduction;
+} SupconCoefficientParams;
+
+/* dL/dZ for rows grad_begin .. grad_end - 1, from every anchor's statistics. */
+typedef struct SupconBackwardParams {
+    SupconProblem problem;
+    SupconStatistics statistics; /* read for every anchor */
+    uint64_t grad_coef;          /* const float[R]: SupconCoefficientParams' output */
+    uint64_t grad_features;      /* float[B][V][D], the features' layout: the range's rows written */
+    uint32_t grad_begin;
+    uint32_t grad_end;
+} SupconBackwardParams;
 
 #endif /* SUPCON_PARAMS_H */

@@ -69,7 +69,8 @@ __device__ __forceinline__ void accumulate_row(RowStatistics& stats, const float
  * writes the anchor's outputs. */
 template <int kParts>
 __device__ __forceinline__ void finish_anchor(const RowStatistics (&partial)[kParts], uint32_t anchor,
-                                              const SupconParams& p) {
+                                              const SupconForwardParams& f) {
+    const SupconProblem& p = f.problem;
     RowStatistics s = partial[0];
     for (int q = 1; q < kParts; ++q) {
         merge_log_sum(s.max, s.sum, partial[q].max, partial[q].sum);
@@ -98,14 +99,14 @@ __device__ __forceinline__ void finish_anchor(const RowStatistics (&partial)[kPa
     /* hi = max + log_sum rounded, lo = (max - hi) + log_sum: max - hi is exact (Sterbenz). */
     const float lse = has_denominator ? s.max + log_sum : -INFINITY;
     const float positive_lse = has_positive ? s.positive_max + log_scaled_positive_sum : -INFINITY;
-    reinterpret_cast<float*>(p.anchor_lse)[anchor] = lse;
-    reinterpret_cast<float*>(p.anchor_lse_lo)[anchor] = has_denominator ? (s.max - lse) + log_sum : 0.0f;
-    reinterpret_cast<float*>(p.anchor_scaled_positive_lse)[anchor] = positive_lse;
-    reinterpret_cast<float*>(p.anchor_scaled_positive_lse_lo)[anchor] =
+    reinterpret_cast<float*>(f.statistics.lse)[anchor] = lse;
+    reinterpret_cast<float*>(f.statistics.lse_lo)[anchor] = has_denominator ? (s.max - lse) + log_sum : 0.0f;
+    reinterpret_cast<float*>(f.statistics.scaled_positive_lse)[anchor] = positive_lse;
+    reinterpret_cast<float*>(f.statistics.scaled_positive_lse_lo)[anchor] =
         has_positive ? (s.positive_max - positive_lse) + log_scaled_positive_sum : 0.0f;
-    reinterpret_cast<float*>(p.anchor_positive_weight)[anchor] = s.positive_weight;
-    reinterpret_cast<float*>(p.anchor_positive_weight_max)[anchor] = s.positive_weight_max;
-    reinterpret_cast<float*>(p.anchor_loss)[anchor] = loss;
+    reinterpret_cast<float*>(f.statistics.positive_weight)[anchor] = s.positive_weight;
+    reinterpret_cast<float*>(f.statistics.positive_weight_max)[anchor] = s.positive_weight_max;
+    reinterpret_cast<float*>(f.anchor_loss)[anchor] = loss;
 }
 
 /* The saved statistics of the rows of one tile. */
@@ -121,26 +122,27 @@ struct TileStatistics {
 
 /* Threads 0..kTileRows-1 each load one row's statistics. The caller synchronises. */
 __device__ __forceinline__ void load_statistics(TileStatistics& tile, uint32_t first_row, int count,
-                                                const SupconParams& p) {
+                                                const SupconBackwardParams& b) {
+    const SupconStatistics& saved = b.statistics;
     const int t = threadIdx.x;
     if (t < kTileRows && t < count) {
         const uint32_t row = first_row + t;
         float coef = 0.0f;
-        if (row < p.anchors) {
-            coef = reinterpret_cast<const float*>(p.anchor_grad_coef)[row];
-            tile.lse[t] = reinterpret_cast<const float*>(p.anchor_lse)[row];
-            tile.lse_lo[t] = reinterpret_cast<const float*>(p.anchor_lse_lo)[row];
-            tile.scaled_positive_lse[t] = reinterpret_cast<const float*>(p.anchor_scaled_positive_lse)[row];
-            tile.scaled_positive_lse_lo[t] = reinterpret_cast<const float*>(p.anchor_scaled_positive_lse_lo)[row];
-            tile.positive_weight[t] = reinterpret_cast<const float*>(p.anchor_positive_weight)[row];
-            tile.positive_weight_max[t] = reinterpret_cast<const float*>(p.anchor_positive_weight_max)[row];
+        if (row < b.problem.anchors) {
+            coef = reinterpret_cast<const float*>(b.grad_coef)[row];
+            tile.lse[t] = reinterpret_cast<const float*>(saved.lse)[row];
+            tile.lse_lo[t] = reinterpret_cast<const float*>(saved.lse_lo)[row];
+            tile.scaled_positive_lse[t] = reinterpret_cast<const float*>(saved.scaled_positive_lse)[row];
+            tile.scaled_positive_lse_lo[t] = reinterpret_cast<const float*>(saved.scaled_positive_lse_lo)[row];
+            tile.positive_weight[t] = reinterpret_cast<const float*>(saved.positive_weight)[row];
+            tile.positive_weight_max[t] = reinterpret_cast<const float*>(saved.positive_weight_max)[row];
         }
         tile.coef[t] = coef;
     }
 }
 
 /* G_ij / coef_i for the anchor whose statistics are row a of `stats`, given s_ij and w_ij. */
-__device__ __forceinline__ float logit_gradient(const SupconParams& p, const TileStatistics& stats, int a, float s,
+__device__ __forceinline__ float logit_gradient(const SupconProblem& p, const TileStatistics& stats, int a, float s,
                                                 float weight) {
     float g = in_denominator(p, weight) ? expf((s - stats.lse[a]) - stats.lse_lo[a]) : 0.0f;
     if (weight > 0.0f) {

@@ -300,12 +300,26 @@ fn reference_results_are_typed_errors_or_self_consistent() {
     );
 }
 
+/// The default kernels: tensor cores for f16 and bf16.
 #[cfg(feature = "emulation")]
 #[test]
 fn emulated_results_are_typed_errors_or_within_tolerance() {
     run_cases(
         "emulated_properties",
         &supcon::EmulatedBackend::default(),
+        Precision::TensorCores,
+        kernel_case,
+        150,
+    );
+}
+
+/// The f32 kernels for every element type.
+#[cfg(feature = "emulation")]
+#[test]
+fn emulated_f32_results_are_typed_errors_or_within_tolerance() {
+    run_cases(
+        "emulated_f32_properties",
+        &supcon::EmulatedBackend::with_precision(supcon::Precision::F32),
         Precision::F32,
         kernel_case,
         150,

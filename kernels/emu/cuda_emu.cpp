@@ -34,7 +34,7 @@ constexpr size_t kExchangeBytes = 32;
 
 /* Everything the threads of one launch share. */
 struct Launch {
-    Launch(Kernel kernel, dim3 grid, dim3 block, const SupconParams& params, unsigned threads,
+    Launch(Kernel kernel, dim3 grid, dim3 block, const void* params, unsigned threads,
            size_t dynamic_shared_bytes)
         : kernel(kernel), grid(grid), block(block), params(params), threads(threads), block_barrier(threads),
           exchange((threads + kWarpSize - 1) / kWarpSize * 2 * kWarpSize * kExchangeBytes),
@@ -48,7 +48,7 @@ struct Launch {
     Kernel kernel;
     dim3 grid;
     dim3 block;
-    const SupconParams& params;
+    const void* params;
     unsigned threads;
     std::barrier<> block_barrier;
     std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
@@ -250,7 +250,7 @@ void async_wait(unsigned pending) {
     }
 }
 
-int launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_shared_bytes, const SupconParams& params) {
+int launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_shared_bytes, const void* params) {
     if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535u || grid.z > 65535u) {
         return SUPCON_EMU_BAD_GRID;
     }

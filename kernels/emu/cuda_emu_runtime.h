@@ -17,17 +17,27 @@
 #define SUPCON_EMU_BAD_BLOCK 3         /* a block dimension is 0, or more than 1024 threads */
 #define SUPCON_EMU_DYNAMIC_SHARED 4    /* more dynamic shared memory than a block gets on sm_90 */
 #define SUPCON_EMU_NULL_ARGUMENT 5
+#define SUPCON_EMU_BAD_PARAMS 6        /* a parameter block of another size than the kernel's */
 
 namespace supcon_emu {
 
 /* The most dynamic shared memory a block may have: sm_90's 227 KiB. */
 constexpr size_t kMaxDynamicSharedBytes = 227 * 1024;
 
-using Kernel = void (*)(SupconParams);
+/* A kernel as the emulation calls it: with the address of its parameter block. */
+using Kernel = void (*)(const void* params);
 
 /* Runs `kernel` on every thread of every block of `grid` (blocks in order, one at a time) and
  * returns when all have finished. Launches from several host threads are serialised. */
-int launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_shared_bytes, const SupconParams& params);
+int launch(Kernel kernel, dim3 grid, dim3 block, size_t dynamic_shared_bytes, const void* params);
+
+/* The emulation's entry for a kernel `kernel(P)`: copies the block at `params` into a P. */
+template <typename P, void (*kernel)(P)>
+void entry(const void* params) {
+    P copy;
+    memcpy(&copy, params, sizeof copy);
+    kernel(copy);
+}
 
 } // namespace supcon_emu
 

@@ -21,15 +21,15 @@ constexpr unsigned kBlocks = 2;
 
 enum class Bug { kNone, kMissingBarrier, kOutOfBounds };
 
-/* Thread 0 publishes a value in shared memory; every thread copies it to grad_features.
+/* Thread 0 publishes a value in shared memory; every thread copies it to `output`.
  * (Internal linkage, like the real kernels, so that the shared array gets ASan redzones.) */
 template <Bug kBug>
-void broadcast(SupconParams params) {
+void broadcast(const void* output) {
     __shared__ float values[kBlockThreads];
     const unsigned slot = kBug == Bug::kOutOfBounds ? threadIdx.x + 1 : threadIdx.x;
     values[slot] = threadIdx.x == 0 ? 42.0f + static_cast<float>(blockIdx.x) : 0.0f;
     if (kBug != Bug::kMissingBarrier) __syncthreads();
-    reinterpret_cast<float*>(params.grad_features)[blockIdx.x * kBlockThreads + threadIdx.x] = values[0];
+    static_cast<float*>(const_cast<void*>(output))[blockIdx.x * kBlockThreads + threadIdx.x] = values[0];
 }
 
 } // namespace
@@ -45,10 +45,7 @@ int main(int argc, char** argv) {
         return 2;
     }
     static float output[kBlocks * kBlockThreads];
-    SupconParams params;
-    memset(&params, 0, sizeof params);
-    params.grad_features = reinterpret_cast<uint64_t>(output);
-    const int status = supcon_emu::launch(kernel, dim3{kBlocks, 1, 1}, dim3{kBlockThreads, 1, 1}, 0, params);
+    const int status = supcon_emu::launch(kernel, dim3{kBlocks, 1, 1}, dim3{kBlockThreads, 1, 1}, 0, output);
     if (status != SUPCON_EMU_OK) {
         fprintf(stderr, "launch failed: %d\n", status);
         return 1;

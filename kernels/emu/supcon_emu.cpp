@@ -1,8 +1,8 @@
 /*
  * The C interface of the emulated SupCon kernels, for the Rust side (src/emulated.rs):
  *   - supcon_emu_launch: launch a kernel by its CUDA name;
- *   - supcon_emu_params_size / supcon_emu_params_field: the layout of SupconParams as this
- *     compiler sees it, so a Rust test can check its mirror field by field;
+ *   - supcon_emu_params_size / supcon_emu_params_field: the layout of each parameter block as
+ *     this compiler sees it, so a Rust test can check its mirror field by field;
  *   - supcon_emu_constant: the option codes and tile sizes the Rust launch plan relies on.
  */
 #include <stddef.h>
@@ -14,18 +14,18 @@
 
 /* The kernels' entry points, defined in the .cu files compiled as C++. */
 extern "C" {
-void supcon_forward_f32(SupconParams);
-void supcon_forward_f16(SupconParams);
-void supcon_forward_bf16(SupconParams);
-void supcon_forward_finalize(SupconParams);
-void supcon_backward_f32(SupconParams);
-void supcon_backward_f16(SupconParams);
-void supcon_backward_bf16(SupconParams);
-void supcon_backward_coefficients(SupconParams);
-void supcon_mma_forward_f16(SupconParams);
-void supcon_mma_forward_bf16(SupconParams);
-void supcon_mma_backward_f16(SupconParams);
-void supcon_mma_backward_bf16(SupconParams);
+void supcon_forward_f32(SupconForwardParams);
+void supcon_forward_f16(SupconForwardParams);
+void supcon_forward_bf16(SupconForwardParams);
+void supcon_forward_finalize(SupconFinalizeParams);
+void supcon_backward_f32(SupconBackwardParams);
+void supcon_backward_f16(SupconBackwardParams);
+void supcon_backward_bf16(SupconBackwardParams);
+void supcon_backward_coefficients(SupconCoefficientParams);
+void supcon_mma_forward_f16(SupconForwardParams);
+void supcon_mma_forward_bf16(SupconForwardParams);
+void supcon_mma_backward_f16(SupconBackwardParams);
+void supcon_mma_backward_bf16(SupconBackwardParams);
 }
 
 namespace {
@@ -33,16 +33,25 @@ namespace {
 struct NamedKernel {
     const char* name;
     supcon_emu::Kernel kernel;
+    size_t params_bytes; /* sizeof its parameter block */
 };
 
+#define SUPCON_KERNEL(name, Params) {#name, supcon_emu::entry<Params, name>, sizeof(Params)}
 constexpr NamedKernel kKernels[] = {
-    {"supcon_forward_f32", supcon_forward_f32},   {"supcon_forward_f16", supcon_forward_f16},
-    {"supcon_forward_bf16", supcon_forward_bf16}, {"supcon_forward_finalize", supcon_forward_finalize},
-    {"supcon_backward_f32", supcon_backward_f32}, {"supcon_backward_f16", supcon_backward_f16},
-    {"supcon_backward_bf16", supcon_backward_bf16}, {"supcon_backward_coefficients", supcon_backward_coefficients},
-    {"supcon_mma_forward_f16", supcon_mma_forward_f16}, {"supcon_mma_forward_bf16", supcon_mma_forward_bf16},
-    {"supcon_mma_backward_f16", supcon_mma_backward_f16}, {"supcon_mma_backward_bf16", supcon_mma_backward_bf16},
+    SUPCON_KERNEL(supcon_forward_f32, SupconForwardParams),
+    SUPCON_KERNEL(supcon_forward_f16, SupconForwardParams),
+    SUPCON_KERNEL(supcon_forward_bf16, SupconForwardParams),
+    SUPCON_KERNEL(supcon_forward_finalize, SupconFinalizeParams),
+    SUPCON_KERNEL(supcon_backward_f32, SupconBackwardParams),
+    SUPCON_KERNEL(supcon_backward_f16, SupconBackwardParams),
+    SUPCON_KERNEL(supcon_backward_bf16, SupconBackwardParams),
+    SUPCON_KERNEL(supcon_backward_coefficients, SupconCoefficientParams),
+    SUPCON_KERNEL(supcon_mma_forward_f16, SupconForwardParams),
+    SUPCON_KERNEL(supcon_mma_forward_bf16, SupconForwardParams),
+    SUPCON_KERNEL(supcon_mma_backward_f16, SupconBackwardParams),
+    SUPCON_KERNEL(supcon_mma_backward_bf16, SupconBackwardParams),
 };
+#undef SUPCON_KERNEL
 
 struct FieldLayout {
     const char* name;
@@ -50,47 +59,80 @@ struct FieldLayout {
     size_t size;
 };
 
-#define SUPCON_FIELD(field) {#field, offsetof(SupconParams, field), sizeof(SupconParams::field)}
-constexpr FieldLayout kFields[] = {
-    SUPCON_FIELD(features),
-    SUPCON_FIELD(labels),
-    SUPCON_FIELD(mask),
-    SUPCON_FIELD(anchor_lse),
-    SUPCON_FIELD(anchor_lse_lo),
-    SUPCON_FIELD(anchor_scaled_positive_lse),
-    SUPCON_FIELD(anchor_scaled_positive_lse_lo),
-    SUPCON_FIELD(anchor_positive_weight),
-    SUPCON_FIELD(anchor_positive_weight_max),
-    SUPCON_FIELD(anchor_loss),
-    SUPCON_FIELD(reduced_loss),
-    SUPCON_FIELD(anchors_without_positives),
-    SUPCON_FIELD(anchor_grad_coef),
-    SUPCON_FIELD(grad_features),
-    SUPCON_FIELD(anchor_upstream),
-    SUPCON_FIELD(upstream_scalar),
-    SUPCON_FIELD(loss_scale_exact),
-    SUPCON_FIELD(batch),
-    SUPCON_FIELD(views),
-    SUPCON_FIELD(dim),
-    SUPCON_FIELD(rows),
-    SUPCON_FIELD(anchors),
-    SUPCON_FIELD(positive_kind),
-    SUPCON_FIELD(denominator),
-    SUPCON_FIELD(summation),
-    SUPCON_FIELD(reduction),
-    SUPCON_FIELD(no_positive_policy),
-    SUPCON_FIELD(inv_temperature),
-    SUPCON_FIELD(loss_scale),
+/* Every leaf field of a parameter block, nested ones as "outer.inner". */
+#define SUPCON_FIELD(Struct, field) {#field, offsetof(Struct, field), sizeof(Struct::field)}
+#define SUPCON_PROBLEM_FIELDS(Struct)                                                                            \
+    SUPCON_FIELD(Struct, problem.features), SUPCON_FIELD(Struct, problem.labels),                                 \
+        SUPCON_FIELD(Struct, problem.mask), SUPCON_FIELD(Struct, problem.batch), SUPCON_FIELD(Struct, problem.views), \
+        SUPCON_FIELD(Struct, problem.dim), SUPCON_FIELD(Struct, problem.rows), SUPCON_FIELD(Struct, problem.anchors), \
+        SUPCON_FIELD(Struct, problem.positive_kind), SUPCON_FIELD(Struct, problem.denominator),                  \
+        SUPCON_FIELD(Struct, problem.summation), SUPCON_FIELD(Struct, problem.inv_temperature),                  \
+        SUPCON_FIELD(Struct, problem.loss_scale)
+#define SUPCON_STATISTICS_FIELDS(Struct)                                                                   \
+    SUPCON_FIELD(Struct, statistics.lse), SUPCON_FIELD(Struct, statistics.lse_lo),                          \
+        SUPCON_FIELD(Struct, statistics.scaled_positive_lse), SUPCON_FIELD(Struct, statistics.scaled_positive_lse_lo), \
+        SUPCON_FIELD(Struct, statistics.positive_weight), SUPCON_FIELD(Struct, statistics.positive_weight_max)
+#define SUPCON_REDUCTION_FIELDS(Struct)                                                                      \
+    SUPCON_FIELD(Struct, reduction.anchors), SUPCON_FIELD(Struct, reduction.reduction),                       \
+        SUPCON_FIELD(Struct, reduction.no_positive_policy), SUPCON_FIELD(Struct, reduction.padding)
+
+constexpr FieldLayout kForwardFields[] = {
+    SUPCON_PROBLEM_FIELDS(SupconForwardParams),         SUPCON_STATISTICS_FIELDS(SupconForwardParams),
+    SUPCON_FIELD(SupconForwardParams, anchor_loss),     SUPCON_FIELD(SupconForwardParams, anchor_begin),
+    SUPCON_FIELD(SupconForwardParams, anchor_end),
 };
+constexpr FieldLayout kFinalizeFields[] = {
+    SUPCON_FIELD(SupconFinalizeParams, anchor_loss),
+    SUPCON_FIELD(SupconFinalizeParams, positive_weight),
+    SUPCON_FIELD(SupconFinalizeParams, reduced_loss),
+    SUPCON_FIELD(SupconFinalizeParams, anchors_without_positives),
+    SUPCON_REDUCTION_FIELDS(SupconFinalizeParams),
+};
+constexpr FieldLayout kCoefficientFields[] = {
+    SUPCON_FIELD(SupconCoefficientParams, lse),
+    SUPCON_FIELD(SupconCoefficientParams, positive_weight),
+    SUPCON_FIELD(SupconCoefficientParams, anchors_without_positives),
+    SUPCON_FIELD(SupconCoefficientParams, upstream),
+    SUPCON_FIELD(SupconCoefficientParams, grad_coef),
+    SUPCON_FIELD(SupconCoefficientParams, upstream_scalar),
+    SUPCON_FIELD(SupconCoefficientParams, loss_scale),
+    SUPCON_REDUCTION_FIELDS(SupconCoefficientParams),
+};
+constexpr FieldLayout kBackwardFields[] = {
+    SUPCON_PROBLEM_FIELDS(SupconBackwardParams),       SUPCON_STATISTICS_FIELDS(SupconBackwardParams),
+    SUPCON_FIELD(SupconBackwardParams, grad_coef),     SUPCON_FIELD(SupconBackwardParams, grad_features),
+    SUPCON_FIELD(SupconBackwardParams, grad_begin),    SUPCON_FIELD(SupconBackwardParams, grad_end),
+};
+#undef SUPCON_REDUCTION_FIELDS
+#undef SUPCON_STATISTICS_FIELDS
+#undef SUPCON_PROBLEM_FIELDS
 #undef SUPCON_FIELD
 
-constexpr size_t listed_bytes() {
+struct StructLayout {
+    const char* name;
+    size_t size;
+    const FieldLayout* fields;
+    size_t count;
+};
+
+template <size_t kCount>
+constexpr size_t listed_bytes(const FieldLayout (&fields)[kCount]) {
     size_t total = 0;
-    for (const FieldLayout& field : kFields) total += field.size;
+    for (const FieldLayout& field : fields) total += field.size;
     return total;
 }
-/* With no padding (the header's rule), the list is complete exactly when the sizes add up. */
-static_assert(listed_bytes() == sizeof(SupconParams), "kFields must list every SupconParams field");
+
+#define SUPCON_STRUCT(Struct, fields)                                                                  \
+    static_assert(listed_bytes(fields) == sizeof(Struct), #fields " must list every " #Struct " field"); \
+    constexpr StructLayout k##Struct = {#Struct, sizeof(Struct), fields, sizeof fields / sizeof fields[0]};
+/* With no padding (the header's rule), a list is complete exactly when the sizes add up. */
+SUPCON_STRUCT(SupconForwardParams, kForwardFields)
+SUPCON_STRUCT(SupconFinalizeParams, kFinalizeFields)
+SUPCON_STRUCT(SupconCoefficientParams, kCoefficientFields)
+SUPCON_STRUCT(SupconBackwardParams, kBackwardFields)
+#undef SUPCON_STRUCT
+constexpr const StructLayout* kStructs[] = {&kSupconForwardParams, &kSupconFinalizeParams,
+                                            &kSupconCoefficientParams, &kSupconBackwardParams};
 
 struct NamedConstant {
     const char* name;
@@ -126,26 +168,38 @@ constexpr NamedConstant kConstants[] = {
 
 extern "C" int supcon_emu_launch(const char* kernel, unsigned grid_x, unsigned grid_y, unsigned grid_z,
                                  unsigned block_x, unsigned block_y, unsigned block_z, size_t dynamic_shared_bytes,
-                                 const SupconParams* params) {
+                                 const void* params, size_t params_bytes) {
     if (kernel == nullptr || params == nullptr) return SUPCON_EMU_NULL_ARGUMENT;
     for (const NamedKernel& entry : kKernels) {
         if (strcmp(entry.name, kernel) == 0) {
+            if (params_bytes != entry.params_bytes) return SUPCON_EMU_BAD_PARAMS;
             return supcon_emu::launch(entry.kernel, dim3{grid_x, grid_y, grid_z}, dim3{block_x, block_y, block_z},
-                                      dynamic_shared_bytes, *params);
+                                      dynamic_shared_bytes, params);
         }
     }
     return SUPCON_EMU_UNKNOWN_KERNEL;
 }
 
-extern "C" size_t supcon_emu_params_size(void) { return sizeof(SupconParams); }
+/* The size of parameter block `structure` (e.g. "SupconForwardParams"); 0 if unknown. */
+extern "C" size_t supcon_emu_params_size(const char* structure) {
+    for (const StructLayout* layout : kStructs) {
+        if (strcmp(layout->name, structure) == 0) return layout->size;
+    }
+    return 0;
+}
 
-/* Field `index` of SupconParams in declaration order; returns 0 past the last field. */
-extern "C" int supcon_emu_params_field(size_t index, const char** name, size_t* offset, size_t* size) {
-    if (index >= sizeof kFields / sizeof kFields[0]) return 0;
-    *name = kFields[index].name;
-    *offset = kFields[index].offset;
-    *size = kFields[index].size;
-    return 1;
+/* Field `index` of parameter block `structure` in declaration order; returns 0 past the last. */
+extern "C" int supcon_emu_params_field(const char* structure, size_t index, const char** name, size_t* offset,
+                                       size_t* size) {
+    for (const StructLayout* layout : kStructs) {
+        if (strcmp(layout->name, structure) != 0) continue;
+        if (index >= layout->count) return 0;
+        *name = layout->fields[index].name;
+        *offset = layout->fields[index].offset;
+        *size = layout->fields[index].size;
+        return 1;
+    }
+    return 0;
 }
 
 /* Writes the constant called `name` to *value and returns 1; returns 0 for an unknown name. */

@@ -50,7 +50,7 @@ unsigned g_dim, g_width, g_first_column;
 
 /* ---- mma_layout: one warp, A 16 x 16, B 16 x 8, C 16 x 8. */
 template <typename T>
-void mma_layout_kernel(SupconParams) {
+void mma_layout_kernel(const void*) {
     const int lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
     const auto a = [&](int row, int k) { return static_cast<uint32_t>(g_a[row * 16 + k]); };
     const auto b = [&](int k, int col) { return static_cast<uint32_t>(g_b[k * 8 + col]); };
@@ -79,7 +79,7 @@ int mma_layout(bool bf16) {
     for (unsigned i = 0; i < b.size(); ++i) g_b[i] = bits_of(b[i] = test_value(i, 2), bf16);
     for (unsigned i = 0; i < g_c.size(); ++i) g_c[i] = test_value(i, 3);
     supcon_emu::launch(bf16 ? mma_layout_kernel<__nv_bfloat16> : mma_layout_kernel<__half>, dim3{1, 1, 1},
-                       dim3{32, 1, 1}, 0, SupconParams{});
+                       dim3{32, 1, 1}, 0, &g_dim);
     int mismatches = 0;
     for (int row = 0; row < 16; ++row) {
         for (int col = 0; col < 8; ++col) {
@@ -92,7 +92,7 @@ int mma_layout(bool bf16) {
 }
 
 /* ---- ldmatrix_layout: one warp, a 16 x 16 matrix M[r][c] = r * 16 + c (raw b16 values). */
-void ldmatrix_layout_kernel(SupconParams) {
+void ldmatrix_layout_kernel(const void*) {
     __shared__ uint16_t matrix[16][24]; /* a padded row stride, like the kernels' */
     const int lane = threadIdx.x % 32;
     for (int e = lane; e < 16 * 16; e += 32) matrix[e / 16][e % 16] = static_cast<uint16_t>(e);
@@ -111,7 +111,7 @@ void ldmatrix_layout_kernel(SupconParams) {
 
 int ldmatrix_layout() {
     g_registers.assign(32 * 8, 0);
-    supcon_emu::launch(ldmatrix_layout_kernel, dim3{1, 1, 1}, dim3{32, 1, 1}, 0, SupconParams{});
+    supcon_emu::launch(ldmatrix_layout_kernel, dim3{1, 1, 1}, dim3{32, 1, 1}, 0, &g_dim);
     int mismatches = 0;
     for (int lane = 0; lane < 32; ++lane) {
         for (int m = 0; m < 4; ++m) {
@@ -128,7 +128,7 @@ int ldmatrix_layout() {
 
 /* ---- multiply_tile: 4 warps, own and contrast 64 x D rows in the kernels' shared layout. */
 template <typename T>
-void multiply_tile_kernel(SupconParams) {
+void multiply_tile_kernel(const void*) {
     const uint32_t stride = supcon::tc::row_stride(g_dim);
     static std::vector<T> own, contrast; /* "shared": one per block, blocks run one at a time */
     if (threadIdx.x == 0) {
@@ -163,7 +163,7 @@ int multiply_tile(bool bf16, unsigned dim) {
     for (unsigned i = 0; i < b.size(); ++i) g_b[i] = bits_of(b[i] = test_value(i, 5), bf16);
     g_out.assign(64 * 64, -1e30f);
     supcon_emu::launch(bf16 ? multiply_tile_kernel<__nv_bfloat16> : multiply_tile_kernel<__half>, dim3{1, 1, 1},
-                       dim3{128, 1, 1}, 0, SupconParams{});
+                       dim3{128, 1, 1}, 0, &g_dim);
     int mismatches = 0;
     for (unsigned i = 0; i < 64; ++i) {
         for (unsigned j = 0; j < 64; ++j) {
@@ -176,7 +176,7 @@ int multiply_tile(bool bf16, unsigned dim) {
 }
 
 /* ---- multiply_h_tile: 4 warps, C 64 x 64 in registers (C layout), tile 64 x D (bf16). */
-void multiply_h_tile_kernel(SupconParams) {
+void multiply_h_tile_kernel(const void*) {
     const uint32_t stride = supcon::tc::row_stride(g_dim);
     static std::vector<__nv_bfloat16> tile;
     if (threadIdx.x == 0) {
@@ -216,7 +216,7 @@ int multiply_h_tile(unsigned dim, unsigned first_column) {
     g_c.resize(64 * 64);
     for (unsigned i = 0; i < g_c.size(); ++i) g_c[i] = test_value(i, 7);
     g_out.assign(64 * 128, -1e30f);
-    supcon_emu::launch(multiply_h_tile_kernel, dim3{1, 1, 1}, dim3{128, 1, 1}, 0, SupconParams{});
+    supcon_emu::launch(multiply_h_tile_kernel, dim3{1, 1, 1}, dim3{128, 1, 1}, 0, &g_dim);
     int mismatches = 0;
     for (unsigned i = 0; i < 64; ++i) {
         for (unsigned col = 0; col < 128; ++col) {

@@ -1,52 +1,23 @@
-//! The kernels' parameter block and option codes, mirrored from `kernels/supcon_params.h`.
+//! The kernels' parameter blocks and option codes, mirrored from `kernels/supcon_params.h`.
 //!
-//! Every kernel takes one [`SupconParams`] by value. Its layout is pinned by a test against what
-//! the C++ compiler reports (`super::emulated`, feature `emulation`); the option codes and tile
-//! sizes likewise.
+//! Each kernel takes one block by value: [`ForwardParams`], [`FinalizeParams`],
+//! [`CoefficientParams`] or [`BackwardParams`] ([`super::kernel::Kernel::params`] says which).
+//! Their layouts are pinned by a test against what the C++ compiler reports (`super::emulated`,
+//! feature `emulation`); the option codes and tile sizes likewise.
 
 use bytemuck::{Pod, Zeroable};
 
-/// `SupconParams` of `kernels/supcon_params.h`, field for field. Device buffers are `u64`
-/// addresses (0: absent); see the header for what each kernel reads and writes.
+/// `SupconProblem`: the batch, its positives and the loss options. Device buffers are `u64`
+/// addresses (0: absent).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
-pub(crate) struct SupconParams {
+pub(crate) struct Problem {
     /// `const T[B][V][D]`.
     pub features: u64,
     /// `const int64_t[B]` (labels), else 0.
     pub labels: u64,
     /// `const float[B][B]` (explicit weights), else 0.
     pub mask: u64,
-    /// `float[R]`: LSE_i over the denominator set (−∞: empty).
-    pub anchor_lse: u64,
-    /// `float[R]`: the lo part of LSE_i (0 for an empty set): LSE_i = hi + lo.
-    pub anchor_lse_lo: u64,
-    /// `float[R]`: log Σ_j (w_ij/W_i) e^{s_ij} = LSE^P_i − log W_i (−∞: no positive); see
-    /// [`super::launch::saved_positive_lse`].
-    pub anchor_scaled_positive_lse: u64,
-    /// `float[R]`: its lo part (0 without a positive).
-    pub anchor_scaled_positive_lse_lo: u64,
-    /// `float[R]`: P_i.
-    pub anchor_positive_weight: u64,
-    /// `float[R]`: W_i = max_j w_ij (0: no positive).
-    pub anchor_positive_weight_max: u64,
-    /// `float[R]`: ℓ_i.
-    pub anchor_loss: u64,
-    /// `double[1]`: the reduced loss.
-    pub reduced_loss: u64,
-    /// `uint32_t[1]`: anchors with P_i = 0.
-    pub anchors_without_positives: u64,
-    /// `float[R]`: `c·u_i/R'·[P_i > 0]·[denominator non-empty]`; read by the backward kernel,
-    /// written by `supcon_backward_coefficients`.
-    pub anchor_grad_coef: u64,
-    /// `float[B][V][D]`: ∂L/∂features.
-    pub grad_features: u64,
-    /// `const double[R]`: u_i under reduction none, else 0 (`supcon_backward_coefficients`).
-    pub anchor_upstream: u64,
-    /// u of a reduced loss (`supcon_backward_coefficients`).
-    pub upstream_scalar: f64,
-    /// c = τ/τ_b in f64 (`supcon_backward_coefficients`).
-    pub loss_scale_exact: f64,
     /// B.
     pub batch: u32,
     /// V.
@@ -63,14 +34,145 @@ pub(crate) struct SupconParams {
     pub denominator: u32,
     /// One of [`summation`].
     pub summation: u32,
-    /// One of [`reduction`].
-    pub reduction: u32,
-    /// One of [`no_positive`].
-    pub no_positive_policy: u32,
     /// 1/τ.
     pub inv_temperature: f32,
     /// c = τ/τ_b.
     pub loss_scale: f32,
+}
+
+/// `SupconStatistics`: the per-anchor statistics, `float[R]` each.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub(crate) struct Statistics {
+    /// LSE_i over the denominator set, hi (−∞: empty).
+    pub lse: u64,
+    /// Its lo part (0 for an empty set): LSE_i = hi + lo.
+    pub lse_lo: u64,
+    /// log Σ_j (w_ij/W_i) e^{s_ij} = LSE^P_i − log W_i, hi (−∞: no positive); see
+    /// [`super::launch::saved_positive_lse`].
+    pub scaled_positive_lse: u64,
+    /// Its lo part (0 without a positive).
+    pub scaled_positive_lse_lo: u64,
+    /// P_i.
+    pub positive_weight: u64,
+    /// W_i = max_j w_ij (0: no positive).
+    pub positive_weight_max: u64,
+}
+
+/// `SupconReduction`: how the per-anchor losses reduce.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub(crate) struct Reduction {
+    /// R.
+    pub anchors: u32,
+    /// One of [`reduction`].
+    pub reduction: u32,
+    /// One of [`no_positive`].
+    pub no_positive_policy: u32,
+    /// 0.
+    pub padding: u32,
+}
+
+/// `SupconForwardParams`: statistics and losses of anchors `anchor_begin..anchor_end`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub(crate) struct ForwardParams {
+    pub problem: Problem,
+    /// Written at the range's anchors.
+    pub statistics: Statistics,
+    /// `float[R]`: ℓ_i, written at the range's anchors.
+    pub anchor_loss: u64,
+    pub anchor_begin: u32,
+    pub anchor_end: u32,
+}
+
+/// `SupconFinalizeParams`: the reduced loss and the count of anchors without positives.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub(crate) struct FinalizeParams {
+    /// `const float[R]`: ℓ_i.
+    pub anchor_loss: u64,
+    /// `const float[R]`: P_i.
+    pub positive_weight: u64,
+    /// `double[1]`: the loss under the reduction (Σℓ_i for none).
+    pub reduced_loss: u64,
+    /// `uint32_t[1]`: anchors with P_i = 0.
+    pub anchors_without_positives: u64,
+    pub reduction: Reduction,
+}
+
+/// `SupconCoefficientParams`: the backward kernels' coefficients c·u_i/R'·[P_i > 0]·[D_i ≠ ∅].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub(crate) struct CoefficientParams {
+    /// `const float[R]`: LSE_i (hi).
+    pub lse: u64,
+    /// `const float[R]`: P_i.
+    pub positive_weight: u64,
+    /// `const uint32_t[1]`.
+    pub anchors_without_positives: u64,
+    /// `const double[R]`: u_i under reduction none, else 0.
+    pub upstream: u64,
+    /// `float[R]`: the coefficients.
+    pub grad_coef: u64,
+    /// u of a reduced loss.
+    pub upstream_scalar: f64,
+    /// c = τ/τ_b in f64.
+    pub loss_scale: f64,
+    pub reduction: Reduction,
+}
+
+/// `SupconBackwardParams`: ∂L/∂Z for rows `grad_begin..grad_end`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub(crate) struct BackwardParams {
+    pub problem: Problem,
+    /// Read for every anchor.
+    pub statistics: Statistics,
+    /// `const float[R]`: the coefficients.
+    pub grad_coef: u64,
+    /// `float[B][V][D]`: ∂L/∂features, the range's rows written.
+    pub grad_features: u64,
+    pub grad_begin: u32,
+    pub grad_end: u32,
+}
+
+/// Which parameter block a kernel takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ParamsKind {
+    Forward,
+    Finalize,
+    Coefficients,
+    Backward,
+}
+
+/// What cudarc needs to pass a block by value (`src/cuda/enabled/raw.rs` implements it for
+/// each block); nothing without feature `cuda`.
+#[cfg(feature = "cuda")]
+pub(crate) use cudarc::driver::DeviceRepr as DeviceArgument;
+/// What cudarc needs to pass a block by value; nothing without feature `cuda`.
+#[cfg(not(feature = "cuda"))]
+pub(crate) trait DeviceArgument {}
+#[cfg(not(feature = "cuda"))]
+impl<T> DeviceArgument for T {}
+
+/// A kernel parameter block.
+pub(crate) trait KernelParams: Pod + DeviceArgument {
+    /// Which one it is.
+    const KIND: ParamsKind;
+}
+
+impl KernelParams for ForwardParams {
+    const KIND: ParamsKind = ParamsKind::Forward;
+}
+impl KernelParams for FinalizeParams {
+    const KIND: ParamsKind = ParamsKind::Finalize;
+}
+impl KernelParams for CoefficientParams {
+    const KIND: ParamsKind = ParamsKind::Coefficients;
+}
+impl KernelParams for BackwardParams {
+    const KIND: ParamsKind = ParamsKind::Backward;
 }
 
 /// `positive_kind` codes (`SUPCON_POSITIVES_*`).

@@ -18,7 +18,7 @@ use std::ptr::{copy_nonoverlapping, NonNull};
 
 use ndarray::{Array3, ArrayView3};
 
-use super::abi::SupconParams;
+use super::abi::KernelParams;
 use super::executor::KernelExecutor;
 use super::host;
 use super::kernel::Kernel;
@@ -43,7 +43,8 @@ unsafe extern "C" {
         block_y: u32,
         block_z: u32,
         dynamic_shared_bytes: usize,
-        params: *const SupconParams,
+        params: *const u8,
+        params_bytes: usize,
     ) -> c_int;
 }
 
@@ -189,12 +190,13 @@ impl KernelExecutor for HostExecutor {
         EMULATED_MAX_DYNAMIC_SHARED_BYTES
     }
 
-    unsafe fn launch(
+    unsafe fn launch<P: KernelParams>(
         &mut self,
         kernel: Kernel,
         config: LaunchConfig,
-        params: &SupconParams,
+        params: &P,
     ) -> Result<()> {
+        let bytes = bytemuck::bytes_of(params);
         let name = CString::new(kernel.name()).expect("kernel names have no NUL");
         let [grid_x, grid_y, grid_z] = config.grid;
         let [block_x, block_y, block_z] = config.block;
@@ -210,7 +212,8 @@ impl KernelExecutor for HostExecutor {
                 block_y,
                 block_z,
                 config.dynamic_shared_bytes as usize,
-                params,
+                bytes.as_ptr(),
+                bytes.len(),
             )
         };
         if status == 0 {
@@ -222,6 +225,7 @@ impl KernelExecutor for HostExecutor {
             3 => "SUPCON_EMU_BAD_BLOCK",
             4 => "SUPCON_EMU_DYNAMIC_SHARED",
             5 => "SUPCON_EMU_NULL_ARGUMENT",
+            6 => "SUPCON_EMU_BAD_PARAMS",
             _ => "SUPCON_EMU_UNKNOWN_STATUS",
         };
         Err(Error::Cuda {
@@ -248,15 +252,18 @@ mod tests {
     use bytemuck::Zeroable;
 
     use super::*;
-    use crate::device::abi;
+    use crate::device::abi::{
+        self, BackwardParams, CoefficientParams, FinalizeParams, ForwardParams, ParamsKind,
+    };
     use crate::device::plan::{
-        launch_config, mma_shared_bytes, KernelShape, Stage, COEFFICIENT_THREADS, FINALIZE_THREADS,
-        GRAD_CHUNK, MMA_THREADS, TILE_ROWS, TILE_THREADS,
+        launch_config, mma_shared_bytes, Stage, COEFFICIENT_THREADS, FINALIZE_THREADS, GRAD_CHUNK,
+        MMA_THREADS, TILE_ROWS, TILE_THREADS,
     };
 
     unsafe extern "C" {
-        fn supcon_emu_params_size() -> usize;
+        fn supcon_emu_params_size(structure: *const c_char) -> usize;
         fn supcon_emu_params_field(
+            structure: *const c_char,
             index: usize,
             name: *mut *const c_char,
             offset: *mut usize,
@@ -266,14 +273,23 @@ mod tests {
         fn supcon_emu_tensor_core_check(name: *const c_char) -> c_int;
     }
 
-    /// (offset, size) of every SupconParams field, by name, as the C++ compiler laid it out.
-    fn cpp_fields() -> BTreeMap<String, (usize, usize)> {
+    /// (offset, size) of every leaf field of parameter block `structure`, by name ("outer.inner"
+    /// for nested ones), as the C++ compiler laid it out.
+    fn cpp_fields(structure: &CStr) -> BTreeMap<String, (usize, usize)> {
         let mut fields = BTreeMap::new();
         for index in 0.. {
             let (mut name, mut offset, mut size) = (std::ptr::null(), 0, 0);
-            // SAFETY: the out-pointers are valid; a returned name is a static C string.
-            let found =
-                unsafe { supcon_emu_params_field(index, &mut name, &mut offset, &mut size) };
+            // SAFETY: a NUL-terminated name, valid out-pointers; a returned name is a static C
+            // string.
+            let found = unsafe {
+                supcon_emu_params_field(
+                    structure.as_ptr(),
+                    index,
+                    &mut name,
+                    &mut offset,
+                    &mut size,
+                )
+            };
             if found == 0 {
                 break;
             }
@@ -285,56 +301,74 @@ mod tests {
     }
 
     macro_rules! rust_fields {
-        ($($field:ident),* $(,)?) => {{
-            let params = SupconParams::zeroed();
+        ($structure:ident: $($($field:ident).+),* $(,)?) => {{
+            let params = $structure::zeroed();
             BTreeMap::from([$((
-                stringify!($field).to_owned(),
-                (offset_of!(SupconParams, $field), size_of_val(&params.$field)),
+                stringify!($($field).+).replace(' ', ""),
+                (offset_of!($structure, $($field).+), size_of_val(&params.$($field).+)),
             )),*])
         }};
     }
 
-    #[test]
-    fn params_layout_matches_the_cpp_struct() {
-        let rust = rust_fields!(
-            features,
-            labels,
-            mask,
-            anchor_lse,
-            anchor_lse_lo,
-            anchor_scaled_positive_lse,
-            anchor_scaled_positive_lse_lo,
-            anchor_positive_weight,
-            anchor_positive_weight_max,
-            anchor_loss,
-            reduced_loss,
-            anchors_without_positives,
-            anchor_grad_coef,
-            grad_features,
-            anchor_upstream,
-            upstream_scalar,
-            loss_scale_exact,
-            batch,
-            views,
-            dim,
-            rows,
-            anchors,
-            positive_kind,
-            denominator,
-            summation,
-            reduction,
-            no_positive_policy,
-            inv_temperature,
-            loss_scale,
-        );
-        // SAFETY: no arguments.
-        assert_eq!(size_of::<SupconParams>(), unsafe {
-            supcon_emu_params_size()
+    /// Checks a mirror against the C++ layout: the same fields at the same offsets and sizes,
+    /// the same total size, and no padding on either side.
+    fn assert_layout<P: KernelParams>(structure: &CStr, rust: BTreeMap<String, (usize, usize)>) {
+        // SAFETY: a NUL-terminated name.
+        assert_eq!(size_of::<P>(), unsafe {
+            supcon_emu_params_size(structure.as_ptr())
         });
-        assert_eq!(rust, cpp_fields());
-        // Every byte belongs to a field: no implicit padding on either side.
+        assert_eq!(rust, cpp_fields(structure), "{structure:?}");
         let covered: usize = rust.values().map(|(_, size)| size).sum();
-        assert_eq!(covered, size_of::<SupconParams>());
+        assert_eq!(covered, size_of::<P>(), "{structure:?}");
+    }
+
+    #[test]
+    fn params_layouts_match_the_cpp_structs() {
+        assert_layout::<ForwardParams>(
+            c"SupconForwardParams",
+            rust_fields!(ForwardParams:
+                problem.features, problem.labels, problem.mask, problem.batch, problem.views,
+                problem.dim, problem.rows, problem.anchors, problem.positive_kind,
+                problem.denominator, problem.summation, problem.inv_temperature,
+                problem.loss_scale, statistics.lse, statistics.lse_lo,
+                statistics.scaled_positive_lse, statistics.scaled_positive_lse_lo,
+                statistics.positive_weight, statistics.positive_weight_max, anchor_loss,
+                anchor_begin, anchor_end,
+            ),
+        );
+        assert_layout::<FinalizeParams>(
+            c"SupconFinalizeParams",
+            rust_fields!(FinalizeParams:
+                anchor_loss, positive_weight, reduced_loss, anchors_without_positives,
+                reduction.anchors, reduction.reduction, reduction.no_positive_policy,
+                reduction.padding,
+            ),
+        );
+        assert_layout::<CoefficientParams>(
+            c"SupconCoefficientParams",
+            rust_fields!(CoefficientParams:
+                lse, positive_weight, anchors_without_positives, upstream, grad_coef,
+                upstream_scalar, loss_scale, reduction.anchors, reduction.reduction,
+                reduction.no_positive_policy, reduction.padding,
+            ),
+        );
+        assert_layout::<BackwardParams>(
+            c"SupconBackwardParams",
+            rust_fields!(BackwardParams:
+                problem.features, problem.labels, problem.mask, problem.batch, problem.views,
+                problem.dim, problem.rows, problem.anchors, problem.positive_kind,
+                problem.denominator, problem.summation, problem.inv_temperature,
+                problem.loss_scale, statistics.lse, statistics.lse_lo,
+                statistics.scaled_positive_lse, statistics.scaled_positive_lse_lo,
+                statistics.positive_weight, statistics.positive_weight_max, grad_coef,
+                grad_features, grad_begin, grad_end,
+            ),
+        );
+        // An unknown block has no size. SAFETY: a NUL-terminated name.
+        assert_eq!(
+            unsafe { supcon_emu_params_size(c"NoSuchParams".as_ptr()) },
+            0
+        );
     }
 
     fn cpp_constant(name: &CStr) -> i64 {
@@ -386,31 +420,58 @@ mod tests {
 
     #[test]
     fn every_kernel_is_registered_and_bad_launches_fail() {
-        let params = SupconParams::zeroed();
-        let shape = KernelShape {
-            rows: 2,
-            anchors: 2,
-            dim: 1,
-        };
+        let params = ForwardParams::zeroed();
+        let bytes = bytemuck::bytes_of(&params);
         for kernel in Kernel::ALL {
             let name = CString::new(kernel.name()).unwrap();
-            // A zero-sized grid is rejected before any kernel code runs, after the name lookup.
+            // A zero-sized grid is rejected before any kernel code runs, after the name lookup
+            // and the parameter block's size (which this block fails for the other kinds).
             // SAFETY: the launch is refused, so the null addresses are never dereferenced.
-            let status =
-                unsafe { supcon_emu_launch(name.as_ptr(), 0, 1, 1, 128, 1, 1, 0, &params) };
-            assert_eq!(status, 2, "{} is not registered", kernel.name());
+            let status = unsafe {
+                supcon_emu_launch(
+                    name.as_ptr(),
+                    0,
+                    1,
+                    1,
+                    128,
+                    1,
+                    1,
+                    0,
+                    bytes.as_ptr(),
+                    bytes.len(),
+                )
+            };
+            let expected = if kernel.params() == ParamsKind::Forward {
+                2
+            } else {
+                6
+            };
+            assert_eq!(status, expected, "{}", kernel.name());
         }
-        let mut bad = launch_config(Stage::ForwardStatistics, shape);
+        let mut bad = launch_config(Stage::ForwardFinalize, 1, 2);
         bad.dynamic_shared_bytes = EMULATED_MAX_DYNAMIC_SHARED_BYTES as u32 + 1;
         // SAFETY: refused before any kernel code runs.
-        let error = unsafe { HostExecutor.launch(Kernel::ForwardFinalize, bad, &params) };
+        let error =
+            unsafe { HostExecutor.launch(Kernel::ForwardFinalize, bad, &FinalizeParams::zeroed()) };
         assert!(
             matches!(error, Err(Error::Cuda { code: 4, .. })),
             "{error:?}"
         );
         // SAFETY: refused: unknown kernel.
-        let status =
-            unsafe { supcon_emu_launch(c"no_such_kernel".as_ptr(), 1, 1, 1, 1, 1, 1, 0, &params) };
+        let status = unsafe {
+            supcon_emu_launch(
+                c"no_such_kernel".as_ptr(),
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                0,
+                bytes.as_ptr(),
+                bytes.len(),
+            )
+        };
         assert_eq!(status, 1);
     }
 

@@ -2,7 +2,7 @@
 //! emulated executor (`super::emulated`: host memory, the C++ emulation) and by the CUDA
 //! backend (`crate::cuda`: cudarc on a stream).
 
-use super::abi::SupconParams;
+use super::abi::KernelParams;
 use super::kernel::Kernel;
 use super::plan::LaunchConfig;
 use crate::error::Result;
@@ -27,18 +27,19 @@ pub(crate) trait KernelExecutor {
     /// The most dynamic shared memory a launch of the tensor-core kernels may ask for.
     fn max_dynamic_shared_bytes(&self) -> u64;
 
-    /// Launches `kernel` with `config` and `params` (asynchronously or not).
+    /// Launches `kernel` with `config` and `params`, the parameter block it takes
+    /// ([`Kernel::params`]), asynchronously or not.
     ///
     /// # Safety
     /// Every address in `params` that `kernel` reads or writes (kernels/supcon_params.h) must be
     /// the [`address`](Self::address) of a live buffer of this executor, at least as large as
     /// the kernel's accesses for the shape in `params`, and must stay alive until the launch
     /// has completed (a later [`download`](Self::download) waits for it).
-    unsafe fn launch(
+    unsafe fn launch<P: KernelParams>(
         &mut self,
         kernel: Kernel,
         config: LaunchConfig,
-        params: &SupconParams,
+        params: &P,
     ) -> Result<()>;
 }
 

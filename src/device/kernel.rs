@@ -2,6 +2,7 @@
 //! type each instantiation reads, the launch stage that plans its grid, and the fatbin
 //! embedded at build time that holds it.
 
+use super::abi::ParamsKind;
 use super::plan::Stage;
 use crate::element::DType;
 #[cfg(feature = "cuda")]
@@ -103,6 +104,16 @@ impl Kernel {
             Kernel::MmaForward(HalfType::Bf16) => "supcon_mma_forward_bf16",
             Kernel::MmaBackward(HalfType::F16) => "supcon_mma_backward_f16",
             Kernel::MmaBackward(HalfType::Bf16) => "supcon_mma_backward_bf16",
+        }
+    }
+
+    /// The parameter block it takes.
+    pub(crate) fn params(self) -> ParamsKind {
+        match self {
+            Kernel::ForwardStatistics(_) | Kernel::MmaForward(_) => ParamsKind::Forward,
+            Kernel::ForwardFinalize => ParamsKind::Finalize,
+            Kernel::BackwardCoefficients => ParamsKind::Coefficients,
+            Kernel::Backward(_) | Kernel::MmaBackward(_) => ParamsKind::Backward,
         }
     }
 

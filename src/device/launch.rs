@@ -11,7 +11,9 @@
 
 use ndarray::Array1;
 
-use super::abi::SupconParams;
+use std::ops::Range;
+
+use super::abi::{self, BackwardParams, CoefficientParams, FinalizeParams, ForwardParams};
 use super::executor::{download_vec, upload_slice, KernelExecutor};
 use super::kernel::Kernel;
 use super::problem::{InputAddresses, Problem};
@@ -83,8 +85,7 @@ pub(crate) struct StatisticsAddresses {
 }
 
 impl StatisticsAddresses {
-    /// What the backward kernel reads of them (the device-resident paths').
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    /// What the backward kernel reads of them.
     pub(crate) fn saved(&self) -> SavedAddresses {
         SavedAddresses {
             lse: self.lse,
@@ -95,38 +96,10 @@ impl StatisticsAddresses {
             positive_weight_max: self.positive_weight_max,
         }
     }
-
-    /// The forward kernels' parameter block writing here.
-    fn params(&self, problem: &Problem, inputs: &InputAddresses) -> SupconParams {
-        SupconParams {
-            anchor_lse: self.lse,
-            anchor_lse_lo: self.lse_lo,
-            anchor_scaled_positive_lse: self.scaled_positive_lse,
-            anchor_scaled_positive_lse_lo: self.scaled_positive_lse_lo,
-            anchor_positive_weight: self.positive_weight,
-            anchor_positive_weight_max: self.positive_weight_max,
-            anchor_loss: self.anchor_loss,
-            reduced_loss: self.reduced_loss,
-            anchors_without_positives: self.anchors_without_positives,
-            ..problem.params(inputs)
-        }
-    }
 }
 
 /// The per-anchor statistics the backward kernel reads, `float[R]` each, by address.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct SavedAddresses {
-    /// LSE_i, hi and lo.
-    pub(crate) lse: u64,
-    pub(crate) lse_lo: u64,
-    /// LSE^P_i − log W_i, hi and lo.
-    pub(crate) scaled_positive_lse: u64,
-    pub(crate) scaled_positive_lse_lo: u64,
-    /// P_i.
-    pub(crate) positive_weight: u64,
-    /// W_i.
-    pub(crate) positive_weight_max: u64,
-}
+pub(crate) type SavedAddresses = abi::Statistics;
 
 /// The forward's outputs laid out in one workspace of device memory that the caller owns (a
 /// framework's allocator): the reduced loss (`double`) first, the count of anchors without
@@ -239,13 +212,47 @@ pub(crate) unsafe fn launch_forward_at<E: KernelExecutor>(
     inputs: &InputAddresses,
     at: &StatisticsAddresses,
 ) -> Result<()> {
-    let params = at.params(problem, inputs);
+    let anchors = problem.kernel_shape().anchors;
     // SAFETY: inputs and outputs per this function's contract.
     unsafe {
-        let kernel = problem.forward_kernel(executor.max_dynamic_shared_bytes());
-        problem.launch(executor, kernel, &params)?;
-        problem.launch(executor, Kernel::ForwardFinalize, &params)
+        launch_forward_statistics(executor, problem, inputs, at, 0..anchors)?;
+        let params = FinalizeParams {
+            anchor_loss: at.anchor_loss,
+            positive_weight: at.positive_weight,
+            reduced_loss: at.reduced_loss,
+            anchors_without_positives: at.anchors_without_positives,
+            reduction: problem.reduction_block(),
+        };
+        problem.launch(executor, Kernel::ForwardFinalize, &params, anchors)
     }
+}
+
+/// Queues the forward statistics kernel for the anchors in `anchors` (a sub-range of 0..R),
+/// writing their statistics and losses `at` (the other anchors' entries are left alone).
+///
+/// # Safety
+/// As [`launch_forward_at`].
+pub(crate) unsafe fn launch_forward_statistics<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    inputs: &InputAddresses,
+    at: &StatisticsAddresses,
+    anchors: Range<u32>,
+) -> Result<()> {
+    debug_assert!(anchors.start <= anchors.end && anchors.end <= problem.kernel_shape().anchors);
+    if anchors.is_empty() {
+        return Ok(());
+    }
+    let params = ForwardParams {
+        problem: problem.block(inputs),
+        statistics: at.saved(),
+        anchor_loss: at.anchor_loss,
+        anchor_begin: anchors.start,
+        anchor_end: anchors.end,
+    };
+    let kernel = problem.forward_kernel(executor.max_dynamic_shared_bytes());
+    // SAFETY: inputs and outputs per this function's contract.
+    unsafe { problem.launch(executor, kernel, &params, anchors.len() as u32) }
 }
 
 /// Everything the forward pass computed, on the host (synchronises): what
@@ -386,20 +393,21 @@ pub(crate) unsafe fn launch_coefficients_at<E: KernelExecutor>(
         DeviceUpstream::Scalar(u) => (0, u),
         DeviceUpstream::PerAnchor(address) => (address, 0.0),
     };
-    let params = SupconParams {
-        anchor_lse: at.lse,
-        anchor_positive_weight: at.positive_weight,
+    let params = CoefficientParams {
+        lse: at.lse,
+        positive_weight: at.positive_weight,
         anchors_without_positives: at.anchors_without_positives,
-        anchor_grad_coef: coefficients,
-        anchor_upstream,
+        upstream: anchor_upstream,
+        grad_coef: coefficients,
         upstream_scalar,
-        loss_scale_exact: problem.loss().loss_scale(),
-        ..problem.shape_params()
+        loss_scale: problem.loss().loss_scale(),
+        reduction: problem.reduction_block(),
     };
+    let anchors = problem.kernel_shape().anchors;
     // SAFETY: the kernel reads R floats of LSE and P and one u32 at `at`, R doubles of
     // upstream for a per-anchor upstream, and writes R floats at `coefficients`: all per this
     // function's contract.
-    unsafe { problem.launch(executor, Kernel::BackwardCoefficients, &params) }
+    unsafe { problem.launch(executor, Kernel::BackwardCoefficients, &params, anchors) }
 }
 
 /// Queues the backward kernel, writing `∂L/∂features` (`float[B][V][D]`) at `grad`, with the
@@ -419,20 +427,50 @@ pub(crate) unsafe fn launch_backward<E: KernelExecutor>(
     coefficients: u64,
     grad: u64,
 ) -> Result<()> {
-    let params = SupconParams {
-        anchor_lse: saved.lse,
-        anchor_lse_lo: saved.lse_lo,
-        anchor_scaled_positive_lse: saved.scaled_positive_lse,
-        anchor_scaled_positive_lse_lo: saved.scaled_positive_lse_lo,
-        anchor_positive_weight: saved.positive_weight,
-        anchor_positive_weight_max: saved.positive_weight_max,
-        anchor_grad_coef: coefficients,
+    let rows = problem.kernel_shape().rows;
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        launch_backward_rows(
+            executor,
+            problem,
+            inputs,
+            saved,
+            coefficients,
+            grad,
+            0..rows,
+        )
+    }
+}
+
+/// Queues the backward kernel for the gradient rows in `rows` (a sub-range of 0..N): writes
+/// their rows of `grad`, leaves the others alone.
+///
+/// # Safety
+/// As [`launch_backward`].
+pub(crate) unsafe fn launch_backward_rows<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    inputs: &InputAddresses,
+    saved: SavedAddresses,
+    coefficients: u64,
+    grad: u64,
+    rows: Range<u32>,
+) -> Result<()> {
+    debug_assert!(rows.start <= rows.end && rows.end <= problem.kernel_shape().rows);
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let params = BackwardParams {
+        problem: problem.block(inputs),
+        statistics: saved,
+        grad_coef: coefficients,
         grad_features: grad,
-        ..problem.params(inputs)
+        grad_begin: rows.start,
+        grad_end: rows.end,
     };
-    // SAFETY: inputs, statistics, coefficients and `grad` per this function's contract.
     let kernel = problem.backward_kernel(executor.max_dynamic_shared_bytes());
-    unsafe { problem.launch(executor, kernel, &params) }
+    // SAFETY: inputs, statistics, coefficients and `grad` per this function's contract.
+    unsafe { problem.launch(executor, kernel, &params, rows.len() as u32) }
 }
 
 fn widen(values: &[f32]) -> Vec<f64> {
@@ -480,4 +518,103 @@ pub(crate) fn split(lse: f64) -> (f32, f32) {
         0.0
     };
     (hi, lo)
+}
+
+#[cfg(all(test, feature = "emulation"))]
+mod tests {
+    use half::bf16;
+
+    use super::*;
+    use crate::config::SupConLoss;
+    use crate::device::emulated::HostExecutor;
+    use crate::device::executor::download_vec;
+    use crate::device::problem::PositiveAddresses;
+    use crate::element::DType;
+    use crate::inputs::BatchShape;
+    use crate::precision::Precision;
+
+    /// A pass split into row ranges computes what one launch over all rows computes, bit for
+    /// bit, on the SIMT and the tensor-core kernels: the ranges a sharded step will launch.
+    #[test]
+    fn row_ranges_split_a_pass_bitwise() {
+        let (batch, views, dim) = (45, 2, 24);
+        let shape = BatchShape::new(batch, views, dim).unwrap();
+        let rows = (batch * views) as u32;
+        let values: Vec<f32> = (0..batch * views * dim)
+            .map(|k| ((k * 7919 % 211) as f32 / 105.0 - 1.0) * 0.3)
+            .collect();
+        let labels: Vec<i64> = (0..batch as i64).map(|b| b % 7).collect();
+        let executor = &mut HostExecutor;
+        let labels = executor.upload(bytemuck::cast_slice(&labels)).unwrap();
+        let half: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
+        for (dtype, bytes) in [
+            (
+                DType::F32,
+                bytemuck::cast_slice::<f32, u8>(&values).to_vec(),
+            ),
+            (
+                DType::BF16,
+                bytemuck::cast_slice::<bf16, u8>(&half).to_vec(),
+            ),
+        ] {
+            let loss = SupConLoss::default();
+            let problem = Problem::new("emulated", &loss, shape, dtype, Precision::Auto).unwrap();
+            let features = executor.upload(&bytes).unwrap();
+            let inputs = InputAddresses {
+                features: executor.address(&features),
+                positives: PositiveAddresses::Labels(executor.address(&labels)),
+            };
+            // SAFETY (all launches below): the buffers hold B·V·D features, B labels, R floats
+            // per statistic and B·V·D gradient floats, alive across the synchronous launches.
+            let whole = unsafe { launch_forward(executor, &problem, &inputs) }.unwrap();
+            let split = unsafe { launch_forward(executor, &problem, &inputs) }.unwrap();
+            let at = split.addresses(executor);
+            for range in [0..37, 37..64, 64..rows] {
+                unsafe { launch_forward_statistics(executor, &problem, &inputs, &at, range) }
+                    .unwrap();
+            }
+            let bits = |executor: &mut HostExecutor, buffer| -> Vec<u32> {
+                download_vec(executor, buffer, rows as usize).unwrap()
+            };
+            for (a, b) in [
+                (&whole.lse, &split.lse),
+                (&whole.lse_lo, &split.lse_lo),
+                (&whole.scaled_positive_lse, &split.scaled_positive_lse),
+                (&whole.positive_weight, &split.positive_weight),
+                (&whole.anchor_loss, &split.anchor_loss),
+            ] {
+                assert_eq!(bits(executor, a), bits(executor, b), "{dtype:?} forward");
+            }
+            let coefficients =
+                unsafe { launch_coefficients(executor, &problem, &whole, Upstream::Scalar(1.0)) }
+                    .unwrap();
+            let coefficients = executor.address(&coefficients);
+            let saved = whole.addresses(executor).saved();
+            let elements = batch * views * dim;
+            let one = executor.alloc(elements * 4).unwrap();
+            let parts = executor.alloc(elements * 4).unwrap();
+            let (one_at, parts_at) = (executor.address(&one), executor.address(&parts));
+            unsafe { launch_backward(executor, &problem, &inputs, saved, coefficients, one_at) }
+                .unwrap();
+            for range in [0..1, 1..70, 70..rows] {
+                unsafe {
+                    launch_backward_rows(
+                        executor,
+                        &problem,
+                        &inputs,
+                        saved,
+                        coefficients,
+                        parts_at,
+                        range,
+                    )
+                }
+                .unwrap();
+            }
+            let one: Vec<u32> = download_vec(executor, &one, elements).unwrap();
+            let parts: Vec<u32> = download_vec(executor, &parts, elements).unwrap();
+            assert_eq!(one, parts, "{dtype:?} backward");
+            // Fresh buffers are NaN: every element was written, none is NaN.
+            assert!(parts.iter().all(|&b| !f32::from_bits(b).is_nan()));
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! What runs the CUDA kernels of `kernels/`, for every executor: the emulated one here
 //! (feature `emulation`) and the CUDA backend's (`crate::cuda`, feature `cuda`).
 //!
-//! - `abi`: the kernels' parameter block and option codes, mirrored from
+//! - `abi`: the kernels' parameter blocks and option codes, mirrored from
 //!   `kernels/supcon_params.h`;
 //! - `plan`: grid, block and shared memory of every launch (the one place that knows the
 //!   kernels' tile sizes);

@@ -46,17 +46,6 @@ pub(crate) enum Stage {
     MmaBackward,
 }
 
-/// The sizes a launch plan depends on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct KernelShape {
-    /// N = B·V rows.
-    pub rows: u32,
-    /// R anchors (rows 0..R).
-    pub anchors: u32,
-    /// D.
-    pub dim: u32,
-}
-
 /// A kernel launch configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LaunchConfig {
@@ -69,37 +58,31 @@ pub(crate) struct LaunchConfig {
     pub dynamic_shared_bytes: u32,
 }
 
-/// The launch configuration of `stage` for `shape`.
-pub(crate) fn launch_config(stage: Stage, shape: KernelShape) -> LaunchConfig {
+/// The launch configuration of `stage` for rows of `dim` elements, covering `rows` rows: the
+/// anchors of a forward launch, the gradient rows of a backward launch, the R anchors of the
+/// coefficients (the finalisation is one block whatever it reduces).
+pub(crate) fn launch_config(stage: Stage, dim: u32, rows: u32) -> LaunchConfig {
     let (grid, threads) = match stage {
-        Stage::ForwardStatistics => ([shape.anchors.div_ceil(TILE_ROWS), 1, 1], TILE_THREADS),
+        Stage::ForwardStatistics => ([rows.div_ceil(TILE_ROWS), 1, 1], TILE_THREADS),
         Stage::ForwardFinalize => ([1, 1, 1], FINALIZE_THREADS),
         Stage::BackwardCoefficients => (
-            [shape.anchors.div_ceil(COEFFICIENT_THREADS), 1, 1],
+            [rows.div_ceil(COEFFICIENT_THREADS), 1, 1],
             COEFFICIENT_THREADS,
         ),
         Stage::Backward => (
-            [
-                shape.rows.div_ceil(TILE_ROWS),
-                shape.dim.div_ceil(GRAD_CHUNK),
-                1,
-            ],
+            [rows.div_ceil(TILE_ROWS), dim.div_ceil(GRAD_CHUNK), 1],
             TILE_THREADS,
         ),
-        Stage::MmaForward => ([shape.anchors.div_ceil(TILE_ROWS), 1, 1], MMA_THREADS),
+        Stage::MmaForward => ([rows.div_ceil(TILE_ROWS), 1, 1], MMA_THREADS),
         Stage::MmaBackward => (
-            [
-                shape.rows.div_ceil(TILE_ROWS),
-                shape.dim.div_ceil(GRAD_CHUNK),
-                1,
-            ],
+            [rows.div_ceil(TILE_ROWS), dim.div_ceil(GRAD_CHUNK), 1],
             MMA_THREADS,
         ),
     };
     let dynamic_shared_bytes = match stage {
         // Callers pick the tensor-core kernels only where this fits the device (`Problem`).
         Stage::MmaForward | Stage::MmaBackward => {
-            u32::try_from(mma_shared_bytes(shape.dim)).unwrap_or(u32::MAX)
+            u32::try_from(mma_shared_bytes(dim)).unwrap_or(u32::MAX)
         }
         _ => 0,
     };
@@ -116,40 +99,44 @@ mod tests {
 
     #[test]
     fn grids_cover_every_row_and_column() {
-        let shape = KernelShape {
-            rows: 300,
-            anchors: 150,
-            dim: 130,
-        };
+        let (anchors, rows, dim) = (150, 300, 130);
         assert_eq!(
-            launch_config(Stage::ForwardStatistics, shape).grid,
+            launch_config(Stage::ForwardStatistics, dim, anchors).grid,
             [3, 1, 1]
         );
-        assert_eq!(launch_config(Stage::Backward, shape).grid, [5, 2, 1]);
-        assert_eq!(launch_config(Stage::ForwardFinalize, shape).grid, [1, 1, 1]);
-        assert_eq!(launch_config(Stage::MmaForward, shape).grid, [3, 1, 1]);
-        let backward = launch_config(Stage::MmaBackward, shape);
+        assert_eq!(launch_config(Stage::Backward, dim, rows).grid, [5, 2, 1]);
+        assert_eq!(
+            launch_config(Stage::ForwardFinalize, dim, anchors).grid,
+            [1, 1, 1]
+        );
+        assert_eq!(
+            launch_config(Stage::BackwardCoefficients, dim, anchors).grid,
+            [1, 1, 1]
+        );
+        assert_eq!(
+            launch_config(Stage::MmaForward, dim, anchors).grid,
+            [3, 1, 1]
+        );
+        let backward = launch_config(Stage::MmaBackward, dim, rows);
         assert_eq!(backward.grid, [5, 2, 1]);
         // D = 130 pads to 144 (+ 8 slack) elements of 2 bytes, for 3 × 64 rows.
         assert_eq!(backward.dynamic_shared_bytes, 3 * 64 * 152 * 2);
         assert_eq!(
-            launch_config(Stage::Backward, shape).dynamic_shared_bytes,
+            launch_config(Stage::Backward, dim, rows).dynamic_shared_bytes,
             0
         );
+        // A range covers only its rows.
+        assert_eq!(launch_config(Stage::Backward, dim, 65).grid, [2, 2, 1]);
     }
 
     #[test]
     fn a_large_problem_keeps_exact_grids() {
         let rows = 1 << 24;
-        let shape = KernelShape {
-            rows,
-            anchors: rows,
-            dim: MAX_GRID_Y * GRAD_CHUNK,
-        };
-        let backward = launch_config(Stage::Backward, shape);
+        let dim = MAX_GRID_Y * GRAD_CHUNK;
+        let backward = launch_config(Stage::Backward, dim, rows);
         assert_eq!(backward.grid, [rows / TILE_ROWS, MAX_GRID_Y, 1]);
         assert_eq!(
-            launch_config(Stage::ForwardStatistics, shape).grid,
+            launch_config(Stage::ForwardStatistics, dim, rows).grid,
             [rows / TILE_ROWS, 1, 1]
         );
     }

@@ -2,12 +2,10 @@
 //! kernels implement, turned into the parameter block every launch takes, and the device
 //! inputs by address.
 
-use bytemuck::Zeroable;
-
-use super::abi::{self, SupconParams};
+use super::abi::{self, KernelParams};
 use super::executor::KernelExecutor;
 use super::kernel::{FeatureType, HalfType, Kernel};
-use super::plan::{launch_config, mma_shared_bytes, KernelShape, GRAD_CHUNK, MAX_GRID_Y};
+use super::plan::{launch_config, mma_shared_bytes, GRAD_CHUNK, MAX_GRID_Y};
 use crate::config::{Denominator, NoPositivePolicy, Reduction, Summation, SupConLoss};
 use crate::element::DType;
 use crate::error::{Capability, Error, Extent, Result};
@@ -18,6 +16,17 @@ use crate::precision::Precision;
 const MAX_ROWS: usize = i32::MAX as usize;
 /// Widest rows the backward kernel covers: `gridDim.y` counts its feature chunks.
 const MAX_DIM: usize = (MAX_GRID_Y * GRAD_CHUNK) as usize;
+
+/// The sizes the kernels index with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KernelShape {
+    /// N = B·V rows.
+    pub rows: u32,
+    /// R anchors (rows 0..R).
+    pub anchors: u32,
+    /// D.
+    pub dim: u32,
+}
 
 /// A validated problem: options, shape and element type the kernels implement, and what every
 /// launch needs to know about them.
@@ -132,32 +141,25 @@ impl Problem {
         self.kernel_shape.anchors as usize
     }
 
-    /// The parameter block with the inputs, shape and options filled in (outputs 0).
-    pub(crate) fn params(&self, inputs: &InputAddresses) -> SupconParams {
+    /// The batch, its positives and the options, as every pass's parameter block holds them.
+    pub(crate) fn block(&self, inputs: &InputAddresses) -> abi::Problem {
         let (positive_kind, labels, mask) = match inputs.positives {
             PositiveAddresses::SameSample => (abi::positives::SAME_SAMPLE, 0, 0),
             PositiveAddresses::Labels(address) => (abi::positives::LABELS, address, 0),
             PositiveAddresses::Mask(address) => (abi::positives::MASK, 0, address),
         };
-        SupconParams {
+        let loss = &self.loss;
+        abi::Problem {
             features: inputs.features,
             labels,
             mask,
-            positive_kind,
-            ..self.shape_params()
-        }
-    }
-
-    /// The parameter block with the shape and options filled in (inputs and outputs 0).
-    pub(crate) fn shape_params(&self) -> SupconParams {
-        let loss = &self.loss;
-        SupconParams {
             // batch and views are factors of rows ≤ MAX_ROWS (checked in `new`): they fit u32.
             batch: self.shape.batch() as u32,
             views: self.shape.views() as u32,
             dim: self.kernel_shape.dim,
             rows: self.kernel_shape.rows,
             anchors: self.kernel_shape.anchors,
+            positive_kind,
             denominator: match loss.denominator() {
                 Denominator::All => abi::denominator::ALL,
                 // OnePositive is rejected in `new`.
@@ -169,6 +171,16 @@ impl Problem {
                 Summation::Outside => abi::summation::OUTSIDE,
                 Summation::Inside => abi::summation::INSIDE,
             },
+            inv_temperature: loss.temperature().recip() as f32,
+            loss_scale: loss.loss_scale() as f32,
+        }
+    }
+
+    /// How the per-anchor losses reduce, for the finalisation and coefficient kernels.
+    pub(crate) fn reduction_block(&self) -> abi::Reduction {
+        let loss = &self.loss;
+        abi::Reduction {
+            anchors: self.kernel_shape.anchors,
             reduction: match loss.reduction() {
                 Reduction::Mean => abi::reduction::MEAN,
                 Reduction::Sum => abi::reduction::SUM,
@@ -179,23 +191,34 @@ impl Problem {
                 NoPositivePolicy::Exclude => abi::no_positive::EXCLUDE,
                 NoPositivePolicy::Error => abi::no_positive::ERROR,
             },
-            inv_temperature: loss.temperature().recip() as f32,
-            loss_scale: loss.loss_scale() as f32,
-            ..SupconParams::zeroed()
+            padding: 0,
         }
     }
 
-    /// Launches `kernel` with the plan for this problem.
+    /// The rows R and N as the kernels count them.
+    pub(crate) fn kernel_shape(&self) -> KernelShape {
+        self.kernel_shape
+    }
+
+    /// Launches `kernel` with the plan for this problem, covering `rows` rows (see
+    /// [`launch_config`]).
     ///
     /// # Safety
     /// As [`KernelExecutor::launch`].
-    pub(crate) unsafe fn launch<E: KernelExecutor>(
+    pub(crate) unsafe fn launch<E: KernelExecutor, P: KernelParams>(
         &self,
         executor: &mut E,
         kernel: Kernel,
-        params: &SupconParams,
+        params: &P,
+        rows: u32,
     ) -> Result<()> {
-        let config = launch_config(kernel.stage(), self.kernel_shape);
+        debug_assert_eq!(
+            kernel.params(),
+            P::KIND,
+            "{}'s parameter block",
+            kernel.name()
+        );
+        let config = launch_config(kernel.stage(), self.kernel_shape.dim, rows);
         // SAFETY: forwarded from this function's contract.
         unsafe { executor.launch(kernel, config, params) }
     }

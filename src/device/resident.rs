@@ -445,11 +445,11 @@ mod tests {
             HostExecutor.max_dynamic_shared_bytes()
         }
 
-        unsafe fn launch(
+        unsafe fn launch<P: crate::device::abi::KernelParams>(
             &mut self,
             kernel: crate::device::kernel::Kernel,
             config: crate::device::plan::LaunchConfig,
-            params: &crate::device::abi::SupconParams,
+            params: &P,
         ) -> Result<()> {
             // SAFETY: forwarded from this function's contract.
             unsafe { HostExecutor.launch(kernel, config, params) }

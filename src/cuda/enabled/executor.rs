@@ -11,7 +11,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use super::raw;
-use crate::device::abi::SupconParams;
+use crate::device::abi::KernelParams;
 use crate::device::executor::KernelExecutor;
 use crate::device::kernel::{fatbin, Kernel};
 use crate::device::plan::LaunchConfig;
@@ -225,11 +225,11 @@ impl KernelExecutor for StreamExecutor<'_> {
         self.kernels.max_dynamic_shared_bytes
     }
 
-    unsafe fn launch(
+    unsafe fn launch<P: KernelParams>(
         &mut self,
         kernel: Kernel,
         config: LaunchConfig,
-        params: &SupconParams,
+        params: &P,
     ) -> Result<()> {
         let function = self.kernels.function(kernel)?;
         // SAFETY: `function` is `kernel`'s entry point; the caller guarantees the addresses in

@@ -11,13 +11,21 @@ use cudarc::driver::{
     sys, CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, PushKernelArg,
 };
 
-use crate::device::abi::SupconParams;
+use crate::device::abi::{
+    BackwardParams, CoefficientParams, FinalizeParams, ForwardParams, KernelParams,
+};
 use crate::device::plan::LaunchConfig;
 
-// SAFETY: `SupconParams` is `#[repr(C)]` and `Pod`, a field-for-field mirror of the C struct of
-// kernels/supcon_params.h (fixed-width fields, explicit padding, layout pinned by a test), so its
-// bytes are exactly what the kernels' by-value parameter expects.
-unsafe impl DeviceRepr for SupconParams {}
+// SAFETY: each parameter block is `#[repr(C)]` and `Pod`, a field-for-field mirror of its C
+// struct in kernels/supcon_params.h (fixed-width fields, explicit padding, layout pinned by a
+// test), so its bytes are exactly what the kernels' by-value parameter expects.
+unsafe impl DeviceRepr for ForwardParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for FinalizeParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for CoefficientParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for BackwardParams {}
 
 /// The CUDA driver library, known to be loadable (see the module docs).
 #[derive(Debug, Clone, Copy)]
@@ -65,18 +73,18 @@ pub(crate) fn view_as<T: bytemuck::Pod>(
 /// Launches `function` on `stream` with `config` and the one by-value argument `params`.
 ///
 /// # Safety
-/// - `function` must be a SupCon kernel: one `SupconParams` parameter, `config` from
+/// - `function` must be a SupCon kernel whose one parameter is a `P`, `config` from
 ///   `device::plan::launch_config` for that kernel's stage and the shape in `params`.
 /// - Every address in `params` that the kernel reads or writes (kernels/supcon_params.h) must
 ///   point to device memory of `stream`'s context, at least as large as the kernel's accesses
 ///   for the shape in `params`, and stay allocated until the kernel has finished on `stream`.
 /// - Nothing may read the buffers the kernel writes, or write the ones it reads, until it has
 ///   finished, except work ordered after it on `stream`.
-pub(crate) unsafe fn launch(
+pub(crate) unsafe fn launch<P: KernelParams>(
     stream: &CudaStream,
     function: &CudaFunction,
     config: LaunchConfig,
-    params: &SupconParams,
+    params: &P,
 ) -> Result<(), DriverError> {
     let [gx, gy, gz] = config.grid;
     let [bx, by, bz] = config.block;
