@@ -7,9 +7,11 @@
 //!     --sizes 4096,16384,65536,262144 --dim 128 --dtypes f32,bf16 --header
 //! ```
 //!
-//! Half-precision rows come twice: on the tensor-core kernels (`Precision::Auto`, "supcon cuda
-//! mma") and on the f32 SIMT kernels (`Precision::F32`, "supcon cuda simt"), side by side;
-//! `--precisions auto` or `--precisions f32` keeps one. f32 features always run the SIMT kernels.
+//! Each dtype comes on every kernel family that reads it, side by side: half-precision rows on
+//! the tensor-core kernels (`Precision::Auto`, "mma") and on the f32 SIMT kernels
+//! (`Precision::F32`, "simt"); f32 rows on the SIMT kernels and on tensor cores with split
+//! operands (`Precision::Bf16x3`, "mma bf16x3"). `--precisions auto,f32,bf16x3` (the default)
+//! chooses among them.
 //!
 //! Batches are `[N/2, 2, D]` unit-norm features with labels from `--classes` classes, the
 //! default loss options (τ = τ_b = 0.07, contrast mode all, mean). Each row is the median of
@@ -43,7 +45,7 @@ fn parse_args() -> Result<Args, String> {
         sizes: vec![4096, 16384, 65536, 262_144],
         dim: 128,
         dtypes: vec!["f32".into(), "bf16".into()],
-        precisions: vec![Precision::Auto, Precision::F32],
+        precisions: vec![Precision::Auto, Precision::F32, Precision::Bf16x3],
         classes: 100,
         repeats: 10,
         cap: Duration::from_secs(10),
@@ -76,7 +78,8 @@ fn parse_args() -> Result<Args, String> {
                     .map(|p| match p {
                         "auto" => Ok(Precision::Auto),
                         "f32" => Ok(Precision::F32),
-                        other => Err(format!("--precisions {other}: auto or f32")),
+                        "bf16x3" => Ok(Precision::Bf16x3),
+                        other => Err(format!("--precisions {other}: auto, f32 or bf16x3")),
                     })
                     .collect::<Result<_, _>>()?
             }
@@ -230,6 +233,15 @@ fn measure<T: CudaFeature>(
     Ok((median.as_secs_f64(), peak, sample_loss))
 }
 
+/// Which kernels `precision` runs for features of `dtype`.
+fn kernel_family(dtype: &str, precision: Precision) -> &'static str {
+    match (dtype, precision) {
+        ("f32", Precision::Bf16x3) => "mma bf16x3",
+        ("f32", _) | (_, Precision::F32) => "simt",
+        (_, Precision::Auto | Precision::Bf16x3) => "mma",
+    }
+}
+
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(args) => args,
@@ -254,14 +266,15 @@ fn main() -> ExitCode {
     let mut failed = false;
     for dtype in &args.dtypes {
         for &precision in &args.precisions {
-            // f32 features run the SIMT kernels under either precision: one row.
-            if dtype == "f32" && precision == Precision::F32 && args.precisions.len() > 1 {
+            let kernels = kernel_family(dtype, precision);
+            // One row per kernel family: the first precision in the list that runs it.
+            let first = args
+                .precisions
+                .iter()
+                .find(|&&p| kernel_family(dtype, p) == kernels);
+            if first != Some(&precision) {
                 continue;
             }
-            let kernels = match (dtype.as_str(), precision) {
-                ("f32", _) | (_, Precision::F32) => "simt",
-                (_, Precision::Auto) => "mma",
-            };
             let backend = cuda.clone().with_precision(precision);
             for &rows in &args.sizes {
                 let label = format!(

@@ -76,8 +76,8 @@ __device__ __forceinline__ void backward(const SupconBackwardParams& b) {
     load_statistics(own_stats, first_row, own_count, b);
     describe_rows(contrast_rows[0], 0, rows_in_tile(0, p.rows), p);
     load_statistics(contrast_stats[0], 0, rows_in_tile(0, p.rows), b);
-    load_rows(shared.own, features, first_row, own_count, shared.aligned, p);
-    load_rows(shared.contrast(0), features, 0, rows_in_tile(0, p.rows), shared.aligned, p);
+    load_rows(shared, 0, features, first_row, own_count, p);
+    load_rows(shared, 1, features, 0, rows_in_tile(0, p.rows), p);
     cp_async_commit();
 
     float grad[kGradTiles][4];
@@ -90,15 +90,15 @@ __device__ __forceinline__ void backward(const SupconBackwardParams& b) {
             const int next_count = rows_in_tile(next, p.rows);
             describe_rows(contrast_rows[(t + 1) % 3], next, next_count, p);
             load_statistics(contrast_stats[(t + 1) % 3], next, next_count, b);
-            load_rows(shared.contrast((t + 1) % 2), features, next, next_count, shared.aligned, p);
+            load_rows(shared, 1 + (t + 1) % 2, features, next, next_count, p);
         }
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
 
-        T* tile = shared.contrast(t % 2);
+        auto* tile = shared.contrast(t % 2);
         float acc[kColTiles][4];
-        multiply_tile(acc, shared.own, tile, p.dim);
+        multiply_tile(acc, shared, t % 2, p.dim);
 
         const uint32_t first_contrast = t * kCols;
         const int contrast_count = rows_in_tile(first_contrast, p.rows);
@@ -127,15 +127,24 @@ __device__ __forceinline__ void backward(const SupconBackwardParams& b) {
                 }
             }
         }
-        uint32_t h_fragment[kTileSteps][4];
-        pack_a_fragments(h_fragment, h);
-
-        if constexpr (std::is_same_v<T, __half>) {
-            __syncthreads(); /* every warp's S is done with the f16 values */
-            convert_to_bf16(tile, shared.stride, first_column, chunk_width);
-            __syncthreads();
+        if constexpr (Operand<T>::kParts == 2) {
+            /* H Z = H_hi Z_hi + H_hi Z_lo + H_lo Z_hi (H_lo Z_lo, below 2^-16, dropped). */
+            uint32_t h_hi[kTileSteps][4], h_lo[kTileSteps][4];
+            pack_a_fragments_split(h_hi, h_lo, h);
+            const auto* tile_lo = shared.contrast(t % 2, 1);
+            multiply_h_tile(grad, h_hi, tile, shared.stride, first_column, chunk_width);
+            multiply_h_tile(grad, h_hi, tile_lo, shared.stride, first_column, chunk_width);
+            multiply_h_tile(grad, h_lo, tile, shared.stride, first_column, chunk_width);
+        } else {
+            uint32_t h_fragment[kTileSteps][4];
+            pack_a_fragments(h_fragment, h);
+            if constexpr (std::is_same_v<T, __half>) {
+                __syncthreads(); /* every warp's S is done with the f16 values */
+                convert_to_bf16(tile, shared.stride, first_column, chunk_width);
+                __syncthreads();
+            }
+            multiply_h_tile(grad, h_fragment, tile, shared.stride, first_column, chunk_width);
         }
-        multiply_h_tile(grad, h_fragment, tile, shared.stride, first_column, chunk_width);
         __syncthreads();
     }
 
@@ -156,6 +165,11 @@ __device__ __forceinline__ void backward(const SupconBackwardParams& b) {
 } // namespace
 } // namespace tc
 } // namespace supcon
+
+extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads)
+    supcon_mma_backward_f32x3(const SupconBackwardParams params) {
+    supcon::tc::backward<float>(params);
+}
 
 extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) supcon_mma_backward_f16(const SupconBackwardParams params) {
     supcon::tc::backward<__half>(params);

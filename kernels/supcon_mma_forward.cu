@@ -52,8 +52,8 @@ __device__ __forceinline__ void forward(const SupconForwardParams& f) {
 
     describe_rows(anchor_rows, first_anchor, anchor_count, p);
     describe_rows(contrast_rows[0], 0, rows_in_tile(0, p.rows), p);
-    load_rows(shared.own, features, first_anchor, anchor_count, shared.aligned, p);
-    load_rows(shared.contrast(0), features, 0, rows_in_tile(0, p.rows), shared.aligned, p);
+    load_rows(shared, 0, features, first_anchor, anchor_count, p);
+    load_rows(shared, 1, features, 0, rows_in_tile(0, p.rows), p);
     cp_async_commit();
 
     RowStatistics stats[2];
@@ -64,14 +64,14 @@ __device__ __forceinline__ void forward(const SupconForwardParams& f) {
         if (t + 1 < tiles) {
             const uint32_t next = (t + 1) * kCols;
             describe_rows(contrast_rows[(t + 1) % 3], next, rows_in_tile(next, p.rows), p);
-            load_rows(shared.contrast((t + 1) % 2), features, next, rows_in_tile(next, p.rows), shared.aligned, p);
+            load_rows(shared, 1 + (t + 1) % 2, features, next, rows_in_tile(next, p.rows), p);
         }
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
 
         float acc[kColTiles][4];
-        multiply_tile(acc, shared.own, shared.contrast(t % 2), p.dim);
+        multiply_tile(acc, shared, t % 2, p.dim);
         __syncthreads();
 
         const uint32_t first_contrast = t * kCols;
@@ -113,6 +113,10 @@ __device__ __forceinline__ void forward(const SupconForwardParams& f) {
 } // namespace
 } // namespace tc
 } // namespace supcon
+
+extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) supcon_mma_forward_f32x3(const SupconForwardParams params) {
+    supcon::tc::forward<float>(params);
+}
 
 extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) supcon_mma_forward_f16(const SupconForwardParams params) {
     supcon::tc::forward<__half>(params);

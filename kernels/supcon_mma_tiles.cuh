@@ -80,19 +80,42 @@ __device__ __forceinline__ bool rows_are_aligned(const SupconProblem& p) {
     return p.dim % 8 == 0 && p.features % 16 == 0;
 }
 
-/* The block's shared rows: its own 64, then the two stages of contrast tiles. */
+/* How an instantiation holds its operands in shared memory: f16 and bf16 features as they are
+ * (one part); f32 features split into two bf16 parts, hi = bf16(x) and lo = bf16(x - hi), so
+ * that x = hi + lo up to 2^-17 |x| and a product of two rows is hh + (hl + lh) up to ~2^-16
+ * (the lo x lo term, below 2^-16, is dropped): Precision::Bf16x3. */
+template <typename T>
+struct Operand {
+    using Tile = T;
+    static constexpr int kParts = 1;
+};
+template <>
+struct Operand<float> {
+    using Tile = __nv_bfloat16;
+    static constexpr int kParts = 2;
+};
+
+/* The block's shared rows: tile 0 its own 64, tiles 1 and 2 the two stages of contrast rows,
+ * each in Operand<T>::kParts parts. */
 template <typename T>
 struct SharedRows {
-    T* own;
+    using Tile = typename Operand<T>::Tile;
+    Tile* base;
     uint32_t stride;
-    bool aligned; /* 16-byte copies (rows_are_aligned) */
+    bool aligned; /* 16-byte copies (rows_are_aligned; f32 is always loaded and split by hand) */
 
     __device__ __forceinline__ explicit SharedRows(const SupconProblem& p)
-        : own(reinterpret_cast<T*>(dynamic_shared())), stride(row_stride(p.dim)), aligned(rows_are_aligned(p)) {}
+        : base(reinterpret_cast<Tile*>(dynamic_shared())), stride(row_stride(p.dim)),
+          aligned(Operand<T>::kParts == 1 && rows_are_aligned(p)) {}
 
-    /* Stage k (by arithmetic: an array of two pointers indexed at run time would live on the
-     * stack). */
-    __device__ __forceinline__ T* contrast(uint32_t k) const { return own + (1 + k) * kRows * stride; }
+    /* Part `part` of tile `index` (by arithmetic: an array of pointers indexed at run time
+     * would live on the stack). */
+    __device__ __forceinline__ Tile* tile(uint32_t index, int part = 0) const {
+        return base + (index * Operand<T>::kParts + part) * kRows * stride;
+    }
+    __device__ __forceinline__ Tile* own(int part = 0) const { return tile(0, part); }
+    /* Contrast stage k. */
+    __device__ __forceinline__ Tile* contrast(uint32_t k, int part = 0) const { return tile(1 + k, part); }
 };
 
 /* Where a thread's accumulator elements sit (the C layout): rows group and group + 8 of its
@@ -114,14 +137,16 @@ __device__ __forceinline__ uint64_t row_offset(uint32_t row, const SupconProblem
     return (static_cast<uint64_t>(sample) * p.views + view) * p.dim;
 }
 
-/* Copies rows first .. first + count - 1 into tile[64][stride] (zeros past D and past `count`),
- * as 16-byte cp.async copies in the current group when `aligned`, else by plain loads. */
+/* Copies rows first .. first + count - 1 into tile `index` of `shared` (zeros past D and past
+ * `count`): 16-byte cp.async copies in the current group when the rows are aligned, else plain
+ * loads; f32 rows are split into their bf16 hi and lo parts on the way. */
 template <typename T>
-__device__ __forceinline__ void load_rows(T* tile, const T* __restrict__ features, uint32_t first, int count,
-                                          bool aligned, const SupconProblem& p) {
+__device__ __forceinline__ void load_rows(const SharedRows<T>& shared, uint32_t index, const T* __restrict__ features,
+                                          uint32_t first, int count, const SupconProblem& p) {
     const uint32_t dim = p.dim;
-    const uint32_t stride = row_stride(dim);
-    if (aligned) {
+    const uint32_t stride = shared.stride;
+    auto* tile = shared.tile(index);
+    if (shared.aligned) {
         const uint32_t chunks = padded_dim(dim) / 8; /* 16-byte chunks per row */
         for (uint32_t e = threadIdx.x; e < kRows * chunks; e += kThreads) {
             const uint32_t r = e / chunks;
@@ -130,14 +155,22 @@ __device__ __forceinline__ void load_rows(T* tile, const T* __restrict__ feature
             const T* source = fill ? features + row_offset(first + r, p) + k : features;
             cp_async_16(tile + r * stride + k, source, fill);
         }
-    } else {
-        const uint32_t width = padded_dim(dim);
-        for (uint32_t e = threadIdx.x; e < kRows * width; e += kThreads) {
-            const uint32_t r = e / width;
-            const uint32_t k = e - r * width;
+        return;
+    }
+    const uint32_t width = padded_dim(dim);
+    for (uint32_t e = threadIdx.x; e < kRows * width; e += kThreads) {
+        const uint32_t r = e / width;
+        const uint32_t k = e - r * width;
+        const bool present = static_cast<int>(r) < count && k < dim;
+        if constexpr (Operand<T>::kParts == 2) {
+            const float x = present ? features[row_offset(first + r, p) + k] : 0.0f;
+            const __nv_bfloat16 hi = __float2bfloat16_rn(x);
+            tile[r * stride + k] = hi;
+            shared.tile(index, 1)[r * stride + k] = __float2bfloat16_rn(x - __bfloat162float(hi));
+        } else {
             T value;
             memset(&value, 0, sizeof value);
-            if (static_cast<int>(r) < count && k < dim) value = features[row_offset(first + r, p) + k];
+            if (present) value = features[row_offset(first + r, p) + k];
             tile[r * stride + k] = value;
         }
     }
@@ -146,8 +179,8 @@ __device__ __forceinline__ void load_rows(T* tile, const T* __restrict__ feature
 /* acc = own rows 16 w .. 16 w + 15 (w this thread's warp) x contrast rows 0..63, over all of
  * the padded D, k in order: the same instruction sequence wherever the same pair is formed. */
 template <typename T>
-__device__ __forceinline__ void multiply_tile(float (&acc)[kColTiles][4], const T* own, const T* contrast,
-                                              uint32_t dim) {
+__device__ __forceinline__ void multiply_single(float (&acc)[kColTiles][4], const T* own, const T* contrast,
+                                                uint32_t dim) {
     const uint32_t stride = row_stride(dim);
     const uint32_t depth = padded_dim(dim);
     const int lane = threadIdx.x % 32;
@@ -174,6 +207,56 @@ __device__ __forceinline__ void multiply_tile(float (&acc)[kColTiles][4], const 
     }
 }
 
+/* The same product of split rows: S = hh + (hl + lh), the three sums kept apart until the end so
+ * that S_ij and S_ji, whose hl and lh swap, come out bitwise equal. One pair of n-tiles at a time
+ * (the A fragments are loaded again per pair), so that the three accumulators cost 24 registers,
+ * not 96. */
+__device__ __forceinline__ void multiply_split(float (&acc)[kColTiles][4], const __nv_bfloat16* own_hi,
+                                               const __nv_bfloat16* own_lo, const __nv_bfloat16* contrast_hi,
+                                               const __nv_bfloat16* contrast_lo, uint32_t dim) {
+    const uint32_t stride = row_stride(dim);
+    const uint32_t depth = padded_dim(dim);
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+    const uint32_t a_offset = (kWarpRows * warp + lane % 16) * stride + 8 * (lane / 16);
+    const uint32_t b_offset = (lane % 8 + 8 * (lane / 16)) * stride + 8 * ((lane / 8) % 2);
+#pragma unroll
+    for (int pair = 0; pair < kColTiles / 2; ++pair) {
+        float sums[3][2][4] = {}; /* hh, hl, lh for n-tiles 2 pair and 2 pair + 1 */
+        const uint32_t b_pair = b_offset + 16 * pair * stride;
+        for (uint32_t k0 = 0; k0 < depth; k0 += 16) {
+            uint32_t a_hi[4], a_lo[4], b_hi[4], b_lo[4];
+            ldmatrix_x4(a_hi, own_hi + a_offset + k0);
+            ldmatrix_x4(a_lo, own_lo + a_offset + k0);
+            ldmatrix_x4(b_hi, contrast_hi + b_pair + k0);
+            ldmatrix_x4(b_lo, contrast_lo + b_pair + k0);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const uint32_t hi[2] = {b_hi[2 * half], b_hi[2 * half + 1]};
+                const uint32_t lo[2] = {b_lo[2 * half], b_lo[2 * half + 1]};
+                mma_m16n8k16<__nv_bfloat16>(sums[0][half], a_hi, hi);
+                mma_m16n8k16<__nv_bfloat16>(sums[1][half], a_hi, lo);
+                mma_m16n8k16<__nv_bfloat16>(sums[2][half], a_lo, hi);
+            }
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[2 * pair + half][e] = sums[0][half][e] + (sums[1][half][e] + sums[2][half][e]);
+    }
+}
+
+/* S for this warp's rows against contrast stage `stage` of `shared`. */
+template <typename T>
+__device__ __forceinline__ void multiply_tile(float (&acc)[kColTiles][4], const SharedRows<T>& shared,
+                                              uint32_t stage, uint32_t dim) {
+    if constexpr (Operand<T>::kParts == 2) {
+        multiply_split(acc, shared.own(0), shared.own(1), shared.contrast(stage, 0), shared.contrast(stage, 1), dim);
+    } else {
+        multiply_single(acc, shared.own(), shared.contrast(stage), dim);
+    }
+}
+
 /* The S accumulator of a warp (C layout, 16 x 64) as the A fragments of four 16-wide k-steps,
  * rounded to bf16: step k is n-tiles 2k and 2k + 1, element for element. */
 __device__ __forceinline__ void pack_a_fragments(uint32_t (&a)[kTileSteps][4], const float (&c)[kColTiles][4]) {
@@ -182,6 +265,18 @@ __device__ __forceinline__ void pack_a_fragments(uint32_t (&a)[kTileSteps][4], c
         a[n / 2][2 * (n % 2)] = pack_bf16x2(c[n][0], c[n][1]);
         a[n / 2][2 * (n % 2) + 1] = pack_bf16x2(c[n][2], c[n][3]);
     }
+}
+
+/* The same, split: hi = bf16(c) as pack_a_fragments, lo = bf16(c - hi). */
+__device__ __forceinline__ void pack_a_fragments_split(uint32_t (&hi)[kTileSteps][4], uint32_t (&lo)[kTileSteps][4],
+                                                       const float (&c)[kColTiles][4]) {
+    float rest[kColTiles][4];
+#pragma unroll
+    for (int n = 0; n < kColTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) rest[n][e] = c[n][e] - __bfloat162float(__float2bfloat16_rn(c[n][e]));
+    pack_a_fragments(hi, c);
+    pack_a_fragments(lo, rest);
 }
 
 /* grad += H (this warp's 16 x 64, as A fragments) x tile[0..63][first_column ..

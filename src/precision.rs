@@ -16,4 +16,10 @@ pub enum Precision {
     /// Every element type on the f32 path (SIMT FMA products, features widened to f32): the
     /// most accurate gradient, many times slower for f16 and bf16 on a GPU.
     F32,
+    /// As `Auto`, and f32 features on tensor cores too: each f32 row split into bf16 hi and lo
+    /// parts, every product as hi·hi + hi·lo + lo·hi (three `mma.sync`, the lo·lo term dropped),
+    /// H split the same way in the backward. Products to ~2⁻¹⁶ relative instead of f32's 2⁻²⁴,
+    /// at about 3× the tensor-core work of bf16 and twice its shared memory (D up to ~290 on
+    /// sm_90); f32 features whose rows do not fit take the f32 path.
+    Bf16x3,
 }

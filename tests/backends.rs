@@ -27,6 +27,8 @@ struct Subject<B> {
     backend: B,
     /// Whether it implements (options, element type); the rest must be `Error::Unsupported`.
     supports: fn(&SupConLoss, DType) -> bool,
+    /// The element types this suite compares (others are another suite's: the same kernels).
+    covers: fn(DType) -> bool,
     precision: Precision,
     /// Small ragged shapes for the whole option grid.
     option_shapes: &'static [Shape],
@@ -88,6 +90,9 @@ fn compare<B: Backend, T: Element>(
     upstream: Upstream<'_>,
     what: &str,
 ) -> f64 {
+    if !(subject.covers)(T::DTYPE) {
+        return 0.0;
+    }
     let name = subject.backend.name();
     let result = subject
         .backend
@@ -677,6 +682,7 @@ backend_suite!(
     Some(Subject {
         backend: ReferenceBackend,
         supports: |_, _| true,
+        covers: |_| true,
         precision: Precision::F64,
         option_shapes: &[(7, 2, 17), (13, 1, 3), (5, 3, 13), (2, 1, 1)],
         tile_shapes: &[],
@@ -691,6 +697,7 @@ backend_suite!(
     Some(Subject {
         backend: supcon::CpuBackend,
         supports: |_, _| true,
+        covers: |_| true,
         precision: Precision::F32,
         option_shapes: &[
             (7, 2, 17),
@@ -755,10 +762,36 @@ backend_suite!(
     Some(Subject {
         backend: supcon::EmulatedBackend::default(),
         supports: kernels_support,
+        covers: |_| true,
         precision: Precision::TensorCores,
         option_shapes: KERNEL_OPTION_SHAPES,
         tile_shapes: &[],
         ragged_shapes: KERNEL_RAGGED_SHAPES,
+    })
+);
+
+// Tensor cores for f32 features too, split into bf16 hi + lo.
+#[cfg(feature = "emulation")]
+backend_suite!(
+    emulated_bf16x3,
+    Some(Subject {
+        backend: supcon::EmulatedBackend::with_precision(supcon::Precision::Bf16x3),
+        supports: kernels_support,
+        // Half types run the `emulated` suite's kernels under Bf16x3 too.
+        covers: |dtype| matches!(dtype, DType::F32 | DType::F64),
+        precision: Precision::Bf16x3,
+        option_shapes: KERNEL_OPTION_SHAPES,
+        tile_shapes: &[],
+        // The kernels' boundaries, fewer rows (three products per step make it the slowest).
+        ragged_shapes: &[
+            (2, 1, 1),
+            (1, 2, 3),
+            (3, 1, 17),
+            (13, 3, 128),
+            (31, 2, 130),
+            (67, 1, 3),
+            (32, 2, 33)
+        ],
     })
 );
 
@@ -769,6 +802,7 @@ backend_suite!(
     Some(Subject {
         backend: supcon::EmulatedBackend::with_precision(supcon::Precision::F32),
         supports: kernels_support,
+        covers: |_| true,
         precision: Precision::F32,
         option_shapes: KERNEL_OPTION_SHAPES,
         tile_shapes: &[],
@@ -784,9 +818,11 @@ fn cuda_subject(precision: supcon::Precision) -> Option<Subject<supcon::CudaBack
         Ok(backend) => Some(Subject {
             backend: backend.with_precision(precision),
             supports: kernels_support,
+            covers: |_| true,
             precision: match precision {
                 supcon::Precision::Auto => Precision::TensorCores,
                 supcon::Precision::F32 => Precision::F32,
+                supcon::Precision::Bf16x3 => Precision::Bf16x3,
             },
             option_shapes: KERNEL_OPTION_SHAPES,
             tile_shapes: &[(1000, 2, 128), (300, 3, 257)],
@@ -806,3 +842,5 @@ fn cuda_subject(precision: supcon::Precision) -> Option<Subject<supcon::CudaBack
 backend_suite!(cuda, cuda_subject(supcon::Precision::Auto));
 #[cfg(feature = "cuda")]
 backend_suite!(cuda_f32, cuda_subject(supcon::Precision::F32));
+#[cfg(feature = "cuda")]
+backend_suite!(cuda_bf16x3, cuda_subject(supcon::Precision::Bf16x3));

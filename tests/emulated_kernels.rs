@@ -19,10 +19,11 @@ use ndarray::{Array1, Array2, Array3};
 use rand::RngExt;
 use supcon::{
     Backend, BatchShape, ContrastMode, Denominator, Element, EmulatedBackend, ForwardOutput,
-    GradElement, Positives, Reduction, Summation, SupConLoss, Upstream,
+    GradElement, Positives, Precision, Reduction, Summation, SupConLoss, Upstream,
 };
 
-/// The gradient of `z` as f32, f16 and bf16 features (what the tensor cores read).
+/// The gradient of `z` as f32 features (the f32 kernels, and tensor cores under
+/// `Precision::Bf16x3`), f16 and bf16 features (tensor cores).
 fn gradients_by_type(
     loss: &SupConLoss,
     z: &Array3<f32>,
@@ -30,21 +31,25 @@ fn gradients_by_type(
     upstream: Upstream<'_>,
 ) -> Vec<(&'static str, ForwardOutput, Vec<f32>)> {
     fn run<T: Element>(
+        precision: Precision,
         loss: &SupConLoss,
         z: &Array3<T>,
         positives: Positives<'_>,
         upstream: Upstream<'_>,
     ) -> (ForwardOutput, Vec<f32>) {
-        let (out, grad) = EmulatedBackend::default()
+        let (out, grad) = EmulatedBackend::with_precision(precision)
             .forward_backward(loss, z.view(), positives, upstream)
             .unwrap();
         (out, grad.iter().map(|g| g.to_f64() as f32).collect())
     }
-    let (f32_out, f32_grad) = run(loss, z, positives, upstream);
-    let (f16_out, f16_grad) = run(loss, &z.mapv(f16::from_f32), positives, upstream);
-    let (bf16_out, bf16_grad) = run(loss, &z.mapv(bf16::from_f32), positives, upstream);
+    let auto = Precision::Auto;
+    let (f32_out, f32_grad) = run(auto, loss, z, positives, upstream);
+    let (split_out, split_grad) = run(Precision::Bf16x3, loss, z, positives, upstream);
+    let (f16_out, f16_grad) = run(auto, loss, &z.mapv(f16::from_f32), positives, upstream);
+    let (bf16_out, bf16_grad) = run(auto, loss, &z.mapv(bf16::from_f32), positives, upstream);
     vec![
         ("f32", f32_out, f32_grad),
+        ("f32 bf16x3", split_out, split_grad),
         ("f16", f16_out, f16_grad),
         ("bf16", bf16_out, bf16_grad),
     ]

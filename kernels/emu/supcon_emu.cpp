@@ -22,8 +22,10 @@ void supcon_backward_f32(SupconBackwardParams);
 void supcon_backward_f16(SupconBackwardParams);
 void supcon_backward_bf16(SupconBackwardParams);
 void supcon_backward_coefficients(SupconCoefficientParams);
+void supcon_mma_forward_f32x3(SupconForwardParams);
 void supcon_mma_forward_f16(SupconForwardParams);
 void supcon_mma_forward_bf16(SupconForwardParams);
+void supcon_mma_backward_f32x3(SupconBackwardParams);
 void supcon_mma_backward_f16(SupconBackwardParams);
 void supcon_mma_backward_bf16(SupconBackwardParams);
 }
@@ -46,8 +48,10 @@ constexpr NamedKernel kKernels[] = {
     SUPCON_KERNEL(supcon_backward_f16, SupconBackwardParams),
     SUPCON_KERNEL(supcon_backward_bf16, SupconBackwardParams),
     SUPCON_KERNEL(supcon_backward_coefficients, SupconCoefficientParams),
+    SUPCON_KERNEL(supcon_mma_forward_f32x3, SupconForwardParams),
     SUPCON_KERNEL(supcon_mma_forward_f16, SupconForwardParams),
     SUPCON_KERNEL(supcon_mma_forward_bf16, SupconForwardParams),
+    SUPCON_KERNEL(supcon_mma_backward_f32x3, SupconBackwardParams),
     SUPCON_KERNEL(supcon_mma_backward_f16, SupconBackwardParams),
     SUPCON_KERNEL(supcon_mma_backward_bf16, SupconBackwardParams),
 };

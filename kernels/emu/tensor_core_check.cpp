@@ -10,6 +10,9 @@
  *                    must equal own x contrast^T, for f16 and bf16
  *   multiply_h_tile  pack_a_fragments + multiply_h_tile on a partial gradient chunk must equal
  *                    C x tile[:, chunk]
+ *   split_tile       f32 rows through the kernels' loader (split into bf16 hi and lo in shared
+ *                    memory) and multiply_tile: hh + (hl + lh), with exact values chosen so that
+ *                    x = hi + lo, must equal the exact product less the lo x lo terms
  *
  * Values are small integers (and halves), so every product and sum is exact: results must agree
  * exactly, and a wrong lane, register or half in any mapping shows as a mismatch. Each check
@@ -143,7 +146,7 @@ void multiply_tile_kernel(const void*) {
     }
     __syncthreads();
     float acc[kColTiles][4];
-    supcon::tc::multiply_tile(acc, own.data(), contrast.data(), g_dim);
+    supcon::tc::multiply_single(acc, own.data(), contrast.data(), g_dim);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     for (int n = 0; n < kColTiles; ++n) {
         for (int e = 0; e < 4; ++e) {
@@ -232,6 +235,59 @@ int multiply_h_tile(unsigned dim, unsigned first_column) {
     return mismatches;
 }
 
+/* ---- split_tile: 128 f32 rows of D elements, x = hi + lo with hi in +-[4, 8] and lo a multiple
+ * of 2^-12 below 2^-9: bf16(x) = hi, x - hi = lo exactly, and every partial sum is exact. */
+std::vector<float> g_rows;
+
+void split_tile_kernel(const void*) {
+    SupconProblem p{};
+    p.features = reinterpret_cast<uint64_t>(g_rows.data());
+    p.batch = 128;
+    p.views = 1;
+    p.dim = g_dim;
+    p.rows = 128;
+    const supcon::tc::SharedRows<float> shared(p);
+    supcon::tc::load_rows(shared, 0, g_rows.data(), 0, 64, p);
+    supcon::tc::load_rows(shared, 2, g_rows.data(), 64, 64, p);
+    __syncthreads();
+    float acc[kColTiles][4];
+    supcon::tc::multiply_tile(acc, shared, 1, g_dim);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int n = 0; n < kColTiles; ++n) {
+        for (int e = 0; e < 4; ++e) {
+            g_out[(16 * warp + lane / 4 + 8 * (e / 2)) * 64 + 8 * n + 2 * (lane % 4) + e % 2] = acc[n][e];
+        }
+    }
+}
+
+int split_tile(unsigned dim) {
+    g_dim = dim;
+    std::vector<double> hi(128 * dim), lo(128 * dim);
+    g_rows.resize(128 * dim);
+    for (unsigned i = 0; i < g_rows.size(); ++i) {
+        const int h = 4 + static_cast<int>((i * 2654435761u) >> 30); /* 4..7 */
+        hi[i] = (i % 3 == 0) ? -h : h;
+        lo[i] = static_cast<double>(static_cast<int>((i * 40503u) >> 28) - 7) / 4096.0; /* -7..8 * 2^-12 */
+        g_rows[i] = static_cast<float>(hi[i] + lo[i]);
+    }
+    g_out.assign(64 * 64, -1e30f);
+    const size_t bytes = 6 * 64 * static_cast<size_t>(supcon::tc::row_stride(dim)) * 2;
+    supcon_emu::launch(split_tile_kernel, dim3{1, 1, 1}, dim3{128, 1, 1}, bytes, &g_dim);
+    int mismatches = 0;
+    for (unsigned i = 0; i < 64; ++i) {
+        for (unsigned j = 0; j < 64; ++j) {
+            double expected = 0.0;
+            for (unsigned k = 0; k < dim; ++k) {
+                const double a_hi = hi[i * dim + k], a_lo = lo[i * dim + k];
+                const double b_hi = hi[(64 + j) * dim + k], b_lo = lo[(64 + j) * dim + k];
+                expected += a_hi * b_hi + a_hi * b_lo + a_lo * b_hi;
+            }
+            mismatches += g_out[i * 64 + j] != static_cast<float>(expected);
+        }
+    }
+    return mismatches;
+}
+
 } // namespace
 
 /* Runs the check called `name`; returns its mismatch count, or -1 for an unknown name. */
@@ -242,6 +298,7 @@ extern "C" int supcon_emu_tensor_core_check(const char* name) {
         return multiply_tile(false, 40) + multiply_tile(true, 40) + multiply_tile(true, 16) +
                multiply_tile(false, 7);
     }
+    if (strcmp(name, "split_tile") == 0) return split_tile(16) + split_tile(7);
     if (strcmp(name, "multiply_h_tile") == 0) return multiply_h_tile(40, 0) + multiply_h_tile(300, 256) + multiply_h_tile(300, 128);
     return -1;
 }

@@ -407,7 +407,7 @@ mod tests {
             (c"kFinalizeThreads", FINALIZE_THREADS),
             (c"kCoefficientThreads", COEFFICIENT_THREADS),
             (c"tc::kThreads", MMA_THREADS),
-            (c"tc::kSharedBytesD130", mma_shared_bytes(130) as u32),
+            (c"tc::kSharedBytesD130", mma_shared_bytes(130, false) as u32),
             (
                 c"kMaxDynamicSharedBytes",
                 EMULATED_MAX_DYNAMIC_SHARED_BYTES as u32,
@@ -484,6 +484,7 @@ mod tests {
             c"ldmatrix_layout",
             c"multiply_tile",
             c"multiply_h_tile",
+            c"split_tile",
         ] {
             // SAFETY: a NUL-terminated name; the check owns all its memory.
             let mismatches = unsafe { supcon_emu_tensor_core_check(check.as_ptr()) };

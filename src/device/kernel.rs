@@ -31,23 +31,22 @@ impl FeatureType {
     }
 }
 
-/// The feature types the tensor-core kernels read.
+/// What the tensor-core kernels multiply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum HalfType {
-    /// `__half`.
+pub(crate) enum MmaOperands {
+    /// `__half` features as they are.
     F16,
-    /// `__nv_bfloat16`.
+    /// `__nv_bfloat16` features as they are.
     Bf16,
+    /// `float` features split into bf16 hi and lo parts, three products each
+    /// ([`crate::Precision::Bf16x3`]).
+    F32Split,
 }
 
-impl HalfType {
-    /// The tensor-core type of a feature type; `None` for f32.
-    pub(crate) fn of(feature_type: FeatureType) -> Option<Self> {
-        match feature_type {
-            FeatureType::F16 => Some(HalfType::F16),
-            FeatureType::Bf16 => Some(HalfType::Bf16),
-            FeatureType::F32 => None,
-        }
+impl MmaOperands {
+    /// Whether shared rows come in two parts (doubling the kernels' shared memory).
+    pub(crate) fn split(self) -> bool {
+        self == MmaOperands::F32Split
     }
 }
 
@@ -65,16 +64,16 @@ pub(crate) enum Kernel {
     /// The feature gradient.
     Backward(FeatureType),
     /// Per-anchor statistics and losses on tensor cores.
-    MmaForward(HalfType),
+    MmaForward(MmaOperands),
     /// The feature gradient on tensor cores.
-    MmaBackward(HalfType),
+    MmaBackward(MmaOperands),
 }
 
 impl Kernel {
     /// Every entry point.
     // The CUDA executor loads them all; the emulated executor's tests check them all.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) const ALL: [Kernel; 12] = [
+    pub(crate) const ALL: [Kernel; 14] = [
         Kernel::ForwardStatistics(FeatureType::F32),
         Kernel::ForwardStatistics(FeatureType::F16),
         Kernel::ForwardStatistics(FeatureType::Bf16),
@@ -83,10 +82,12 @@ impl Kernel {
         Kernel::Backward(FeatureType::F32),
         Kernel::Backward(FeatureType::F16),
         Kernel::Backward(FeatureType::Bf16),
-        Kernel::MmaForward(HalfType::F16),
-        Kernel::MmaForward(HalfType::Bf16),
-        Kernel::MmaBackward(HalfType::F16),
-        Kernel::MmaBackward(HalfType::Bf16),
+        Kernel::MmaForward(MmaOperands::F16),
+        Kernel::MmaForward(MmaOperands::Bf16),
+        Kernel::MmaForward(MmaOperands::F32Split),
+        Kernel::MmaBackward(MmaOperands::F16),
+        Kernel::MmaBackward(MmaOperands::Bf16),
+        Kernel::MmaBackward(MmaOperands::F32Split),
     ];
 
     /// The `extern "C"` name in the fatbin (and in the emulation).
@@ -100,10 +101,12 @@ impl Kernel {
             Kernel::Backward(FeatureType::F32) => "supcon_backward_f32",
             Kernel::Backward(FeatureType::F16) => "supcon_backward_f16",
             Kernel::Backward(FeatureType::Bf16) => "supcon_backward_bf16",
-            Kernel::MmaForward(HalfType::F16) => "supcon_mma_forward_f16",
-            Kernel::MmaForward(HalfType::Bf16) => "supcon_mma_forward_bf16",
-            Kernel::MmaBackward(HalfType::F16) => "supcon_mma_backward_f16",
-            Kernel::MmaBackward(HalfType::Bf16) => "supcon_mma_backward_bf16",
+            Kernel::MmaForward(MmaOperands::F16) => "supcon_mma_forward_f16",
+            Kernel::MmaForward(MmaOperands::Bf16) => "supcon_mma_forward_bf16",
+            Kernel::MmaForward(MmaOperands::F32Split) => "supcon_mma_forward_f32x3",
+            Kernel::MmaBackward(MmaOperands::F16) => "supcon_mma_backward_f16",
+            Kernel::MmaBackward(MmaOperands::Bf16) => "supcon_mma_backward_bf16",
+            Kernel::MmaBackward(MmaOperands::F32Split) => "supcon_mma_backward_f32x3",
         }
     }
 
@@ -123,8 +126,12 @@ impl Kernel {
             Kernel::ForwardFinalize => Stage::ForwardFinalize,
             Kernel::BackwardCoefficients => Stage::BackwardCoefficients,
             Kernel::Backward(_) => Stage::Backward,
-            Kernel::MmaForward(_) => Stage::MmaForward,
-            Kernel::MmaBackward(_) => Stage::MmaBackward,
+            Kernel::MmaForward(operands) => Stage::MmaForward {
+                split: operands.split(),
+            },
+            Kernel::MmaBackward(operands) => Stage::MmaBackward {
+                split: operands.split(),
+            },
         }
     }
 }

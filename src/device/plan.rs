@@ -24,9 +24,14 @@ const MMA_SHARED_ROWS: u32 = 3 * 64;
 const MMA_ROW_SLACK: u32 = 8;
 
 /// Dynamic shared memory of a tensor-core kernel for rows of `dim` elements: 3 × 64 rows of D
-/// padded to a multiple of 16, plus 8, two bytes each (`kernels/supcon_mma_tiles.cuh`).
-pub(crate) fn mma_shared_bytes(dim: u32) -> u64 {
-    u64::from(MMA_SHARED_ROWS) * (u64::from(dim.div_ceil(16) * 16) + u64::from(MMA_ROW_SLACK)) * 2
+/// padded to a multiple of 16, plus 8, two bytes each, twice that for split operands (a hi and
+/// a lo part per row: `kernels/supcon_mma_tiles.cuh`).
+pub(crate) fn mma_shared_bytes(dim: u32, split: bool) -> u64 {
+    let parts = if split { 2 } else { 1 };
+    parts
+        * u64::from(MMA_SHARED_ROWS)
+        * (u64::from(dim.div_ceil(16) * 16) + u64::from(MMA_ROW_SLACK))
+        * 2
 }
 
 /// The launch stages; the element type does not change the plan.
@@ -40,10 +45,11 @@ pub(crate) enum Stage {
     BackwardCoefficients,
     /// `supcon_backward_{f32,f16,bf16}`: the feature gradient.
     Backward,
-    /// `supcon_mma_forward_{f16,bf16}`: per-anchor statistics and losses on tensor cores.
-    MmaForward,
-    /// `supcon_mma_backward_{f16,bf16}`: the feature gradient on tensor cores.
-    MmaBackward,
+    /// `supcon_mma_forward_{f16,bf16,f32x3}`: per-anchor statistics and losses on tensor
+    /// cores; `split`: f32 rows in two parts.
+    MmaForward { split: bool },
+    /// `supcon_mma_backward_{f16,bf16,f32x3}`: the feature gradient on tensor cores.
+    MmaBackward { split: bool },
 }
 
 /// A kernel launch configuration.
@@ -73,16 +79,16 @@ pub(crate) fn launch_config(stage: Stage, dim: u32, rows: u32) -> LaunchConfig {
             [rows.div_ceil(TILE_ROWS), dim.div_ceil(GRAD_CHUNK), 1],
             TILE_THREADS,
         ),
-        Stage::MmaForward => ([rows.div_ceil(TILE_ROWS), 1, 1], MMA_THREADS),
-        Stage::MmaBackward => (
+        Stage::MmaForward { .. } => ([rows.div_ceil(TILE_ROWS), 1, 1], MMA_THREADS),
+        Stage::MmaBackward { .. } => (
             [rows.div_ceil(TILE_ROWS), dim.div_ceil(GRAD_CHUNK), 1],
             MMA_THREADS,
         ),
     };
     let dynamic_shared_bytes = match stage {
         // Callers pick the tensor-core kernels only where this fits the device (`Problem`).
-        Stage::MmaForward | Stage::MmaBackward => {
-            u32::try_from(mma_shared_bytes(dim)).unwrap_or(u32::MAX)
+        Stage::MmaForward { split } | Stage::MmaBackward { split } => {
+            u32::try_from(mma_shared_bytes(dim, split)).unwrap_or(u32::MAX)
         }
         _ => 0,
     };
@@ -114,13 +120,15 @@ mod tests {
             [1, 1, 1]
         );
         assert_eq!(
-            launch_config(Stage::MmaForward, dim, anchors).grid,
+            launch_config(Stage::MmaForward { split: false }, dim, anchors).grid,
             [3, 1, 1]
         );
-        let backward = launch_config(Stage::MmaBackward, dim, rows);
+        let backward = launch_config(Stage::MmaBackward { split: false }, dim, rows);
         assert_eq!(backward.grid, [5, 2, 1]);
         // D = 130 pads to 144 (+ 8 slack) elements of 2 bytes, for 3 × 64 rows.
         assert_eq!(backward.dynamic_shared_bytes, 3 * 64 * 152 * 2);
+        let split = launch_config(Stage::MmaBackward { split: true }, dim, rows);
+        assert_eq!(split.dynamic_shared_bytes, 2 * 3 * 64 * 152 * 2);
         assert_eq!(
             launch_config(Stage::Backward, dim, rows).dynamic_shared_bytes,
             0

@@ -4,7 +4,7 @@
 
 use super::abi::{self, KernelParams};
 use super::executor::KernelExecutor;
-use super::kernel::{FeatureType, HalfType, Kernel};
+use super::kernel::{FeatureType, Kernel, MmaOperands};
 use super::plan::{launch_config, mma_shared_bytes, GRAD_CHUNK, MAX_GRID_Y};
 use crate::config::{Denominator, NoPositivePolicy, Reduction, Summation, SupConLoss};
 use crate::element::DType;
@@ -93,16 +93,20 @@ impl Problem {
         })
     }
 
-    /// The tensor-core type, if this problem runs on tensor cores on a device that gives a
-    /// launch up to `max_dynamic_shared_bytes`: half-precision features under
-    /// [`Precision::Auto`] whose shared rows fit. The forward and the backward pass decide
+    /// The tensor-core operands, if this problem runs on tensor cores on a device that gives
+    /// a launch up to `max_dynamic_shared_bytes`: half-precision features under
+    /// [`Precision::Auto`] and [`Precision::Bf16x3`], f32 features under `Bf16x3`, when their
+    /// shared rows fit. The forward and the backward pass decide
     /// alike, so the backward reproduces the forward's logits bit for bit.
-    fn tensor_cores(&self, max_dynamic_shared_bytes: u64) -> Option<HalfType> {
-        let fits = mma_shared_bytes(self.kernel_shape.dim) <= max_dynamic_shared_bytes;
-        match self.precision {
-            Precision::Auto if fits => HalfType::of(self.feature_type),
-            Precision::Auto | Precision::F32 => None,
-        }
+    fn tensor_cores(&self, max_dynamic_shared_bytes: u64) -> Option<MmaOperands> {
+        let operands = match (self.precision, self.feature_type) {
+            (Precision::F32, _) | (Precision::Auto, FeatureType::F32) => return None,
+            (_, FeatureType::F16) => MmaOperands::F16,
+            (_, FeatureType::Bf16) => MmaOperands::Bf16,
+            (Precision::Bf16x3, FeatureType::F32) => MmaOperands::F32Split,
+        };
+        let bytes = mma_shared_bytes(self.kernel_shape.dim, operands.split());
+        (bytes <= max_dynamic_shared_bytes).then_some(operands)
     }
 
     /// The kernel of the forward statistics on a device with `max_dynamic_shared_bytes`.

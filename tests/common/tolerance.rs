@@ -23,7 +23,8 @@
 //!
 //! The gradient's unit is the size of one row's gradient: weights H that carry relative errors
 //! δs, on terms of total size (c·|u|/R')·‖z‖/τ from both sides of the pair. ρ is the rounding of
-//! the product's operands: 0, except on tensor cores (H in bf16: 2⁻⁹; f16 features: 2·2⁻⁹). A wrong mask, term or
+//! the product's operands: 0, except on tensor cores (H in bf16: 2⁻⁹; f16 features: 2·2⁻⁹; f32
+//! features split into bf16 hi + lo: 2⁻¹⁶, which adds 2⁻¹⁶·s_max to δs as well). A wrong mask, term or
 //! scale is an O(1) relative error, orders of magnitude above these bounds. Each test prints the
 //! largest error/bound ratio it saw ([`Worst`]).
 
@@ -47,13 +48,17 @@ pub enum Precision {
     /// f16 and bf16 features on tensor cores, whose backward rounds each weight H_kj to bf16
     /// (and, for f16 features, the z_j it multiplies): see [`Precision::operand_rounding`].
     TensorCores,
+    /// The kernels under `supcon::Precision::Bf16x3`: as [`Precision::TensorCores`], and f32
+    /// features on tensor cores too, split into bf16 hi + lo: every product to 2⁻¹⁶ relative
+    /// (x = hi + lo to 2⁻¹⁸, the lo·lo term dropped), the logits to 2⁻¹⁶·s_max.
+    Bf16x3,
 }
 
 impl Precision {
     fn epsilon(self) -> f64 {
         match self {
             Precision::F64 => f64::EPSILON,
-            Precision::F32 | Precision::TensorCores => f64::from(f32::EPSILON),
+            Precision::F32 | Precision::TensorCores | Precision::Bf16x3 => f64::from(f32::EPSILON),
         }
     }
 
@@ -63,8 +68,18 @@ impl Precision {
     /// bounds, so the gradient's bound gains ρ next to δs.
     fn operand_rounding(self, dtype: DType) -> f64 {
         match (self, dtype) {
-            (Precision::TensorCores, DType::BF16) => 2f64.powi(-9),
-            (Precision::TensorCores, DType::F16) => 2.0 * 2f64.powi(-9),
+            (Precision::TensorCores | Precision::Bf16x3, DType::BF16) => 2f64.powi(-9),
+            (Precision::TensorCores | Precision::Bf16x3, DType::F16) => 2.0 * 2f64.powi(-9),
+            (Precision::Bf16x3, DType::F32) => 2f64.powi(-16),
+            _ => 0.0,
+        }
+    }
+
+    /// The relative error of a split product (f32 features under `Bf16x3`), which adds
+    /// ρ·s_max to every logit's error.
+    fn split_products(self, dtype: DType) -> f64 {
+        match (self, dtype) {
+            (Precision::Bf16x3, DType::F32) => 2f64.powi(-16),
             _ => 0.0,
         }
     }
@@ -103,7 +118,8 @@ impl Tolerance {
         let eps = precision.epsilon();
         let rounded_input = T::DTYPE == DType::F64 && precision != Precision::F64;
         let logit = eps * (((d as f64).sqrt() + 4.0) * s_max + n.sqrt())
-            + if rounded_input { eps * s_max } else { 0.0 };
+            + if rounded_input { eps * s_max } else { 0.0 }
+            + precision.split_products(T::DTYPE) * s_max;
         let c = loss.loss_scale();
         let anchors = match loss.contrast_mode() {
             ContrastMode::All => n,
