@@ -1,5 +1,6 @@
 //! CUDA benchmarks (feature `cuda`): forward+backward of the SupCon loss on device-resident
-//! `[N/2, 2, 128]` batches with labels, f32 and bf16. Each sample times a batch of iterations
+//! `[N/2, 2, 128]` batches with labels, f32 and bf16, each on every kernel family that reads it
+//! (bf16: tensor cores and SIMT; f32: SIMT and split tensor cores), compared in one group. Each sample times a batch of iterations
 //! between two stream synchronisations (`iter_custom`), so the time is the GPU's, not the
 //! launch queue's. The throughput column counts 6·N²·D flops as "elements": Gelem/s = GFLOP/s.
 //!
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use supcon::cuda::{CudaFeature, DevicePositives};
-use supcon::{BatchShape, CudaBackend, SupConLoss, Upstream};
+use supcon::{BatchShape, CudaBackend, Precision, SupConLoss, Upstream};
 
 const DIM: usize = 128;
 const SIZES: [usize; 2] = [4096, 16384];
@@ -95,8 +96,11 @@ fn cuda_benches(c: &mut Criterion) {
             return;
         }
     };
-    bench_dtype(c, &cuda, "f32", |x| x);
-    bench_dtype(c, &cuda, "bf16", bf16::from_f32);
+    let with = |precision| cuda.clone().with_precision(precision);
+    bench_dtype(c, &with(Precision::F32), "f32/simt", |x| x);
+    bench_dtype(c, &with(Precision::Bf16x3), "f32/mma-bf16x3", |x| x);
+    bench_dtype(c, &with(Precision::F32), "bf16/simt", bf16::from_f32);
+    bench_dtype(c, &with(Precision::Auto), "bf16/mma", bf16::from_f32);
 }
 
 criterion_group! {

@@ -152,6 +152,15 @@ if ((status != 0)); then
     failures=$((failures + 1))
     say "| supcon cuda | | | | $(describe_status $status) | | |"
 fi
+# O(N·D) memory: a million rows complete on the tensor-core kernels (one timed step).
+logged "$(until_second 320)" "$here/bin/cuda_table" --sizes 1048576 --dim "$dim" \
+    --dtypes bf16 --precisions auto --repeats 1 --cap-s 1 --budget-s 60
+status=$?
+grep -E '^\| supcon' "$last" >>"$report"
+if ((status != 0)); then
+    failures=$((failures + 1))
+    say "| supcon cuda mma | bf16 | 1048576 | | $(describe_status $status) | | |"
+fi
 if ! python3 -c 'import torch, numpy' 2>/dev/null; then
     say "| torch | | | | not available (no python3 with torch and numpy) | | |"
 else
