@@ -51,7 +51,7 @@ impl Report {
         );
         let _ = writeln!(
             table,
-            "{:<28} {:<8} {:>9} {:>10} {:>11} {:>12} {:>11}",
+            "{:<32} {:<8} {:>9} {:>10} {:>11} {:>12} {:>11}",
             "kernel",
             "arch",
             "registers",
@@ -82,7 +82,7 @@ impl Report {
         for e in &entries {
             let _ = writeln!(
                 self.table,
-                "{:<28} {:<8} {:>9} {:>10} {:>11} {:>12} {:>11}",
+                "{:<32} {:<8} {:>9} {:>10} {:>11} {:>12} {:>11}",
                 e.kernel,
                 e.arch,
                 e.registers,

@@ -3,10 +3,12 @@
  * per-anchor statistics, the same result as supcon_backward.cu (whose header has the math):
  *     dL/dz_k = (1/tau) sum_j H_kj z_j,   H_kj = G_kj + G_jk.
  *
- * supcon_mma_backward_{f16,bf16}: grid (ceil(N / 64), ceil(D / 128)) blocks of 128 threads
- * (4 warps) with the forward kernel's dynamic shared memory. Block (x, y) owns gradient rows
- * 64x .. 64x + 63 (16 per warp) and feature columns 128y .. 128y + 127, and streams the contrast
- * rows past them as the forward kernel does (supcon_mma_tiles.cuh). Per tile a warp
+ * supcon_mma_backward_{f16,bf16,f32x3}: grid (ceil(N / 64), ceil(D / 128)) blocks of 128
+ * threads (4 warps) with the forward kernel's dynamic shared memory; the _wide_ kernels, for
+ * D > 128, take 256 columns per block (grid.y = ceil(D / 256)), so that S and H are formed once
+ * per tile up to D = 256, not once per 128 columns. Block (x, y) owns gradient rows 64x .. 64x + 63 (16 per warp)
+ * and a chunk of feature columns, and streams the contrast rows past them as the forward kernel
+ * does (supcon_mma_tiles.cuh). Per tile a warp
  *     1. forms S for its 16 rows x 64 contrasts with mma.sync: the instruction sequence of the
  *        forward kernel, so the logits are the forward's bit for bit (a product is symmetric);
  *     2. turns each logit into H (both terms, from the saved statistics of both rows, weights
@@ -14,7 +16,7 @@
  *     3. rounds H to bf16 and feeds it, still in registers, as the A operand of
  *        dZ[16 x 128] += H[16 x 64] Z_tile[64 x 128] (two adjacent n-tiles of the S accumulator
  *        are one k-step's A fragment, supcon_mma.cuh), with the tile's rows as a k-major B via
- *        ldmatrix.trans, f32 accumulators: 64 per thread.
+ *        ldmatrix.trans, f32 accumulators: 64 per thread (128 for the wide kernels).
  * Each gradient element is written once, by one thread: no atomics, deterministic.
  *
  * Precision: S is exact products with f32 sums, as in the forward kernel. H is rounded to bf16
@@ -23,8 +25,8 @@
  * takes one type for both operands), another 2^-9 per term. docs/math.md derives the bound the
  * tests assert.
  *
- * Cost: 2 N^2 D flops for S per 128-column chunk of D and 2 N^2 D for H Z, on the tensor
- * cores; ~2 exponentials per logit (one per anchor side) and ~40 other instructions per logit
+ * Cost: 2 N^2 D flops for S per chunk of D (one chunk up to D = 256) and 2 N^2 D for H Z, on
+ * the tensor cores; ~2 exponentials per logit (one per anchor side) and ~40 other instructions per logit
  * for H. With contrast mode one, tiles where neither side holds an anchor are skipped.
  */
 #include <type_traits>
@@ -49,8 +51,9 @@ __device__ __forceinline__ void convert_to_bf16(__half* tile, uint32_t stride, u
     }
 }
 
-template <typename T>
+template <typename T, int kGradCols>
 __device__ __forceinline__ void backward(const SupconBackwardParams& b) {
+    constexpr int kGradTiles = kGradCols / 8;
     const SupconProblem& p = b.problem;
     /* Descriptions and statistics of the contrast tiles rotate over three slots, as in the
      * forward kernel. */
@@ -166,16 +169,14 @@ __device__ __forceinline__ void backward(const SupconBackwardParams& b) {
 } // namespace tc
 } // namespace supcon
 
-extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads)
-    supcon_mma_backward_f32x3(const SupconBackwardParams params) {
-    supcon::tc::backward<float>(params);
-}
-
-extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) supcon_mma_backward_f16(const SupconBackwardParams params) {
-    supcon::tc::backward<__half>(params);
-}
-
-extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads)
-    supcon_mma_backward_bf16(const SupconBackwardParams params) {
-    supcon::tc::backward<__nv_bfloat16>(params);
-}
+#define SUPCON_MMA_BACKWARD(name, T, columns)                                                  \
+    extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) name(const SupconBackwardParams params) { \
+        supcon::tc::backward<T, columns>(params);                                                \
+    }
+SUPCON_MMA_BACKWARD(supcon_mma_backward_f16, __half, supcon::tc::kGradCols)
+SUPCON_MMA_BACKWARD(supcon_mma_backward_bf16, __nv_bfloat16, supcon::tc::kGradCols)
+SUPCON_MMA_BACKWARD(supcon_mma_backward_f32x3, float, supcon::tc::kGradCols)
+SUPCON_MMA_BACKWARD(supcon_mma_backward_wide_f16, __half, supcon::tc::kWideGradCols)
+SUPCON_MMA_BACKWARD(supcon_mma_backward_wide_bf16, __nv_bfloat16, supcon::tc::kWideGradCols)
+SUPCON_MMA_BACKWARD(supcon_mma_backward_wide_f32x3, float, supcon::tc::kWideGradCols)
+#undef SUPCON_MMA_BACKWARD

@@ -47,9 +47,11 @@ constexpr int kCols = 64;
 constexpr int kWarpRows = kRows / kWarps;
 /* n-tiles of 8 contrast rows per S tile. */
 constexpr int kColTiles = kCols / 8;
-/* Gradient columns per backward block (grid.y chunks); per warp 16 n-tiles of 8. */
+/* Gradient columns per backward block (grid.y chunks): 128 (16 n-tiles of 8 per warp, 64
+ * accumulators per thread) for D <= 128, 256 beyond, so that S and H are formed once per tile up
+ * to D = 256 rather than once per 128 columns (128 accumulators; no spills, 2 blocks per SM). */
 constexpr int kGradCols = 128;
-constexpr int kGradTiles = kGradCols / 8;
+constexpr int kWideGradCols = 256;
 /* k-steps of 16 contrast rows per tile of the backward's H Z product. */
 constexpr int kTileSteps = kCols / 16;
 /* Elements of zeros after each shared row (16 bytes). */
@@ -280,8 +282,9 @@ __device__ __forceinline__ void pack_a_fragments_split(uint32_t (&hi)[kTileSteps
 }
 
 /* grad += H (this warp's 16 x 64, as A fragments) x tile[0..63][first_column ..
- * first_column + width) (bf16, k-major: the tile's rows are the k index): 16 n-tiles of 8
- * gradient columns, of which the first width / 8 exist. */
+ * first_column + width) (bf16, k-major: the tile's rows are the k index): kGradTiles n-tiles of
+ * 8 gradient columns, of which the first width / 8 exist. */
+template <int kGradTiles>
 __device__ __forceinline__ void multiply_h_tile(float (&grad)[kGradTiles][4], const uint32_t (&h)[kTileSteps][4],
                                                 const void* tile, uint32_t stride, uint32_t first_column,
                                                 uint32_t width) {

@@ -753,7 +753,8 @@ const KERNEL_RAGGED_SHAPES: &[Shape] = &[
     (101, 2, 64),  // N = 202
     (97, 3, 1),    // N = 291
     (293, 1, 130), // N = 293 (prime): five tiles, two gradient chunks
-    (9, 2, 256),   // D = 256: two full gradient chunks, 16 k-steps per tile
+    (9, 2, 256),   // D = 256: one wide gradient chunk, 16 k-steps per tile
+    (5, 2, 300),   // D = 300: two wide chunks (bf16x3: rows too wide, the f32 path)
 ];
 
 // The default kernels: tensor cores for f16 and bf16, the f32 path for f32.

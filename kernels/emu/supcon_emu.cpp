@@ -26,6 +26,9 @@ void supcon_mma_forward_f32x3(SupconForwardParams);
 void supcon_mma_forward_f16(SupconForwardParams);
 void supcon_mma_forward_bf16(SupconForwardParams);
 void supcon_mma_backward_f32x3(SupconBackwardParams);
+void supcon_mma_backward_wide_f16(SupconBackwardParams);
+void supcon_mma_backward_wide_bf16(SupconBackwardParams);
+void supcon_mma_backward_wide_f32x3(SupconBackwardParams);
 void supcon_mma_backward_f16(SupconBackwardParams);
 void supcon_mma_backward_bf16(SupconBackwardParams);
 }
@@ -52,6 +55,9 @@ constexpr NamedKernel kKernels[] = {
     SUPCON_KERNEL(supcon_mma_forward_f16, SupconForwardParams),
     SUPCON_KERNEL(supcon_mma_forward_bf16, SupconForwardParams),
     SUPCON_KERNEL(supcon_mma_backward_f32x3, SupconBackwardParams),
+    SUPCON_KERNEL(supcon_mma_backward_wide_f16, SupconBackwardParams),
+    SUPCON_KERNEL(supcon_mma_backward_wide_bf16, SupconBackwardParams),
+    SUPCON_KERNEL(supcon_mma_backward_wide_f32x3, SupconBackwardParams),
     SUPCON_KERNEL(supcon_mma_backward_f16, SupconBackwardParams),
     SUPCON_KERNEL(supcon_mma_backward_bf16, SupconBackwardParams),
 };
@@ -163,6 +169,7 @@ constexpr NamedConstant kConstants[] = {
     {"kFinalizeThreads", supcon::kFinalizeThreads},
     {"kCoefficientThreads", supcon::kCoefficientThreads},
     {"tc::kThreads", supcon::tc::kThreads},
+    {"tc::kWideGradCols", supcon::tc::kWideGradCols},
     /* The tensor-core kernels' dynamic shared memory at D = 130 (padded to 144): 3 rows of 64. */
     {"tc::kSharedBytesD130", 3 * supcon::tc::kRows * static_cast<int64_t>(supcon::tc::row_stride(130)) * 2},
     {"kMaxDynamicSharedBytes", static_cast<int64_t>(supcon_emu::kMaxDynamicSharedBytes)},

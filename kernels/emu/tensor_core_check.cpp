@@ -8,8 +8,8 @@
  *                    of distinct values must be the elements the PTX ISA assigns it
  *   multiply_tile    the kernels' S tile (supcon_mma_tiles.cuh) from shared rows with a ragged D
  *                    must equal own x contrast^T, for f16 and bf16
- *   multiply_h_tile  pack_a_fragments + multiply_h_tile on a partial gradient chunk must equal
- *                    C x tile[:, chunk]
+ *   multiply_h_tile  pack_a_fragments + multiply_h_tile (the wide, 256-column form) on full and
+ *                    partial gradient chunks must equal C x tile[:, chunk]
  *   split_tile       f32 rows through the kernels' loader (split into bf16 hi and lo in shared
  *                    memory) and multiply_tile: hh + (hl + lh), with exact values chosen so that
  *                    x = hi + lo, must equal the exact product less the lo x lo terms
@@ -28,7 +28,6 @@
 namespace {
 
 using supcon::tc::kColTiles;
-using supcon::tc::kGradTiles;
 using supcon::tc::kTileSteps;
 
 /* A value in -8..8 (and halves for bf16-exact fractions) from a seed. */
@@ -197,13 +196,13 @@ void multiply_h_tile_kernel(const void*) {
     }
     uint32_t h[kTileSteps][4];
     supcon::tc::pack_a_fragments(h, c);
-    float grad[kGradTiles][4] = {};
+    float grad[supcon::tc::kWideGradCols / 8][4] = {};
     supcon::tc::multiply_h_tile(grad, h, tile.data(), stride, g_first_column, g_width);
-    for (int n = 0; n < kGradTiles; ++n) {
+    for (int n = 0; n < supcon::tc::kWideGradCols / 8; ++n) {
         for (int e = 0; e < 4; ++e) {
             const int row = 16 * warp + lane / 4 + 8 * (e / 2);
             const int col = 8 * n + 2 * (lane % 4) + e % 2;
-            g_out[row * 128 + col] = grad[n][e];
+            g_out[row * 256 + col] = grad[n][e];
         }
     }
 }
@@ -212,24 +211,24 @@ int multiply_h_tile(unsigned dim, unsigned first_column) {
     g_dim = dim;
     g_first_column = first_column;
     const unsigned padded = supcon::tc::padded_dim(dim);
-    g_width = padded - first_column < 128 ? padded - first_column : 128;
+    g_width = padded - first_column < 256 ? padded - first_column : 256;
     std::vector<float> b(64 * dim);
     g_b.resize(b.size());
     for (unsigned i = 0; i < b.size(); ++i) g_b[i] = bits_of(b[i] = test_value(i, 6), true);
     g_c.resize(64 * 64);
     for (unsigned i = 0; i < g_c.size(); ++i) g_c[i] = test_value(i, 7);
-    g_out.assign(64 * 128, -1e30f);
+    g_out.assign(64 * 256, -1e30f);
     supcon_emu::launch(multiply_h_tile_kernel, dim3{1, 1, 1}, dim3{128, 1, 1}, 0, &g_dim);
     int mismatches = 0;
     for (unsigned i = 0; i < 64; ++i) {
-        for (unsigned col = 0; col < 128; ++col) {
+        for (unsigned col = 0; col < 256; ++col) {
             const unsigned d = first_column + col;
             /* Columns past the chunk's width stay 0; past D (zero padding) they are 0 too. */
             float expected = 0.0f;
             if (col < g_width && d < dim) {
                 for (unsigned j = 0; j < 64; ++j) expected += g_c[i * 64 + j] * b[j * dim + d];
             }
-            mismatches += g_out[i * 128 + col] != expected;
+            mismatches += g_out[i * 256 + col] != expected;
         }
     }
     return mismatches;
@@ -299,6 +298,6 @@ extern "C" int supcon_emu_tensor_core_check(const char* name) {
                multiply_tile(false, 7);
     }
     if (strcmp(name, "split_tile") == 0) return split_tile(16) + split_tile(7);
-    if (strcmp(name, "multiply_h_tile") == 0) return multiply_h_tile(40, 0) + multiply_h_tile(300, 256) + multiply_h_tile(300, 128);
+    if (strcmp(name, "multiply_h_tile") == 0) return multiply_h_tile(40, 0) + multiply_h_tile(300, 256) + multiply_h_tile(300, 0) + multiply_h_tile(200, 0);
     return -1;
 }

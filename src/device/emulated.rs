@@ -257,7 +257,7 @@ mod tests {
     };
     use crate::device::plan::{
         launch_config, mma_shared_bytes, Stage, COEFFICIENT_THREADS, FINALIZE_THREADS, GRAD_CHUNK,
-        MMA_THREADS, TILE_ROWS, TILE_THREADS,
+        MMA_THREADS, TILE_ROWS, TILE_THREADS, WIDE_GRAD_CHUNK,
     };
 
     unsafe extern "C" {
@@ -381,7 +381,7 @@ mod tests {
 
     #[test]
     fn option_codes_and_tile_sizes_match_the_kernels() {
-        let expected: [(&CStr, u32); 21] = [
+        let expected: [(&CStr, u32); 22] = [
             (c"SUPCON_POSITIVES_SAME_SAMPLE", abi::positives::SAME_SAMPLE),
             (c"SUPCON_POSITIVES_LABELS", abi::positives::LABELS),
             (c"SUPCON_POSITIVES_MASK", abi::positives::MASK),
@@ -407,6 +407,7 @@ mod tests {
             (c"kFinalizeThreads", FINALIZE_THREADS),
             (c"kCoefficientThreads", COEFFICIENT_THREADS),
             (c"tc::kThreads", MMA_THREADS),
+            (c"tc::kWideGradCols", WIDE_GRAD_CHUNK),
             (c"tc::kSharedBytesD130", mma_shared_bytes(130, false) as u32),
             (
                 c"kMaxDynamicSharedBytes",

@@ -65,15 +65,16 @@ pub(crate) enum Kernel {
     Backward(FeatureType),
     /// Per-anchor statistics and losses on tensor cores.
     MmaForward(MmaOperands),
-    /// The feature gradient on tensor cores.
-    MmaBackward(MmaOperands),
+    /// The feature gradient on tensor cores; `wide`: 256 gradient columns per block (for
+    /// D > 128, so that S is formed once per tile up to D = 256), else 128.
+    MmaBackward { operands: MmaOperands, wide: bool },
 }
 
 impl Kernel {
     /// Every entry point.
     // The CUDA executor loads them all; the emulated executor's tests check them all.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) const ALL: [Kernel; 14] = [
+    pub(crate) const ALL: [Kernel; 17] = [
         Kernel::ForwardStatistics(FeatureType::F32),
         Kernel::ForwardStatistics(FeatureType::F16),
         Kernel::ForwardStatistics(FeatureType::Bf16),
@@ -85,10 +86,17 @@ impl Kernel {
         Kernel::MmaForward(MmaOperands::F16),
         Kernel::MmaForward(MmaOperands::Bf16),
         Kernel::MmaForward(MmaOperands::F32Split),
-        Kernel::MmaBackward(MmaOperands::F16),
-        Kernel::MmaBackward(MmaOperands::Bf16),
-        Kernel::MmaBackward(MmaOperands::F32Split),
+        Kernel::mma_backward(MmaOperands::F16, false),
+        Kernel::mma_backward(MmaOperands::Bf16, false),
+        Kernel::mma_backward(MmaOperands::F32Split, false),
+        Kernel::mma_backward(MmaOperands::F16, true),
+        Kernel::mma_backward(MmaOperands::Bf16, true),
+        Kernel::mma_backward(MmaOperands::F32Split, true),
     ];
+
+    const fn mma_backward(operands: MmaOperands, wide: bool) -> Kernel {
+        Kernel::MmaBackward { operands, wide }
+    }
 
     /// The `extern "C"` name in the fatbin (and in the emulation).
     pub(crate) fn name(self) -> &'static str {
@@ -104,9 +112,14 @@ impl Kernel {
             Kernel::MmaForward(MmaOperands::F16) => "supcon_mma_forward_f16",
             Kernel::MmaForward(MmaOperands::Bf16) => "supcon_mma_forward_bf16",
             Kernel::MmaForward(MmaOperands::F32Split) => "supcon_mma_forward_f32x3",
-            Kernel::MmaBackward(MmaOperands::F16) => "supcon_mma_backward_f16",
-            Kernel::MmaBackward(MmaOperands::Bf16) => "supcon_mma_backward_bf16",
-            Kernel::MmaBackward(MmaOperands::F32Split) => "supcon_mma_backward_f32x3",
+            Kernel::MmaBackward { operands, wide } => match (operands, wide) {
+                (MmaOperands::F16, false) => "supcon_mma_backward_f16",
+                (MmaOperands::Bf16, false) => "supcon_mma_backward_bf16",
+                (MmaOperands::F32Split, false) => "supcon_mma_backward_f32x3",
+                (MmaOperands::F16, true) => "supcon_mma_backward_wide_f16",
+                (MmaOperands::Bf16, true) => "supcon_mma_backward_wide_bf16",
+                (MmaOperands::F32Split, true) => "supcon_mma_backward_wide_f32x3",
+            },
         }
     }
 
@@ -116,7 +129,7 @@ impl Kernel {
             Kernel::ForwardStatistics(_) | Kernel::MmaForward(_) => ParamsKind::Forward,
             Kernel::ForwardFinalize => ParamsKind::Finalize,
             Kernel::BackwardCoefficients => ParamsKind::Coefficients,
-            Kernel::Backward(_) | Kernel::MmaBackward(_) => ParamsKind::Backward,
+            Kernel::Backward(_) | Kernel::MmaBackward { .. } => ParamsKind::Backward,
         }
     }
 
@@ -129,8 +142,9 @@ impl Kernel {
             Kernel::MmaForward(operands) => Stage::MmaForward {
                 split: operands.split(),
             },
-            Kernel::MmaBackward(operands) => Stage::MmaBackward {
+            Kernel::MmaBackward { operands, wide } => Stage::MmaBackward {
                 split: operands.split(),
+                wide,
             },
         }
     }
@@ -155,7 +169,7 @@ pub(crate) fn fatbin(kernel: Kernel) -> Result<&'static [u8]> {
             Kernel::MmaForward(_) => {
                 include_bytes!(concat!(env!("OUT_DIR"), "/supcon_mma_forward.fatbin"))
             }
-            Kernel::MmaBackward(_) => {
+            Kernel::MmaBackward { .. } => {
                 include_bytes!(concat!(env!("OUT_DIR"), "/supcon_mma_backward.fatbin"))
             }
         })

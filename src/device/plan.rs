@@ -10,6 +10,8 @@ pub(crate) const TILE_THREADS: u32 = 128;
 pub(crate) const TILE_ROWS: u32 = 64;
 /// Feature columns per backward block (`kGradChunk`).
 pub(crate) const GRAD_CHUNK: u32 = 128;
+/// Feature columns per block of the wide tensor-core backward kernels (`tc::kWideGradCols`).
+pub(crate) const WIDE_GRAD_CHUNK: u32 = 256;
 /// CUDA's limit on `gridDim.y`, which counts the backward kernel's feature chunks.
 pub(crate) const MAX_GRID_Y: u32 = 65_535;
 /// Threads of the single finalisation block (`kFinalizeThreads`).
@@ -49,7 +51,7 @@ pub(crate) enum Stage {
     /// cores; `split`: f32 rows in two parts.
     MmaForward { split: bool },
     /// `supcon_mma_backward_{f16,bf16,f32x3}`: the feature gradient on tensor cores.
-    MmaBackward { split: bool },
+    MmaBackward { split: bool, wide: bool },
 }
 
 /// A kernel launch configuration.
@@ -80,14 +82,17 @@ pub(crate) fn launch_config(stage: Stage, dim: u32, rows: u32) -> LaunchConfig {
             TILE_THREADS,
         ),
         Stage::MmaForward { .. } => ([rows.div_ceil(TILE_ROWS), 1, 1], MMA_THREADS),
-        Stage::MmaBackward { .. } => (
-            [rows.div_ceil(TILE_ROWS), dim.div_ceil(GRAD_CHUNK), 1],
-            MMA_THREADS,
-        ),
+        Stage::MmaBackward { wide, .. } => {
+            let chunk = if wide { WIDE_GRAD_CHUNK } else { GRAD_CHUNK };
+            (
+                [rows.div_ceil(TILE_ROWS), dim.div_ceil(chunk), 1],
+                MMA_THREADS,
+            )
+        }
     };
     let dynamic_shared_bytes = match stage {
         // Callers pick the tensor-core kernels only where this fits the device (`Problem`).
-        Stage::MmaForward { split } | Stage::MmaBackward { split } => {
+        Stage::MmaForward { split } | Stage::MmaBackward { split, .. } => {
             u32::try_from(mma_shared_bytes(dim, split)).unwrap_or(u32::MAX)
         }
         _ => 0,
@@ -123,12 +128,21 @@ mod tests {
             launch_config(Stage::MmaForward { split: false }, dim, anchors).grid,
             [3, 1, 1]
         );
-        let backward = launch_config(Stage::MmaBackward { split: false }, dim, rows);
+        let narrow = Stage::MmaBackward {
+            split: false,
+            wide: false,
+        };
+        let backward = launch_config(narrow, dim, rows);
         assert_eq!(backward.grid, [5, 2, 1]);
         // D = 130 pads to 144 (+ 8 slack) elements of 2 bytes, for 3 × 64 rows.
         assert_eq!(backward.dynamic_shared_bytes, 3 * 64 * 152 * 2);
-        let split = launch_config(Stage::MmaBackward { split: true }, dim, rows);
+        let split = Stage::MmaBackward {
+            split: true,
+            wide: true,
+        };
+        let split = launch_config(split, dim, rows);
         assert_eq!(split.dynamic_shared_bytes, 2 * 3 * 64 * 152 * 2);
+        assert_eq!(split.grid, [5, 1, 1]);
         assert_eq!(
             launch_config(Stage::Backward, dim, rows).dynamic_shared_bytes,
             0

@@ -120,7 +120,12 @@ impl Problem {
     /// The kernel of the feature gradient on a device with `max_dynamic_shared_bytes`.
     pub(crate) fn backward_kernel(&self, max_dynamic_shared_bytes: u64) -> Kernel {
         match self.tensor_cores(max_dynamic_shared_bytes) {
-            Some(half) => Kernel::MmaBackward(half),
+            Some(operands) => Kernel::MmaBackward {
+                operands,
+                // Chunks of 256 columns rather than 128 past D = 128: S and H formed half as
+                // often (once per tile up to D = 256).
+                wide: self.kernel_shape.dim > GRAD_CHUNK,
+            },
             None => Kernel::Backward(self.feature_type),
         }
     }

@@ -118,7 +118,7 @@ impl LoadedKernels {
             .map_err(driver_error("reading the shared memory per block"))?;
         let mut max_dynamic_shared_bytes = u64::MAX;
         for (kernel, function) in &functions {
-            if !matches!(kernel, Kernel::MmaForward(_) | Kernel::MmaBackward(_)) {
+            if !matches!(kernel, Kernel::MmaForward(_) | Kernel::MmaBackward { .. }) {
                 continue;
             }
             let what = |action| format!("{action} of {}", kernel.name());
