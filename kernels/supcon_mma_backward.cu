@@ -1,14 +1,15 @@
 /*
- * SupCon backward pass on tensor cores (sm_80+): dL/dZ from f16 or bf16 features and the saved
- * per-anchor statistics, the same result as supcon_backward.cu (whose header has the math):
+ * SupCon backward pass on tensor cores (sm_80+): dL/dZ from f16, bf16 or split f32 features and
+ * the saved per-anchor statistics, the same result as supcon_backward.cu (whose header has the
+ * math):
  *     dL/dz_k = (1/tau) sum_j H_kj z_j,   H_kj = G_kj + G_jk.
  *
  * supcon_mma_backward_{f16,bf16,f32x3}: grid (ceil(N / 64), ceil(D / 128)) blocks of 128
  * threads (4 warps) with the forward kernel's dynamic shared memory; the _wide_ kernels, for
  * D > 128, take 256 columns per block (grid.y = ceil(D / 256)), so that S and H are formed once
- * per tile up to D = 256, not once per 128 columns. Block (x, y) owns gradient rows 64x .. 64x + 63 (16 per warp)
- * and a chunk of feature columns, and streams the contrast rows past them as the forward kernel
- * does (supcon_mma_tiles.cuh). Per tile a warp
+ * per tile up to D = 256, not once per 128 columns. Block (x, y) owns gradient rows
+ * 64x .. 64x + 63 (16 per warp) and a chunk of feature columns, and streams the contrast rows
+ * past them as the forward kernel does (supcon_mma_tiles.cuh). Per tile a warp
  *     1. forms S for its 16 rows x 64 contrasts with mma.sync: the instruction sequence of the
  *        forward kernel, so the logits are the forward's bit for bit (a product is symmetric);
  *     2. turns each logit into H (both terms, from the saved statistics of both rows, weights

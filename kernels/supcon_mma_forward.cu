@@ -1,10 +1,11 @@
 /*
- * SupCon forward pass on tensor cores (sm_80+): per-anchor statistics and losses from f16 or
- * bf16 features, the same outputs as supcon_forward.cu (whose header has the math; the
+ * SupCon forward pass on tensor cores (sm_80+): per-anchor statistics and losses from f16, bf16
+ * or split f32 features, the same outputs as supcon_forward.cu (whose header has the math; the
  * finalisation kernel there reduces these outputs too).
  *
- * supcon_mma_forward_{f16,bf16}: grid = ceil(R / 64) blocks of 128 threads (4 warps) and
- * 3 x 64 x (padded D + 8) elements of dynamic shared memory. Block b owns anchors 64b .. 64b + 63
+ * supcon_mma_forward_{f16,bf16,f32x3}: grid = ceil(R / 64) blocks of 128 threads (4 warps) and
+ * 3 x 64 x (padded D + 8) elements of dynamic shared memory (twice that for f32x3, whose rows
+ * are held as bf16 hi and lo parts: supcon_mma_tiles.cuh). Block b owns anchors 64b .. 64b + 63
  * and streams all N contrast rows past them (supcon_mma_tiles.cuh: own rows resident, contrast
  * tiles double-buffered with cp.async). Per tile a warp forms its 16 x 64 logits with
  * mma.sync m16n8k16 (products exact, f32 accumulation), scales them by 1/tau (rounded on its
