@@ -49,12 +49,14 @@ impl<B> Statistics<B> {
         executor: &E,
     ) -> StatisticsAddresses {
         StatisticsAddresses {
-            lse: executor.address(&self.lse),
-            lse_lo: executor.address(&self.lse_lo),
-            scaled_positive_lse: executor.address(&self.scaled_positive_lse),
-            scaled_positive_lse_lo: executor.address(&self.scaled_positive_lse_lo),
-            positive_weight: executor.address(&self.positive_weight),
-            positive_weight_max: executor.address(&self.positive_weight_max),
+            saved: SavedAddresses {
+                lse: executor.address(&self.lse),
+                lse_lo: executor.address(&self.lse_lo),
+                scaled_positive_lse: executor.address(&self.scaled_positive_lse),
+                scaled_positive_lse_lo: executor.address(&self.scaled_positive_lse_lo),
+                positive_weight: executor.address(&self.positive_weight),
+                positive_weight_max: executor.address(&self.positive_weight_max),
+            },
             anchor_loss: executor.address(&self.anchor_loss),
             reduced_loss: executor.address(&self.reduced_loss),
             anchors_without_positives: executor.address(&self.anchors_without_positives),
@@ -66,36 +68,14 @@ impl<B> Statistics<B> {
 /// caller-provided workspace ([`WorkspaceLayout`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StatisticsAddresses {
-    /// `float[R]` LSE_i, hi and lo.
-    pub(crate) lse: u64,
-    pub(crate) lse_lo: u64,
-    /// `float[R]` LSE^P_i − log W_i, hi and lo.
-    pub(crate) scaled_positive_lse: u64,
-    pub(crate) scaled_positive_lse_lo: u64,
-    /// `float[R]` P_i.
-    pub(crate) positive_weight: u64,
-    /// `float[R]` W_i.
-    pub(crate) positive_weight_max: u64,
+    /// The `float[R]` statistics the backward kernel reads.
+    pub(crate) saved: SavedAddresses,
     /// `float[R]` ℓ_i.
     pub(crate) anchor_loss: u64,
     /// `double[1]` the reduced loss.
     pub(crate) reduced_loss: u64,
     /// `uint32_t[1]` anchors without positives.
     pub(crate) anchors_without_positives: u64,
-}
-
-impl StatisticsAddresses {
-    /// What the backward kernel reads of them.
-    pub(crate) fn saved(&self) -> SavedAddresses {
-        SavedAddresses {
-            lse: self.lse,
-            lse_lo: self.lse_lo,
-            scaled_positive_lse: self.scaled_positive_lse,
-            scaled_positive_lse_lo: self.scaled_positive_lse_lo,
-            positive_weight: self.positive_weight,
-            positive_weight_max: self.positive_weight_max,
-        }
-    }
 }
 
 /// The per-anchor statistics the backward kernel reads, `float[R]` each, by address.
@@ -157,12 +137,14 @@ impl WorkspaceLayout {
         let statistic = |k| at(self.statistic_offset(k));
         StatisticsAddresses {
             anchor_loss: statistic(0),
-            lse: statistic(1),
-            lse_lo: statistic(2),
-            scaled_positive_lse: statistic(3),
-            scaled_positive_lse_lo: statistic(4),
-            positive_weight: statistic(5),
-            positive_weight_max: statistic(6),
+            saved: SavedAddresses {
+                lse: statistic(1),
+                lse_lo: statistic(2),
+                scaled_positive_lse: statistic(3),
+                scaled_positive_lse_lo: statistic(4),
+                positive_weight: statistic(5),
+                positive_weight_max: statistic(6),
+            },
             reduced_loss: at(self.loss_offset()),
             anchors_without_positives: at(self.anchors_without_positives_offset()),
         }
@@ -218,7 +200,7 @@ pub(crate) unsafe fn launch_forward_at<E: KernelExecutor>(
         launch_forward_statistics(executor, problem, inputs, at, 0..anchors)?;
         let params = FinalizeParams {
             anchor_loss: at.anchor_loss,
-            positive_weight: at.positive_weight,
+            positive_weight: at.saved.positive_weight,
             reduced_loss: at.reduced_loss,
             anchors_without_positives: at.anchors_without_positives,
             reduction: problem.reduction_block(),
@@ -245,7 +227,7 @@ pub(crate) unsafe fn launch_forward_statistics<E: KernelExecutor>(
     }
     let params = ForwardParams {
         problem: problem.block(inputs),
-        statistics: at.saved(),
+        statistics: at.saved,
         anchor_loss: at.anchor_loss,
         anchor_begin: anchors.start,
         anchor_end: anchors.end,
@@ -394,8 +376,8 @@ pub(crate) unsafe fn launch_coefficients_at<E: KernelExecutor>(
         DeviceUpstream::PerAnchor(address) => (address, 0.0),
     };
     let params = CoefficientParams {
-        lse: at.lse,
-        positive_weight: at.positive_weight,
+        lse: at.saved.lse,
+        positive_weight: at.saved.positive_weight,
         anchors_without_positives: at.anchors_without_positives,
         upstream: anchor_upstream,
         grad_coef: coefficients,
@@ -589,7 +571,7 @@ mod tests {
                 unsafe { launch_coefficients(executor, &problem, &whole, Upstream::Scalar(1.0)) }
                     .unwrap();
             let coefficients = executor.address(&coefficients);
-            let saved = whole.addresses(executor).saved();
+            let saved = whole.addresses(executor).saved;
             let elements = batch * views * dim;
             let one = executor.alloc(elements * 4).unwrap();
             let parts = executor.alloc(elements * 4).unwrap();

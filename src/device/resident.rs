@@ -66,7 +66,7 @@ pub(crate) unsafe fn backward<E: KernelExecutor>(
         // freed in stream order.
         unsafe { launch::launch_coefficients(executor, problem, statistics, upstream)? }
     };
-    let saved = statistics.addresses(executor).saved();
+    let saved = statistics.addresses(executor).saved;
     let coefficients = executor.address(&coefficients);
     // SAFETY: inputs and `grad` per this function's contract; the statistics and the
     // coefficients are R floats of the same problem, alive for the borrow (the coefficients
@@ -118,7 +118,7 @@ pub(crate) unsafe fn backward_from<E: KernelExecutor>(
     unsafe {
         let upstream = DeviceUpstream::PerAnchor(upstream);
         launch::launch_coefficients_at(executor, problem, &at, upstream, scratch)?;
-        launch::launch_backward(executor, problem, inputs, at.saved(), scratch, grad)
+        launch::launch_backward(executor, problem, inputs, at.saved, scratch, grad)
     }
 }
 
