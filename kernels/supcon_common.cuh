@@ -52,6 +52,8 @@ constexpr int kMicroCols = kTileCols / kThreadGridCols;
 constexpr int kFinalizeThreads = 256;
 /* Threads per block of supcon_backward_coefficients (one anchor each). */
 constexpr int kCoefficientThreads = 256;
+/* Threads per block of supcon_forward_merge (one anchor each). */
+constexpr int kMergeThreads = 256;
 /* Gradient columns (feature elements) per backward block: grid.y = ceil(D / kGradChunk). */
 constexpr int kGradChunk = 128;
 /* Padded length of one k-row of a shared tile (bank-conflict-free transposing stores). */

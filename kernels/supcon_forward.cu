@@ -10,8 +10,9 @@
  *     l_i = c (LSE_i - LSE^P_i + log P_i)            (summation inside)
  *     l_i = 0 when P_i = 0 or D_i is empty.
  *
- * supcon_forward_{f32,f16,bf16}: grid = ceil(R / 64) blocks of 128 threads. Block b owns anchors
- * 64b .. 64b + 63 and streams over all N contrast rows in column tiles of 64; each tile of S is
+ * supcon_forward_{f32,f16,bf16}: grid = ceil(R / 64) x column_splits blocks of 128 threads. Block
+ * b owns anchors 64b .. 64b + 63 and streams over all N contrast rows (its share of them, see
+ * "Column split") in column tiles of 64; each tile of S is
  * computed from shared stages of Z (supcon_common.cuh) into registers, 8 x 4 logits per thread.
  * The thread then folds its logits into running statistics of its 8 anchor rows: an online
  * log-sum-exp over D_i (running max m and sum l = sum e^{s - m}, rescaled once per tile when the
@@ -33,6 +34,12 @@
  * L1/L2); compute is 2 R N D flops plus ~1 exponential per logit (2 for positives). Writes are
  * O(R). The mask (explicit weights) is read per logit from the [B, B] buffer, L2-resident for
  * any batch that fits a training step.
+ *
+ * Column split: where the anchors alone would leave SMs idle (small N), the host launches
+ * column_splits blocks per anchor tile (grid.y), block y over share y of the contrast tiles
+ * (column_share), each storing its anchors' partial statistics instead of their outputs. Then
+ * supcon_forward_merge (one thread per anchor) merges the shares in order y = 0, 1, ... and
+ * writes the outputs: the same bits on every run, no atomics.
  *
  * supcon_forward_finalize: one block of 256 threads. Thread t sums l_a and counts anchors with
  * P_a = 0 over a = t, t + 256, ... (f64 sums), warps combine by an xor butterfly, thread 0 adds
@@ -72,8 +79,10 @@ __device__ __forceinline__ void forward_statistics(const SupconForwardParams& f)
 #pragma unroll
     for (int m = 0; m < kMicroRows; ++m) stats[m] = {-INFINITY, 0.0f, -INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
 
+    const TileRange tiles = column_share(f);
     int parity = 0;
-    for (uint32_t first_contrast = 0; first_contrast < p.rows; first_contrast += kTileCols, parity ^= 1) {
+    for (uint32_t first_contrast = tiles.begin * kTileCols; first_contrast < tiles.end * kTileCols;
+         first_contrast += kTileCols, parity ^= 1) {
         const int contrast_count = rows_in_tile(first_contrast, p.rows);
         const TileRows& contrasts = contrast_rows[parity];
         describe_rows(contrast_rows[parity], first_contrast, contrast_count, p);
@@ -106,7 +115,7 @@ __device__ __forceinline__ void forward_statistics(const SupconForwardParams& f)
     for (int m = 0; m < kMicroRows; ++m) shared.partial[ty + kThreadGridRows * m][tx] = stats[m];
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < anchor_count) {
-        finish_anchor(shared.partial[threadIdx.x], first_anchor + threadIdx.x, f);
+        publish_anchor(merge_parts(shared.partial[threadIdx.x]), first_anchor + threadIdx.x, f);
     }
 }
 
@@ -123,6 +132,17 @@ extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_f1
 
 extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_bf16(const SupconForwardParams params) {
     supcon::forward_statistics<__nv_bfloat16>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(supcon::kMergeThreads) supcon_forward_merge(const SupconForwardParams f) {
+    const uint32_t anchor = f.anchor_begin + blockIdx.x * supcon::kMergeThreads + threadIdx.x;
+    if (anchor >= f.anchor_end) return;
+    const supcon::RowStatistics* partials = reinterpret_cast<const supcon::RowStatistics*>(f.partials);
+    supcon::RowStatistics s = partials[anchor];
+    for (uint32_t share = 1; share < f.column_splits; ++share) {
+        supcon::merge_into(s, partials[static_cast<uint64_t>(share) * f.problem.anchors + anchor]);
+    }
+    supcon::write_anchor(s, anchor, f);
 }
 
 extern "C" __global__ void __launch_bounds__(supcon::kFinalizeThreads)

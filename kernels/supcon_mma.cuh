@@ -11,6 +11,9 @@
  *                     zero-filled when `fill` is false; cp_async_commit / cp_async_wait<N>
  *                     group and retire them (commit_group, wait_group N)
  *   pack_bf16x2       two floats rounded to bf16, as one A/B register (cvt.rn.bf16x2.f32)
+ *   exp2_approx       2^x in one MUFU instruction (ex2.approx.ftz.f32: within ~2 ulp, the
+ *                     CUDA guide's bound for exp2f, which is this instruction plus the scaling
+ *                     that keeps subnormal results; here results below 2^-126 are zero)
  *
  * Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16 with floating point type"), for
  * lane = 4 * group + quad (group 0..7, quad 0..3); each 32-bit register holds two consecutive
@@ -68,6 +71,11 @@ __device__ __forceinline__ void cp_async_wait() {
 /* Two floats rounded to nearest bf16, `low` in the low half: an mma operand register. */
 __device__ __forceinline__ uint32_t pack_bf16x2(float low, float high) {
     return static_cast<uint32_t>(__float2bfloat16_rn(low).bits) | static_cast<uint32_t>(__float2bfloat16_rn(high).bits) << 16;
+}
+/* 2^x with ex2.approx.ftz's flush of subnormal results (NaN and infinities as exp2f). */
+__device__ __forceinline__ float exp2_approx(float x) {
+    const float y = exp2f(x);
+    return y < 1.17549435e-38f ? 0.0f : y;
 }
 
 #else
@@ -129,6 +137,12 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ uint32_t pack_bf16x2(float low, float high) {
     const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
     return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
 }
 
 #endif

@@ -141,39 +141,45 @@ __device__ __forceinline__ uint64_t row_offset(uint32_t row, const SupconProblem
 
 /* Copies rows first .. first + count - 1 into tile `index` of `shared` (zeros past D and past
  * `count`): 16-byte cp.async copies in the current group when the rows are aligned, else plain
- * loads; f32 rows are split into their bf16 hi and lo parts on the way. */
+ * loads; f32 rows are split into their bf16 hi and lo parts on the way. Each row's offset is
+ * computed once (a division by B), not per element. */
 template <typename T>
 __device__ __forceinline__ void load_rows(const SharedRows<T>& shared, uint32_t index, const T* __restrict__ features,
                                           uint32_t first, int count, const SupconProblem& p) {
+    static_assert(kThreads % kRows == 0, "whole threads per row");
     const uint32_t dim = p.dim;
-    const uint32_t stride = shared.stride;
-    auto* tile = shared.tile(index);
+    const uint32_t width = padded_dim(dim);
     if (shared.aligned) {
-        const uint32_t chunks = padded_dim(dim) / 8; /* 16-byte chunks per row */
-        for (uint32_t e = threadIdx.x; e < kRows * chunks; e += kThreads) {
-            const uint32_t r = e / chunks;
-            const uint32_t k = (e - r * chunks) * 8;
-            const bool fill = static_cast<int>(r) < count && k < dim;
-            const T* source = fill ? features + row_offset(first + r, p) + k : features;
-            cp_async_16(tile + r * stride + k, source, fill);
+        /* Two threads per row, taking its 16-byte chunks in turn. */
+        constexpr uint32_t kThreadsPerRow = kThreads / kRows;
+        const uint32_t r = threadIdx.x / kThreadsPerRow;
+        const bool row_present = static_cast<int>(r) < count;
+        const T* source = features + (row_present ? row_offset(first + r, p) : 0);
+        auto* destination = shared.tile(index) + r * shared.stride;
+        for (uint32_t k = 8 * (threadIdx.x % kThreadsPerRow); k < width; k += 8 * kThreadsPerRow) {
+            const bool fill = row_present && k < dim;
+            cp_async_16(destination + k, fill ? source + k : features, fill);
         }
         return;
     }
-    const uint32_t width = padded_dim(dim);
-    for (uint32_t e = threadIdx.x; e < kRows * width; e += kThreads) {
-        const uint32_t r = e / width;
-        const uint32_t k = e - r * width;
-        const bool present = static_cast<int>(r) < count && k < dim;
-        if constexpr (Operand<T>::kParts == 2) {
-            const float x = present ? features[row_offset(first + r, p) + k] : 0.0f;
-            const __nv_bfloat16 hi = __float2bfloat16_rn(x);
-            tile[r * stride + k] = hi;
-            shared.tile(index, 1)[r * stride + k] = __float2bfloat16_rn(x - __bfloat162float(hi));
-        } else {
-            T value;
-            memset(&value, 0, sizeof value);
-            if (present) value = features[row_offset(first + r, p) + k];
-            tile[r * stride + k] = value;
+    /* Warp w takes rows w, w + 4, ...; its lanes consecutive elements of a row (coalesced). */
+    for (uint32_t r = threadIdx.x / 32; r < static_cast<uint32_t>(kRows); r += kWarps) {
+        const bool row_present = static_cast<int>(r) < count;
+        const T* source = features + (row_present ? row_offset(first + r, p) : 0);
+        for (uint32_t k = threadIdx.x % 32; k < width; k += 32) {
+            const bool present = row_present && k < dim;
+            const uint32_t at = r * shared.stride + k;
+            if constexpr (Operand<T>::kParts == 2) {
+                const float x = present ? source[k] : 0.0f;
+                const __nv_bfloat16 hi = __float2bfloat16_rn(x);
+                shared.tile(index)[at] = hi;
+                shared.tile(index, 1)[at] = __float2bfloat16_rn(x - __bfloat162float(hi));
+            } else {
+                T value;
+                memset(&value, 0, sizeof value);
+                if (present) value = source[k];
+                shared.tile(index)[at] = value;
+            }
         }
     }
 }

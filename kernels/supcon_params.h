@@ -2,7 +2,7 @@
  * The parameter blocks of the SupCon kernels (each takes one by value), shared with Rust
  * (src/device/abi.rs mirrors them field for field; a test compares sizeof/offsetof).
  *
- *   SupconForwardParams      supcon_forward_*, supcon_mma_forward_*
+ *   SupconForwardParams      supcon_forward_*, supcon_mma_forward_*, supcon_forward_merge
  *   SupconFinalizeParams     supcon_forward_finalize
  *   SupconCoefficientParams  supcon_backward_coefficients
  *   SupconBackwardParams     supcon_backward_*, supcon_mma_backward_*
@@ -86,13 +86,20 @@ typedef struct SupconReduction {
     uint32_t padding; /* 0 */
 } SupconReduction;
 
-/* Statistics and losses of anchors anchor_begin .. anchor_end - 1 against all N rows. */
+/* Statistics and losses of anchors anchor_begin .. anchor_end - 1 against all N rows, the
+ * columns split over column_splits blocks per anchor tile (1: no split). */
 typedef struct SupconForwardParams {
     SupconProblem problem;
     SupconStatistics statistics; /* written at the range's anchors */
     uint64_t anchor_loss;        /* float[R]: l_i, written at the range's anchors */
+    uint64_t partials;           /* RowStatistics[column_splits][R] (supcon_statistics.cuh): each
+                                  * share's statistics of the range's anchors, written by the
+                                  * forward kernels and merged by supcon_forward_merge; 0 when
+                                  * column_splits = 1 */
     uint32_t anchor_begin;
     uint32_t anchor_end;
+    uint32_t column_splits;      /* at most the number of 64-row contrast tiles */
+    uint32_t padding;            /* 0 */
 } SupconForwardParams;
 
 /* The reduced loss over anchors 0..R-1, and their count without positives. */

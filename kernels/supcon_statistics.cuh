@@ -2,8 +2,9 @@
  * The per-anchor statistics of both passes, shared by the SIMT and the tensor-core kernels.
  *
  * Forward: a thread folds the logits it sees of an anchor row into running RowStatistics
- * (accumulate_row); the partial statistics of one anchor are merged in a fixed order and turned
- * into the saved state and the anchor's loss (finish_anchor). Backward: the saved state of the
+ * (accumulate_row); the partial statistics of one anchor are merged in a fixed order
+ * (merge_parts) and turned into the saved state and the anchor's loss (write_anchor), or, when
+ * the columns are split across blocks, stored for supcon_forward_merge (publish_anchor). Backward: the saved state of the
  * rows of a tile (TileStatistics) and the logit gradient G_ij / coef_i (logit_gradient).
  * docs/math.md has the formulas; supcon_forward.cu and supcon_backward.cu explain the exact
  * cancellations these functions preserve.
@@ -65,20 +66,26 @@ __device__ __forceinline__ void accumulate_row(RowStatistics& stats, const float
     }
 }
 
-/* Merges the kParts partial statistics of one anchor (in order: a fixed summation order) and
- * writes the anchor's outputs. */
+/* Adds the statistics of a disjoint set of contrasts to `s`. */
+__device__ __forceinline__ void merge_into(RowStatistics& s, const RowStatistics& other) {
+    merge_log_sum(s.max, s.sum, other.max, other.sum);
+    merge_log_sum(s.positive_max, s.positive_sum, other.positive_max, other.positive_sum);
+    s.positive_weight += other.positive_weight;
+    s.positive_weight_max = fmaxf(s.positive_weight_max, other.positive_weight_max);
+    s.positive_logit += other.positive_logit;
+}
+
+/* The kParts partial statistics of one anchor merged in order (a fixed summation order). */
 template <int kParts>
-__device__ __forceinline__ void finish_anchor(const RowStatistics (&partial)[kParts], uint32_t anchor,
-                                              const SupconForwardParams& f) {
-    const SupconProblem& p = f.problem;
+__device__ __forceinline__ RowStatistics merge_parts(const RowStatistics (&partial)[kParts]) {
     RowStatistics s = partial[0];
-    for (int q = 1; q < kParts; ++q) {
-        merge_log_sum(s.max, s.sum, partial[q].max, partial[q].sum);
-        merge_log_sum(s.positive_max, s.positive_sum, partial[q].positive_max, partial[q].positive_sum);
-        s.positive_weight += partial[q].positive_weight;
-        s.positive_weight_max = fmaxf(s.positive_weight_max, partial[q].positive_weight_max);
-        s.positive_logit += partial[q].positive_logit;
-    }
+    for (int q = 1; q < kParts; ++q) merge_into(s, partial[q]);
+    return s;
+}
+
+/* Writes the outputs of `anchor` from its statistics over all N contrasts. */
+__device__ __forceinline__ void write_anchor(const RowStatistics& s, uint32_t anchor, const SupconForwardParams& f) {
+    const SupconProblem& p = f.problem;
     /* sum >= 1 (the max term) whenever the set is non-empty; likewise positive_sum >= max w.
      * A NaN logit (NaN or infinite features, which the device API does not check) makes the sum
      * NaN: that set counts as non-empty, so the NaN reaches LSE_i, l_i and the loss instead of
@@ -107,6 +114,28 @@ __device__ __forceinline__ void finish_anchor(const RowStatistics (&partial)[kPa
     reinterpret_cast<float*>(f.statistics.positive_weight)[anchor] = s.positive_weight;
     reinterpret_cast<float*>(f.statistics.positive_weight_max)[anchor] = s.positive_weight_max;
     reinterpret_cast<float*>(f.anchor_loss)[anchor] = loss;
+}
+
+/* The contrast tiles (kTileCols rows each) of this block's share of the columns: share
+ * blockIdx.y of f.column_splits (at most one per tile, so none is empty), in order. */
+struct TileRange {
+    uint32_t begin;
+    uint32_t end;
+};
+__device__ __forceinline__ TileRange column_share(const SupconForwardParams& f) {
+    const uint64_t tiles = (f.problem.rows + kTileCols - 1) / kTileCols;
+    return {static_cast<uint32_t>(tiles * blockIdx.y / f.column_splits),
+            static_cast<uint32_t>(tiles * (blockIdx.y + 1) / f.column_splits)};
+}
+
+/* Publishes an anchor's statistics over this block's share of the columns: its outputs when
+ * that is every column, else its partial statistics for supcon_forward_merge. */
+__device__ __forceinline__ void publish_anchor(const RowStatistics& s, uint32_t anchor, const SupconForwardParams& f) {
+    if (f.column_splits == 1) {
+        write_anchor(s, anchor, f);
+    } else {
+        reinterpret_cast<RowStatistics*>(f.partials)[static_cast<uint64_t>(blockIdx.y) * f.problem.anchors + anchor] = s;
+    }
 }
 
 /* The saved statistics of the rows of one tile. */

@@ -94,6 +94,8 @@ fn every_output_element_is_written() {
         (97, 3, 1),
         (70, 1, 64),
         (20, 3, 136),
+        // 9 contrast tiles: the forward splits its columns in 2 shares (and merges them).
+        (260, 2, 9),
     ];
     for (b, v, d) in shapes {
         let z = common::unit_features(&mut rng, (b, v, d)).mapv(|x| x as f32);

@@ -10,6 +10,7 @@
 
 #include "../supcon_common.cuh"
 #include "../supcon_mma_tiles.cuh"
+#include "../supcon_statistics.cuh"
 #include "cuda_emu_runtime.h"
 
 /* The kernels' entry points, defined in the .cu files compiled as C++. */
@@ -17,6 +18,7 @@ extern "C" {
 void supcon_forward_f32(SupconForwardParams);
 void supcon_forward_f16(SupconForwardParams);
 void supcon_forward_bf16(SupconForwardParams);
+void supcon_forward_merge(SupconForwardParams);
 void supcon_forward_finalize(SupconFinalizeParams);
 void supcon_backward_f32(SupconBackwardParams);
 void supcon_backward_f16(SupconBackwardParams);
@@ -46,6 +48,7 @@ constexpr NamedKernel kKernels[] = {
     SUPCON_KERNEL(supcon_forward_f32, SupconForwardParams),
     SUPCON_KERNEL(supcon_forward_f16, SupconForwardParams),
     SUPCON_KERNEL(supcon_forward_bf16, SupconForwardParams),
+    SUPCON_KERNEL(supcon_forward_merge, SupconForwardParams),
     SUPCON_KERNEL(supcon_forward_finalize, SupconFinalizeParams),
     SUPCON_KERNEL(supcon_backward_f32, SupconBackwardParams),
     SUPCON_KERNEL(supcon_backward_f16, SupconBackwardParams),
@@ -88,8 +91,9 @@ struct FieldLayout {
 
 constexpr FieldLayout kForwardFields[] = {
     SUPCON_PROBLEM_FIELDS(SupconForwardParams),         SUPCON_STATISTICS_FIELDS(SupconForwardParams),
-    SUPCON_FIELD(SupconForwardParams, anchor_loss),     SUPCON_FIELD(SupconForwardParams, anchor_begin),
-    SUPCON_FIELD(SupconForwardParams, anchor_end),
+    SUPCON_FIELD(SupconForwardParams, anchor_loss),     SUPCON_FIELD(SupconForwardParams, partials),
+    SUPCON_FIELD(SupconForwardParams, anchor_begin),    SUPCON_FIELD(SupconForwardParams, anchor_end),
+    SUPCON_FIELD(SupconForwardParams, column_splits),   SUPCON_FIELD(SupconForwardParams, padding),
 };
 constexpr FieldLayout kFinalizeFields[] = {
     SUPCON_FIELD(SupconFinalizeParams, anchor_loss),
@@ -168,6 +172,8 @@ constexpr NamedConstant kConstants[] = {
     {"kGradChunk", supcon::kGradChunk},
     {"kFinalizeThreads", supcon::kFinalizeThreads},
     {"kCoefficientThreads", supcon::kCoefficientThreads},
+    {"kMergeThreads", supcon::kMergeThreads},
+    {"sizeof(RowStatistics)", sizeof(supcon::RowStatistics)},
     {"tc::kThreads", supcon::tc::kThreads},
     {"tc::kWideGradCols", supcon::tc::kWideGradCols},
     /* The tensor-core kernels' dynamic shared memory at D = 130 (padded to 144): 3 rows of 64. */

@@ -90,13 +90,22 @@ def _state_bytes(anchors, is_cuda: bool):
     """Bytes of the saved state of R = ``anchors`` anchors (plain arithmetic, so that it also
     works on the symbolic sizes of ``torch.compile``): on the CPU LSE_i, LSE^P_i and P_i
     (``float64[R]`` each), R', whether there is a fingerprint, and its 64 bits; on a GPU the
-    kernels' workspace (the layout of ``_supcon.cuda_workspace``)."""
+    kernels' workspace (the layout of ``_supcon.cuda_workspace``): the loss, the count, seven
+    ``float32[R]`` statistics and the partial statistics of the forward's column shares (room
+    for the most shares R anchors can take, none where that is one)."""
     if is_cuda:
-        return 2 * _CUDA_ALIGN + 7 * ((4 * anchors + _CUDA_ALIGN - 1) // _CUDA_ALIGN) * _CUDA_ALIGN
+        statistics = 2 * _CUDA_ALIGN + 7 * ((4 * anchors + _CUDA_ALIGN - 1) // _CUDA_ALIGN) * _CUDA_ALIGN
+        shares = (_FORWARD_TARGET_BLOCKS + (anchors + 63) // 64 - 1) // ((anchors + 63) // 64)
+        # 1 - 1 // shares: 0 for one share, else 1 (arithmetic, no branch on a symbolic size).
+        return statistics + (1 - 1 // shares) * shares * anchors * _ROW_STATISTICS_BYTES
     return (3 * anchors + 3) * 8
 
 
 _CUDA_ALIGN = 256
+# The kernels' launch plan (src/device/plan.rs): blocks the forward aims for before it splits
+# its columns, and the bytes of one anchor's partial statistics in a share.
+_FORWARD_TARGET_BLOCKS = 512
+_ROW_STATISTICS_BYTES = 28
 
 
 def _cpu_state_views(state: torch.Tensor, anchors: int):

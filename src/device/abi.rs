@@ -73,7 +73,8 @@ pub(crate) struct Reduction {
     pub padding: u32,
 }
 
-/// `SupconForwardParams`: statistics and losses of anchors `anchor_begin..anchor_end`.
+/// `SupconForwardParams`: statistics and losses of anchors `anchor_begin..anchor_end`, the
+/// contrast columns split over `column_splits` blocks per anchor tile.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
 pub(crate) struct ForwardParams {
@@ -82,8 +83,15 @@ pub(crate) struct ForwardParams {
     pub statistics: Statistics,
     /// `float[R]`: ℓ_i, written at the range's anchors.
     pub anchor_loss: u64,
+    /// `RowStatistics[column_splits][R]`: each share's partial statistics, merged by
+    /// `supcon_forward_merge`; 0 when `column_splits` is 1.
+    pub partials: u64,
     pub anchor_begin: u32,
     pub anchor_end: u32,
+    /// 1 (no split) up to the number of 64-row contrast tiles.
+    pub column_splits: u32,
+    /// 0.
+    pub padding: u32,
 }
 
 /// `SupconFinalizeParams`: the reduced loss and the count of anchors without positives.

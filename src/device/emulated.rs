@@ -257,7 +257,7 @@ mod tests {
     };
     use crate::device::plan::{
         launch_config, mma_shared_bytes, Stage, COEFFICIENT_THREADS, FINALIZE_THREADS, GRAD_CHUNK,
-        MMA_THREADS, TILE_ROWS, TILE_THREADS, WIDE_GRAD_CHUNK,
+        MERGE_THREADS, MMA_THREADS, ROW_STATISTICS_BYTES, TILE_ROWS, TILE_THREADS, WIDE_GRAD_CHUNK,
     };
 
     unsafe extern "C" {
@@ -333,7 +333,7 @@ mod tests {
                 problem.loss_scale, statistics.lse, statistics.lse_lo,
                 statistics.scaled_positive_lse, statistics.scaled_positive_lse_lo,
                 statistics.positive_weight, statistics.positive_weight_max, anchor_loss,
-                anchor_begin, anchor_end,
+                partials, anchor_begin, anchor_end, column_splits, padding,
             ),
         );
         assert_layout::<FinalizeParams>(
@@ -381,7 +381,7 @@ mod tests {
 
     #[test]
     fn option_codes_and_tile_sizes_match_the_kernels() {
-        let expected: [(&CStr, u32); 22] = [
+        let expected: [(&CStr, u32); 24] = [
             (c"SUPCON_POSITIVES_SAME_SAMPLE", abi::positives::SAME_SAMPLE),
             (c"SUPCON_POSITIVES_LABELS", abi::positives::LABELS),
             (c"SUPCON_POSITIVES_MASK", abi::positives::MASK),
@@ -406,6 +406,8 @@ mod tests {
             (c"kGradChunk", GRAD_CHUNK),
             (c"kFinalizeThreads", FINALIZE_THREADS),
             (c"kCoefficientThreads", COEFFICIENT_THREADS),
+            (c"kMergeThreads", MERGE_THREADS),
+            (c"sizeof(RowStatistics)", ROW_STATISTICS_BYTES as u32),
             (c"tc::kThreads", MMA_THREADS),
             (c"tc::kWideGradCols", WIDE_GRAD_CHUNK),
             (c"tc::kSharedBytesD130", mma_shared_bytes(130, false) as u32),
@@ -449,7 +451,7 @@ mod tests {
             };
             assert_eq!(status, expected, "{}", kernel.name());
         }
-        let mut bad = launch_config(Stage::ForwardFinalize, 1, 2);
+        let mut bad = launch_config(Stage::ForwardFinalize, 1, 2, 1);
         bad.dynamic_shared_bytes = EMULATED_MAX_DYNAMIC_SHARED_BYTES as u32 + 1;
         // SAFETY: refused before any kernel code runs.
         let error =

@@ -55,6 +55,8 @@ impl MmaOperands {
 pub(crate) enum Kernel {
     /// Per-anchor statistics and losses.
     ForwardStatistics(FeatureType),
+    /// The column shares of the forward statistics merged per anchor.
+    ForwardMerge,
     /// The reduction over anchors.
     ForwardFinalize,
     /// The per-anchor gradient coefficients, on the device.
@@ -74,10 +76,11 @@ impl Kernel {
     /// Every entry point.
     // The CUDA executor loads them all; the emulated executor's tests check them all.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) const ALL: [Kernel; 17] = [
+    pub(crate) const ALL: [Kernel; 18] = [
         Kernel::ForwardStatistics(FeatureType::F32),
         Kernel::ForwardStatistics(FeatureType::F16),
         Kernel::ForwardStatistics(FeatureType::Bf16),
+        Kernel::ForwardMerge,
         Kernel::ForwardFinalize,
         Kernel::BackwardCoefficients,
         Kernel::Backward(FeatureType::F32),
@@ -104,6 +107,7 @@ impl Kernel {
             Kernel::ForwardStatistics(FeatureType::F32) => "supcon_forward_f32",
             Kernel::ForwardStatistics(FeatureType::F16) => "supcon_forward_f16",
             Kernel::ForwardStatistics(FeatureType::Bf16) => "supcon_forward_bf16",
+            Kernel::ForwardMerge => "supcon_forward_merge",
             Kernel::ForwardFinalize => "supcon_forward_finalize",
             Kernel::BackwardCoefficients => "supcon_backward_coefficients",
             Kernel::Backward(FeatureType::F32) => "supcon_backward_f32",
@@ -126,7 +130,9 @@ impl Kernel {
     /// The parameter block it takes.
     pub(crate) fn params(self) -> ParamsKind {
         match self {
-            Kernel::ForwardStatistics(_) | Kernel::MmaForward(_) => ParamsKind::Forward,
+            Kernel::ForwardStatistics(_) | Kernel::MmaForward(_) | Kernel::ForwardMerge => {
+                ParamsKind::Forward
+            }
             Kernel::ForwardFinalize => ParamsKind::Finalize,
             Kernel::BackwardCoefficients => ParamsKind::Coefficients,
             Kernel::Backward(_) | Kernel::MmaBackward { .. } => ParamsKind::Backward,
@@ -136,6 +142,7 @@ impl Kernel {
     pub(crate) fn stage(self) -> Stage {
         match self {
             Kernel::ForwardStatistics(_) => Stage::ForwardStatistics,
+            Kernel::ForwardMerge => Stage::ForwardMerge,
             Kernel::ForwardFinalize => Stage::ForwardFinalize,
             Kernel::BackwardCoefficients => Stage::BackwardCoefficients,
             Kernel::Backward(_) => Stage::Backward,
@@ -160,7 +167,7 @@ pub(crate) fn fatbin(kernel: Kernel) -> Result<&'static [u8]> {
     #[cfg(supcon_kernels_built)]
     {
         Ok(match kernel {
-            Kernel::ForwardStatistics(_) | Kernel::ForwardFinalize => {
+            Kernel::ForwardStatistics(_) | Kernel::ForwardMerge | Kernel::ForwardFinalize => {
                 include_bytes!(concat!(env!("OUT_DIR"), "/supcon_forward.fatbin"))
             }
             Kernel::BackwardCoefficients | Kernel::Backward(_) => {

@@ -16,6 +16,7 @@ use std::ops::Range;
 use super::abi::{self, BackwardParams, CoefficientParams, FinalizeParams, ForwardParams};
 use super::executor::{download_vec, upload_slice, KernelExecutor};
 use super::kernel::Kernel;
+use super::plan::{column_splits_bound, ROW_STATISTICS_BYTES};
 use super::problem::{InputAddresses, Problem};
 use crate::backend::{check_upstream, reduce, ForwardOutput, SavedState, Upstream};
 use crate::config::{NoPositivePolicy, Reduction};
@@ -40,6 +41,9 @@ pub(crate) struct Statistics<B> {
     pub(crate) reduced_loss: B,
     /// `uint32_t[1]` anchors without positives.
     pub(crate) anchors_without_positives: B,
+    /// `RowStatistics[S][R]`, the partial statistics of the S column shares
+    /// ([`Problem::column_splits`]); absent without a split.
+    pub(crate) partials: Option<B>,
 }
 
 impl<B> Statistics<B> {
@@ -60,6 +64,7 @@ impl<B> Statistics<B> {
             anchor_loss: executor.address(&self.anchor_loss),
             reduced_loss: executor.address(&self.reduced_loss),
             anchors_without_positives: executor.address(&self.anchors_without_positives),
+            partials: self.partials.as_ref().map_or(0, |b| executor.address(b)),
         }
     }
 }
@@ -76,6 +81,8 @@ pub(crate) struct StatisticsAddresses {
     pub(crate) reduced_loss: u64,
     /// `uint32_t[1]` anchors without positives.
     pub(crate) anchors_without_positives: u64,
+    /// `RowStatistics[S][R]` for the forward's column shares (0: none, S = 1).
+    pub(crate) partials: u64,
 }
 
 /// The per-anchor statistics the backward kernel reads, `float[R]` each, by address.
@@ -84,7 +91,8 @@ pub(crate) type SavedAddresses = abi::Statistics;
 /// The forward's outputs laid out in one workspace of device memory that the caller owns (a
 /// framework's allocator): the reduced loss (`double`) first, the count of anchors without
 /// positives (`uint32_t`), then the seven `float[R]` statistics, each region on a 256-byte
-/// boundary, as the driver aligns its own allocations.
+/// boundary, as the driver aligns its own allocations, and last the partial statistics of the
+/// column shares, room for [`column_splits_bound`] of them (none where that is 1: R ≥ 32768).
 // The CUDA backend's; the emulated executor's tests run it.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,9 +134,26 @@ impl WorkspaceLayout {
         self.statistic_offset(0)
     }
 
+    /// Offset of the column shares' partial statistics.
+    fn partials_offset(&self) -> usize {
+        self.statistic_offset(7)
+    }
+
+    /// Bytes of the column shares' partial statistics: `RowStatistics[S][R]` for the largest S
+    /// any number of rows can take with R anchors.
+    fn partials_bytes(&self) -> usize {
+        // R fits u32 wherever a workspace is laid out for kernels (`Problem::new` checks).
+        let bound = column_splits_bound(u32::try_from(self.anchors).unwrap_or(u32::MAX)) as usize;
+        if bound > 1 {
+            bound * self.anchors * ROW_STATISTICS_BYTES
+        } else {
+            0
+        }
+    }
+
     /// Bytes of the whole workspace.
     pub(crate) fn bytes(&self) -> usize {
-        self.statistic_offset(7)
+        self.partials_offset() + self.partials_bytes()
     }
 
     /// The outputs' addresses in a workspace at `base`.
@@ -147,6 +172,11 @@ impl WorkspaceLayout {
             },
             reduced_loss: at(self.loss_offset()),
             anchors_without_positives: at(self.anchors_without_positives_offset()),
+            partials: if self.partials_bytes() > 0 {
+                at(self.partials_offset())
+            } else {
+                0
+            },
         }
     }
 }
@@ -174,6 +204,10 @@ pub(crate) unsafe fn launch_forward<E: KernelExecutor>(
         anchor_loss: executor.alloc(per_anchor_bytes)?,
         reduced_loss: executor.alloc(size_of::<f64>())?,
         anchors_without_positives: executor.alloc(size_of::<u32>())?,
+        partials: match problem.column_splits() as usize {
+            1 => None,
+            shares => Some(executor.alloc(shares * problem.anchors() * ROW_STATISTICS_BYTES)?),
+        },
     };
     let at = statistics.addresses(executor);
     // SAFETY: the inputs per this function's contract; the outputs are the buffers just
@@ -210,10 +244,13 @@ pub(crate) unsafe fn launch_forward_at<E: KernelExecutor>(
 }
 
 /// Queues the forward statistics kernel for the anchors in `anchors` (a sub-range of 0..R),
-/// writing their statistics and losses `at` (the other anchors' entries are left alone).
+/// writing their statistics and losses `at` (the other anchors' entries are left alone). With
+/// the columns split ([`Problem::column_splits`]), the kernel writes each share's partial
+/// statistics and `supcon_forward_merge` merges them in order.
 ///
 /// # Safety
-/// As [`launch_forward_at`].
+/// As [`launch_forward_at`], with `at.partials` addressing `RowStatistics[S][R]` when the
+/// problem splits its columns in S > 1 shares.
 pub(crate) unsafe fn launch_forward_statistics<E: KernelExecutor>(
     executor: &mut E,
     problem: &Problem,
@@ -225,16 +262,29 @@ pub(crate) unsafe fn launch_forward_statistics<E: KernelExecutor>(
     if anchors.is_empty() {
         return Ok(());
     }
+    let column_splits = problem.column_splits();
+    debug_assert!(column_splits == 1 || at.partials != 0);
     let params = ForwardParams {
         problem: problem.block(inputs),
         statistics: at.saved,
         anchor_loss: at.anchor_loss,
+        partials: if column_splits > 1 { at.partials } else { 0 },
         anchor_begin: anchors.start,
         anchor_end: anchors.end,
+        column_splits,
+        padding: 0,
     };
     let kernel = problem.forward_kernel(executor.max_dynamic_shared_bytes());
-    // SAFETY: inputs and outputs per this function's contract.
-    unsafe { problem.launch(executor, kernel, &params, anchors.len() as u32) }
+    let rows = anchors.len() as u32;
+    // SAFETY: inputs and outputs per this function's contract; the merge reads the partials
+    // the statistics kernel wrote before it on the same stream.
+    unsafe {
+        problem.launch(executor, kernel, &params, rows)?;
+        if column_splits > 1 {
+            problem.launch(executor, Kernel::ForwardMerge, &params, rows)?;
+        }
+    }
+    Ok(())
 }
 
 /// Everything the forward pass computed, on the host (synchronises): what
@@ -519,7 +569,7 @@ mod tests {
     /// bit, on the SIMT and the tensor-core kernels: the ranges a sharded step will launch.
     #[test]
     fn row_ranges_split_a_pass_bitwise() {
-        let (batch, views, dim) = (45, 2, 24);
+        let (batch, views, dim) = (260, 2, 24);
         let shape = BatchShape::new(batch, views, dim).unwrap();
         let rows = (batch * views) as u32;
         let values: Vec<f32> = (0..batch * views * dim)

@@ -5,7 +5,7 @@
 use super::abi::{self, KernelParams};
 use super::executor::KernelExecutor;
 use super::kernel::{FeatureType, Kernel, MmaOperands};
-use super::plan::{launch_config, mma_shared_bytes, GRAD_CHUNK, MAX_GRID_Y};
+use super::plan::{column_splits, launch_config, mma_shared_bytes, GRAD_CHUNK, MAX_GRID_Y};
 use crate::config::{Denominator, NoPositivePolicy, Reduction, Summation, SupConLoss};
 use crate::element::DType;
 use crate::error::{Capability, Error, Extent, Result};
@@ -204,6 +204,12 @@ impl Problem {
         }
     }
 
+    /// The column shares of every forward launch of this problem (whatever its anchor range,
+    /// so that a pass split into ranges computes the same bits): see [`column_splits`].
+    pub(crate) fn column_splits(&self) -> u32 {
+        column_splits(self.kernel_shape.anchors, self.kernel_shape.rows)
+    }
+
     /// The rows R and N as the kernels count them.
     pub(crate) fn kernel_shape(&self) -> KernelShape {
         self.kernel_shape
@@ -227,7 +233,11 @@ impl Problem {
             "{}'s parameter block",
             kernel.name()
         );
-        let config = launch_config(kernel.stage(), self.kernel_shape.dim, rows);
+        let column_splits = match kernel {
+            Kernel::ForwardStatistics(_) | Kernel::MmaForward(_) => self.column_splits(),
+            _ => 1,
+        };
+        let config = launch_config(kernel.stage(), self.kernel_shape.dim, rows, column_splits);
         // SAFETY: forwarded from this function's contract.
         unsafe { executor.launch(kernel, config, params) }
     }

@@ -570,7 +570,10 @@ fn record_writes(statistics: &mut Statistics<CudaSlice<u8>>, stream: &CudaStream
         &mut statistics.anchor_loss,
         &mut statistics.reduced_loss,
         &mut statistics.anchors_without_positives,
-    ] {
+    ]
+    .into_iter()
+    .chain(statistics.partials.as_mut())
+    {
         // Dropping the guard records the buffer's write event on `stream`.
         let (_, _written) = buffer.device_ptr_mut(stream);
     }
