@@ -15,10 +15,11 @@
 # full logs in $OUT/gpu-check.log).
 #
 # Usage: bash gpu-bundle/gpu-check.sh        (the bundle's own copy; any working directory)
-# Environment: SUPCON_GPU_SIZES (default 4096,16384,65536,262144), SUPCON_GPU_DIM (128).
+# Environment: SUPCON_GPU_SIZES (default 4096,16384,32768,65536,262144; 32768 is about the
+# largest N the PyTorch original fits on one H200: ~34 GB of N x N matrices), SUPCON_GPU_DIM (128).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-sizes=${SUPCON_GPU_SIZES:-4096,16384,65536,262144}
+sizes=${SUPCON_GPU_SIZES:-4096,16384,32768,65536,262144}
 dim=${SUPCON_GPU_DIM:-128}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -384,7 +384,7 @@ def test_custom_op_opcheck(gen):
 
 
 @pytest.mark.parametrize("batch, views, mode", [
-    (1, 1, "all"), (32, 2, "all"), (33, 2, "all"), (4096, 2, "all"), (8193, 2, "one"),
+    (1, 2, "all"), (32, 2, "all"), (33, 2, "all"), (4096, 2, "all"), (8193, 2, "one"),
     (16384, 2, "all"), (40000, 1, "all"),
 ])
 def test_cuda_workspace_size_agrees_with_the_crate(batch, views, mode):
