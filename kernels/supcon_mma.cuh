@@ -13,7 +13,8 @@
  *   pack_bf16x2       two floats rounded to bf16, as one A/B register (cvt.rn.bf16x2.f32)
  *   exp2_approx       2^x in one MUFU instruction (ex2.approx.ftz.f32: within ~2 ulp, the
  *                     CUDA guide's bound for exp2f, which is this instruction plus the scaling
- *                     that keeps subnormal results; here results below 2^-126 are zero)
+ *                     that keeps subnormal results; here results below 2^-126 are zero);
+ *                     exp_approx(x) = exp2_approx(x log2 e), one FMUL more
  *
  * Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16 with floating point type"), for
  * lane = 4 * group + quad (group 0..7, quad 0..3); each 32-bit register holds two consecutive
@@ -146,6 +147,13 @@ __device__ __forceinline__ float exp2_approx(float x) {
 }
 
 #endif
+
+/* e^x as 2^(x log2 e): callers pass a difference (s - max), exact near the maximum at any
+ * logit scale, rather than fold the shift into an FMA with log2 e. */
+__device__ __forceinline__ float exp_approx(float x) {
+    constexpr float kLog2e = 1.4426950408889634f;
+    return exp2_approx(x * kLog2e);
+}
 
 } // namespace tc
 } // namespace supcon

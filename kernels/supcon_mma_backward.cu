@@ -55,8 +55,6 @@ namespace tc {
  * statics, and only statics outside COMDAT groups get AddressSanitizer redzones. */
 namespace {
 
-/* e^x = 2^(x log2 e). */
-constexpr float kLog2e = 1.4426950408889634f;
 /* Widest spread of a tile's active LSEs that takes one exponential per logit (see above). */
 constexpr float kLseSpread = 40.0f;
 /* Rows per half tile: one warp's loads, reduced with shuffles. */
@@ -223,8 +221,7 @@ __device__ __forceinline__ void backward(const SupconBackwardParams& b) {
                         const float s = __fmul_rn(acc[n][2 * i + e], p.inv_temperature);
                         /* s <= L_k of an active side, so s - M <= 0 up to rounding; the clamp
                          * keeps e finite where no side is active (their terms are 0). */
-                        const float x = fminf((s - shared_base) * kLog2e, 0.0f);
-                        float entry = exp2_approx(x) * (own_alpha[i] + col_alpha);
+                        float entry = exp_approx(fminf(s - shared_base, 0.0f)) * (own_alpha[i] + col_alpha);
                         if (own_class[i] == col_class) entry -= own_beta[i] + col_beta;
                         if (diagonal && first_row + lane.row[i] == first_contrast + c) entry = 0.0f;
                         h[n][2 * i + e] = entry;

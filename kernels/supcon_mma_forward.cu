@@ -18,7 +18,8 @@
  *     no weight. One exponential per logit, e = 2^((s - max) log2 e) on the MUFU pipe, feeds the
  *     denominator's sum and, under a class compare, the positives' sum (the same e, relative to
  *     the same running max), their count P and their logit sum T. Tiles that are full and hold
- *     no self pair skip the validity tests. ~12 instructions per logit;
+ *     no self pair skip the validity tests. ~13 instructions per logit (scripts/sass-check.sh
+ *     and docs/kernel-model.md);
  *   - weighted, for a mask or the only-negatives denominator: the online log-sum-exp over D_i,
  *     the weighted positive log-sum-exp, P, W and T (supcon_statistics.cuh, as the SIMT kernel
  *     does), ~46 instructions per logit.
@@ -32,11 +33,11 @@
  * shared memory and one thread per anchor merges them in order and writes the anchor's outputs
  * (or, with the columns split, its share's statistics): no atomics, the same bits on every run.
  *
- * Per-class sums of Z (the CPU dense path's T and P in O(N D)) would save 4 of the 12
+ * Per-class sums of Z (the CPU dense path's T and P in O(N D)) would save 4 of the 13
  * instructions but not the class compare, which the saved LSE of the positives needs anyway, and
  * they need the labels grouped by class on the device: not worth a sort.
  *
- * Cost: 2 R N D flops on the tensor cores plus 1 exponential and ~11 other instructions per logit
+ * Cost: 2 R N D flops on the tensor cores plus 1 exponential and ~12 other instructions per logit
  * (class softmax); traffic: each block reads its 64 rows once and all N rows once (R N D / 32
  * elements over the launch, mostly L2 hits).
  */
@@ -53,8 +54,6 @@ namespace {
 constexpr int kThreadCols = 2 * kColTiles;
 /* Threads sharing an anchor row (a quad). */
 constexpr int kRowParts = 4;
-/* e^x = 2^(x log2 e). */
-constexpr float kLog2e = 1.4426950408889634f;
 /* The class epilogue keeps a thread's positives relative to the row's maximum while their own
  * maximum lies within this of it: their largest term is then >= e^-64 (a normal float) and the
  * terms lost to underflow (< 2^-126) are below 2^-34 of it. */
@@ -80,7 +79,7 @@ __device__ __forceinline__ float rescale_to_tile(ClassRowStatistics& stats, cons
 #pragma unroll
     for (int n = 0; n < kThreadCols; ++n) tile_max = fmaxf(tile_max, s[n]);
     if (tile_max > stats.max) {
-        const float scale = exp2_approx((stats.max - tile_max) * kLog2e);
+        const float scale = exp_approx(stats.max - tile_max);
         stats.sum *= scale;
         stats.positive_sum *= scale;
         stats.max = tile_max;
@@ -90,8 +89,7 @@ __device__ __forceinline__ float rescale_to_tile(ClassRowStatistics& stats, cons
 
 /* Folds logit s (shifted by `max`) into `stats`, as a positive if `positive`. */
 __device__ __forceinline__ void accumulate_class_logit(ClassRowStatistics& stats, float s, float max, bool positive) {
-    /* s - max first: exact near the maximum at any logit scale. */
-    const float e = exp2_approx((s - max) * kLog2e);
+    const float e = exp_approx(s - max);
     stats.sum += e;
     if (positive) {
         stats.positive_sum += e;
