@@ -1,8 +1,10 @@
 //! Prints a markdown table of the CPU backend's forward+backward time, throughput and memory
 //! for N ∈ {2048, 8192, 32768, 65536} rows (D = 128, V = 2, f32, labels of 100 classes, default
 //! loss options, which take the backend's dense fast path).
-//! `cargo run --release --example cpu_table [N ...] [--inside]`; `--inside` switches to
-//! summation inside (L_in), which runs the general tile loops instead.
+//! `cargo run --release --example cpu_table [N ...] [--inside | --variants]`; `--inside` switches
+//! to summation inside (L_in), which runs the general tile loops instead. `--variants` times, at
+//! each N and one after the other, the label path beside label sets (K = 64 and 200 labels,
+//! 1–3 a sample, each weight mode) and the fused normalisation, as ratios to the label path.
 //!
 //! Throughput is given two ways: against the 4·N²·D flops the backend executes (half of S in the
 //! forward, half of S again and the full H·Z in the backward; docs/math.md, "Cost model") and
@@ -24,7 +26,7 @@ use std::time::Instant;
 use ndarray::{Array3, Axis};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use supcon::{Backend, CpuBackend, Positives, Summation, SupConLoss, Upstream};
+use supcon::{Backend, CpuBackend, LabelSetWeight, Positives, Summation, SupConLoss, Upstream};
 
 /// The system allocator, counting live bytes and their peak.
 struct CountingAllocator;
@@ -77,6 +79,144 @@ fn mib(bytes: usize) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// One timed call: (best wall seconds, least CPU seconds, peak extra heap bytes) over `repeats`.
+fn measure(
+    loss: &SupConLoss,
+    features: &Array3<f32>,
+    positives: Positives<'_>,
+    repeats: usize,
+) -> (f64, f64, usize) {
+    let (mut best, mut cpu, mut extra) = (f64::INFINITY, f64::INFINITY, 0);
+    for _ in 0..repeats {
+        let before = LIVE.load(Ordering::Relaxed);
+        PEAK.store(before, Ordering::Relaxed);
+        let cpu_before = process_cpu_seconds().unwrap_or(f64::NAN);
+        let start = Instant::now();
+        let (out, grad) = CpuBackend
+            .forward_backward(loss, features.view(), positives, Upstream::Scalar(1.0))
+            .expect("forward+backward");
+        best = best.min(start.elapsed().as_secs_f64());
+        cpu = cpu.min(process_cpu_seconds().unwrap_or(f64::NAN) - cpu_before);
+        extra = extra.max(PEAK.load(Ordering::Relaxed) - before);
+        assert!(out.loss.is_some_and(f64::is_finite) && grad.iter().all(|g| g.is_finite()));
+    }
+    (best, cpu, extra)
+}
+
+/// `[batch, views, dim]` unit rows, uniform directions.
+fn unit_rows(rng: &mut StdRng, (batch, views, dim): (usize, usize, usize)) -> Array3<f32> {
+    let mut features =
+        Array3::from_shape_fn((batch, views, dim), |_| rng.random_range(-1.0f32..1.0));
+    for mut row in features.lanes_mut(Axis(2)) {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        row.mapv_inplace(|v| v / norm);
+    }
+    features
+}
+
+/// Multi-hot `[batch, labels]` sets of 1–3 labels each.
+fn label_sets(rng: &mut StdRng, batch: usize, labels: usize) -> ndarray::Array2<bool> {
+    let mut sets = ndarray::Array2::from_elem((batch, labels), false);
+    for mut set in sets.rows_mut() {
+        for _ in 0..rng.random_range(1..=3) {
+            set[rng.random_range(0..labels)] = true;
+        }
+    }
+    sets
+}
+
+/// `--variants`: the label path beside label sets and normalisation, at each N.
+fn variants(sizes: &[usize], views: usize, dim: usize) {
+    let threads = rayon::current_num_threads();
+    println!(
+        "CPU backend, forward+backward, D = {dim}, V = {views}, f32, default options, \
+         {threads} rayon threads; each row the best of 3 calls, run one after the other\n"
+    );
+    println!(
+        "| N | positives | normalize | fwd+bwd wall (s) | CPU time / {threads} threads (s) \
+         | × labels (wall) | × labels (CPU) | peak extra heap (MiB) |"
+    );
+    println!("|---:|---|---|---:|---:|---:|---:|---:|");
+    let mut rng = StdRng::seed_from_u64(7);
+    let plain = SupConLoss::default();
+    let normalized = SupConLoss::builder()
+        .normalize(true)
+        .build()
+        .expect("valid");
+    for &n in sizes {
+        let batch = n / views;
+        let features = unit_rows(&mut rng, (batch, views, dim));
+        // Raw rows of norms 0.5–2 for the normalised runs.
+        let raw = features.mapv(|x| x * rng.random_range(0.5f32..2.0));
+        let labels: Vec<i64> = (0..batch).map(|_| rng.random_range(0..100)).collect();
+        let sets_64 = label_sets(&mut rng, batch, 64);
+        let sets_200 = label_sets(&mut rng, batch, 200);
+        fn sets(sets: &ndarray::Array2<bool>, weight: LabelSetWeight) -> Positives<'_> {
+            Positives::LabelSets {
+                sets: sets.view(),
+                weight,
+            }
+        }
+        let cases = [
+            (
+                "labels (100 classes)",
+                &plain,
+                &features,
+                Positives::labels(&labels),
+            ),
+            (
+                "label sets K = 64, any",
+                &plain,
+                &features,
+                sets(&sets_64, LabelSetWeight::Any),
+            ),
+            (
+                "label sets K = 64, jaccard",
+                &plain,
+                &features,
+                sets(&sets_64, LabelSetWeight::Jaccard),
+            ),
+            (
+                "label sets K = 64, fraction",
+                &plain,
+                &features,
+                sets(&sets_64, LabelSetWeight::Fraction),
+            ),
+            (
+                "label sets K = 200, any",
+                &plain,
+                &features,
+                sets(&sets_200, LabelSetWeight::Any),
+            ),
+            (
+                "labels (100 classes)",
+                &normalized,
+                &raw,
+                Positives::labels(&labels),
+            ),
+            (
+                "label sets K = 64, any",
+                &normalized,
+                &raw,
+                sets(&sets_64, LabelSetWeight::Any),
+            ),
+        ];
+        let mut baseline = None;
+        for (name, loss, features, positives) in cases {
+            let (wall, cpu, extra) = measure(loss, features, positives, 3);
+            let (base_wall, base_cpu) = *baseline.get_or_insert((wall, cpu));
+            println!(
+                "| {n} | {name} | {} | {wall:.3} | {:.3} | {:.2} | {:.2} | {:.1} |",
+                if loss.normalize() { "yes" } else { "no" },
+                cpu / threads as f64,
+                wall / base_wall,
+                cpu / base_cpu,
+                mib(extra),
+            );
+        }
+    }
+}
+
 fn main() {
     let inside = std::env::args().any(|a| a == "--inside");
     let sizes: Vec<usize> = std::env::args()
@@ -89,6 +229,9 @@ fn main() {
         sizes
     };
     let (views, dim) = (2, 128);
+    if std::env::args().any(|a| a == "--variants") {
+        return variants(&sizes, views, dim);
+    }
     let loss = if inside {
         SupConLoss::builder()
             .summation(Summation::Inside)
@@ -117,34 +260,11 @@ fn main() {
     let mut rng = StdRng::seed_from_u64(7);
     for n in sizes {
         let batch = n / views;
-        let mut features =
-            Array3::from_shape_fn((batch, views, dim), |_| rng.random_range(-1.0f32..1.0));
-        for mut row in features.lanes_mut(Axis(2)) {
-            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-            row.mapv_inplace(|v| v / norm);
-        }
+        let features = unit_rows(&mut rng, (batch, views, dim));
         let labels: Vec<i64> = (0..batch).map(|_| rng.random_range(0..100)).collect();
         // Small sizes: best of three runs; large ones run once.
         let repeats = if n <= 8192 { 3 } else { 1 };
-        let (mut best, mut cpu, mut extra) = (f64::INFINITY, f64::INFINITY, 0);
-        for _ in 0..repeats {
-            let before = LIVE.load(Ordering::Relaxed);
-            PEAK.store(before, Ordering::Relaxed);
-            let cpu_before = process_cpu_seconds().unwrap_or(f64::NAN);
-            let start = Instant::now();
-            let (out, grad) = CpuBackend
-                .forward_backward(
-                    &loss,
-                    features.view(),
-                    Positives::labels(&labels),
-                    Upstream::Scalar(1.0),
-                )
-                .expect("forward+backward");
-            best = best.min(start.elapsed().as_secs_f64());
-            cpu = cpu.min(process_cpu_seconds().unwrap_or(f64::NAN) - cpu_before);
-            extra = extra.max(PEAK.load(Ordering::Relaxed) - before);
-            assert!(out.loss.is_some_and(f64::is_finite) && grad.iter().all(|g| g.is_finite()));
-        }
+        let (best, cpu, extra) = measure(&loss, &features, Positives::labels(&labels), repeats);
         let flops = (n as f64).powi(2) * dim as f64;
         println!(
             "| {n} | {best:.3} | {cpu:.3} | {:.3} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} |",

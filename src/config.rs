@@ -64,7 +64,8 @@ pub enum Reduction {
 /// A validated SupCon loss configuration, the Rust twin of PyTorch's `SupConLoss(...)` module.
 ///
 /// Build one with [`SupConLoss::builder`] (every option) or take [`SupConLoss::default`]
-/// (τ = τ_b = 0.07, contrast mode all, L_out, denominator all, no cap, zero-and-count, mean).
+/// (τ = τ_b = 0.07, contrast mode all, L_out, denominator all, no cap, zero-and-count, mean,
+/// no normalisation).
 ///
 /// ```
 /// use supcon::{ContrastMode, SupConLoss};
@@ -86,6 +87,7 @@ pub struct SupConLoss {
     positives_cap: Option<NonZeroUsize>,
     no_positive: NoPositivePolicy,
     reduction: Reduction,
+    normalize: bool,
 }
 
 impl Default for SupConLoss {
@@ -99,6 +101,7 @@ impl Default for SupConLoss {
             positives_cap: None,
             no_positive: NoPositivePolicy::ZeroAndCount,
             reduction: Reduction::Mean,
+            normalize: false,
         }
     }
 }
@@ -109,6 +112,22 @@ impl SupConLoss {
         SupConLossBuilder {
             loss: Self::default(),
             positives_cap: None,
+        }
+    }
+
+    /// A builder starting from this configuration, to derive a variant of it.
+    ///
+    /// ```
+    /// use supcon::SupConLoss;
+    /// let loss = SupConLoss::builder().temperature(0.1).build()?;
+    /// let normalized = loss.to_builder().normalize(true).build()?;
+    /// assert_eq!((normalized.temperature(), normalized.normalize()), (0.1, true));
+    /// # Ok::<(), supcon::Error>(())
+    /// ```
+    pub fn to_builder(&self) -> SupConLossBuilder {
+        SupConLossBuilder {
+            loss: *self,
+            positives_cap: self.positives_cap.map(NonZeroUsize::get),
         }
     }
 
@@ -147,6 +166,10 @@ impl SupConLoss {
     /// The reduction.
     pub fn reduction(&self) -> Reduction {
         self.reduction
+    }
+    /// Whether the loss normalises each feature row first; see [`SupConLossBuilder::normalize`].
+    pub fn normalize(&self) -> bool {
+        self.normalize
     }
 }
 
@@ -204,6 +227,14 @@ impl SupConLossBuilder {
     /// Reduction (default: mean).
     pub fn reduction(mut self, reduction: Reduction) -> Self {
         self.loss.reduction = reduction;
+        self
+    }
+
+    /// Normalise each feature row first (default off): the loss is computed on
+    /// u = x / max(‖x‖, 1e-12), exactly as `torch.nn.functional.normalize(x, dim=-1)`, and
+    /// the gradient is the exact ∂L/∂x (docs/math.md, "Fused normalisation").
+    pub fn normalize(mut self, normalize: bool) -> Self {
+        self.loss.normalize = normalize;
         self
     }
 

@@ -52,6 +52,14 @@ pub enum Error {
         /// Shape given.
         got: [usize; 2],
     },
+    /// The label sets must be a `[B, K]` matrix, one row per sample.
+    #[error("label sets have shape {got:?}, expected [{expected}, K]")]
+    LabelSetsShape {
+        /// B.
+        expected: usize,
+        /// Shape given.
+        got: [usize; 2],
+    },
     /// Mask weights must be finite and ≥ 0.
     #[error("mask[{row}, {col}] = {value} is not a finite weight ≥ 0")]
     InvalidMaskWeight {
@@ -215,6 +223,10 @@ pub enum Capability {
     Denominator(Denominator),
     /// A positives cap.
     PositivesCap,
+    /// Multi-label positives ([`crate::Positives::LabelSets`]).
+    LabelSets,
+    /// The fused L2 normalisation of the features ([`crate::SupConLossBuilder::normalize`]).
+    Normalize,
     /// Dot products or logits as large as `largest` = max(max‖z‖², max‖z‖²/τ), beyond the
     /// `limit` of the arithmetic the backend computes in.
     LogitRange {
@@ -231,6 +243,8 @@ impl std::fmt::Display for Capability {
             Capability::ElementType(dtype) => write!(f, "{dtype:?} features"),
             Capability::Denominator(denominator) => write!(f, "denominator {denominator:?}"),
             Capability::PositivesCap => f.write_str("a positives cap"),
+            Capability::LabelSets => f.write_str("label-set positives"),
+            Capability::Normalize => f.write_str("fused normalisation"),
             Capability::LogitRange { largest, limit } => write!(
                 f,
                 "dot products or logits up to {largest:e} (its arithmetic allows {limit:e})"

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use crate::config::ContrastMode;
 use crate::element::Element;
 use crate::error::{Capability, Error, Extent, Result};
+use crate::label_sets::LabelSetWeight;
 
 /// What makes two rows positives (docs/math.md, "Inputs").
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +22,16 @@ pub enum Positives<'a> {
     /// negative. The diagonal weighs the other views of the same sample; the self pair is always
     /// excluded, as in the original code.
     Mask(ArrayView2<'a, f32>),
+    /// Multi-label samples: a multi-hot `[B, K]` matrix (`sets[b, k]`: sample b has label k,
+    /// any K ≥ 0) and how the overlap of two sets weighs a pair ([`LabelSetWeight`];
+    /// docs/math.md, "Label sets"). The other views of an anchor's own sample always weigh 1,
+    /// so a sample with an empty set has only those as positives.
+    LabelSets {
+        /// `[B, K]`, true where the sample has the label.
+        sets: ArrayView2<'a, bool>,
+        /// How overlaps weigh.
+        weight: LabelSetWeight,
+    },
 }
 
 impl<'a> Positives<'a> {
@@ -129,7 +140,7 @@ pub(crate) struct Validated {
 ///
 /// # Errors
 /// Those of [`BatchShape::new`], [`Error::LabelsLength`], [`Error::MaskShape`],
-/// [`Error::InvalidMaskWeight`], [`Error::NonFiniteFeature`].
+/// [`Error::InvalidMaskWeight`], [`Error::LabelSetsShape`], [`Error::NonFiniteFeature`].
 pub(crate) fn validate_inputs<T: Element>(
     features: &ArrayView3<'_, T>,
     positives: &Positives<'_>,
@@ -163,6 +174,17 @@ pub(crate) fn validate_inputs<T: Element>(
             }
             Hash::of(mask.iter().map(|w| u64::from(w.to_bits())))
         }
+        Positives::LabelSets { sets, weight } => {
+            let (rows, labels) = sets.dim();
+            if rows != batch {
+                return Err(Error::LabelSetsShape {
+                    expected: batch,
+                    got: [rows, labels],
+                });
+            }
+            let members = sets.iter().map(|&member| u64::from(member));
+            Hash::of([labels as u64, *weight as u64].into_iter().chain(members))
+        }
     };
     // One pass over the features, a sample at a time in parallel: finiteness (branch-free) and
     // the hash; the position of a non-finite value only if there is one.
@@ -191,6 +213,7 @@ pub(crate) fn validate_inputs<T: Element>(
         Positives::SimClr => 1,
         Positives::Labels(_) => 2,
         Positives::Mask(_) => 3,
+        Positives::LabelSets { .. } => 4,
     };
     let features_hash = Hash::of(samples.iter().map(|&(_, hash)| hash));
     let fingerprint = Hash::of([kind, positives_hash, features_hash].into_iter());
@@ -238,6 +261,7 @@ pub(crate) fn check_logit_range(backend: &'static str, largest: f64, limit: f64)
 /// The bound on every dot product z_i·z_j and every logit z_i·z_j/τ of the features: the larger
 /// of max_r ‖z_r‖² and max_r ‖z_r‖²/τ, in f64. (A backend forms the dot product before it
 /// scales it by 1/τ, so with τ > 1 the product is the larger value.)
+#[cfg(any(feature = "cuda", feature = "emulation"))]
 pub(crate) fn largest_logit<T: Element>(features: &ArrayView3<'_, T>, temperature: f64) -> f64 {
     largest_logit_of(largest_square_norm(features), temperature)
 }
@@ -248,6 +272,7 @@ pub(crate) fn largest_logit_of(largest_square_norm: f64, temperature: f64) -> f6
 }
 
 /// max_r ‖z_r‖² of the features, in f64.
+#[cfg(any(feature = "cuda", feature = "emulation"))]
 fn largest_square_norm<T: Element>(features: &ArrayView3<'_, T>) -> f64 {
     features
         .rows()

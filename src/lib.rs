@@ -12,7 +12,9 @@ mod device;
 mod element;
 mod error;
 mod inputs;
+mod label_sets;
 mod math;
+mod normalize;
 mod precision;
 pub mod reference;
 
@@ -29,5 +31,6 @@ pub use device::EmulatedBackend;
 pub use element::{DType, Element, GradElement};
 pub use error::{Capability, Error, Extent, Result};
 pub use inputs::{BatchShape, Positives};
+pub use label_sets::LabelSetWeight;
 pub use precision::Precision;
 pub use reference::ReferenceBackend;

@@ -15,9 +15,10 @@ use common::upstream_for;
 use half::{bf16, f16};
 use ndarray::{Array1, Array2, Array3};
 use rand::rngs::StdRng;
+use rand::RngExt;
 use supcon::{
-    Backend, ContrastMode, DType, Denominator, Element, Error, NoPositivePolicy, Positives,
-    Reduction, ReferenceBackend, Summation, SupConLoss, Upstream,
+    Backend, ContrastMode, DType, Denominator, Element, Error, LabelSetWeight, NoPositivePolicy,
+    Positives, Reduction, ReferenceBackend, Summation, SupConLoss, Upstream,
 };
 
 type Shape = (usize, usize, usize);
@@ -25,8 +26,9 @@ type Shape = (usize, usize, usize);
 /// A backend under test and the shapes that exercise its tiling.
 struct Subject<B> {
     backend: B,
-    /// Whether it implements (options, element type); the rest must be `Error::Unsupported`.
-    supports: fn(&SupConLoss, DType) -> bool,
+    /// Whether it implements (options, positives, element type); the rest must be
+    /// `Error::Unsupported`.
+    supports: fn(&SupConLoss, &Positives<'_>, DType) -> bool,
     /// The element types this suite compares (others are another suite's: the same kernels).
     covers: fn(DType) -> bool,
     precision: Precision,
@@ -45,21 +47,36 @@ enum Source {
     SimClr,
     Labels,
     Mask,
+    LabelSets(LabelSetWeight),
 }
 
-const SOURCES: [Source; 3] = [Source::SimClr, Source::Labels, Source::Mask];
+const SOURCES: [Source; 6] = [
+    Source::SimClr,
+    Source::Labels,
+    Source::Mask,
+    Source::LabelSets(LabelSetWeight::Any),
+    Source::LabelSets(LabelSetWeight::Jaccard),
+    Source::LabelSets(LabelSetWeight::Fraction),
+];
 
-/// Labels and a soft asymmetric mask for one batch.
+/// The label counts K the label sets are drawn over: one label, either side of a 64-bit word
+/// and several words.
+const LABEL_COUNTS: [usize; 5] = [1, 63, 64, 65, 200];
+
+/// Labels, a soft asymmetric mask and label sets for one batch.
 struct Relations {
     labels: Array1<i64>,
     mask: Array2<f32>,
+    sets: Array2<bool>,
 }
 
 impl Relations {
     fn new(rng: &mut StdRng, batch: usize, classes: usize) -> Self {
+        let labels = LABEL_COUNTS[rng.random_range(0..LABEL_COUNTS.len())];
         Relations {
             labels: common::labels(rng, batch, classes),
             mask: common::soft_mask(rng, batch),
+            sets: common::label_sets(rng, batch, labels),
         }
     }
 
@@ -68,6 +85,10 @@ impl Relations {
             Source::SimClr => Positives::SimClr,
             Source::Labels => Positives::Labels(self.labels.view()),
             Source::Mask => Positives::Mask(self.mask.view()),
+            Source::LabelSets(weight) => Positives::LabelSets {
+                sets: self.sets.view(),
+                weight,
+            },
         }
     }
 }
@@ -97,7 +118,7 @@ fn compare<B: Backend, T: Element>(
     let result = subject
         .backend
         .forward_backward(loss, z.view(), positives, upstream);
-    if !(subject.supports)(loss, T::DTYPE) {
+    if !(subject.supports)(loss, &positives, T::DTYPE) {
         assert!(
             matches!(result, Err(Error::Unsupported { backend, .. }) if backend == name),
             "{name}: {what}: unsupported options must be a typed error, got {result:?}"
@@ -301,6 +322,82 @@ fn large_logits_stay_finite_and_accurate<B: Backend>(subject: &Subject<B>, rng: 
     worst.report("large_logits");
 }
 
+/// The fused normalisation on rows of norms 0.2–5, under both summations and every
+/// denominator, caps, both contrast modes and every kind of positives, in every element type;
+/// and rows of norm 0, 1e-20 and 1e20 among ordinary ones (f32: the squares of 1e20 overflow f32).
+fn normalization_matches_reference<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
+    let mut worst = Worst::default();
+    let (b, v, d) = (37, 2, 19);
+    let z = common::features(rng, (b, v, d), 0.2..5.0);
+    let relations = Relations::new(rng, b, 6);
+    let upstream = Array1::from_shape_fn(b * v, |i| 0.4 + 0.1 * (i % 7) as f64);
+    for cap in [None, Some(2)] {
+        let variants = common::option_grid(0.1, 0.07, cap)
+            .into_iter()
+            .filter(|loss| loss.no_positive() == NoPositivePolicy::ZeroAndCount);
+        for loss in variants {
+            let loss = loss.to_builder().normalize(true).build().unwrap();
+            let per_anchor = upstream
+                .slice(ndarray::s![..anchors_of(&loss, (b, v, d))])
+                .to_owned();
+            let up = upstream_for(&loss, &per_anchor);
+            for source in SOURCES {
+                let positives = relations.positives(source);
+                let what = format!("normalize {loss:?} {source:?}");
+                let ratio = compare(subject, &loss, &z.mapv(|x| x as f32), positives, up, &what);
+                worst.record(ratio, &what);
+            }
+        }
+    }
+    let loss = SupConLoss::builder().normalize(true).build().unwrap();
+    let up = Upstream::Scalar(1.0);
+    let labels = relations.positives(Source::Labels);
+    let f16s = compare(subject, &loss, &z.mapv(f16::from_f64), labels, up, "f16");
+    worst.record(f16s, "normalize f16");
+    let bf16s = compare(subject, &loss, &z.mapv(bf16::from_f64), labels, up, "bf16");
+    worst.record(bf16s, "normalize bf16");
+    worst.record(
+        compare(subject, &loss, &z, labels, up, "f64"),
+        "normalize f64",
+    );
+    worst.report("normalization");
+
+    // Extreme norms: the loss matches, and each gradient row matches relative to its own size
+    // (the rows of norm 0 and 1e-20 have gradients ~1e12 times the others').
+    let mut z = common::features(rng, (11, 2, 7), 0.5..2.0);
+    for (b, scale) in [(0, 0.0), (3, 1e-20), (7, 1e20)] {
+        z.slice_mut(ndarray::s![b, 0, ..])
+            .mapv_inplace(|x| x * scale);
+    }
+    let z = z.mapv(|x| x as f32);
+    let positives = Positives::Labels(relations.labels.slice(ndarray::s![..11]));
+    if !(subject.supports)(&loss, &positives, DType::F32) {
+        return;
+    }
+    let name = subject.backend.name();
+    let (got, got_grad) = subject
+        .backend
+        .forward_backward(&loss, z.view(), positives, up)
+        .unwrap();
+    let (want, want_grad) = ReferenceBackend
+        .forward_backward(&loss, z.view(), positives, up)
+        .unwrap();
+    let (got, want) = (got.loss.unwrap(), want.loss.unwrap());
+    assert!(
+        (got - want).abs() <= 1e-5 * want.abs(),
+        "{name}: extreme norms: loss {got} vs {want}"
+    );
+    for (row, want_row) in got_grad.rows().into_iter().zip(want_grad.rows()) {
+        let size = want_row.iter().fold(0.0f64, |m, g| m.max(g.to_f64().abs()));
+        for (g, w) in row.iter().zip(want_row) {
+            assert!(
+                (g.to_f64() - w.to_f64()).abs() <= 1e-4 * size,
+                "{name}: extreme norms: gradient {g:?} vs {w:e} (row size {size:e})"
+            );
+        }
+    }
+}
+
 /// Anchors without positives under each policy, a batch without any positive, one-class batches
 /// (no negatives), V = 1 SimCLR; and the exact values these cases must have.
 fn positive_and_negative_edge_cases<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
@@ -344,7 +441,7 @@ fn positive_and_negative_edge_cases<B: Backend>(subject: &Subject<B>, rng: &mut 
     }
     worst.report("edge_cases");
 
-    let supported = |loss: &SupConLoss| (subject.supports)(loss, DType::F32);
+    let supported = |loss: &SupConLoss| (subject.supports)(loss, &Positives::SimClr, DType::F32);
     let error = SupConLoss::builder()
         .no_positive(NoPositivePolicy::Error)
         .build()
@@ -524,6 +621,23 @@ fn bad_inputs_are_typed_errors<B: Backend>(subject: &Subject<B>, rng: &mut StdRn
             got: [9, 8]
         }
     );
+    let sets = Array2::from_elem((8, 3), true);
+    assert_eq!(
+        backend
+            .forward(
+                &loss,
+                z.view(),
+                Positives::LabelSets {
+                    sets: sets.view(),
+                    weight: LabelSetWeight::Jaccard
+                }
+            )
+            .unwrap_err(),
+        Error::LabelSetsShape {
+            expected: 9,
+            got: [8, 3]
+        }
+    );
     let mut negative = Array2::<f32>::ones((9, 9));
     negative[[2, 7]] = -0.5;
     assert_eq!(
@@ -674,6 +788,7 @@ macro_rules! backend_suite {
             case!(results_are_bitwise_reproducible);
             case!(extreme_mask_weights_match_reference);
             case!(overflowing_results_are_typed_errors);
+            case!(normalization_matches_reference);
         }
     };
 }
@@ -682,7 +797,7 @@ backend_suite!(
     reference,
     Some(Subject {
         backend: ReferenceBackend,
-        supports: |_, _| true,
+        supports: |_, _, _| true,
         covers: |_| true,
         precision: Precision::F64,
         option_shapes: &[(7, 2, 17), (13, 1, 3), (5, 3, 13), (2, 1, 1)],
@@ -697,7 +812,7 @@ backend_suite!(
     cpu,
     Some(Subject {
         backend: supcon::CpuBackend,
-        supports: |_, _| true,
+        supports: |_, _, _| true,
         covers: |_| true,
         precision: Precision::F32,
         option_shapes: &[
@@ -728,12 +843,14 @@ backend_suite!(
 );
 
 /// What the CUDA kernels implement (emulated or on a GPU): no one-positive denominator, no
-/// positives cap, no f64 features.
+/// positives cap, no label sets, no fused normalisation, no f64 features.
 #[cfg(any(feature = "emulation", feature = "cuda"))]
-fn kernels_support(loss: &SupConLoss, dtype: DType) -> bool {
+fn kernels_support(loss: &SupConLoss, positives: &Positives<'_>, dtype: DType) -> bool {
     dtype != DType::F64
         && loss.denominator() != Denominator::OnePositive
         && loss.positives_cap().is_none()
+        && !loss.normalize()
+        && !matches!(positives, Positives::LabelSets { .. })
 }
 
 /// The kernels tile rows in blocks of 64, the depth in stages of 32 and the gradient in chunks

@@ -6,9 +6,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ndarray::{Array3, ArrayD};
+use ndarray::{Array2, Array3, ArrayD};
 use npyz::WriterBuilder;
-use supcon::{Backend, Positives, ReferenceBackend, SupConLoss, Upstream};
+use supcon::{
+    AnyBackend, Backend, ContrastMode, LabelSetWeight, Positives, ReferenceBackend, Summation,
+    SupConLoss, Upstream,
+};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("supcon-cli-{name}-{}", std::process::id()));
@@ -692,4 +695,333 @@ fn impossible_sizes_and_counts_are_clear_errors() {
         );
         assert!(stderr.len() < 400, "{args:?}: {stderr}");
     }
+}
+
+/// The arguments for `run` on `features` with `extra`, writing to `out`, all under `dir`.
+fn run_args<'a>(dir: &'a Path, features: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<String> {
+    let mut args = vec![
+        "run".to_string(),
+        "--features".to_string(),
+        dir.join(features).display().to_string(),
+        "--out".to_string(),
+        dir.join(out).display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| {
+        if a.ends_with(".npy") {
+            dir.join(a).display().to_string()
+        } else {
+            a.to_string()
+        }
+    }));
+    args
+}
+
+/// Runs `supcon` with `args`, which must succeed.
+fn supcon_ok(args: &[String]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_supcon"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `supcon` with `args`, which must fail with `message` in a short, panic-free error.
+fn supcon_fails(args: &[String], message: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_supcon"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(message),
+        "{args:?}: expected {message:?} in: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && stderr.len() < 400,
+        "{stderr}"
+    );
+}
+
+/// A run's outputs in `dir`: the loss, the per-anchor losses and the f32 gradient.
+fn outputs(dir: &Path) -> (f64, ArrayD<f64>, ArrayD<f32>) {
+    let loss = read::<f64>(&dir.join("loss.npy"))
+        .into_raw_vec_and_offset()
+        .0;
+    (
+        loss[0],
+        read::<f64>(&dir.join("per_anchor.npy")),
+        read::<f32>(&dir.join("grad.npy")),
+    )
+}
+
+/// `[B, K]` random label sets with about `density` of the labels set, and sample 2's set empty.
+fn random_sets(
+    rng: &mut rand::rngs::StdRng,
+    batch: usize,
+    labels: usize,
+    density: f64,
+) -> Array2<bool> {
+    use rand::RngExt;
+    Array2::from_shape_fn((batch, labels), |(b, _)| {
+        b != 2 && rng.random::<f64>() < density
+    })
+}
+
+/// `--label-sets` with each `--label-set-weight`, on the reference and the CPU backend, with
+/// K = 67 (two bitset words) and an empty set: the loss, the per-anchor losses and the gradient
+/// are the library's on the same inputs, exactly.
+#[test]
+fn label_sets_give_the_library_result_for_each_weight() {
+    let mut rng = common::rng("cli_label_sets");
+    let dir = scratch("label-sets");
+    let (batch, views, dim, labels) = (9, 2, 6, 67);
+    let z = common::unit_features(&mut rng, (batch, views, dim)).mapv(|x| x as f32);
+    let sets = random_sets(&mut rng, batch, labels, 0.08);
+    write(&dir.join("features.npy"), &[9, 2, 6], z.as_slice().unwrap());
+    write(&dir.join("sets.npy"), &[9, 67], sets.as_slice().unwrap());
+    let weights = [
+        ("any", LabelSetWeight::Any),
+        ("jaccard", LabelSetWeight::Jaccard),
+        ("fraction", LabelSetWeight::Fraction),
+    ];
+    let variants: [(&[&str], SupConLoss); 2] = [
+        (&[], SupConLoss::builder().temperature(0.1).build().unwrap()),
+        (
+            &["--contrast-mode", "one", "--summation", "inside"],
+            SupConLoss::builder()
+                .temperature(0.1)
+                .contrast_mode(ContrastMode::One)
+                .summation(Summation::Inside)
+                .build()
+                .unwrap(),
+        ),
+    ];
+    for backend in ["reference", "cpu"] {
+        for (name, weight) in weights {
+            for (index, (extra, loss)) in variants.iter().enumerate() {
+                let out = format!("out-{backend}-{name}-{index}");
+                let mut args = vec![
+                    "--label-sets",
+                    "sets.npy",
+                    "--label-set-weight",
+                    name,
+                    "--backend",
+                    backend,
+                    "--temperature",
+                    "0.1",
+                ];
+                args.extend_from_slice(extra);
+                supcon_ok(&run_args(&dir, "features.npy", &out, &args));
+                let (expected, grad) = AnyBackend::from_name(backend)
+                    .unwrap()
+                    .forward_backward(
+                        loss,
+                        z.view(),
+                        Positives::LabelSets {
+                            sets: sets.view(),
+                            weight,
+                        },
+                        Upstream::Scalar(1.0),
+                    )
+                    .unwrap();
+                let (got_loss, got_per_anchor, got_grad) = outputs(&dir.join(&out));
+                let what = format!("{backend} {name} {extra:?}");
+                assert_eq!(got_loss, expected.loss.unwrap(), "{what}");
+                assert_eq!(got_per_anchor, expected.per_anchor.into_dyn(), "{what}");
+                assert_eq!(got_grad, grad.into_dyn(), "{what}");
+            }
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Label sets as numpy bools or 0/1 integers of several types give the same result; K = 0 is
+/// SimCLR; a value other than 0 or 1 (in an integer file or a crafted bool byte), a wrong
+/// row count, a wrong rank or dtype, and misused options are refused with a message that says
+/// which.
+#[test]
+fn label_set_files_are_bools_or_01_integers() {
+    let mut rng = common::rng("cli_label_set_files");
+    let dir = scratch("label-set-files");
+    let z = common::unit_features(&mut rng, (7, 2, 4)).mapv(|x| x as f32);
+    write(&dir.join("features.npy"), &[7, 2, 4], z.as_slice().unwrap());
+    let sets = random_sets(&mut rng, 7, 3, 0.5);
+    let as_u8: Vec<u8> = sets.iter().map(|&s| u8::from(s)).collect();
+    write(&dir.join("bool.npy"), &[7, 3], sets.as_slice().unwrap());
+    write(&dir.join("u8.npy"), &[7, 3], &as_u8);
+    let as_i64: Vec<i64> = as_u8.iter().map(|&s| i64::from(s)).collect();
+    write(&dir.join("i64.npy"), &[7, 3], &as_i64);
+    let as_u32: Vec<u32> = as_u8.iter().map(|&s| u32::from(s)).collect();
+    write(&dir.join("u32.npy"), &[7, 3], &as_u32);
+    for (file, out) in [
+        ("bool.npy", "bool"),
+        ("u8.npy", "u8"),
+        ("i64.npy", "i64"),
+        ("u32.npy", "u32"),
+    ] {
+        let args = ["--label-sets", file, "--backend", "reference"];
+        supcon_ok(&run_args(&dir, "features.npy", out, &args));
+    }
+    let grad = std::fs::read(dir.join("bool/grad.npy")).unwrap();
+    for out in ["u8", "i64", "u32"] {
+        assert_eq!(
+            std::fs::read(dir.join(out).join("grad.npy")).unwrap(),
+            grad,
+            "{out}"
+        );
+    }
+    // K = 0: no sample has a label, so only the other views are positives, as in SimCLR.
+    write::<bool>(&dir.join("k0.npy"), &[7, 0], &[]);
+    let args = [
+        "--label-sets",
+        "k0.npy",
+        "--label-set-weight",
+        "jaccard",
+        "--backend",
+        "reference",
+    ];
+    supcon_ok(&run_args(&dir, "features.npy", "k0", &args));
+    supcon_ok(&run_args(
+        &dir,
+        "features.npy",
+        "simclr",
+        &["--backend", "reference"],
+    ));
+    assert_eq!(
+        std::fs::read(dir.join("k0/grad.npy")).unwrap(),
+        std::fs::read(dir.join("simclr/grad.npy")).unwrap()
+    );
+
+    let mut two: Vec<i16> = as_u8.iter().map(|&s| i16::from(s)).collect();
+    two[3 * 3 + 1] = 2;
+    write(&dir.join("two.npy"), &[7, 3], &two);
+    let mut negative: Vec<i8> = as_u8.iter().map(|&s| s as i8).collect();
+    negative[5] = -1;
+    write(&dir.join("negative.npy"), &[7, 3], &negative);
+    let mut byte = as_u8.clone();
+    byte[2] = 2;
+    std::fs::write(
+        dir.join("byte.npy"),
+        npy_bytes(
+            1,
+            "{'descr': '|b1', 'fortran_order': False, 'shape': (7, 3), }",
+            &byte,
+        ),
+    )
+    .unwrap();
+    let eight = random_sets(&mut rng, 8, 3, 0.5);
+    write(&dir.join("eight.npy"), &[8, 3], eight.as_slice().unwrap());
+    write(&dir.join("flat.npy"), &[21], &as_u8);
+    write(&dir.join("float.npy"), &[7, 3], &[0.0f32; 21]);
+    write(&dir.join("labels.npy"), &[7], &[0i64, 1, 0, 1, 2, 2, 3]);
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["--label-sets", "two.npy"],
+            "two.npy: label_sets[3, 1] = 2 is not 0 or 1",
+        ),
+        (
+            &["--label-sets", "negative.npy"],
+            "negative.npy: label_sets[1, 2] = -1 is not 0 or 1",
+        ),
+        (
+            &["--label-sets", "byte.npy"],
+            "byte.npy: label_sets[0, 2] = 2 is not 0 or 1",
+        ),
+        (
+            &["--label-sets", "eight.npy"],
+            "label sets have shape [8, 3], expected [7, K]",
+        ),
+        (
+            &["--label-sets", "flat.npy"],
+            "label sets must have 2 dimensions",
+        ),
+        (
+            &["--label-sets", "float.npy"],
+            "must be bool or 0/1 integers, got float32",
+        ),
+        (&["--label-set-weight", "jaccard"], "--label-sets"),
+        (
+            &["--label-sets", "bool.npy", "--labels", "labels.npy"],
+            "cannot be used with",
+        ),
+    ];
+    for (args, message) in cases {
+        supcon_fails(&run_args(&dir, "features.npy", "bad", args), message);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `--normalize` on features of norms 0.3 to 4: the result differs from the plain run and is
+/// the library's with `normalize(true)` exactly, on each backend; its loss is the reference's
+/// loss of the normalised rows.
+#[test]
+fn normalize_gives_the_library_result() {
+    let mut rng = common::rng("cli_normalize");
+    let dir = scratch("normalize");
+    let z = common::features(&mut rng, (8, 2, 5), 0.3..4.0).mapv(|x| x as f32);
+    let labels = common::labels(&mut rng, 8, 3);
+    write(&dir.join("features.npy"), &[8, 2, 5], z.as_slice().unwrap());
+    write(&dir.join("labels.npy"), &[8], labels.as_slice().unwrap());
+    let loss = SupConLoss::builder()
+        .temperature(0.2)
+        .normalize(true)
+        .build()
+        .unwrap();
+    for backend in ["reference", "cpu"] {
+        let common_args = [
+            "--labels",
+            "labels.npy",
+            "--temperature",
+            "0.2",
+            "--backend",
+            backend,
+        ];
+        let plain = format!("plain-{backend}");
+        supcon_ok(&run_args(&dir, "features.npy", &plain, &common_args));
+        let normalized = format!("normalized-{backend}");
+        let mut args = common_args.to_vec();
+        args.push("--normalize");
+        supcon_ok(&run_args(&dir, "features.npy", &normalized, &args));
+        let (plain_loss, _, plain_grad) = outputs(&dir.join(&plain));
+        let (got_loss, got_per_anchor, got_grad) = outputs(&dir.join(&normalized));
+        assert_ne!(got_loss, plain_loss, "{backend}");
+        assert_ne!(got_grad, plain_grad, "{backend}");
+        let (expected, grad) = AnyBackend::from_name(backend)
+            .unwrap()
+            .forward_backward(
+                &loss,
+                z.view(),
+                Positives::Labels(labels.view()),
+                Upstream::Scalar(1.0),
+            )
+            .unwrap();
+        assert_eq!(got_loss, expected.loss.unwrap(), "{backend}");
+        assert_eq!(got_per_anchor, expected.per_anchor.into_dyn(), "{backend}");
+        assert_eq!(got_grad, grad.into_dyn(), "{backend}");
+
+        let mut u = z.mapv(f64::from);
+        for mut row in u.rows_mut() {
+            let norm = row.dot(&row).sqrt();
+            row.mapv_inplace(|x| x / norm);
+        }
+        let of_unit_rows = ReferenceBackend
+            .forward(
+                &SupConLoss::builder().temperature(0.2).build().unwrap(),
+                u.view(),
+                Positives::Labels(labels.view()),
+            )
+            .unwrap()
+            .loss
+            .unwrap();
+        let tolerance = if backend == "reference" { 1e-12 } else { 1e-5 };
+        assert!(
+            (got_loss - of_unit_rows).abs() <= tolerance * of_unit_rows.abs(),
+            "{backend}: {got_loss} vs {of_unit_rows}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -4,8 +4,8 @@ mod common;
 
 use ndarray::{arr1, arr2, array, Array1, Array3, Axis};
 use supcon::{
-    Backend, ContrastMode, Denominator, Error, NoPositivePolicy, Positives, Reduction,
-    ReferenceBackend, Summation, SupConLoss, Upstream,
+    Backend, ContrastMode, Denominator, Error, LabelSetWeight, NoPositivePolicy, Positives,
+    Reduction, ReferenceBackend, Summation, SupConLoss, Upstream,
 };
 
 fn sigmoid(x: f64) -> f64 {
@@ -268,7 +268,7 @@ fn loss_anchor_views(loss: &SupConLoss, views: usize) -> usize {
 }
 
 #[test]
-fn relabelling_simclr_and_equivalent_masks_agree() {
+fn relabelling_simclr_label_sets_and_equivalent_masks_agree() {
     let mut rng = common::rng("relabel");
     let (b, v, d) = (9, 2, 6);
     let z = common::unit_features(&mut rng, (b, v, d));
@@ -277,6 +277,23 @@ fn relabelling_simclr_and_equivalent_masks_agree() {
     let identity = Array1::from_iter(0..b as i64);
     let mask = common::label_mask(&labels);
     let eye = common::label_mask(&identity);
+    let classes: Vec<i64> = {
+        let mut distinct = labels.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        distinct
+    };
+    let one_hot = ndarray::Array2::from_shape_fn((b, 70), |(s, k)| {
+        classes.binary_search(&labels[s]) == Ok(k)
+    });
+    // Sets over K = 1, 64, 65 and 200; sample 2 has the empty set.
+    let sets: Vec<ndarray::Array2<bool>> = [1, 64, 65, 200]
+        .map(|k| {
+            let mut sets = common::label_sets(&mut rng, b, k);
+            sets.row_mut(2).fill(false);
+            sets
+        })
+        .into();
     for cap in [None, Some(2)] {
         for loss in common::option_grid(0.2, 0.07, cap).into_iter().filter(|l| {
             l.no_positive() != NoPositivePolicy::Error && l.reduction() != Reduction::None
@@ -304,9 +321,36 @@ fn relabelling_simclr_and_equivalent_masks_agree() {
                 run(Positives::Labels(identity.view())),
             );
             same(run(Positives::SimClr), run(Positives::Mask(eye.view())));
+            for weight in WEIGHTS {
+                // One label per sample (a one-hot row of the class index): the label relation.
+                same(
+                    run(Positives::Labels(labels.view())),
+                    run(Positives::LabelSets {
+                        sets: one_hot.view(),
+                        weight,
+                    }),
+                );
+                // Any sets: the B×B mask of their weights, built naively by the test.
+                for sets in &sets {
+                    let mask = common::label_set_mask(sets, weight);
+                    same(
+                        run(Positives::Mask(mask.view())),
+                        run(Positives::LabelSets {
+                            sets: sets.view(),
+                            weight,
+                        }),
+                    );
+                }
+            }
         }
     }
 }
+
+const WEIGHTS: [LabelSetWeight; 3] = [
+    LabelSetWeight::Any,
+    LabelSetWeight::Jaccard,
+    LabelSetWeight::Fraction,
+];
 
 /// Un-normalised features (norms 8–100) with τ = 0.005: logits up to 2·10⁶. Every option must
 /// stay finite (the original code's max-including-self goes NaN here).

@@ -1,11 +1,14 @@
 //! The reference backend's analytic gradient against central finite differences, for every
 //! combination of contrast mode × summation × denominator × positives source × no-positive
-//! policy × reduction (× positives cap), on fresh random inputs of several ragged sizes.
+//! policy × reduction (× positives cap), label sets in each weight mode and the fused
+//! normalisation included, on fresh random inputs of several ragged sizes.
 
 mod common;
 
 use ndarray::{Array1, Array3};
-use supcon::{Backend, Error, Positives, Reduction, ReferenceBackend, SupConLoss, Upstream};
+use supcon::{
+    Backend, Error, LabelSetWeight, Positives, Reduction, ReferenceBackend, SupConLoss, Upstream,
+};
 
 /// Σ u_i ℓ_i (reduction none) or u·L: the objective whose gradient `backward` returns.
 fn objective(
@@ -45,6 +48,10 @@ fn some_anchor_lacks_positive(
                     Positives::SimClr => si == sj,
                     Positives::Labels(l) => l[si] == l[sj],
                     Positives::Mask(m) => m[[si, sj]] > 0.0,
+                    // Every weight mode makes a positive of a shared label.
+                    Positives::LabelSets { sets, .. } => {
+                        si == sj || sets.row(si).iter().zip(sets.row(sj)).any(|(&a, &c)| a && c)
+                    }
                 }
         })
     })
@@ -54,16 +61,29 @@ fn check_gradients(shape: (usize, usize, usize), rng: &mut rand::rngs::StdRng) -
     let z = common::features(rng, shape, 0.5..1.5);
     let labels = common::labels(rng, shape.0, 2);
     let mask = common::soft_mask(rng, shape.0);
+    let sets = common::label_sets(rng, shape.0, 70);
+    let set_positives = |weight| Positives::LabelSets {
+        sets: sets.view(),
+        weight,
+    };
+    // (positives, normalize): every source plain, three of them normalised too.
     let sources = [
-        Positives::SimClr,
-        Positives::Labels(labels.view()),
-        Positives::Mask(mask.view()),
+        (Positives::SimClr, false),
+        (Positives::Labels(labels.view()), false),
+        (Positives::Mask(mask.view()), false),
+        (set_positives(LabelSetWeight::Any), false),
+        (set_positives(LabelSetWeight::Jaccard), false),
+        (set_positives(LabelSetWeight::Fraction), false),
+        (Positives::Labels(labels.view()), true),
+        (Positives::Mask(mask.view()), true),
+        (set_positives(LabelSetWeight::Jaccard), true),
     ];
     let h = 1e-5;
     let mut checked = 0;
-    for positives in sources {
+    for (positives, normalize) in sources {
         for cap in [None, Some(1), Some(2)] {
             for loss in common::option_grid(0.3, 0.45, cap) {
+                let loss = loss.to_builder().normalize(normalize).build().unwrap();
                 let anchors = match loss.contrast_mode() {
                     supcon::ContrastMode::All => shape.0 * shape.1,
                     supcon::ContrastMode::One => shape.0,
@@ -125,6 +145,6 @@ fn analytic_gradient_matches_finite_differences_for_every_option() {
     for shape in [(5, 1, 3), (4, 2, 5), (3, 3, 7)] {
         checked += check_gradients(shape, &mut rng);
     }
-    // 3 shapes × 3 positive sources × 3 caps × 108 option combinations.
-    assert_eq!(checked, 3 * 3 * 3 * 108);
+    // 3 shapes × 9 (positives, normalize) × 3 caps × 108 option combinations.
+    assert_eq!(checked, 3 * 9 * 3 * 108);
 }

@@ -14,8 +14,8 @@ use ndarray::{ArrayView1, ArrayView2, ArrayView3};
 use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use supcon::{
-    AnyBackend, Backend, BatchShape, ContrastMode, Denominator, Element, Error, NoPositivePolicy,
-    Positives, Reduction, SavedState, Summation, SupConLoss, Upstream,
+    AnyBackend, Backend, BatchShape, ContrastMode, Denominator, Element, Error, LabelSetWeight,
+    NoPositivePolicy, Positives, Reduction, SavedState, Summation, SupConLoss, Upstream,
 };
 
 pyo3::create_exception!(
@@ -42,8 +42,9 @@ fn to_py(error: Error) -> PyErr {
 }
 
 /// An array the Python side owns: the address of its first element, its element type's name
-/// (`float32`, `float16`, `bfloat16`, `float64`, `int64`) and its number of elements. It is
-/// C-contiguous and stays alive, unmodified, for the whole call.
+/// (`float32`, `float16`, `bfloat16`, `float64`, `int64`, `bool`, `uint8`) and its number of
+/// elements. It is C-contiguous and stays alive, unmodified, for the whole call. An empty
+/// array's address may be null (PyTorch's empty tensors have none): nothing is read there.
 #[derive(FromPyObject)]
 struct Array(usize, String, usize);
 
@@ -55,6 +56,9 @@ impl Array {
     /// the named type, alive and unmodified for the call.
     unsafe fn slice<T>(&self, dtype: &str) -> PyResult<&[T]> {
         self.check(dtype, align_of::<T>())?;
+        if self.2 == 0 {
+            return Ok(&[]);
+        }
         // SAFETY: per this function's contract; the address is non-null and aligned (checked).
         Ok(unsafe { std::slice::from_raw_parts(self.0 as *const T, self.2) })
     }
@@ -66,6 +70,9 @@ impl Array {
     #[allow(clippy::mut_from_ref)]
     unsafe fn slice_mut<T>(&self, dtype: &str) -> PyResult<&mut [T]> {
         self.check(dtype, align_of::<T>())?;
+        if self.2 == 0 {
+            return Ok(&mut []);
+        }
         // SAFETY: per this function's contract; the address is non-null and aligned (checked).
         Ok(unsafe { std::slice::from_raw_parts_mut(self.0 as *mut T, self.2) })
     }
@@ -77,7 +84,7 @@ impl Array {
                 self.1
             )));
         }
-        if self.0 == 0 || self.0 % align != 0 {
+        if self.2 > 0 && (self.0 == 0 || self.0 % align != 0) {
             return Err(PyValueError::new_err("an array is not aligned"));
         }
         Ok(())
@@ -85,7 +92,8 @@ impl Array {
 }
 
 /// The loss options, as the Python side names them: temperature, base temperature, contrast
-/// mode, summation, denominator, positives cap, no-positive policy and reduction.
+/// mode, summation, denominator, positives cap, no-positive policy, reduction and whether the
+/// loss normalises the features.
 #[derive(FromPyObject)]
 struct Options(
     f64,
@@ -96,6 +104,7 @@ struct Options(
     Option<usize>,
     String,
     String,
+    bool,
 );
 
 impl Options {
@@ -109,12 +118,8 @@ impl Options {
             positives_cap,
             no_positive,
             reduction,
+            normalize,
         ) = self;
-        let choice = |name: &str, value: &str, choices: &[&str]| -> PyResult<usize> {
-            choices.iter().position(|c| *c == value).ok_or_else(|| {
-                PyValueError::new_err(format!("{name} must be one of {choices:?}, got {value:?}"))
-            })
-        };
         let mode = choice("contrast_mode", contrast_mode, &["all", "one"])?;
         let summation = choice("summation", summation, &["outside", "inside"])?;
         let denominator = choice(
@@ -147,7 +152,8 @@ impl Options {
                     NoPositivePolicy::Error,
                 ][policy],
             )
-            .reduction([Reduction::Mean, Reduction::Sum, Reduction::None][reduction]);
+            .reduction([Reduction::Mean, Reduction::Sum, Reduction::None][reduction])
+            .normalize(*normalize);
         if let Some(cap) = *positives_cap {
             builder = builder.positives_cap(cap);
         }
@@ -155,16 +161,50 @@ impl Options {
     }
 }
 
-/// What makes rows positives: `None` (SimCLR), an `int64[B]` array of labels, or a
-/// `float32[B, B]` mask, told apart by `kind` (`"simclr"`, `"labels"`, `"mask"`).
+/// The `choices` entry named `value`, or a `ValueError` naming the option and its choices.
+fn choice(name: &str, value: &str, choices: &[&str]) -> PyResult<usize> {
+    choices.iter().position(|c| *c == value).ok_or_else(|| {
+        PyValueError::new_err(format!("{name} must be one of {choices:?}, got {value:?}"))
+    })
+}
+
+/// What makes rows positives: `None` (SimCLR), an `int64[B]` array of labels, a
+/// `float32[B, B]` mask, or a `bool[B, K]` (or `uint8`, 0/1) array of label sets with how their
+/// overlaps weigh (`"any"`, `"jaccard"`, `"fraction"`; `None` for the other kinds), told apart
+/// by `kind` (`"simclr"`, `"labels"`, `"mask"`, `"label_sets"`).
 #[derive(FromPyObject)]
-struct PositivesArg(String, Option<Array>);
+struct PositivesArg(String, Option<Array>, Option<String>);
+
+/// `bool[B, K]` label sets (or `uint8`): every byte is checked to be 0 or 1 before it is read as
+/// a `bool`, so a stray value is a `ValueError`, never undefined behaviour.
+///
+/// # Safety
+/// The array's promise ([`Array`]).
+unsafe fn label_sets(array: &Array, batch: usize) -> PyResult<ArrayView2<'_, bool>> {
+    let dtype = if array.1 == "uint8" { "uint8" } else { "bool" };
+    // SAFETY: the array's promise.
+    let bytes = unsafe { array.slice::<u8>(dtype)? };
+    let labels = bytes.len() / batch.max(1);
+    if let Some(index) = bytes.iter().position(|&byte| byte > 1) {
+        return Err(PyValueError::new_err(format!(
+            "label_sets[{}, {}] = {} is not 0 or 1",
+            index / labels,
+            index % labels,
+            bytes[index]
+        )));
+    }
+    // SAFETY: every byte is 0 or 1, the two bit patterns of `bool`, which has the size and
+    // alignment of `u8`.
+    let sets = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<bool>(), bytes.len()) };
+    ArrayView2::from_shape((batch, labels), sets)
+        .map_err(|e| PyValueError::new_err(format!("label sets: {e}")))
+}
 
 impl PositivesArg {
     /// # Safety
     /// The array's promise ([`Array`]).
     unsafe fn view(&self, batch: usize) -> PyResult<Positives<'_>> {
-        let PositivesArg(kind, array) = self;
+        let PositivesArg(kind, array, weight) = self;
         let array = || {
             array
                 .as_ref()
@@ -182,6 +222,22 @@ impl PositivesArg {
                 let mask = ArrayView2::from_shape((batch, weights.len() / batch.max(1)), weights)
                     .map_err(|e| PyValueError::new_err(format!("mask: {e}")))?;
                 Positives::Mask(mask)
+            }
+            "label_sets" => {
+                let weight = choice(
+                    "label_set_weight",
+                    weight.as_deref().unwrap_or_default(),
+                    &["any", "jaccard", "fraction"],
+                )?;
+                Positives::LabelSets {
+                    // SAFETY: the array's promise.
+                    sets: unsafe { label_sets(array()?, batch)? },
+                    weight: [
+                        LabelSetWeight::Any,
+                        LabelSetWeight::Jaccard,
+                        LabelSetWeight::Fraction,
+                    ][weight],
+                }
             }
             other => {
                 return Err(PyValueError::new_err(format!(
@@ -487,7 +543,7 @@ mod cuda {
             body: impl FnOnce(DevicePositives<'_>) -> PyResult<R>,
         ) -> PyResult<R> {
             let stream = self.backend.stream();
-            let PositivesArg(kind, array) = positives;
+            let PositivesArg(kind, array, _) = positives;
             let array = || {
                 array
                     .as_ref()
@@ -507,6 +563,11 @@ mod cuda {
                     let view = mask.0.as_view();
                     body(DevicePositives::Mask(&view))
                 }
+                // The kernels have no label sets yet; `backend="auto"` runs them on the host.
+                "label_sets" => Err(to_py(supcon::Error::Unsupported {
+                    backend: "cuda",
+                    capability: supcon::Capability::LabelSets,
+                })),
                 other => Err(PyValueError::new_err(format!(
                     "unknown positives {other:?}"
                 ))),

@@ -23,18 +23,35 @@ _NUMPY_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16
                  np.dtype(np.float64): "float64"}
 
 
-def _positives(batch: int, labels, mask):
+def _label_sets(batch: int, sets: np.ndarray, weight: str):
+    """``[bsz, K]`` label sets (bool, or 0/1 integers) as the extension takes them."""
+    if sets.shape[0] != batch:
+        raise ValueError(f"label sets (2-D labels) must be [{batch}, K], got {list(sets.shape)}")
+    if sets.dtype != np.bool_:
+        stray = (sets != 0) & (sets != 1)
+        if stray.any():
+            b, k = np.argwhere(stray)[0]
+            raise ValueError(
+                f"label sets (2-D labels) hold 0 or 1, got labels[{b}, {k}] = {sets[b, k]}")
+    sets = np.ascontiguousarray(sets, dtype=np.bool_)
+    return ("label_sets", _core.array(sets.ctypes.data, "bool", sets.size), weight), sets
+
+
+def _positives(batch: int, labels, mask, label_set_weight: str):
     """The positives as the extension takes them, and the arrays that must stay alive."""
     if labels is not None and mask is not None:
         raise ValueError("Cannot define both `labels` and `mask`")
     if labels is not None:
         labels = np.asarray(labels)
+        if labels.dtype.kind in "iub" and _core.is_label_sets(
+                labels.ndim, labels.shape, labels.dtype == np.bool_):
+            return _label_sets(batch, labels, label_set_weight)
         if labels.dtype.kind not in "iu":
             raise ValueError(f"labels must be integers, got {labels.dtype}")
         labels = np.ascontiguousarray(labels.reshape(-1), dtype=np.int64)
         if labels.shape[0] != batch:
             raise ValueError("Num of labels does not match num of features")
-        return ("labels", _core.array(labels.ctypes.data, "int64", labels.size)), labels
+        return ("labels", _core.array(labels.ctypes.data, "int64", labels.size), None), labels
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != (batch, batch):
@@ -44,8 +61,8 @@ def _positives(batch: int, labels, mask):
             row, col = np.argwhere(too_large)[0]
             raise ValueError(f"mask[{row}, {col}] = {mask[row, col]!r} is beyond float32")
         mask = np.ascontiguousarray(mask, dtype=np.float32)
-        return ("mask", _core.array(mask.ctypes.data, "float32", mask.size)), mask
-    return ("simclr", None), None
+        return ("mask", _core.array(mask.ctypes.data, "float32", mask.size), None), mask
+    return ("simclr", None, None), None
 
 
 def loss_and_grad(
@@ -61,13 +78,18 @@ def loss_and_grad(
     positives_cap: Optional[int] = None,
     no_positive: str = "zero_and_count",
     reduction: str = "mean",
+    label_set_weight: str = "any",
+    normalize: bool = False,
     upstream=None,
     backend: str = "auto",
 ):
     """The SupCon loss of ``features`` ``[bsz, n_views, ...]`` and its gradient.
 
-    Positives come from ``labels`` (``[bsz]`` integers), ``mask`` (``[bsz, bsz]`` weights) or,
-    with neither, the other views of each sample (SimCLR). ``upstream`` is the gradient of the
+    Positives come from ``labels`` (``[bsz]`` integers), ``labels`` as label sets (multi-hot
+    ``[bsz, K]``, 0/1 or bool: a 2-D array with K ≠ 1, or any 2-D bool array; weighed as
+    ``label_set_weight`` says, see ``supcon.torch.SupConLoss``), ``mask`` (``[bsz, bsz]``
+    weights) or, with neither, the other views of each sample (SimCLR). ``normalize``: the
+    loss of the L2-normalised rows, with the gradient with respect to the raw ``features``. ``upstream`` is the gradient of the
     objective with respect to the loss: a scalar (default 1), or ``[R]`` values for
     ``reduction="none"`` (default ones). Returns ``(loss, grad)``: ``loss`` a float (an
     ``[R]`` float64 array for ``reduction="none"``), ``grad`` shaped like ``features``
@@ -76,7 +98,7 @@ def loss_and_grad(
     """
     options = _core.Options(
         temperature, base_temperature, contrast_mode, summation, denominator, positives_cap,
-        no_positive, reduction,
+        no_positive, reduction, label_set_weight, normalize,
     )
     _core.check_backend(backend)
     z = np.asarray(features)
@@ -89,7 +111,7 @@ def loss_and_grad(
         raise ValueError(f"features have an empty dimension: shape {list(z.shape)}")
     z = np.ascontiguousarray(z.reshape(z.shape[0], z.shape[1], -1))
     batch, views, dim = z.shape
-    positives, keep = _positives(batch, labels, mask)
+    positives, keep = _positives(batch, labels, mask, options.label_set_weight)
     anchors = options.anchors(batch, views)
     backend = _core.host_backend(backend, dtype)
     per_anchor = np.empty(anchors, dtype=np.float64)

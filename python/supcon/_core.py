@@ -13,12 +13,14 @@ SUMMATIONS = ("outside", "inside")
 DENOMINATORS = ("all", "only_negatives", "one_positive")
 NO_POSITIVE = ("zero_and_count", "exclude", "error")
 REDUCTIONS = ("mean", "sum", "none")
+LABEL_SET_WEIGHTS = ("any", "jaccard", "fraction")
 BACKENDS = ("auto", "cpu", "reference", "cuda")
 
 
 @dataclass(frozen=True)
 class Options:
-    """The loss options (docs/math.md), checked when made."""
+    """The loss options (docs/math.md), checked when made. ``label_set_weight`` applies to
+    label sets only, and travels to the extension with them rather than with the options."""
 
     temperature: float = 0.07
     base_temperature: float = 0.07
@@ -28,6 +30,8 @@ class Options:
     positives_cap: Optional[int] = None
     no_positive: str = "zero_and_count"
     reduction: str = "mean"
+    label_set_weight: str = "any"
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -36,6 +40,7 @@ class Options:
             ("denominator", DENOMINATORS),
             ("no_positive", NO_POSITIVE),
             ("reduction", REDUCTIONS),
+            ("label_set_weight", LABEL_SET_WEIGHTS),
         ):
             value = getattr(self, name)
             if value not in choices:
@@ -47,6 +52,8 @@ class Options:
         cap = self.positives_cap
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise ValueError(f"positives_cap must be None or a whole number >= 1, got {cap!r}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be True or False, got {self.normalize!r}")
 
     def anchors(self, batch: int, views: int) -> int:
         """R: the number of anchors of a [B, V, D] batch."""
@@ -63,7 +70,15 @@ class Options:
             self.positives_cap,
             self.no_positive,
             self.reduction,
+            self.normalize,
         )
+
+
+def is_label_sets(ndim: int, shape, is_bool: bool) -> bool:
+    """Whether ``labels`` of this rank, shape and dtype are label sets: a 2-D array ``[bsz, K]``
+    with K ≠ 1, or any 2-D bool array. A ``[bsz, 1]`` array of another dtype stays class labels,
+    as the original SupContrast code takes them."""
+    return ndim == 2 and (is_bool or shape[1] != 1)
 
 
 def check_backend(backend: str) -> str:

@@ -10,6 +10,8 @@ without a graph break.
   (non-contiguous features are made contiguous once); float64 features run the f64 reference
   backend, so that ``torch.autograd.gradcheck`` applies. The GIL is released while it runs.
 - CUDA tensors: the crate's CUDA kernels, on the tensor's device and PyTorch's current stream.
+  What the kernels lack (float64, ``one_positive``, a positives cap, label sets, ``normalize``)
+  runs on a host copy under ``backend="auto"``.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ _NO_CAP = 0  # positives_cap=None, as an int for the operator schema
 
 
 def _options(temperature, base_temperature, contrast_mode, summation, denominator,
-             positives_cap, no_positive, reduction) -> _core.Options:
+             positives_cap, no_positive, reduction, label_set_weight, normalize) -> _core.Options:
     return _core.Options(
         temperature, base_temperature, contrast_mode, summation, denominator,
         None if positives_cap == _NO_CAP else positives_cap, no_positive, reduction,
+        label_set_weight, normalize,
     )
 
 
@@ -48,22 +51,42 @@ def _address(tensor: torch.Tensor, dtype: str):
     return _core.array(tensor.data_ptr(), dtype, tensor.numel())
 
 
-def _positives(labels: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
+def _memberships(label_sets: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` label sets as a contiguous bool tensor; a value other than 0 or 1 is a
+    ValueError (checked here, inside the operator, where a data-dependent check breaks no
+    ``torch.compile`` graph)."""
+    if label_sets.dtype != torch.bool:
+        stray = (label_sets != 0) & (label_sets != 1)
+        if bool(stray.any()):
+            b, k = (int(i) for i in torch.nonzero(stray)[0])
+            raise ValueError(
+                f"label sets (2-D labels) hold 0 or 1, got labels[{b}, {k}] = "
+                f"{label_sets[b, k].item()}"
+            )
+        label_sets = label_sets.to(torch.bool)
+    return label_sets.contiguous()
+
+
+def _positives(labels: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+               label_sets: Optional[torch.Tensor], label_set_weight: str):
     """The positives as the extension takes them, and the tensors that must stay alive."""
+    if label_sets is not None:
+        sets = _memberships(label_sets)
+        return ("label_sets", _address(sets, "bool"), label_set_weight), sets
     if labels is not None:
         labels = labels.reshape(-1).to(torch.int64).contiguous()
-        return ("labels", _address(labels, "int64")), labels
+        return ("labels", _address(labels, "int64"), None), labels
     if mask is not None:
         mask = mask.to(torch.float32).contiguous()
-        return ("mask", _address(mask, "float32")), mask
-    return ("simclr", None), None
+        return ("mask", _address(mask, "float32"), None), mask
+    return ("simclr", None, None), None
 
 
-def _prepare(options, features, labels, mask):
+def _prepare(options, features, labels, mask, label_sets):
     """What every pass starts from: the [B, V, D] batch, its dtype name, R, the positives as
     the extension takes them, and the tensors that must stay alive while it runs."""
     z = _as_batch(features)
-    positives, keep = _positives(labels, mask)
+    positives, keep = _positives(labels, mask, label_sets, options.label_set_weight)
     return z, _DTYPES[z.dtype], options.anchors(z.shape[0], z.shape[1]), positives, keep
 
 
@@ -121,16 +144,18 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _on_kernels(features: torch.Tensor, denominator: str, positives_cap: int, backend: str) -> bool:
+def _on_kernels(features: torch.Tensor, label_sets: Optional[torch.Tensor], denominator: str,
+                positives_cap: int, normalize: bool, backend: str) -> bool:
     """Whether a call runs the CUDA kernels: CUDA features with backend ``"cuda"``, or with
-    ``"auto"`` where the kernels take the call (not float64, ``one_positive`` or a cap). Every
-    other call runs a host backend, on a copy of CUDA inputs where they are on a GPU."""
+    ``"auto"`` where the kernels take the call (not float64, label sets, ``one_positive``, a
+    cap or ``normalize``). Every other call runs a host backend, on a copy of CUDA inputs where
+    they are on a GPU."""
     if not features.is_cuda:
         return False
     if backend == "cuda":
         return True
-    return (backend == "auto" and features.dtype != torch.float64
-            and denominator != "one_positive" and positives_cap == _NO_CAP)
+    return (backend == "auto" and features.dtype != torch.float64 and label_sets is None
+            and denominator != "one_positive" and positives_cap == _NO_CAP and not normalize)
 
 
 def _host(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -142,6 +167,7 @@ def _forward(
     features: torch.Tensor,
     labels: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
+    label_sets: Optional[torch.Tensor],
     temperature: float,
     base_temperature: float,
     contrast_mode: str,
@@ -150,21 +176,25 @@ def _forward(
     positives_cap: int,
     no_positive: str,
     reduction: str,
+    label_set_weight: str,
+    normalize: bool,
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The loss (0-dim, or ``[R]`` for reduction none, in the features' dtype and on their
     device) and the saved state (``uint8``, see ``_state_bytes``; on the host unless the
-    kernels ran)."""
+    kernels ran). At most one of ``labels`` (int64 ``[B]``), ``mask`` and ``label_sets``
+    (``[B, K]``, bool or 0/1 integers) is given."""
     options = _options(temperature, base_temperature, contrast_mode, summation, denominator,
-                       positives_cap, no_positive, reduction)
-    if _on_kernels(features, denominator, positives_cap, backend):
-        return _forward_cuda(options, features, labels, mask)
-    output, state = _forward_host(options, _host(features), _host(labels), _host(mask), backend)
+                       positives_cap, no_positive, reduction, label_set_weight, normalize)
+    if _on_kernels(features, label_sets, denominator, positives_cap, normalize, backend):
+        return _forward_cuda(options, features, labels, mask, label_sets)
+    output, state = _forward_host(options, _host(features), _host(labels), _host(mask),
+                                  _host(label_sets), backend)
     return output.to(features.device), state
 
 
-def _forward_host(options, features, labels, mask, backend):
-    z, dtype, anchors, positives, keep = _prepare(options, features, labels, mask)
+def _forward_host(options, features, labels, mask, label_sets, backend):
+    z, dtype, anchors, positives, keep = _prepare(options, features, labels, mask, label_sets)
     state = torch.empty(_state_bytes(anchors, False), dtype=torch.uint8)
     lse, lse_positive, positive_weight, meta, fingerprint_bits = _cpu_state_views(state, anchors)
     per_anchor = torch.empty(anchors, dtype=torch.float64)
@@ -180,10 +210,10 @@ def _forward_host(options, features, labels, mask, backend):
     return _in_dtype(output, features.dtype, "loss"), state
 
 
-def _forward_cuda(options, features, labels, mask):
+def _forward_cuda(options, features, labels, mask, label_sets):
     """The forward pass on the tensor's device and PyTorch's current stream: the kernels write
     the loss, ℓ_i and the backward's statistics into one workspace that PyTorch allocates."""
-    z, dtype, anchors, positives, keep = _prepare(options, features, labels, mask)
+    z, dtype, anchors, positives, keep = _prepare(options, features, labels, mask, label_sets)
     if dtype == "float64":
         raise ValueError("the CUDA kernels read float32, float16 or bfloat16 features")
     if not hasattr(_supcon, "forward_cuda"):
@@ -219,12 +249,13 @@ def _region(anchors: int) -> int:
 
 
 @_forward.register_fake
-def _(features, labels, mask, temperature, base_temperature, contrast_mode, summation,
-      denominator, positives_cap, no_positive, reduction, backend):
+def _(features, labels, mask, label_sets, temperature, base_temperature, contrast_mode,
+      summation, denominator, positives_cap, no_positive, reduction, label_set_weight,
+      normalize, backend):
     batch, views = features.shape[0], features.shape[1]
     anchors = batch * views if contrast_mode == "all" else batch
     output = features.new_empty((anchors,) if reduction == "none" else ())
-    on_kernels = _on_kernels(features, denominator, positives_cap, backend)
+    on_kernels = _on_kernels(features, label_sets, denominator, positives_cap, normalize, backend)
     state = torch.empty((_state_bytes(anchors, on_kernels),), dtype=torch.uint8,
                         device=features.device if on_kernels else "cpu")
     return output, state
@@ -236,6 +267,7 @@ def _backward(
     features: torch.Tensor,
     labels: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
+    label_sets: Optional[torch.Tensor],
     state: torch.Tensor,
     temperature: float,
     base_temperature: float,
@@ -245,23 +277,25 @@ def _backward(
     positives_cap: int,
     no_positive: str,
     reduction: str,
+    label_set_weight: str,
+    normalize: bool,
     backend: str,
 ) -> torch.Tensor:
     """∂(objective)/∂features, in the features' shape, dtype and device."""
     options = _options(temperature, base_temperature, contrast_mode, summation, denominator,
-                       positives_cap, no_positive, reduction)
-    if _on_kernels(features, denominator, positives_cap, backend):
-        return _backward_cuda(options, grad_output, features, labels, mask, state)
+                       positives_cap, no_positive, reduction, label_set_weight, normalize)
+    if _on_kernels(features, label_sets, denominator, positives_cap, normalize, backend):
+        return _backward_cuda(options, grad_output, features, labels, mask, label_sets, state)
     grad = _backward_host(options, _host(grad_output), _host(features), _host(labels),
-                          _host(mask), state, backend)
+                          _host(mask), _host(label_sets), state, backend)
     return grad.to(features.device)
 
 
-def _backward_cuda(options, grad_output, features, labels, mask, state):
+def _backward_cuda(options, grad_output, features, labels, mask, label_sets, state):
     """The backward pass on the device: R doubles of upstream (R copies of a reduced loss's
     scalar), R floats of scratch and the float32 gradient, all from PyTorch's allocator;
     nothing is read back."""
-    z, dtype, anchors, positives, keep = _prepare(options, features, labels, mask)
+    z, dtype, anchors, positives, keep = _prepare(options, features, labels, mask, label_sets)
     device = features.device
     upstream = grad_output.to(torch.float64).expand(anchors).contiguous()
     scratch = torch.empty(4 * anchors, dtype=torch.uint8, device=device)
@@ -276,8 +310,8 @@ def _backward_cuda(options, grad_output, features, labels, mask, state):
     return grad.to(features.dtype).reshape(features.shape)
 
 
-def _backward_host(options, grad_output, features, labels, mask, state, backend):
-    z, dtype, anchors, positives, keep = _prepare(options, features, labels, mask)
+def _backward_host(options, grad_output, features, labels, mask, label_sets, state, backend):
+    z, dtype, anchors, positives, keep = _prepare(options, features, labels, mask, label_sets)
     lse, lse_positive, positive_weight, meta, fingerprint_bits = _cpu_state_views(
         state.contiguous(), anchors)
     mean_denominator, has_fingerprint = meta.tolist()
@@ -305,21 +339,22 @@ def _(grad_output, features, *rest):
 
 
 _OPTION_NAMES = ("temperature", "base_temperature", "contrast_mode", "summation", "denominator",
-                 "positives_cap", "no_positive", "reduction", "backend")
+                 "positives_cap", "no_positive", "reduction", "label_set_weight", "normalize",
+                 "backend")
 
 
 def _setup_context(ctx, inputs, output):
-    features, labels, mask = inputs[:3]
+    features, labels, mask, label_sets = inputs[:4]
     _, state = output
-    ctx.save_for_backward(features, labels, mask, state)
-    ctx.options = inputs[3:]
+    ctx.save_for_backward(features, labels, mask, label_sets, state)
+    ctx.options = inputs[4:]
     ctx.mark_non_differentiable(state)
 
 
 def _autograd_backward(ctx, grad_output, _state_grad):
     saved = ctx.saved_tensors
     grad = torch.ops.supcon.backward(grad_output, *saved, *ctx.options)
-    return (grad, None, None) + (None,) * len(_OPTION_NAMES)
+    return (grad, None, None, None) + (None,) * len(_OPTION_NAMES)
 
 
 torch.library.register_autograd("supcon::forward", _autograd_backward, setup_context=_setup_context)
@@ -354,11 +389,15 @@ def supcon_loss(
     positives_cap: Optional[int] = None,
     no_positive: str = "zero_and_count",
     reduction: str = "mean",
+    label_set_weight: str = "any",
+    normalize: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """The SupCon loss of ``features`` ``[bsz, n_views, ...]``; see :class:`SupConLoss`."""
+    """The SupCon loss of ``features`` ``[bsz, n_views, ...]``; see :class:`SupConLoss` for
+    the arguments (``labels`` as class labels or, 2-D, as label sets) and options."""
     options = _core.Options(temperature, base_temperature, contrast_mode, summation,
-                            denominator, positives_cap, no_positive, reduction)
+                            denominator, positives_cap, no_positive, reduction,
+                            label_set_weight, normalize)
     _core.check_backend(backend)
     if features.dim() < 3:
         raise ValueError(
@@ -373,12 +412,22 @@ def supcon_loss(
     batch = features.shape[0]
     if labels is not None and mask is not None:
         raise ValueError("Cannot define both `labels` and `mask`")
+    label_sets = None
     if labels is not None:
         if labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"labels must be integers, got {labels.dtype}")
-        if labels.numel() != batch:
-            raise ValueError("Num of labels does not match num of features")
-        labels = labels.to(features.device)
+        if _core.is_label_sets(labels.dim(), labels.shape, labels.dtype == torch.bool):
+            if labels.shape[0] != batch:
+                raise ValueError(
+                    f"label sets (2-D labels) must be [{batch}, K], got {list(labels.shape)}"
+                )
+            # Their values (0 or 1) are checked inside the operator: here a data-dependent
+            # check would break a torch.compile graph.
+            label_sets, labels = labels.detach().to(features.device), None
+        else:
+            if labels.numel() != batch:
+                raise ValueError("Num of labels does not match num of features")
+            labels = labels.to(features.device)
     if mask is not None:
         if tuple(mask.shape) != (batch, batch):
             raise ValueError(f"mask must be [{batch}, {batch}], got {list(mask.shape)}")
@@ -386,10 +435,11 @@ def supcon_loss(
     # [B, V, D], contiguous: a view of contiguous features, else their one copy (autograd
     # carries the gradient back through it), which the backward pass then reads in place too.
     output, _state = torch.ops.supcon.forward(
-        _as_batch(features), labels, mask, float(options.temperature), float(options.base_temperature),
-        options.contrast_mode, options.summation, options.denominator,
-        _NO_CAP if options.positives_cap is None else options.positives_cap,
-        options.no_positive, options.reduction, backend,
+        _as_batch(features), labels, mask, label_sets, float(options.temperature),
+        float(options.base_temperature), options.contrast_mode, options.summation,
+        options.denominator, _NO_CAP if options.positives_cap is None else options.positives_cap,
+        options.no_positive, options.reduction, options.label_set_weight, options.normalize,
+        backend,
     )
     return output
 
@@ -399,14 +449,30 @@ class SupConLoss(torch.nn.Module):
     drop-in replacement for the original ``SupConLoss`` with the same constructor and
     ``forward(features, labels=None, mask=None)``.
 
-    ``features`` is ``[bsz, n_views, ...]`` (trailing dimensions are flattened); ``labels``
-    ``[bsz]`` integers, or ``mask`` ``[bsz, bsz]`` weights, or neither (SimCLR: only the other
-    views of a sample are positives). The keyword-only options go beyond the original
-    (docs/math.md): ``summation`` (``"outside"``, the paper's L_out, or ``"inside"``),
-    ``denominator`` (``"all"``, ``"only_negatives"``, ``"one_positive"``), ``positives_cap``,
-    ``no_positive`` (``"zero_and_count"`` as the original, ``"exclude"``, ``"error"``),
-    ``reduction`` (``"mean"``, ``"sum"``, ``"none"`` for one loss per anchor) and ``backend``
-    (``"auto"``, ``"cpu"``, ``"reference"``, ``"cuda"``).
+    ``features`` is ``[bsz, n_views, ...]`` (trailing dimensions are flattened). Positives come
+    from one of:
+
+    - ``labels``: class labels, ``[bsz]`` integers (any shape of bsz elements, ``[bsz, 1]``
+      included, as the original takes them);
+    - ``labels`` as label sets, multi-hot ``[bsz, K]`` (values 0 or 1, any integer or bool
+      dtype, any K ≥ 0; docs/math.md, "Label sets"): a 2-D tensor with K ≠ 1, or any 2-D bool
+      tensor. (A ``[bsz, 1]`` tensor of another dtype stays class labels, for compatibility
+      with the original.) The other views of a sample weigh 1; two different samples weigh by
+      how their sets overlap, as ``label_set_weight`` says: ``"any"`` (1 if they share a
+      label), ``"jaccard"`` (|Y_i ∩ Y_j| / |Y_i ∪ Y_j|) or ``"fraction"``
+      (|Y_i ∩ Y_j| / |Y_i|, asymmetric);
+    - ``mask``, ``[bsz, bsz]`` weights;
+    - neither (SimCLR: only the other views of a sample are positives).
+
+    The keyword-only options go beyond the original (docs/math.md): ``summation``
+    (``"outside"``, the paper's L_out, or ``"inside"``), ``denominator`` (``"all"``,
+    ``"only_negatives"``, ``"one_positive"``), ``positives_cap``, ``no_positive``
+    (``"zero_and_count"`` as the original, ``"exclude"``, ``"error"``), ``reduction``
+    (``"mean"``, ``"sum"``, ``"none"`` for one loss per anchor), ``label_set_weight`` (above;
+    used only with label sets), ``normalize`` (``True``: the loss of
+    ``torch.nn.functional.normalize(features, dim=-1)``, fused, with the exact gradient with
+    respect to the raw features) and ``backend`` (``"auto"``, ``"cpu"``, ``"reference"``,
+    ``"cuda"``).
 
     Where the original is finite, the loss and gradient are the same; where it returns NaN
     (un-normalised features, small temperatures), this one stays finite.
@@ -423,12 +489,14 @@ class SupConLoss(torch.nn.Module):
         positives_cap: Optional[int] = None,
         no_positive: str = "zero_and_count",
         reduction: str = "mean",
+        label_set_weight: str = "any",
+        normalize: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__()
         # Checked now, so that a bad option fails at construction, not in the training loop.
         _core.Options(temperature, base_temperature, contrast_mode, summation, denominator,
-                      positives_cap, no_positive, reduction)
+                      positives_cap, no_positive, reduction, label_set_weight, normalize)
         _core.check_backend(backend)
         self.temperature = temperature
         self.contrast_mode = contrast_mode
@@ -438,6 +506,8 @@ class SupConLoss(torch.nn.Module):
         self.positives_cap = positives_cap
         self.no_positive = no_positive
         self.reduction = reduction
+        self.label_set_weight = label_set_weight
+        self.normalize = normalize
         self.backend = backend
 
     def forward(
@@ -451,14 +521,18 @@ class SupConLoss(torch.nn.Module):
             contrast_mode=self.contrast_mode, base_temperature=self.base_temperature,
             summation=self.summation, denominator=self.denominator,
             positives_cap=self.positives_cap, no_positive=self.no_positive,
-            reduction=self.reduction, backend=self.backend,
+            reduction=self.reduction, label_set_weight=self.label_set_weight,
+            normalize=self.normalize, backend=self.backend,
         )
 
-    def backend_for(self, features: torch.Tensor) -> str:
-        """The backend that a call on ``features`` runs: ``"cuda"`` (the kernels), ``"cpu"``
-        or ``"reference"`` (host backends, on a host copy of CUDA features)."""
+    def backend_for(self, features: torch.Tensor, labels: Optional[torch.Tensor] = None) -> str:
+        """The backend that a call on ``features`` (and ``labels``: label sets run on the
+        host) runs: ``"cuda"`` (the kernels), ``"cpu"`` or ``"reference"`` (host backends, on a
+        host copy of CUDA features)."""
         cap = _NO_CAP if self.positives_cap is None else self.positives_cap
-        if _on_kernels(features, self.denominator, cap, self.backend):
+        label_sets = labels if labels is not None and _core.is_label_sets(
+            labels.dim(), labels.shape, labels.dtype == torch.bool) else None
+        if _on_kernels(features, label_sets, self.denominator, cap, self.normalize, self.backend):
             return "cuda"
         return _core.host_backend(self.backend, _DTYPES.get(features.dtype, "float32"))
 
@@ -468,5 +542,6 @@ class SupConLoss(torch.nn.Module):
             f"base_temperature={self.base_temperature}, summation={self.summation!r}, "
             f"denominator={self.denominator!r}, positives_cap={self.positives_cap}, "
             f"no_positive={self.no_positive!r}, reduction={self.reduction!r}, "
+            f"label_set_weight={self.label_set_weight!r}, normalize={self.normalize}, "
             f"backend={self.backend!r}"
         )

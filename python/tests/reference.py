@@ -2,7 +2,9 @@
 
 - :func:`supcon_reference`: the loss of docs/math.md written from the formulas, in float64,
   with a stable masked log-sum-exp over j ≠ i only (the self logit is in no max and no sum),
-  for every option the package has.
+  for every option the package has; ``normalize`` is ``F.normalize`` on its input.
+- :func:`label_set_mask`: the ``[B, B]`` mask that label sets stand for, so that label sets
+  are checked through the mask path.
 - :func:`original_supcon`: the authors' SupContrast ``SupConLoss.forward``
   (github.com/HobbitLong/SupContrast, losses.py, December 2023 version, the one that zeroes
   anchors without positives), verbatim in spirit: its row maximum includes the self logit, so
@@ -16,8 +18,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["rows", "pair_weights", "kept_positives", "supcon_reference", "original_supcon"]
+__all__ = ["rows", "pair_weights", "label_set_mask", "kept_positives", "supcon_reference",
+           "original_supcon"]
 
 
 def rows(features: torch.Tensor) -> torch.Tensor:
@@ -43,6 +47,28 @@ def pair_weights(batch: int, views: int, labels=None, mask=None) -> torch.Tensor
     else:
         w = (sample[:, None] == sample[None, :]).to(torch.float64)
     return w * (1.0 - torch.eye(n, dtype=torch.float64))
+
+
+def label_set_mask(sets, weight: str = "any") -> torch.Tensor:
+    """The float64 ``[B, B]`` mask of multi-hot ``[B, K]`` label sets (docs/math.md, "Label
+    sets"): 1 on the diagonal (the other views of a sample always weigh 1) and, for samples
+    b ≠ c with shared = |Y_b ∩ Y_c|, union = |Y_b ∪ Y_c|: ``"any"`` 1 if shared > 0,
+    ``"jaccard"`` shared / union, ``"fraction"`` shared / |Y_b| (b the anchor), 0 where the
+    divisor is 0. The quotients are rounded to float32, as the package defines them, so that
+    float64 comparisons need no slack for them."""
+    y = torch.as_tensor(sets).to(torch.float64)
+    shared = y @ y.T
+    size = y.sum(dim=1)
+    if weight == "any":
+        w = (shared > 0).to(torch.float64)
+    elif weight in ("jaccard", "fraction"):
+        union = size[:, None] + size[None, :] - shared
+        divisor = union if weight == "jaccard" else size[:, None].expand_as(shared)
+        quotient = shared.to(torch.float32) / divisor.to(torch.float32).clamp_min(1.0)
+        w = torch.where(divisor > 0, quotient.to(torch.float64), torch.zeros(()))
+    else:
+        raise ValueError(f"unknown label set weight {weight!r}")
+    return w.fill_diagonal_(1.0)
 
 
 def kept_positives(w: torch.Tensor, batch: int, cap: Optional[int]) -> torch.Tensor:
@@ -99,13 +125,17 @@ def supcon_reference(
     positives_cap: Optional[int] = None,
     no_positive: str = "zero_and_count",
     reduction: str = "mean",
+    normalize: bool = False,
 ) -> torch.Tensor:
     """The SupCon loss of docs/math.md in float64 (differentiable with respect to
-    ``features``): a 0-dim tensor, or ``[R]`` per-anchor losses for ``reduction="none"``."""
+    ``features``): a 0-dim tensor, or ``[R]`` per-anchor losses for ``reduction="none"``.
+    ``normalize``: the loss of ``F.normalize(features, dim=-1)`` (trailing dimensions
+    flattened first)."""
     if features.dim() < 3:
         raise ValueError("features must be [bsz, n_views, ...]")
     batch, views = features.shape[0], features.shape[1]
-    z = rows(features.to(torch.float64))
+    x = features.to(torch.float64).reshape(batch, views, -1)
+    z = rows(F.normalize(x, dim=-1) if normalize else x)
     n = z.shape[0]
     anchors = n if contrast_mode == "all" else batch
     c = temperature / base_temperature

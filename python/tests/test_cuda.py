@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import helpers as h
+from reference import label_set_mask
 from supcon.torch import SupConLoss, supcon_loss
 
 # The GPU check sets SUPCON_REQUIRE_CUDA=1: then these tests run (and fail) without a device.
@@ -187,6 +188,40 @@ def test_cuda_tensors_on_a_host_backend(gen, options, backend):
     ref_loss, ref_grad = h.reference(z, labels.cpu(), **options)
     h.assert_close(loss, ref_loss, h.F32_TOL, "loss", floor=h.LOSS_FLOOR)
     h.assert_close(grad, ref_grad, h.F32_TOL, "gradient", floor=h.gradient_floor(z, **options))
+
+
+def test_cuda_label_sets_and_normalize_run_on_the_host(gen):
+    """backend "auto" runs label sets and normalize=True (which the kernels lack) on a host
+    copy: backend_for says so, and loss and gradient come back on the device and match the
+    reference."""
+    z = h.features(10, 2, 12, torch.float32, gen=gen, device="cuda")
+    sets = (torch.rand(10, 4, generator=gen) < 0.4).to(torch.int64)
+    assert SupConLoss().backend_for(z, sets.cuda()) == "cpu"
+    assert SupConLoss(normalize=True).backend_for(z) == "cpu"
+    assert SupConLoss().backend_for(z, sets[:, :1].cuda()) == "cuda"  # [bsz, 1]: class labels
+    loss, grad = h.package(z, sets.cuda(), label_set_weight="jaccard")
+    assert loss.device == z.device and grad.device == z.device
+    ref_loss, ref_grad = h.reference(z, None, label_set_mask(sets, "jaccard"))
+    h.assert_close(loss, ref_loss, h.F32_TOL, "loss", floor=h.LOSS_FLOOR)
+    h.assert_close(grad, ref_grad, h.F32_TOL, "gradient", floor=h.gradient_floor(z))
+    labels = h.labels(10, gen=gen)
+    loss, grad = h.package(3.0 * z, labels.cuda(), normalize=True)
+    assert loss.device == z.device and grad.device == z.device
+    ref_loss, ref_grad = h.reference(3.0 * z, labels, normalize=True)
+    h.assert_close(loss, ref_loss, h.F32_TOL, "loss", floor=h.LOSS_FLOOR)
+    h.assert_close(grad, ref_grad, h.F32_TOL, "gradient", floor=h.gradient_floor(z) / 3.0)
+
+
+def test_cuda_backend_refuses_label_sets_and_normalize(gen):
+    """backend="cuda" with label sets or normalize=True: the crate's typed Unsupported error,
+    as a ValueError naming what the kernels lack."""
+    z = h.features(6, 2, 4, torch.float32, gen=gen, device="cuda")
+    sets = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0], [0, 1]], device="cuda")
+    with pytest.raises(ValueError, match="`cuda` does not support label-set positives"):
+        supcon_loss(z, sets, backend="cuda")
+    labels = torch.tensor([0, 1, 0, 1, 2, 2], device="cuda")
+    with pytest.raises(ValueError, match="`cuda` does not support fused normalisation"):
+        supcon_loss(z, labels, normalize=True, backend="cuda")
 
 
 def test_cuda_float64_gradcheck(gen):

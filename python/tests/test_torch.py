@@ -362,15 +362,17 @@ def test_state_from_other_features_is_refused(gen):
     other labels (ValueError) instead of returning a silently wrong gradient."""
     z = h.features(4, 2, 5, torch.float32, gen=gen)
     labels = torch.tensor([0, 1, 0, 1])
-    options = (0.1, 0.1, "all", "outside", "all", 0, "zero_and_count", "mean", "auto")
-    out = torch.ops.supcon.forward(z, labels, None, *options)
+    options = (0.1, 0.1, "all", "outside", "all", 0, "zero_and_count", "mean", "any", False,
+               "auto")
+    out = torch.ops.supcon.forward(z, labels, None, None, *options)
     one = torch.tensor(1.0)
-    grad = torch.ops.supcon.backward(one, z, labels, None, *out[1:], *options)
+    grad = torch.ops.supcon.backward(one, z, labels, None, None, *out[1:], *options)
     assert grad.shape == z.shape and bool(torch.isfinite(grad).all())
     with pytest.raises(ValueError):
-        torch.ops.supcon.backward(one, z + 0.01, labels, None, *out[1:], *options)
+        torch.ops.supcon.backward(one, z + 0.01, labels, None, None, *out[1:], *options)
     with pytest.raises(ValueError):
-        torch.ops.supcon.backward(one, z, torch.tensor([1, 1, 0, 1]), None, *out[1:], *options)
+        torch.ops.supcon.backward(one, z, torch.tensor([1, 1, 0, 1]), None, None, *out[1:],
+                                  *options)
 
 
 def test_custom_op_opcheck(gen):
@@ -378,8 +380,8 @@ def test_custom_op_opcheck(gen):
     registration and AOT dispatch)."""
     z = h.features(4, 2, 5, torch.float32, gen=gen).requires_grad_(True)
     labels = torch.tensor([0, 1, 0, 1])
-    args = (z, labels, None, 0.1, 0.1, "all", "outside", "all", 0, "zero_and_count", "mean",
-            "auto")
+    args = (z, labels, None, None, 0.1, 0.1, "all", "outside", "all", 0, "zero_and_count", "mean",
+            "any", False, "auto")
     torch.library.opcheck(torch.ops.supcon.forward.default, args)
 
 
@@ -397,7 +399,7 @@ def test_cuda_workspace_size_agrees_with_the_crate(batch, views, mode):
     if not hasattr(_supcon, "cuda_workspace"):
         pytest.skip("built without feature cuda")
     options = supcon_torch._options(0.07, 0.07, mode, "outside", "all", supcon_torch._NO_CAP,
-                                    "zero_and_count", "mean")
+                                    "zero_and_count", "mean", "any", False)
     anchors = batch * views if mode == "all" else batch
     size = _supcon.cuda_workspace(options.as_tuple(), (batch, views, 8))[0]
     assert size == supcon_torch._state_bytes(anchors, True)

@@ -58,6 +58,7 @@ use crate::inputs::{
     check_logit_range, largest_logit_of, validate_inputs, BatchShape, Positives, Validated,
     F32_LOGIT_LIMIT,
 };
+use crate::normalize;
 use forward::{AnchorStats, PositiveSums};
 use math::Aligned;
 use relation::{PairWeights, Pairs};
@@ -84,7 +85,10 @@ struct Batch {
     inverse_temperature: f32,
     /// max_r ‖z_r‖²/τ, the largest logit any pair can have.
     largest_logit: f32,
+    /// The rows z_r: the features, or under `normalize` u_r = x_r / max(‖x_r‖, ε).
     rows: Rows,
+    /// ‖x_r‖ per row under `normalize`.
+    norms: Option<Vec<f64>>,
     pairs: Pairs,
     schedule: Schedule,
     isa: Isa,
@@ -110,13 +114,31 @@ impl Batch {
         let pairs = Pairs::new(loss, shape, positives)?;
         let (n, dim) = (shape.rows(), shape.dim());
         let mut data = Aligned::try_zeros(n * dim)?;
+        let row_of = |r: usize| features.slice(s![shape.sample_of(r), shape.view_of(r), ..]);
+        let norms: Option<Vec<f64>> = loss.normalize().then(|| {
+            (0..n)
+                .into_par_iter()
+                .map(|r| normalize::norm(row_of(r).iter().map(|x| x.to_f64())))
+                .collect()
+        });
         let largest_square_norm = data
             .par_chunks_mut(dim)
             .enumerate()
             .map(|(r, row)| {
-                let source = features.slice(s![shape.sample_of(r), shape.view_of(r), ..]);
-                for (z, x) in row.iter_mut().zip(source) {
-                    *z = x.to_f32();
+                let source = row_of(r);
+                match &norms {
+                    // u = x / max(‖x‖, ε), the norm in f64 and the quotient rounded once.
+                    Some(norms) => {
+                        let divisor = normalize::divisor(norms[r]);
+                        for (z, x) in row.iter_mut().zip(source) {
+                            *z = (x.to_f64() / divisor) as f32;
+                        }
+                    }
+                    None => {
+                        for (z, x) in row.iter_mut().zip(source) {
+                            *z = x.to_f32();
+                        }
+                    }
                 }
                 row.iter()
                     .map(|&z| f64::from(z) * f64::from(z))
@@ -137,6 +159,7 @@ impl Batch {
             inverse_temperature: (1.0 / loss.temperature()) as f32,
             largest_logit: largest_logit as f32,
             rows: Rows::new(data, dim, isa)?,
+            norms,
             pairs,
             schedule: Schedule::new(n, anchors),
             isa,
@@ -156,6 +179,7 @@ macro_rules! with_pairs {
         match &$batch.pairs {
             Pairs::Class($pairs) => $body,
             Pairs::Mask($pairs) => $body,
+            Pairs::Sets($pairs) => $body,
         }
     };
 }
@@ -270,6 +294,19 @@ impl Batch {
             }
         };
         let (b, dim) = (self.shape.batch(), self.shape.dim());
+        let mut dz = dz;
+        // Back from u to x, row by row.
+        if let Some(norms) = &self.norms {
+            dz.par_chunks_mut(dim)
+                .zip(norms)
+                .enumerate()
+                .for_each(|(r, (g, &norm))| {
+                    let u: Vec<f64> = (self.rows.block(r..r + 1).iter())
+                        .map(|&u| f64::from(u))
+                        .collect();
+                    normalize::chain_rule(g, &u, norm);
+                });
+        }
         // Output row (sample s, view v) is feature row v·B + s.
         let views = self.shape.views();
         let mut grad = crate::alloc::filled("cpu", dz.len(), G::from_f64(0.0))?;

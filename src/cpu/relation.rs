@@ -22,6 +22,7 @@ use std::ops::Range;
 use crate::config::SupConLoss;
 use crate::error::{Error, Extent, Result};
 use crate::inputs::{BatchShape, Positives, ScaledMask};
+use crate::label_sets::{LabelSetWeight, PackedSets};
 
 /// Fills tile rows of pair weights and biases (see the module docs).
 pub(super) trait PairWeights: Sync {
@@ -65,6 +66,8 @@ pub(super) enum Pairs {
     Class(ClassPairs),
     /// An explicit `[B, B]` weight mask.
     Mask(MaskPairs),
+    /// Label sets.
+    Sets(SetPairs),
 }
 
 /// Per-row facts every layout needs.
@@ -106,6 +109,21 @@ pub(super) struct MaskPairs {
     mask: ScaledMask,
     /// Whether the scaled mask equals its transpose.
     symmetric_mask: bool,
+}
+
+/// Label-set batches: per row its sample's set and the set's size, in row order, so that a
+/// tile row of weights is one branch-free loop over contiguous words (AND, popcount, one
+/// division), like a class compare.
+pub(super) struct SetPairs {
+    rows: RowFacts,
+    /// ⌈K/64⌉ (at least 1: K = 0 keeps one empty word).
+    words: usize,
+    /// Row r's set at `r·words..(r+1)·words`.
+    row_sets: Vec<u64>,
+    /// |Y| of row r's sample, as f32 (exact up to 2²⁴ labels) and as an integer.
+    sizes: Vec<u32>,
+    weight: LabelSetWeight,
+    symmetric: bool,
 }
 
 impl Pairs {
@@ -159,6 +177,35 @@ impl Pairs {
                     symmetric_mask,
                 }))
             }
+            Positives::LabelSets { sets, weight } => {
+                let packed = PackedSets::new("cpu", &sets, weight)?;
+                let batch = shape.batch();
+                let bounds = per_sample_bounds(loss, shape, |s| {
+                    let others: Vec<usize> = (0..batch)
+                        .filter(|&b| b != s && packed.weight(s, b) > 0.0)
+                        .collect();
+                    (shape.views() - 1, others.len(), move |k: usize| others[k])
+                });
+                let words = packed.words().max(1);
+                let mut row_sets = crate::alloc::filled("cpu", n * words, 0u64)?;
+                for (r, set) in row_sets.chunks_exact_mut(words).enumerate() {
+                    let b = shape.sample_of(r);
+                    let source = &packed.bits()[b * packed.words()..(b + 1) * packed.words()];
+                    set[..source.len()].copy_from_slice(source);
+                }
+                let sizes = row_sets
+                    .chunks_exact(words)
+                    .map(|set| set.iter().map(|w| w.count_ones()).sum())
+                    .collect();
+                Ok(Pairs::Sets(SetPairs {
+                    rows: RowFacts::new(sample, &bounds, shape),
+                    words,
+                    row_sets,
+                    sizes,
+                    weight,
+                    symmetric: packed.is_symmetric(),
+                }))
+            }
         }
     }
 }
@@ -170,6 +217,7 @@ impl Pairs {
         match self {
             Pairs::Class(_) => 1.0,
             Pairs::Mask(pairs) => f64::from(pairs.mask.scale[pairs.rows.sample[anchor] as usize]),
+            Pairs::Sets(_) => 1.0,
         }
     }
 }
@@ -396,6 +444,143 @@ impl PairWeights for MaskPairs {
     }
 }
 
+impl SetPairs {
+    /// The entries of anchor `fixed` against the contrasts `others`, or with `CONTRAST_ROW` of
+    /// contrast `fixed` against the anchors `others`, under weight mode `MODE` (0, 1, 2: any,
+    /// Jaccard, fraction; a constant so that the mode's match leaves the loop).
+    #[inline(always)]
+    fn fill<const MODE: u8, const CONTRAST_ROW: bool>(
+        &self,
+        fixed: usize,
+        others: Range<usize>,
+        weight: &mut [f32],
+        bias: &mut [f32],
+    ) {
+        let mode = [
+            LabelSetWeight::Any,
+            LabelSetWeight::Jaccard,
+            LabelSetWeight::Fraction,
+        ][MODE as usize];
+        let words = self.words;
+        let (sample, size) = (self.rows.sample[fixed], self.sizes[fixed]);
+        let fixed_bound = self.rows.cap_bound[fixed];
+        let fixed_set = &self.row_sets[fixed * words..(fixed + 1) * words];
+        let (start, fixed) = (others.start as u32, fixed as u32);
+        let samples = &self.rows.sample[others.clone()];
+        let sizes = &self.sizes[others.clone()];
+        let bounds = &self.rows.cap_bound[others.clone()];
+        let sets = &self.row_sets[others.start * words..others.end * words];
+        // Row indices as u32, as for `ClassPairs`.
+        let entries = weight
+            .iter_mut()
+            .zip(bias.iter_mut())
+            .zip(samples.iter().zip(sizes))
+            .zip(bounds.iter().zip(start..));
+        type Entry<'e> = ((&'e mut f32, &'e mut f32), (&'e u32, &'e u32));
+        let write =
+            |((w, b), (&s, &other_size)): Entry<'_>, (&bound, other): (&u32, u32), shared: u32| {
+                // The weight is the anchor's view: its size is |Y_i|, its bound the cap's.
+                let (anchor, contrast, anchor_size, bound) = if CONTRAST_ROW {
+                    (other, fixed, other_size, bound)
+                } else {
+                    (fixed, other, size, fixed_bound)
+                };
+                let union = size + other_size - shared;
+                let raw = mode.weight(shared as f32, union as f32, anchor_size as f32);
+                let same_sample = s == sample;
+                (*w, *b) = entry(
+                    if same_sample { 1.0 } else { raw },
+                    same_sample,
+                    contrast < bound,
+                    anchor == contrast,
+                );
+            };
+        // Contiguous words, one AND and one popcount each: a loop of constant length for
+        // K ≤ 256, which unrolls.
+        match words {
+            1 => shared_counts::<1, _, _>(MODE == 0, fixed_set, sets, entries, write),
+            2 => shared_counts::<2, _, _>(MODE == 0, fixed_set, sets, entries, write),
+            3 => shared_counts::<3, _, _>(MODE == 0, fixed_set, sets, entries, write),
+            4 => shared_counts::<4, _, _>(MODE == 0, fixed_set, sets, entries, write),
+            _ => {
+                for ((entry, row), other_set) in entries.zip(sets.chunks_exact(words)) {
+                    let shared = (fixed_set.iter().zip(other_set))
+                        .map(|(x, y)| (x & y).count_ones())
+                        .sum();
+                    write(entry, row, shared);
+                }
+            }
+        }
+    }
+
+    /// [`Self::fill`] with the mode's constant.
+    #[inline(always)]
+    fn fill_in_mode<const CONTRAST_ROW: bool>(
+        &self,
+        fixed: usize,
+        others: Range<usize>,
+        weight: &mut [f32],
+        bias: &mut [f32],
+    ) {
+        match self.weight {
+            LabelSetWeight::Any => self.fill::<0, CONTRAST_ROW>(fixed, others, weight, bias),
+            LabelSetWeight::Jaccard => self.fill::<1, CONTRAST_ROW>(fixed, others, weight, bias),
+            LabelSetWeight::Fraction => self.fill::<2, CONTRAST_ROW>(fixed, others, weight, bias),
+        }
+    }
+}
+
+/// Calls `write(entry, row, |fixed ∩ other|)` for each entry and its set of `WORDS` words;
+/// with `any`, whether they meet (1 or 0) in place of the count, all that `Any` weighs (a
+/// constant where the caller's mode is).
+#[inline(always)]
+fn shared_counts<const WORDS: usize, E, R>(
+    any: bool,
+    fixed_set: &[u64],
+    sets: &[u64],
+    entries: impl Iterator<Item = (E, R)>,
+    write: impl Fn(E, R, u32),
+) {
+    let fixed: [u64; WORDS] = fixed_set.try_into().expect("one set");
+    for ((entry, row), other) in entries.zip(sets.chunks_exact(WORDS)) {
+        let shared = if any {
+            // `Any` asks whether the sets meet, not how much.
+            u32::from((0..WORDS).any(|k| fixed[k] & other[k] != 0))
+        } else {
+            (0..WORDS).map(|k| (fixed[k] & other[k]).count_ones()).sum()
+        };
+        write(entry, row, shared);
+    }
+}
+
+impl PairWeights for SetPairs {
+    fn is_symmetric(&self) -> bool {
+        self.symmetric && !self.rows.capped
+    }
+
+    #[inline(always)]
+    fn fill_anchor_row(
+        &self,
+        anchor: usize,
+        contrasts: Range<usize>,
+        weight: &mut [f32],
+        bias: &mut [f32],
+    ) {
+        self.fill_in_mode::<false>(anchor, contrasts, weight, bias);
+    }
+
+    #[inline(always)]
+    fn fill_contrast_row(
+        &self,
+        contrast: usize,
+        anchors: Range<usize>,
+        weight: &mut [f32],
+        bias: &mut [f32],
+    ) {
+        self.fill_in_mode::<true>(contrast, anchors, weight, bias);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use ndarray::Array2;
@@ -423,18 +608,21 @@ mod tests {
             match &pairs {
                 Pairs::Class(p) => p.fill_anchor_row(anchor, 0..n, &mut weight, &mut bias),
                 Pairs::Mask(p) => p.fill_anchor_row(anchor, 0..n, &mut weight, &mut bias),
+                Pairs::Sets(p) => p.fill_anchor_row(anchor, 0..n, &mut weight, &mut bias),
             }
             let got: Vec<(f32, f32)> = weight.iter().copied().zip(bias.iter().copied()).collect();
             assert_eq!(got, want, "anchor {anchor}, {loss:?}");
             let symmetric = match &pairs {
                 Pairs::Class(p) => p.is_symmetric(),
                 Pairs::Mask(p) => p.is_symmetric(),
+                Pairs::Sets(p) => p.is_symmetric(),
             };
             if symmetric {
                 let (mut w, mut b) = (vec![0.0; n], vec![0.0; n]);
                 match &pairs {
                     Pairs::Class(p) => p.fill_contrast_row(anchor, 0..n, &mut w, &mut b),
                     Pairs::Mask(p) => p.fill_contrast_row(anchor, 0..n, &mut w, &mut b),
+                    Pairs::Sets(p) => p.fill_contrast_row(anchor, 0..n, &mut w, &mut b),
                 }
                 assert_eq!((w, b), (weight.clone(), bias.clone()), "symmetric {loss:?}");
             }
@@ -443,6 +631,7 @@ mod tests {
                 match &pairs {
                     Pairs::Class(p) => p.fill_contrast_row(j, anchor..anchor + 1, &mut w, &mut b),
                     Pairs::Mask(p) => p.fill_contrast_row(j, anchor..anchor + 1, &mut w, &mut b),
+                    Pairs::Sets(p) => p.fill_contrast_row(j, anchor..anchor + 1, &mut w, &mut b),
                 }
                 assert_eq!((w[0], b[0]), expected, "anchor {anchor}, contrast {j}");
             }
@@ -458,6 +647,14 @@ mod tests {
         });
         let symmetric = &mask + &mask.t();
         let masks = [mask.view(), mask.t(), symmetric.view()];
+        // Label sets over K = 3 (one word) and K = 70 (two words); sample 4 has none.
+        let sets: Vec<Array2<bool>> = [3, 70]
+            .map(|k| {
+                Array2::from_shape_fn((batch, k), |(b, l)| {
+                    b != 4 && (b * 5 + l * 3 + b * l) % 4 == 0
+                })
+            })
+            .into();
         for views in [1, 2, 3] {
             let shape = BatchShape::new(batch, views, 4).unwrap();
             for cap in [None, Some(1), Some(2), Some(3), Some(5), Some(40)] {
@@ -471,6 +668,20 @@ mod tests {
                     assert_matches_relation(&loss, shape, Positives::labels(&labels));
                     for mask in masks {
                         assert_matches_relation(&loss, shape, Positives::Mask(mask));
+                    }
+                    for (sets, weight) in sets.iter().flat_map(|sets| {
+                        [
+                            LabelSetWeight::Any,
+                            LabelSetWeight::Jaccard,
+                            LabelSetWeight::Fraction,
+                        ]
+                        .map(|weight| (sets.view(), weight))
+                    }) {
+                        assert_matches_relation(
+                            &loss,
+                            shape,
+                            Positives::LabelSets { sets, weight },
+                        );
                     }
                 }
             }

@@ -70,6 +70,7 @@ impl<B> UploadedInputs<B> {
                     mask.weights.as_slice().expect("standard layout"),
                 )?)
             }
+            Positives::LabelSets { .. } => unreachable!("Prepared::new refuses label sets"),
         };
         Ok(UploadedInputs {
             features,
@@ -90,6 +91,7 @@ impl<B> UploadedInputs<B> {
                 Positives::SimClr => PositiveAddresses::SameSample,
                 Positives::Labels(_) => PositiveAddresses::Labels(address()),
                 Positives::Mask(_) => PositiveAddresses::Mask(address()),
+                Positives::LabelSets { .. } => unreachable!("Prepared::new refuses label sets"),
             },
         }
     }
@@ -115,6 +117,12 @@ impl Prepared {
     ) -> Result<Self> {
         let validated = validate_inputs(features, positives)?;
         let problem = Problem::new(backend, loss, validated.shape, T::DTYPE, precision)?;
+        if let Positives::LabelSets { .. } = positives {
+            return Err(crate::Error::Unsupported {
+                backend,
+                capability: crate::Capability::LabelSets,
+            });
+        }
         let largest = largest_logit(features, loss.temperature());
         check_logit_range(backend, largest, F32_LOGIT_LIMIT)?;
         let shape = validated.shape;

@@ -46,7 +46,7 @@ impl Problem {
     ///
     /// # Errors
     /// [`Error::TooLarge`] (N or D beyond the kernels' indexing), [`Error::Unsupported`] (f64
-    /// features, `OnePositive`, `positives_cap`).
+    /// features, `OnePositive`, `positives_cap`, `normalize`).
     pub(crate) fn new(
         backend: &'static str,
         loss: &SupConLoss,
@@ -65,6 +65,9 @@ impl Problem {
         }
         if loss.positives_cap().is_some() {
             return Err(unsupported(Capability::PositivesCap));
+        }
+        if loss.normalize() {
+            return Err(unsupported(Capability::Normalize));
         }
         let too_large = |extent, requested: usize, limit: usize| Error::TooLarge {
             extent,

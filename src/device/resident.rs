@@ -208,6 +208,7 @@ mod tests {
                 mask = upload(executor, bytemuck::cast_slice(values.as_slice().unwrap()));
                 PositiveAddresses::Mask(executor.address(&mask))
             }
+            Positives::LabelSets { .. } => unreachable!("the device API takes no label sets"),
         };
         let inputs = InputAddresses {
             features: executor.address(&features),

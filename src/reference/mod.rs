@@ -14,8 +14,9 @@ use crate::backend::{
 use crate::config::{Denominator, Summation, SupConLoss};
 use crate::element::{Element, GradElement};
 use crate::error::Result;
-use crate::inputs::{check_logit_range, largest_logit, validate_inputs, BatchShape, Positives};
+use crate::inputs::{check_logit_range, largest_logit_of, validate_inputs, BatchShape, Positives};
 use crate::math::{sigmoid, softplus};
+use crate::normalize;
 use relation::{Pair, Relation};
 
 /// The f64 reference backend (see the module docs).
@@ -26,10 +27,13 @@ pub struct ReferenceBackend;
 /// below f64::MAX (1.8e308).
 const LOGIT_LIMIT: f64 = 1e300;
 
-/// The flattened rows z_r (row `v·B + b` = view v of sample b) in f64.
+/// The flattened rows z_r (row `v·B + b` = view v of sample b) in f64: the features, or under
+/// `normalize` the rows u_r = x_r / max(‖x_r‖, ε).
 struct Rows {
     dim: usize,
     data: Vec<f64>,
+    /// ‖x_r‖ per row under `normalize`.
+    norms: Option<Vec<f64>>,
 }
 
 impl Rows {
@@ -41,23 +45,34 @@ impl Rows {
     fn new<T: Element>(
         features: &ArrayView3<'_, T>,
         shape: BatchShape,
-        temperature: f64,
+        loss: &SupConLoss,
     ) -> Result<Self> {
         let dim = shape.dim();
         let mut data = crate::alloc::filled("reference", shape.elements(), 0.0)?;
+        let mut norms = loss.normalize().then(Vec::new);
         for (row, values) in data.chunks_exact_mut(dim).enumerate() {
             let (b, v) = (shape.sample_of(row), shape.view_of(row));
             let source = features.slice(ndarray::s![b, v, ..]);
             for (value, x) in values.iter_mut().zip(source) {
                 *value = x.to_f64();
             }
+            if let Some(norms) = &mut norms {
+                let norm = normalize::norm(values.iter().copied());
+                let divisor = normalize::divisor(norm);
+                values.iter_mut().for_each(|x| *x /= divisor);
+                norms.push(norm);
+            }
         }
+        let largest_square_norm = data
+            .chunks_exact(dim)
+            .map(|row| row.iter().map(|x| x * x).sum::<f64>())
+            .fold(0.0, f64::max);
         check_logit_range(
             "reference",
-            largest_logit(features, temperature),
+            largest_logit_of(largest_square_norm, loss.temperature()),
             LOGIT_LIMIT,
         )?;
-        Ok(Rows { dim, data })
+        Ok(Rows { dim, data, norms })
     }
 
     fn row(&self, r: usize) -> &[f64] {
@@ -232,7 +247,7 @@ impl Backend for ReferenceBackend {
     ) -> Result<ForwardOutput> {
         let batch = validate_inputs(&features, &positives)?;
         let shape = batch.shape;
-        let rows = Rows::new(&features, shape, loss.temperature())?;
+        let rows = Rows::new(&features, shape, loss)?;
         let relation = Relation::new(loss, shape, positives);
         let anchors = shape.anchors(loss.contrast_mode());
         let c = loss.loss_scale();
@@ -276,7 +291,7 @@ impl Backend for ReferenceBackend {
         state.check(loss, &batch)?;
         let shape = batch.shape;
         let coefficients = state.anchor_coefficients(upstream)?;
-        let rows = Rows::new(&features, shape, loss.temperature())?;
+        let rows = Rows::new(&features, shape, loss)?;
         let relation = Relation::new(loss, shape, positives);
         let (n, d, tau) = (shape.rows(), shape.dim(), loss.temperature());
         let mut dz = crate::alloc::filled("reference", n * d, 0.0)?;
@@ -295,6 +310,12 @@ impl Backend for ReferenceBackend {
                     dz[i * d + k] += g * rows.row(j)[k];
                     dz[j * d + k] += g * rows.row(i)[k];
                 }
+            }
+        }
+        // Back from u to x, row by row.
+        if let Some(norms) = &rows.norms {
+            for (r, norm) in norms.iter().enumerate() {
+                normalize::chain_rule(&mut dz[r * d..(r + 1) * d], rows.row(r), *norm);
             }
         }
         // Output row (sample b, view v) is feature row v·B + b.

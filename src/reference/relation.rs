@@ -23,14 +23,53 @@ pub(crate) struct Relation<'a> {
     shape: BatchShape,
     /// Per anchor: a positive of *another* sample at row j is kept iff `j < cap_bound[i]`.
     cap_bound: Option<Vec<usize>>,
+    /// Label sets as 0/1 bytes, one row per sample.
+    sets: Option<SetRows>,
+}
+
+/// Label sets, counted label by label: row b holds `sets[b, k]` as 0 or 1.
+struct SetRows {
+    labels: usize,
+    members: Vec<u8>,
+    /// |Y_b|.
+    sizes: Vec<u64>,
+}
+
+impl SetRows {
+    fn new(sets: &ndarray::ArrayView2<'_, bool>) -> Self {
+        let labels = sets.ncols();
+        let members: Vec<u8> = sets.iter().map(|&m| u8::from(m)).collect();
+        let sizes = (0..sets.nrows())
+            .map(|b| {
+                members[b * labels..(b + 1) * labels]
+                    .iter()
+                    .map(|&m| u64::from(m))
+                    .sum()
+            })
+            .collect();
+        SetRows {
+            labels,
+            members,
+            sizes,
+        }
+    }
+
+    fn row(&self, b: usize) -> &[u8] {
+        &self.members[b * self.labels..(b + 1) * self.labels]
+    }
 }
 
 impl<'a> Relation<'a> {
     pub(crate) fn new(loss: &SupConLoss, shape: BatchShape, positives: Positives<'a>) -> Self {
+        let sets = match &positives {
+            Positives::LabelSets { sets, .. } => Some(SetRows::new(sets)),
+            _ => None,
+        };
         let mut relation = Relation {
             positives,
             shape,
             cap_bound: None,
+            sets,
         };
         if let Some(cap) = loss.positives_cap() {
             let anchors = shape.anchors(loss.contrast_mode());
@@ -49,6 +88,20 @@ impl<'a> Relation<'a> {
             Positives::SimClr => f64::from(u8::from(si == sj)),
             Positives::Labels(labels) => f64::from(u8::from(labels[si] == labels[sj])),
             Positives::Mask(mask) => f64::from(mask[[si, sj]]),
+            // The other views of the anchor's own sample always weigh 1.
+            Positives::LabelSets { .. } if si == sj => 1.0,
+            Positives::LabelSets { weight, .. } => {
+                let sets = self.sets.as_ref().expect("label sets are copied in `new`");
+                let shared: u64 = sets
+                    .row(si)
+                    .iter()
+                    .zip(sets.row(sj))
+                    .map(|(&a, &c)| u64::from(a & c))
+                    .sum();
+                let (anchor, contrast) = (sets.sizes[si], sets.sizes[sj]);
+                let union = anchor + contrast - shared;
+                f64::from(weight.weight(shared as f32, union as f32, anchor as f32))
+            }
         }
     }
 

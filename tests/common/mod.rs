@@ -72,6 +72,53 @@ pub fn soft_mask(rng: &mut StdRng, batch: usize) -> Array2<f32> {
     })
 }
 
+/// A multi-hot `[B, K]` matrix of label sets: each sample takes each of a small pool of labels
+/// (spread over 0..K, the last one and those either side of a 64-bit word boundary included)
+/// with probability ½, so that many pairs share a label, many do not, and some sets are empty.
+pub fn label_sets(rng: &mut StdRng, batch: usize, labels: usize) -> Array2<bool> {
+    let mut pool: Vec<usize> = (0..6).map(|_| rng.random_range(0..labels.max(1))).collect();
+    pool.extend(
+        [labels.saturating_sub(1), 63, 64]
+            .into_iter()
+            .filter(|&k| k < labels),
+    );
+    pool.sort_unstable();
+    pool.dedup();
+    let mut sets = Array2::from_elem((batch, labels), false);
+    for b in 0..batch {
+        for &k in pool.iter().filter(|&&k| k < labels) {
+            sets[[b, k]] = rng.random::<f64>() < 0.5;
+        }
+    }
+    sets
+}
+
+/// The `[B, B]` mask of label-set weights that `Positives::LabelSets` defines (docs/math.md,
+/// "Label sets"): 1 on the diagonal (the other views of a sample), else the weight of the two
+/// sets, computed naively here as an independent check.
+pub fn label_set_mask(sets: &Array2<bool>, weight: supcon::LabelSetWeight) -> Array2<f32> {
+    let b = sets.nrows();
+    Array2::from_shape_fn((b, b), |(i, j)| {
+        if i == j {
+            return 1.0;
+        }
+        let count = |f: fn(bool, bool) -> bool| {
+            sets.row(i)
+                .iter()
+                .zip(sets.row(j))
+                .filter(|&(&x, &y)| f(x, y))
+                .count()
+        };
+        let (shared, union, size) = (count(|x, y| x && y), count(|x, y| x || y), count(|x, _| x));
+        match weight {
+            supcon::LabelSetWeight::Any => f32::from(u8::from(shared > 0)),
+            supcon::LabelSetWeight::Jaccard if union > 0 => shared as f32 / union as f32,
+            supcon::LabelSetWeight::Fraction if size > 0 => shared as f32 / size as f32,
+            _ => 0.0,
+        }
+    })
+}
+
 /// The 0/1 mask equal to the label relation.
 pub fn label_mask(labels: &Array1<i64>) -> Array2<f32> {
     let b = labels.len();

@@ -21,6 +21,9 @@
 //! | R' | exact |
 //! | ∂L/∂z | (c·max|u|/R')·(max‖z‖/τ)·(2 + 2R/N)·(δs + ρ) |
 //!
+//! Under `normalize` the loss sees u_r = x_r / max(‖x_r‖, 1e-12): s_max and max‖z‖ use
+//! ‖u_r‖ ≤ 1, and the gradient's unit gains the chain rule's 1 / min_r max(‖x_r‖, 1e-12).
+//!
 //! The gradient's unit is the size of one row's gradient: weights H that carry relative errors
 //! δs, on terms of total size (c·|u|/R')·‖z‖/τ from both sides of the pair. ρ is the rounding of
 //! the product's operands: 0, except on tensor cores (H in bf16: 2⁻⁹; f16 features: 2·2⁻⁹; f32
@@ -108,11 +111,21 @@ impl Tolerance {
     ) -> Self {
         let (b, v, d) = z.dim();
         let n = (b * v) as f64;
-        let max_norm = z
+        let norms: Vec<f64> = z
             .rows()
             .into_iter()
             .map(|row| row.iter().map(|x| x.to_f64().powi(2)).sum::<f64>().sqrt())
-            .fold(0.0f64, f64::max);
+            .collect();
+        // Under normalisation the loss sees rows of norm ≤ 1, and the chain rule back to x
+        // divides row r's gradient by max(‖x_r‖, 1e-12).
+        let (max_norm, chain_rule) = if loss.normalize() {
+            let smallest = norms
+                .iter()
+                .fold(f64::INFINITY, |m, &x| m.min(x.max(1e-12)));
+            (1.0, smallest.recip())
+        } else {
+            (norms.iter().fold(0.0f64, |m, &x| m.max(x)), 1.0)
+        };
         let tau = loss.temperature();
         let s_max = max_norm * max_norm / tau;
         let eps = precision.epsilon();
@@ -129,7 +142,8 @@ impl Tolerance {
             Upstream::Scalar(u) => u.abs(),
             Upstream::PerAnchor(u) => u.iter().fold(0.0f64, |m, x| m.max(x.abs())),
         };
-        let gradient_unit = c * max_upstream / r_prime * max_norm / tau * (2.0 + 2.0 * anchors / n);
+        let gradient_unit =
+            c * max_upstream / r_prime * max_norm / tau * (2.0 + 2.0 * anchors / n) * chain_rule;
         let reduced_scale = if loss.reduction() == Reduction::Sum {
             anchors
         } else {

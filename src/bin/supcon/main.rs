@@ -2,13 +2,15 @@
 //! and for a quick run on a random batch.
 //!
 //! ```text
-//! supcon run --features f.npy [--labels l.npy | --mask m.npy] [OPTIONS] --out DIR
+//! supcon run --features f.npy [--labels l.npy | --mask m.npy | --label-sets s.npy]
+//!     [OPTIONS] --out DIR
 //! supcon demo [--batch 4096 --views 2 --dim 128 --classes 64 --dtype f32] [OPTIONS]
 //! ```
 
 mod npy;
 mod output;
 
+use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -20,7 +22,7 @@ use npy::{Kind, Npy};
 use output::{Output, OutputDir};
 use supcon::{
     AnyBackend, Backend, BatchShape, ContrastMode, Denominator, Element, GradElement,
-    NoPositivePolicy, Positives, Reduction, Summation, SupConLoss, Upstream,
+    LabelSetWeight, NoPositivePolicy, Positives, Reduction, Summation, SupConLoss, Upstream,
 };
 
 #[derive(Parser)]
@@ -48,13 +50,22 @@ struct RunArgs {
     #[arg(long)]
     features: PathBuf,
     /// `[B]` integer labels (.npy: any int or uint type; uint64 values up to 2⁶³ − 1). Without
-    /// labels or a mask: SimCLR (only the other views of a sample are positives).
+    /// labels, a mask or label sets: SimCLR (only the other views of a sample are positives).
     #[arg(long, conflicts_with = "mask")]
     labels: Option<PathBuf>,
     /// `[B, B]` float positive weights (.npy: float16, float32, or float64 within the float32
     /// range).
     #[arg(long)]
     mask: Option<PathBuf>,
+    /// `[B, K]` multi-hot label sets, any K ≥ 0 (.npy: bool, or 0/1 of any int or uint type):
+    /// sample b has label k where [b, k] is 1. Other samples weigh by how their sets overlap
+    /// (--label-set-weight); the other views of a sample always weigh 1.
+    #[arg(long, conflicts_with_all = ["labels", "mask"])]
+    label_sets: Option<PathBuf>,
+    /// How two label sets weigh a pair: any (1 if they share a label), jaccard (|∩|/|∪|) or
+    /// fraction (|∩| / the anchor's set size).
+    #[arg(long, value_enum, default_value_t = WeightArg::Any, requires = "label_sets")]
+    label_set_weight: WeightArg,
     /// Output folder (created if missing; checked before the computation). Writes
     /// loss.npy (not under --reduction none, which removes an old one), per_anchor.npy and
     /// grad.npy, each replacing an old one only once all are complete.
@@ -116,6 +127,10 @@ struct LossArgs {
     no_positive: PolicyArg,
     #[arg(long, value_enum, default_value_t = ReductionArg::Mean)]
     reduction: ReductionArg,
+    /// Normalise each feature row inside the loss, u = x / max(‖x‖, 1e-12) as
+    /// torch.nn.functional.normalize(x, dim=-1); the gradient is with respect to x.
+    #[arg(long)]
+    normalize: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -151,6 +166,12 @@ enum ReductionArg {
     Mean,
     Sum,
     None,
+}
+#[derive(Clone, Copy, ValueEnum)]
+enum WeightArg {
+    Any,
+    Jaccard,
+    Fraction,
 }
 
 type CliResult<T> = Result<T, String>;
@@ -191,7 +212,8 @@ impl LossArgs {
                 ReductionArg::Mean => Reduction::Mean,
                 ReductionArg::Sum => Reduction::Sum,
                 ReductionArg::None => Reduction::None,
-            });
+            })
+            .normalize(self.normalize);
         if let Some(cap) = self.positives_cap {
             builder = builder.positives_cap(cap);
         }
@@ -281,6 +303,57 @@ fn read_labels(path: &Path) -> CliResult<Array1<i64>> {
 
 fn widen<T: Into<i64>>(values: Vec<T>) -> Vec<i64> {
     values.into_iter().map(Into::into).collect()
+}
+
+/// The `[B, K]` label sets: numpy bools or 0/1 integers of any type; any other value is
+/// refused with its index, as a value such as 2 is more likely a class label than a
+/// membership.
+fn read_label_sets(path: &Path) -> CliResult<Array2<bool>> {
+    let npy = Npy::open(path)?;
+    let [rows, labels] = npy.dims::<2>("label sets")?;
+    let dtype = npy.dtype;
+    let bytes = |bools: Vec<npy::Bool>| bools.into_iter().map(|b| b.0);
+    let sets = match (dtype.kind, dtype.size) {
+        (Kind::Bool, 1) => memberships(path, labels, bytes(npy.read::<npy::Bool>()?))?,
+        (Kind::Signed, 8) => memberships(path, labels, npy.read::<i64>()?)?,
+        (Kind::Signed, 4) => memberships(path, labels, npy.read::<i32>()?)?,
+        (Kind::Signed, 2) => memberships(path, labels, npy.read::<i16>()?)?,
+        (Kind::Signed, 1) => memberships(path, labels, npy.read::<i8>()?)?,
+        (Kind::Unsigned, 8) => memberships(path, labels, npy.read::<u64>()?)?,
+        (Kind::Unsigned, 4) => memberships(path, labels, npy.read::<u32>()?)?,
+        (Kind::Unsigned, 2) => memberships(path, labels, npy.read::<u16>()?)?,
+        (Kind::Unsigned, 1) => memberships(path, labels, npy.read::<u8>()?)?,
+        _ => {
+            return Err(format!(
+                "{}: label sets must be bool or 0/1 integers, got {}",
+                path.display(),
+                dtype.name()
+            ))
+        }
+    };
+    Ok(Array2::from_shape_vec((rows, labels), sets).expect("the length is the shape's"))
+}
+
+/// 0/1 values of a `[B, K]` array (row-major, K = `labels`) as memberships.
+fn memberships<T: Copy + Into<i128> + Display>(
+    path: &Path,
+    labels: usize,
+    values: impl IntoIterator<Item = T>,
+) -> CliResult<Vec<bool>> {
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(index, value)| match value.into() {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(format!(
+                "{}: label_sets[{}, {}] = {value} is not 0 or 1",
+                path.display(),
+                index / labels,
+                index % labels
+            )),
+        })
+        .collect()
 }
 
 /// The `[B, B]` mask as f32; an f64 weight beyond the f32 range is refused as it was given.
@@ -375,9 +448,22 @@ fn run(args: &RunArgs) -> CliResult<()> {
     let (loss, backend) = args.loss.build()?;
     let labels = args.labels.as_deref().map(read_labels).transpose()?;
     let mask = args.mask.as_deref().map(read_mask).transpose()?;
-    let positives = match (&labels, &mask) {
-        (Some(labels), _) => Positives::Labels(labels.view()),
-        (_, Some(mask)) => Positives::Mask(mask.view()),
+    let label_sets = args
+        .label_sets
+        .as_deref()
+        .map(read_label_sets)
+        .transpose()?;
+    let positives = match (&labels, &mask, &label_sets) {
+        (Some(labels), _, _) => Positives::Labels(labels.view()),
+        (_, Some(mask), _) => Positives::Mask(mask.view()),
+        (_, _, Some(sets)) => Positives::LabelSets {
+            sets: sets.view(),
+            weight: match args.label_set_weight {
+                WeightArg::Any => LabelSetWeight::Any,
+                WeightArg::Jaccard => LabelSetWeight::Jaccard,
+                WeightArg::Fraction => LabelSetWeight::Fraction,
+            },
+        },
         _ => Positives::SimClr,
     };
     let features = Npy::open(&args.features)?;

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use bytemuck::Pod;
+use bytemuck::{Pod, Zeroable};
 
 /// numpy's default `max_header_size`: longer headers need `allow_pickle`-level trust there too.
 pub const MAX_HEADER_BYTES: usize = 10_000;
@@ -28,6 +28,7 @@ pub enum Kind {
     Float,
     Signed,
     Unsigned,
+    Bool,
 }
 
 /// An element type: kind, size in bytes and byte order.
@@ -45,11 +46,12 @@ impl DType {
             Kind::Float => "float",
             Kind::Signed => "int",
             Kind::Unsigned => "uint",
+            Kind::Bool => return "bool".to_string(),
         };
         format!("{kind}{}", self.size * 8)
     }
 
-    /// A `descr` string: byte order (`<`, `>`, `|`, `=`), kind (`f`, `i`, `u`) and size.
+    /// A `descr` string: byte order (`<`, `>`, `|`, `=`), kind (`f`, `i`, `u`, `b`) and size.
     fn parse(descr: &str) -> Option<Self> {
         let mut chars = descr.chars();
         let big_endian = match chars.next()? {
@@ -62,12 +64,14 @@ impl DType {
             'f' => Kind::Float,
             'i' => Kind::Signed,
             'u' => Kind::Unsigned,
+            'b' => Kind::Bool,
             _ => return None,
         };
         let size: usize = chars.as_str().parse().ok()?;
         let valid = match kind {
             Kind::Float => matches!(size, 2 | 4 | 8),
             Kind::Signed | Kind::Unsigned => matches!(size, 1 | 2 | 4 | 8),
+            Kind::Bool => size == 1,
         };
         valid.then_some(DType {
             kind,
@@ -94,10 +98,17 @@ macro_rules! element {
     )*};
 }
 
+/// A numpy bool (`|b1`) as its byte: numpy writes 0 or 1, but a file may hold any byte, so the
+/// byte is kept for the reader to check rather than taken as a Rust `bool`.
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+#[repr(transparent)]
+pub struct Bool(pub u8);
+
 element!(
     f32 => Float, f64 => Float, half::f16 => Float,
     i8 => Signed, i16 => Signed, i32 => Signed, i64 => Signed,
     u8 => Unsigned, u16 => Unsigned, u32 => Unsigned, u64 => Unsigned,
+    Bool => Bool,
 );
 
 /// An opened `.npy` file: its header parsed and checked against the file's length.
@@ -419,6 +430,7 @@ pub fn write<T: Element>(path: &Path, shape: &[usize], values: &[T]) -> Result<(
         Kind::Float => 'f',
         Kind::Signed => 'i',
         Kind::Unsigned => 'u',
+        Kind::Bool => 'b',
     };
     let order = if size == 1 { '|' } else { '<' };
     let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
@@ -507,8 +519,9 @@ mod tests {
             (Kind::Float, 4, true)
         );
         assert_eq!(DType::parse("|u1").unwrap().name(), "uint8");
+        assert_eq!(DType::parse("|b1").unwrap().name(), "bool");
         assert!(!DType::parse(">i1").unwrap().big_endian);
-        for bad in ["<f3", "<c8", "f4", "<U10", "<f", "<i16", "O"] {
+        for bad in ["<f3", "<c8", "f4", "<U10", "<f", "<i16", "O", "|b2"] {
             assert_eq!(DType::parse(bad), None, "{bad}");
         }
     }
