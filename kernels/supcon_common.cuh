@@ -84,6 +84,9 @@ struct TileRows {
     uint64_t offset[kTileRows]; /* element offset of the row in the [B, V, D] buffer */
     int64_t positive_class[kTileRows]; /* label (labels) or sample index (SimCLR) */
     uint32_t sample[kTileRows];        /* b: the mask's row/column index */
+    uint32_t row[kTileRows];           /* the flattened row index */
+    uint32_t cap_bound[kTileRows];     /* as an anchor: positives of other samples are kept below
+                                        * this row (N without a cap) */
 };
 
 /* Two shared stages of Z, k-major (see the header comment). */
@@ -106,23 +109,68 @@ __device__ __forceinline__ void describe_rows(TileRows& tile, uint32_t first_row
         tile.positive_class[t] = p.positive_kind == SUPCON_POSITIVES_LABELS
                                      ? reinterpret_cast<const int64_t*>(p.labels)[sample]
                                      : static_cast<int64_t>(sample);
+        tile.row[t] = row;
+        tile.cap_bound[t] = p.cap_bounds != 0 ? reinterpret_cast<const uint32_t*>(p.cap_bounds)[sample] : p.rows;
     }
 }
 
-/* w_ij: the positive weight of row j (column c of `cols`) for row i (row r of `rows`). The
- * caller excludes i == j. */
-__device__ __forceinline__ float pair_weight(const SupconProblem& p, const TileRows& rows, int r,
-                                             const TileRows& cols, int c) {
+/* What pair_weight returns for a positive that the cap drops: a weight below 0, in no sum
+ * (every sum takes weights > 0) and in no denominator (in_denominator). */
+constexpr float kDropped = -1.0f;
+
+/* Whether rows are positives exactly when their classes (positive_class) are equal: SimCLR and
+ * labels without a cap, which the class epilogues of the tensor-core kernels handle. */
+__device__ __forceinline__ bool positives_are_classes(const SupconProblem& p) {
+    return (p.positive_kind == SUPCON_POSITIVES_SAME_SAMPLE || p.positive_kind == SUPCON_POSITIVES_LABELS) &&
+           p.cap_bounds == 0;
+}
+
+/* The weight of samples anchor != contrast from their label sets: the counts of the shared
+ * labels, of the union and of the anchor's, each rounded to f32, and one correctly rounded
+ * division, as LabelSetWeight::weight (src/label_sets.rs) computes it. Each set's size is
+ * stored before it, so the loop keeps one count live (the general epilogues inline this once
+ * per logit). */
+__device__ __forceinline__ float label_set_weight(const SupconProblem& p, uint32_t anchor, uint32_t contrast) {
+    const uint64_t* sets = reinterpret_cast<const uint64_t*>(p.label_sets);
+    const uint64_t* a = sets + static_cast<uint64_t>(anchor) * (p.set_words + 1);
+    const uint64_t* b = sets + static_cast<uint64_t>(contrast) * (p.set_words + 1);
+    uint32_t shared = 0;
+#pragma unroll 1
+    for (uint32_t w = 1; w <= p.set_words; ++w) shared += __popcll(a[w] & b[w]);
+    if (p.set_weight == SUPCON_LABEL_SET_ANY) return shared > 0 ? 1.0f : 0.0f;
+    const uint32_t in_anchor = static_cast<uint32_t>(a[0]);
+    const uint32_t divisor =
+        p.set_weight == SUPCON_LABEL_SET_JACCARD ? in_anchor + static_cast<uint32_t>(b[0]) - shared : in_anchor;
+    return __fdiv_rn(__uint2float_rn(shared), __uint2float_rn(divisor > 0 ? divisor : 1));
+}
+
+/* w_ij before the cap. */
+__device__ __forceinline__ float raw_pair_weight(const SupconProblem& p, const TileRows& rows, int r,
+                                                 const TileRows& cols, int c) {
     if (p.positive_kind == SUPCON_POSITIVES_MASK) {
         const float* mask = reinterpret_cast<const float*>(p.mask);
         return mask[static_cast<uint64_t>(rows.sample[r]) * p.batch + cols.sample[c]];
     }
+    if (p.positive_kind == SUPCON_POSITIVES_LABEL_SETS) {
+        /* The other views of the anchor's own sample always weigh 1. */
+        return rows.sample[r] == cols.sample[c] ? 1.0f : label_set_weight(p, rows.sample[r], cols.sample[c]);
+    }
     return rows.positive_class[r] == cols.positive_class[c] ? 1.0f : 0.0f;
 }
 
-/* Is j in anchor i's softmax denominator, given w_ij (j != i)? */
+/* w_ij: the positive weight of row j (column c of `cols`) for row i (row r of `rows`), or
+ * kDropped for a positive the cap drops (one of another sample at or past the anchor's bound).
+ * The caller excludes i == j. */
+__device__ __forceinline__ float pair_weight(const SupconProblem& p, const TileRows& rows, int r,
+                                             const TileRows& cols, int c) {
+    const float w = raw_pair_weight(p, rows, r, cols, c);
+    const bool dropped = w > 0.0f && rows.sample[r] != cols.sample[c] && cols.row[c] >= rows.cap_bound[r];
+    return dropped ? kDropped : w;
+}
+
+/* Is j in anchor i's softmax denominator, given w_ij (j != i)? Never a dropped positive. */
 __device__ __forceinline__ bool in_denominator(const SupconProblem& p, float weight) {
-    return p.denominator == SUPCON_DENOMINATOR_ALL || weight == 0.0f;
+    return p.denominator == SUPCON_DENOMINATOR_ALL ? weight >= 0.0f : weight == 0.0f;
 }
 
 /* Stages elements k0 .. k0 + kTileDepth - 1 of `count` rows of `rows` into dst[k][row]

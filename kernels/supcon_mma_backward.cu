@@ -140,7 +140,7 @@ __device__ __forceinline__ void backward(const SupconBackwardParams& b) {
     const uint32_t contrast_limit = first_row < p.anchors ? p.rows : p.anchors;
     const uint32_t tiles = (contrast_limit + kCols - 1) / kCols;
     /* The one-exponential form of H applies (tile by tile, see above). */
-    const bool class_terms = p.positive_kind != SUPCON_POSITIVES_MASK && p.denominator == SUPCON_DENOMINATOR_ALL &&
+    const bool class_terms = positives_are_classes(p) && p.denominator == SUPCON_DENOMINATOR_ALL &&
                              p.summation == SUPCON_SUMMATION_OUTSIDE;
 
     describe_rows(own_rows, first_row, own_count, p);

@@ -270,7 +270,7 @@ __device__ __forceinline__ void forward(const SupconForwardParams& f) {
     const int anchor_count = rows_in_tile(first_anchor, f.anchor_end);
     const TileRange tiles = column_share(f);
 
-    if (p.positive_kind != SUPCON_POSITIVES_MASK && p.denominator == SUPCON_DENOMINATOR_ALL) {
+    if (positives_are_classes(p) && p.denominator == SUPCON_DENOMINATOR_ALL) {
         ClassRowStatistics stats[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) stats[h] = {-INFINITY, 0.0f, 0.0f, -INFINITY, 0.0f, 0.0f};

@@ -27,6 +27,13 @@
 #define SUPCON_POSITIVES_SAME_SAMPLE 0u /* SimCLR: other views of the same sample */
 #define SUPCON_POSITIVES_LABELS 1u      /* labels[b_i] == labels[b_j] */
 #define SUPCON_POSITIVES_MASK 2u        /* weight mask[b_i * B + b_j] */
+#define SUPCON_POSITIVES_LABEL_SETS 3u  /* overlap of label_sets[b_i] and label_sets[b_j] */
+
+/* How two label sets weigh a pair of different samples (set_weight; docs/math.md, "Label
+ * sets"): with n = |Y_i & Y_j|, u = |Y_i | Y_j|, a = |Y_i|. */
+#define SUPCON_LABEL_SET_ANY 0u      /* [n > 0] */
+#define SUPCON_LABEL_SET_JACCARD 1u  /* n / max(u, 1) */
+#define SUPCON_LABEL_SET_FRACTION 2u /* n / max(a, 1) */
 
 /* The softmax denominator set of anchor i (denominator). */
 #define SUPCON_DENOMINATOR_ALL 0u            /* every j != i */
@@ -51,6 +58,10 @@ typedef struct SupconProblem {
     uint64_t features; /* const T[B][V][D], T = float, __half or __nv_bfloat16 */
     uint64_t labels;   /* const int64_t[B] (POSITIVES_LABELS), else 0 */
     uint64_t mask;     /* const float[B][B] (POSITIVES_MASK), else 0 */
+    uint64_t label_sets; /* const uint64_t[B][1 + set_words] (POSITIVES_LABEL_SETS), else 0: per
+                          * sample |Y_b|, then its bitset: label k is bit k % 64 of word 1 + k / 64 */
+    uint64_t cap_bounds; /* const uint32_t[B] under a positives cap, else 0: an anchor of sample b
+                          * keeps a positive of another sample at row j iff j < cap_bounds[b] */
     uint32_t batch;    /* B */
     uint32_t views;    /* V */
     uint32_t dim;      /* D */
@@ -62,6 +73,8 @@ typedef struct SupconProblem {
     uint32_t summation;
     float inv_temperature; /* 1/tau */
     float loss_scale;      /* c = tau/tau_b */
+    uint32_t set_words;    /* 64-bit words per label set (POSITIVES_LABEL_SETS), else 0 */
+    uint32_t set_weight;   /* SUPCON_LABEL_SET_* (POSITIVES_LABEL_SETS), else 0 */
 } SupconProblem;
 
 /* The per-anchor statistics, float[R] each: written by the forward kernels, read by the

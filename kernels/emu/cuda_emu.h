@@ -135,6 +135,12 @@ inline float __half2float(__half h) {
 inline float __bfloat162float(__nv_bfloat16 h) { return supcon_emu_float_from_bits(static_cast<uint32_t>(h.bits) << 16); }
 
 /* Round to nearest even; NaN stays a (quiet) NaN of the same sign. */
+/* Bit counts and exactly rounded conversions and division (g++ in ISO mode rounds each to
+ * nearest, as these intrinsics do). */
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline float __uint2float_rn(unsigned x) { return static_cast<float>(x); }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+
 inline __nv_bfloat16 __float2bfloat16_rn(float x) {
     uint32_t bits;
     memcpy(&bits, &x, sizeof bits);

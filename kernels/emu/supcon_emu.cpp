@@ -76,11 +76,14 @@ struct FieldLayout {
 #define SUPCON_FIELD(Struct, field) {#field, offsetof(Struct, field), sizeof(Struct::field)}
 #define SUPCON_PROBLEM_FIELDS(Struct)                                                                            \
     SUPCON_FIELD(Struct, problem.features), SUPCON_FIELD(Struct, problem.labels),                                 \
-        SUPCON_FIELD(Struct, problem.mask), SUPCON_FIELD(Struct, problem.batch), SUPCON_FIELD(Struct, problem.views), \
+        SUPCON_FIELD(Struct, problem.mask), SUPCON_FIELD(Struct, problem.label_sets),                           \
+        SUPCON_FIELD(Struct, problem.cap_bounds), SUPCON_FIELD(Struct, problem.batch),                          \
+        SUPCON_FIELD(Struct, problem.views),                                                                    \
         SUPCON_FIELD(Struct, problem.dim), SUPCON_FIELD(Struct, problem.rows), SUPCON_FIELD(Struct, problem.anchors), \
         SUPCON_FIELD(Struct, problem.positive_kind), SUPCON_FIELD(Struct, problem.denominator),                  \
         SUPCON_FIELD(Struct, problem.summation), SUPCON_FIELD(Struct, problem.inv_temperature),                  \
-        SUPCON_FIELD(Struct, problem.loss_scale)
+        SUPCON_FIELD(Struct, problem.loss_scale), SUPCON_FIELD(Struct, problem.set_words),                      \
+        SUPCON_FIELD(Struct, problem.set_weight)
 #define SUPCON_STATISTICS_FIELDS(Struct)                                                                   \
     SUPCON_FIELD(Struct, statistics.lse), SUPCON_FIELD(Struct, statistics.lse_lo),                          \
         SUPCON_FIELD(Struct, statistics.scaled_positive_lse), SUPCON_FIELD(Struct, statistics.scaled_positive_lse_lo), \
@@ -157,6 +160,10 @@ constexpr NamedConstant kConstants[] = {
     {"SUPCON_POSITIVES_SAME_SAMPLE", SUPCON_POSITIVES_SAME_SAMPLE},
     {"SUPCON_POSITIVES_LABELS", SUPCON_POSITIVES_LABELS},
     {"SUPCON_POSITIVES_MASK", SUPCON_POSITIVES_MASK},
+    {"SUPCON_POSITIVES_LABEL_SETS", SUPCON_POSITIVES_LABEL_SETS},
+    {"SUPCON_LABEL_SET_ANY", SUPCON_LABEL_SET_ANY},
+    {"SUPCON_LABEL_SET_JACCARD", SUPCON_LABEL_SET_JACCARD},
+    {"SUPCON_LABEL_SET_FRACTION", SUPCON_LABEL_SET_FRACTION},
     {"SUPCON_DENOMINATOR_ALL", SUPCON_DENOMINATOR_ALL},
     {"SUPCON_DENOMINATOR_ONLY_NEGATIVES", SUPCON_DENOMINATOR_ONLY_NEGATIVES},
     {"SUPCON_SUMMATION_OUTSIDE", SUPCON_SUMMATION_OUTSIDE},

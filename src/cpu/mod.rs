@@ -41,7 +41,7 @@ mod dense;
 mod forward;
 mod gemm;
 mod math;
-mod relation;
+pub(crate) mod relation;
 mod simd;
 mod tiles;
 

@@ -142,16 +142,7 @@ impl Pairs {
                     Positives::Labels(labels) => dense_classes(labels.iter().copied()),
                     _ => (0..shape.batch() as u32).collect(),
                 };
-                let members = class_members(&sample_class);
-                let bounds = per_sample_bounds(loss, shape, |s| {
-                    // Other views of one's own sample always share its class.
-                    let list = &members[sample_class[s] as usize];
-                    let own = list.binary_search(&(s as u32)).unwrap_or_default();
-                    let others = list.len() - 1;
-                    (shape.views() - 1, others, move |k: usize| {
-                        list[if k < own { k } else { k + 1 }] as usize
-                    })
-                });
+                let bounds = cap_bounds(loss, shape, &positives)?;
                 let class = (0..n).map(|r| sample_class[shape.sample_of(r)]).collect();
                 Ok(Pairs::Class(ClassPairs {
                     rows: RowFacts::new(sample, &bounds, shape),
@@ -160,15 +151,8 @@ impl Pairs {
             }
             Positives::Mask(mask) => {
                 let mask = ScaledMask::new("cpu", &mask, shape.views())?;
-                let weights = mask.weights.as_slice().expect("standard layout");
                 let batch = shape.batch();
-                let bounds = per_sample_bounds(loss, shape, |s| {
-                    let row = &weights[s * batch..(s + 1) * batch];
-                    let own = if row[s] > 0.0 { shape.views() - 1 } else { 0 };
-                    let others: Vec<usize> =
-                        (0..batch).filter(|&b| b != s && row[b] > 0.0).collect();
-                    (own, others.len(), move |k: usize| others[k])
-                });
+                let bounds = cap_bounds(loss, shape, &positives)?;
                 let symmetric_mask = mask.weights == mask.weights.t();
                 Ok(Pairs::Mask(MaskPairs {
                     rows: RowFacts::new(sample, &bounds, shape),
@@ -179,13 +163,7 @@ impl Pairs {
             }
             Positives::LabelSets { sets, weight } => {
                 let packed = PackedSets::new("cpu", &sets, weight)?;
-                let batch = shape.batch();
-                let bounds = per_sample_bounds(loss, shape, |s| {
-                    let others: Vec<usize> = (0..batch)
-                        .filter(|&b| b != s && packed.weight(s, b) > 0.0)
-                        .collect();
-                    (shape.views() - 1, others.len(), move |k: usize| others[k])
-                });
+                let bounds = cap_bounds(loss, shape, &positives)?;
                 let words = packed.words().max(1);
                 let mut row_sets = crate::alloc::filled("cpu", n * words, 0u64)?;
                 for (r, set) in row_sets.chunks_exact_mut(words).enumerate() {
@@ -260,6 +238,53 @@ fn class_members(sample_class: &[u32]) -> Vec<Vec<u32>> {
         members[class as usize].push(sample as u32);
     }
     members
+}
+
+/// Per sample, the cap bound of its rows as anchors (N without a cap): a positive of another
+/// sample at row j is kept iff j < bound. The CPU's tiles and the kernels read the same bounds.
+///
+/// # Errors
+/// [`Error::OutOfMemory`] for packed label sets.
+pub(crate) fn cap_bounds(
+    loss: &SupConLoss,
+    shape: BatchShape,
+    positives: &Positives<'_>,
+) -> Result<Vec<u32>> {
+    let batch = shape.batch();
+    Ok(match positives {
+        Positives::SimClr | Positives::Labels(_) => {
+            let sample_class = match positives {
+                Positives::Labels(labels) => dense_classes(labels.iter().copied()),
+                _ => (0..batch as u32).collect(),
+            };
+            let members = class_members(&sample_class);
+            per_sample_bounds(loss, shape, |s| {
+                // Other views of one's own sample always share its class.
+                let list = &members[sample_class[s] as usize];
+                let own = list.binary_search(&(s as u32)).unwrap_or_default();
+                let others = list.len() - 1;
+                (shape.views() - 1, others, move |k: usize| {
+                    list[if k < own { k } else { k + 1 }] as usize
+                })
+            })
+        }
+        // Scaling a mask row keeps its positives positive (`ScaledMask`): the raw mask decides.
+        Positives::Mask(mask) => per_sample_bounds(loss, shape, |s| {
+            let row = mask.row(s);
+            let own = if row[s] > 0.0 { shape.views() - 1 } else { 0 };
+            let others: Vec<usize> = (0..batch).filter(|&b| b != s && row[b] > 0.0).collect();
+            (own, others.len(), move |k: usize| others[k])
+        }),
+        Positives::LabelSets { sets, weight } => {
+            let packed = PackedSets::new("cpu", sets, *weight)?;
+            per_sample_bounds(loss, shape, |s| {
+                let others: Vec<usize> = (0..batch)
+                    .filter(|&b| b != s && packed.weight(s, b) > 0.0)
+                    .collect();
+                (shape.views() - 1, others.len(), move |k: usize| others[k])
+            })
+        }
+    })
 }
 
 /// Per sample s, the cap bound of its rows (N without a cap). `positives_of(s)` gives

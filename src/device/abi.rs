@@ -18,6 +18,10 @@ pub(crate) struct Problem {
     pub labels: u64,
     /// `const float[B][B]` (explicit weights), else 0.
     pub mask: u64,
+    /// `const uint64_t[B][set_words]` (label-set bitsets), else 0.
+    pub label_sets: u64,
+    /// `const uint32_t[B]` per-sample cap bounds under a positives cap, else 0.
+    pub cap_bounds: u64,
     /// B.
     pub batch: u32,
     /// V.
@@ -38,6 +42,10 @@ pub(crate) struct Problem {
     pub inv_temperature: f32,
     /// c = τ/τ_b.
     pub loss_scale: f32,
+    /// 64-bit words per label set, else 0.
+    pub set_words: u32,
+    /// One of [`label_set_weight`], else 0.
+    pub set_weight: u32,
 }
 
 /// `SupconStatistics`: the per-anchor statistics, `float[R]` each.
@@ -191,6 +199,18 @@ pub(crate) mod positives {
     pub const LABELS: u32 = 1;
     /// Weights from a `[B, B]` mask.
     pub const MASK: u32 = 2;
+    /// Weights from the overlap of label sets.
+    pub const LABEL_SETS: u32 = 3;
+}
+
+/// `set_weight` codes (`SUPCON_LABEL_SET_*`).
+pub(crate) mod label_set_weight {
+    /// Whether the sets meet.
+    pub const ANY: u32 = 0;
+    /// |∩| / |∪|.
+    pub const JACCARD: u32 = 1;
+    /// |∩| / |Y_i|.
+    pub const FRACTION: u32 = 2;
 }
 
 /// `denominator` codes (`SUPCON_DENOMINATOR_*`).

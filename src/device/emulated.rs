@@ -327,10 +327,11 @@ mod tests {
         assert_layout::<ForwardParams>(
             c"SupconForwardParams",
             rust_fields!(ForwardParams:
-                problem.features, problem.labels, problem.mask, problem.batch, problem.views,
-                problem.dim, problem.rows, problem.anchors, problem.positive_kind,
-                problem.denominator, problem.summation, problem.inv_temperature,
-                problem.loss_scale, statistics.lse, statistics.lse_lo,
+                problem.features, problem.labels, problem.mask, problem.label_sets,
+                problem.cap_bounds, problem.batch, problem.views, problem.dim, problem.rows, problem.anchors,
+                problem.positive_kind, problem.denominator, problem.summation,
+                problem.inv_temperature, problem.loss_scale, problem.set_words,
+                problem.set_weight, statistics.lse, statistics.lse_lo,
                 statistics.scaled_positive_lse, statistics.scaled_positive_lse_lo,
                 statistics.positive_weight, statistics.positive_weight_max, anchor_loss,
                 partials, anchor_begin, anchor_end, column_splits, padding,
@@ -355,10 +356,11 @@ mod tests {
         assert_layout::<BackwardParams>(
             c"SupconBackwardParams",
             rust_fields!(BackwardParams:
-                problem.features, problem.labels, problem.mask, problem.batch, problem.views,
-                problem.dim, problem.rows, problem.anchors, problem.positive_kind,
-                problem.denominator, problem.summation, problem.inv_temperature,
-                problem.loss_scale, statistics.lse, statistics.lse_lo,
+                problem.features, problem.labels, problem.mask, problem.label_sets,
+                problem.cap_bounds, problem.batch, problem.views, problem.dim, problem.rows, problem.anchors,
+                problem.positive_kind, problem.denominator, problem.summation,
+                problem.inv_temperature, problem.loss_scale, problem.set_words,
+                problem.set_weight, statistics.lse, statistics.lse_lo,
                 statistics.scaled_positive_lse, statistics.scaled_positive_lse_lo,
                 statistics.positive_weight, statistics.positive_weight_max, grad_coef,
                 grad_features, grad_begin, grad_end,
@@ -381,10 +383,17 @@ mod tests {
 
     #[test]
     fn option_codes_and_tile_sizes_match_the_kernels() {
-        let expected: [(&CStr, u32); 24] = [
+        let expected: [(&CStr, u32); 28] = [
             (c"SUPCON_POSITIVES_SAME_SAMPLE", abi::positives::SAME_SAMPLE),
             (c"SUPCON_POSITIVES_LABELS", abi::positives::LABELS),
             (c"SUPCON_POSITIVES_MASK", abi::positives::MASK),
+            (c"SUPCON_POSITIVES_LABEL_SETS", abi::positives::LABEL_SETS),
+            (c"SUPCON_LABEL_SET_ANY", abi::label_set_weight::ANY),
+            (c"SUPCON_LABEL_SET_JACCARD", abi::label_set_weight::JACCARD),
+            (
+                c"SUPCON_LABEL_SET_FRACTION",
+                abi::label_set_weight::FRACTION,
+            ),
             (c"SUPCON_DENOMINATOR_ALL", abi::denominator::ALL),
             (
                 c"SUPCON_DENOMINATOR_ONLY_NEGATIVES",

@@ -23,18 +23,21 @@ use crate::backend::{
     check_finite_gradient, check_finite_loss, ForwardOutput, SavedState, Upstream,
 };
 use crate::config::SupConLoss;
+use crate::cpu::relation::cap_bounds;
 use crate::element::{Element, GradElement};
 use crate::error::Result;
 use crate::inputs::{
     check_logit_range, largest_logit, validate_inputs, Positives, ScaledMask, Validated,
     F32_LOGIT_LIMIT,
 };
+use crate::label_sets::PackedSets;
 use crate::precision::Precision;
 
 /// Host inputs uploaded to the device (the host-array path).
 struct UploadedInputs<B> {
     features: B,
     positives: Option<B>,
+    cap_bounds: Option<B>,
 }
 
 impl<B> UploadedInputs<B> {
@@ -70,11 +73,19 @@ impl<B> UploadedInputs<B> {
                     mask.weights.as_slice().expect("standard layout"),
                 )?)
             }
-            Positives::LabelSets { .. } => unreachable!("Prepared::new refuses label sets"),
+            Positives::LabelSets { .. } => {
+                let sets = batch.sets.as_ref().expect("label sets are packed");
+                Some(upload_slice(executor, &sets.words)?)
+            }
+        };
+        let cap_bounds = match &batch.cap_bounds {
+            Some(bounds) => Some(upload_slice(executor, bounds)?),
+            None => None,
         };
         Ok(UploadedInputs {
             features,
             positives,
+            cap_bounds,
         })
     }
 
@@ -82,6 +93,7 @@ impl<B> UploadedInputs<B> {
     fn addresses<E: KernelExecutor<Buffer = B>>(
         &self,
         executor: &E,
+        batch: &Prepared,
         positives: &Positives<'_>,
     ) -> InputAddresses {
         let address = || self.positives.as_ref().map_or(0, |b| executor.address(b));
@@ -91,19 +103,59 @@ impl<B> UploadedInputs<B> {
                 Positives::SimClr => PositiveAddresses::SameSample,
                 Positives::Labels(_) => PositiveAddresses::Labels(address()),
                 Positives::Mask(_) => PositiveAddresses::Mask(address()),
-                Positives::LabelSets { .. } => unreachable!("Prepared::new refuses label sets"),
+                Positives::LabelSets { weight, .. } => PositiveAddresses::LabelSets {
+                    address: address(),
+                    words: batch.sets.as_ref().map_or(1, |sets| sets.per_set),
+                    weight: *weight,
+                },
             },
+            cap_bounds: self.cap_bounds.as_ref().map_or(0, |b| executor.address(b)),
         }
     }
 }
 
-/// A validated batch and what its launches need: the problem, and for a mask its scaled weights
-/// and, per anchor, the factor W_i they were divided by (1 without a mask).
+/// A validated batch and what its launches need: the problem, for a mask its scaled weights
+/// and, per anchor, the factor W_i they were divided by (1 without a mask), and for label sets
+/// their bitsets.
 struct Prepared {
     validated: Validated,
     problem: Problem,
     mask: Option<ScaledMask>,
     scales: Vec<f64>,
+    sets: Option<SetWords>,
+    /// Per sample, the row bound of kept positives of other samples, under a cap.
+    cap_bounds: Option<Vec<u32>>,
+}
+
+/// Label sets as the kernels read them: per sample its size |Y_b|, then its `per_set` 64-bit
+/// words (at least one, so that K = 0 is one empty word).
+struct SetWords {
+    words: Vec<u64>,
+    per_set: u32,
+}
+
+impl SetWords {
+    /// # Errors
+    /// [`crate::Error::OutOfMemory`]; [`crate::Error::TooLarge`] for sets of more than 2³²
+    /// words (the kernels count words in u32).
+    fn new(backend: &'static str, sets: &PackedSets, batch: usize) -> Result<Self> {
+        let per_set = sets.words().max(1);
+        let too_large = || crate::Error::TooLarge {
+            extent: crate::Extent::Bytes,
+            requested: (per_set as u128) * 8,
+            limit: u128::from(u32::MAX) * 8,
+        };
+        let mut words = crate::alloc::filled(backend, batch * (per_set + 1), 0u64)?;
+        for (b, row) in words.chunks_exact_mut(per_set + 1).enumerate() {
+            let set = &sets.bits()[b * sets.words()..(b + 1) * sets.words()];
+            row[0] = set.iter().map(|w| u64::from(w.count_ones())).sum();
+            row[1..=set.len()].copy_from_slice(set);
+        }
+        Ok(SetWords {
+            words,
+            per_set: u32::try_from(per_set).map_err(|_| too_large())?,
+        })
+    }
 }
 
 impl Prepared {
@@ -117,18 +169,24 @@ impl Prepared {
     ) -> Result<Self> {
         let validated = validate_inputs(features, positives)?;
         let problem = Problem::new(backend, loss, validated.shape, T::DTYPE, precision)?;
-        if let Positives::LabelSets { .. } = positives {
-            return Err(crate::Error::Unsupported {
-                backend,
-                capability: crate::Capability::LabelSets,
-            });
-        }
         let largest = largest_logit(features, loss.temperature());
         check_logit_range(backend, largest, F32_LOGIT_LIMIT)?;
         let shape = validated.shape;
         let mask = match positives {
             Positives::Mask(mask) => Some(ScaledMask::new(backend, mask, shape.views())?),
             _ => None,
+        };
+        let sets = match positives {
+            Positives::LabelSets { sets, weight } => Some(SetWords::new(
+                backend,
+                &PackedSets::new(backend, sets, *weight)?,
+                shape.batch(),
+            )?),
+            _ => None,
+        };
+        let cap_bounds = match loss.positives_cap() {
+            Some(_) => Some(cap_bounds(loss, shape, positives)?),
+            None => None,
         };
         let scales = (0..problem.anchors())
             .map(|i| {
@@ -141,6 +199,8 @@ impl Prepared {
             problem,
             mask,
             scales,
+            sets,
+            cap_bounds,
         })
     }
 }
@@ -156,7 +216,7 @@ pub(crate) fn forward<E: KernelExecutor, T: Element>(
 ) -> Result<ForwardOutput> {
     let batch = Prepared::new(backend, precision, loss, &features, &positives)?;
     let uploaded = UploadedInputs::upload(executor, backend, &batch, &features, &positives)?;
-    let inputs = uploaded.addresses(executor, &positives);
+    let inputs = uploaded.addresses(executor, &batch, &positives);
     // SAFETY: the uploaded inputs hold B·V·D features of the kernel's type, B labels or B·B
     // weights, and stay alive until the downloads of `to_host`.
     let statistics = unsafe { launch_forward(executor, &batch.problem, &inputs)? };
@@ -188,7 +248,7 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
     let (problem, shape, scales) = (&batch.problem, batch.validated.shape, &batch.scales);
     let coefficients = upload_slice(executor, &grad_coefficients(state, upstream)?)?;
     let uploaded = UploadedInputs::upload(executor, backend, &batch, &features, &positives)?;
-    let inputs = uploaded.addresses(executor, &positives);
+    let inputs = uploaded.addresses(executor, &batch, &positives);
     // The saved state as the kernels' statistics: LSEs split into hi and lo, the scaled
     // mask's P_i and LSE^P_i (whose W_i is then 1).
     let (lse, lse_lo): (Vec<f32>, Vec<f32>) = state.lse.iter().map(|&lse| split(lse)).unzip();

@@ -595,6 +595,7 @@ mod tests {
             let inputs = InputAddresses {
                 features: executor.address(&features),
                 positives: PositiveAddresses::Labels(executor.address(&labels)),
+                cap_bounds: 0,
             };
             // SAFETY (all launches below): the buffers hold B·V·D features, B labels, R floats
             // per statistic and B·V·D gradient floats, alive across the synchronous launches.

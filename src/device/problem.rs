@@ -10,6 +10,7 @@ use crate::config::{Denominator, NoPositivePolicy, Reduction, Summation, SupConL
 use crate::element::DType;
 use crate::error::{Capability, Error, Extent, Result};
 use crate::inputs::BatchShape;
+use crate::label_sets::LabelSetWeight;
 use crate::precision::Precision;
 
 /// Most rows the kernels index (32-bit row arithmetic with room for one tile).
@@ -46,7 +47,7 @@ impl Problem {
     ///
     /// # Errors
     /// [`Error::TooLarge`] (N or D beyond the kernels' indexing), [`Error::Unsupported`] (f64
-    /// features, `OnePositive`, `positives_cap`, `normalize`).
+    /// features, `OnePositive`, `normalize`).
     pub(crate) fn new(
         backend: &'static str,
         loss: &SupConLoss,
@@ -62,9 +63,6 @@ impl Problem {
             FeatureType::of(dtype).ok_or(unsupported(Capability::ElementType(dtype)))?;
         if loss.denominator() == Denominator::OnePositive {
             return Err(unsupported(Capability::Denominator(loss.denominator())));
-        }
-        if loss.positives_cap().is_some() {
-            return Err(unsupported(Capability::PositivesCap));
         }
         if loss.normalize() {
             return Err(unsupported(Capability::Normalize));
@@ -94,6 +92,28 @@ impl Problem {
             feature_type,
             precision,
         })
+    }
+
+    /// [`Problem::new`] for the device API, whose positives are in device memory: it also
+    /// refuses a positives cap, whose per-sample bounds the host computes from the positives.
+    ///
+    /// # Errors
+    /// As [`Problem::new`]; [`Error::Unsupported`] for `positives_cap`.
+    #[cfg(any(feature = "cuda", test))]
+    pub(crate) fn on_device_buffers(
+        backend: &'static str,
+        loss: &SupConLoss,
+        shape: BatchShape,
+        dtype: DType,
+        precision: Precision,
+    ) -> Result<Self> {
+        if loss.positives_cap().is_some() {
+            return Err(Error::Unsupported {
+                backend,
+                capability: Capability::PositivesCap,
+            });
+        }
+        Self::new(backend, loss, shape, dtype, precision)
     }
 
     /// The tensor-core operands, if this problem runs on tensor cores on a device that gives
@@ -159,12 +179,31 @@ impl Problem {
             PositiveAddresses::SameSample => (abi::positives::SAME_SAMPLE, 0, 0),
             PositiveAddresses::Labels(address) => (abi::positives::LABELS, address, 0),
             PositiveAddresses::Mask(address) => (abi::positives::MASK, 0, address),
+            PositiveAddresses::LabelSets { .. } => (abi::positives::LABEL_SETS, 0, 0),
+        };
+        let (label_sets, set_words, set_weight) = match inputs.positives {
+            PositiveAddresses::LabelSets {
+                address,
+                words,
+                weight,
+            } => (
+                address,
+                words,
+                match weight {
+                    LabelSetWeight::Any => abi::label_set_weight::ANY,
+                    LabelSetWeight::Jaccard => abi::label_set_weight::JACCARD,
+                    LabelSetWeight::Fraction => abi::label_set_weight::FRACTION,
+                },
+            ),
+            _ => (0, 0, 0),
         };
         let loss = &self.loss;
         abi::Problem {
             features: inputs.features,
             labels,
             mask,
+            label_sets,
+            cap_bounds: inputs.cap_bounds,
             // batch and views are factors of rows ≤ MAX_ROWS (checked in `new`): they fit u32.
             batch: self.shape.batch() as u32,
             views: self.shape.views() as u32,
@@ -185,6 +224,8 @@ impl Problem {
             },
             inv_temperature: loss.temperature().recip() as f32,
             loss_scale: loss.loss_scale() as f32,
+            set_words,
+            set_weight,
         }
     }
 
@@ -255,6 +296,15 @@ pub(crate) enum PositiveAddresses {
     Labels(u64),
     /// `const float[B][B]` weights.
     Mask(u64),
+    /// `const uint64_t[B][words]` label-set bitsets and how they weigh.
+    LabelSets {
+        /// The bitsets' address.
+        address: u64,
+        /// 64-bit words per set (≥ 1).
+        words: u32,
+        /// The weight mode.
+        weight: LabelSetWeight,
+    },
 }
 
 /// The device inputs of one call, by address.
@@ -264,6 +314,9 @@ pub(crate) struct InputAddresses {
     pub(crate) features: u64,
     /// The positives.
     pub(crate) positives: PositiveAddresses,
+    /// `const uint32_t[B]` per-sample cap bounds (`crate::cpu::relation::cap_bounds`) under a
+    /// positives cap, else 0.
+    pub(crate) cap_bounds: u64,
 }
 
 #[cfg(test)]
@@ -293,8 +346,19 @@ mod tests {
             DType::F32,
             Capability::Denominator(Denominator::OnePositive),
         );
+        let normalized = SupConLoss::builder().normalize(true).build().unwrap();
+        refused(&normalized, DType::F16, Capability::Normalize);
+        // A cap runs on host arrays, whose positives give the bounds; not on device buffers.
         let capped = SupConLoss::builder().positives_cap(2).build().unwrap();
-        refused(&capped, DType::BF16, Capability::PositivesCap);
+        assert!(Problem::new("cuda", &capped, shape, DType::BF16, Precision::Auto).is_ok());
+        assert_eq!(
+            Problem::on_device_buffers("cuda", &capped, shape, DType::BF16, Precision::Auto)
+                .unwrap_err(),
+            Error::Unsupported {
+                backend: "cuda",
+                capability: Capability::PositivesCap
+            }
+        );
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             assert!(Problem::new("cuda", &default, shape, dtype, Precision::Auto).is_ok());
         }

@@ -213,6 +213,7 @@ mod tests {
         let inputs = InputAddresses {
             features: executor.address(&features),
             positives,
+            cap_bounds: 0,
         };
         // SAFETY: the buffers above hold B·V·D f32, B i64 or B·B f32 and outlive the passes
         // (the emulation's launches are synchronous).
@@ -486,6 +487,7 @@ mod tests {
         let inputs = InputAddresses {
             features: executor.address(&features_buffer),
             positives: PositiveAddresses::Labels(executor.address(&labels_buffer)),
+            cap_bounds: 0,
         };
         let per_anchor_upstream = Array1::from_shape_fn(batch, |i| 0.5 - (i % 7) as f64 * 0.3);
         for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {

@@ -223,7 +223,7 @@ impl CudaBackend {
         shape: BatchShape,
         positives: DevicePositives<'_>,
     ) -> Result<DeviceForward> {
-        let problem = Problem::new(NAME, loss, shape, T::DTYPE, self.precision)?;
+        let problem = Problem::on_device_buffers(NAME, loss, shape, T::DTYPE, self.precision)?;
         let bound = self.bind_inputs(shape, features, positives)?;
         let mut executor = self.executor();
         // SAFETY: `bind_inputs` checked that the features hold B·V·D elements of T and the
@@ -343,7 +343,7 @@ impl CudaBackend {
         positives: DevicePositives<'_>,
         workspace: &mut CudaViewMut<'_, u8>,
     ) -> Result<()> {
-        let problem = Problem::new(NAME, loss, shape, T::DTYPE, self.precision)?;
+        let problem = Problem::on_device_buffers(NAME, loss, shape, T::DTYPE, self.precision)?;
         let layout = Self::workspace(loss, shape);
         let bound = self.bind_inputs(shape, features, positives)?;
         let (base, guard) = self.bind_workspace("workspace", workspace, layout.bytes())?;
@@ -378,7 +378,7 @@ impl CudaBackend {
         scratch: &mut CudaViewMut<'_, u8>,
         grad: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        let problem = Problem::new(NAME, loss, shape, T::DTYPE, self.precision)?;
+        let problem = Problem::on_device_buffers(NAME, loss, shape, T::DTYPE, self.precision)?;
         let layout = Self::workspace(loss, shape);
         let bound = self.bind_inputs(shape, features, positives)?;
         self.check_buffer(
@@ -502,6 +502,7 @@ impl CudaBackend {
             inputs: InputAddresses {
                 features,
                 positives,
+                cap_bounds: 0,
             },
             _guards: guards,
         })
