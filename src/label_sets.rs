@@ -112,6 +112,11 @@ impl PackedSets {
         self.weight.is_symmetric()
     }
 
+    /// |Y_b|.
+    pub(crate) fn size(&self, b: usize) -> u64 {
+        self.sizes[b]
+    }
+
     /// The 64-bit words per set, ⌈K/64⌉.
     pub(crate) fn words(&self) -> usize {
         self.words

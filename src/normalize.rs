@@ -23,11 +23,11 @@ pub(crate) fn divisor(norm: f64) -> f64 {
 /// ∂L/∂x of one row, in place over g = ∂L/∂u, given u and ‖x‖:
 /// (g − u (u·g)) / ‖x‖ where ‖x‖ ≥ ε, and g / ε below, where the clamp holds the divisor
 /// constant (torch's `clamp_min` passes no gradient there).
-pub(crate) fn chain_rule(g: &mut [f64], u: &[f64], norm: f64) {
+pub(crate) fn chain_rule<U: Copy + Into<f64>>(g: &mut [f64], u: &[U], norm: f64) {
     if norm >= EPSILON {
-        let along: f64 = u.iter().zip(g.iter()).map(|(u, g)| u * g).sum();
-        for (g, u) in g.iter_mut().zip(u) {
-            *g = (*g - u * along) / norm;
+        let along: f64 = u.iter().zip(g.iter()).map(|(&u, g)| u.into() * g).sum();
+        for (g, &u) in g.iter_mut().zip(u) {
+            *g = (*g - u.into() * along) / norm;
         }
     } else {
         g.iter_mut().for_each(|g| *g /= EPSILON);
@@ -61,7 +61,7 @@ mod tests {
         chain_rule(&mut across, &u, 5.0);
         assert!((across[0] + 0.16).abs() < 1e-16 && (across[1] - 0.12).abs() < 1e-16);
         let mut tiny = [1.0, 2.0];
-        chain_rule(&mut tiny, &[0.0, 0.0], 0.0);
+        chain_rule(&mut tiny, &[0.0f64, 0.0], 0.0);
         assert_eq!(tiny, [1e12, 2e12]);
     }
 }

@@ -281,7 +281,7 @@ impl Batch {
             coefficients: &coefficients,
         };
         let (terms, pulls) = backward::anchor_terms(self, &saved, sums.as_deref());
-        let dz = match classes {
+        let mut dz = match classes {
             Some(classes) => dense::gradient(
                 self,
                 classes,
@@ -294,18 +294,11 @@ impl Batch {
             }
         };
         let (b, dim) = (self.shape.batch(), self.shape.dim());
-        let mut dz = dz;
         // Back from u to x, row by row.
         if let Some(norms) = &self.norms {
-            dz.par_chunks_mut(dim)
-                .zip(norms)
-                .enumerate()
-                .for_each(|(r, (g, &norm))| {
-                    let u: Vec<f64> = (self.rows.block(r..r + 1).iter())
-                        .map(|&u| f64::from(u))
-                        .collect();
-                    normalize::chain_rule(g, &u, norm);
-                });
+            (dz.par_chunks_mut(dim).zip(norms).enumerate()).for_each(|(r, (g, &norm))| {
+                normalize::chain_rule(g, self.rows.block(r..r + 1), norm)
+            });
         }
         // Output row (sample s, view v) is feature row v·B + s.
         let views = self.shape.views();

@@ -120,7 +120,7 @@ pub(super) struct SetPairs {
     words: usize,
     /// Row r's set at `r·words..(r+1)·words`.
     row_sets: Vec<u64>,
-    /// |Y| of row r's sample, as f32 (exact up to 2²⁴ labels) and as an integer.
+    /// |Y| of row r's sample.
     sizes: Vec<u32>,
     weight: LabelSetWeight,
     symmetric: bool,
@@ -171,9 +171,8 @@ impl Pairs {
                     let source = &packed.bits()[b * packed.words()..(b + 1) * packed.words()];
                     set[..source.len()].copy_from_slice(source);
                 }
-                let sizes = row_sets
-                    .chunks_exact(words)
-                    .map(|set| set.iter().map(|w| w.count_ones()).sum())
+                let sizes = (0..n)
+                    .map(|r| packed.size(shape.sample_of(r)) as u32)
                     .collect();
                 Ok(Pairs::Sets(SetPairs {
                     rows: RowFacts::new(sample, &bounds, shape),
@@ -251,6 +250,10 @@ pub(crate) fn cap_bounds(
     positives: &Positives<'_>,
 ) -> Result<Vec<u32>> {
     let batch = shape.batch();
+    let Some(cap) = loss.positives_cap() else {
+        return Ok(vec![shape.rows() as u32; batch]);
+    };
+    let cap = cap.get();
     Ok(match positives {
         Positives::SimClr | Positives::Labels(_) => {
             let sample_class = match positives {
@@ -258,7 +261,7 @@ pub(crate) fn cap_bounds(
                 _ => (0..batch as u32).collect(),
             };
             let members = class_members(&sample_class);
-            per_sample_bounds(loss, shape, |s| {
+            per_sample_bounds(cap, shape, |s| {
                 // Other views of one's own sample always share its class.
                 let list = &members[sample_class[s] as usize];
                 let own = list.binary_search(&(s as u32)).unwrap_or_default();
@@ -269,7 +272,7 @@ pub(crate) fn cap_bounds(
             })
         }
         // Scaling a mask row keeps its positives positive (`ScaledMask`): the raw mask decides.
-        Positives::Mask(mask) => per_sample_bounds(loss, shape, |s| {
+        Positives::Mask(mask) => per_sample_bounds(cap, shape, |s| {
             let row = mask.row(s);
             let own = if row[s] > 0.0 { shape.views() - 1 } else { 0 };
             let others: Vec<usize> = (0..batch).filter(|&b| b != s && row[b] > 0.0).collect();
@@ -277,7 +280,7 @@ pub(crate) fn cap_bounds(
         }),
         Positives::LabelSets { sets, weight } => {
             let packed = PackedSets::new("cpu", sets, *weight)?;
-            per_sample_bounds(loss, shape, |s| {
+            per_sample_bounds(cap, shape, |s| {
                 let others: Vec<usize> = (0..batch)
                     .filter(|&b| b != s && packed.weight(s, b) > 0.0)
                     .collect();
@@ -287,26 +290,23 @@ pub(crate) fn cap_bounds(
     })
 }
 
-/// Per sample s, the cap bound of its rows (N without a cap). `positives_of(s)` gives
+/// Per sample s, the bound of its rows under a cap of `cap`. `positives_of(s)` gives
 /// (own-sample positives of a row of s, K = positives of other samples per view,
 /// k ↦ the k-th of those samples in ascending order).
 ///
 /// With `room` = cap − own positives, the room-th positive of another sample, counting rows
 /// j = v·B + b in ascending order, is in view (room−1)/K at the ((room−1) mod K)-th such sample;
 /// the bound is one past its row. `Relation::cap_bound_of` walks the rows to the same answer.
-fn per_sample_bounds<F, K>(loss: &SupConLoss, shape: BatchShape, positives_of: F) -> Vec<u32>
+fn per_sample_bounds<F, K>(cap: usize, shape: BatchShape, positives_of: F) -> Vec<u32>
 where
     F: Fn(usize) -> (usize, usize, K),
     K: Fn(usize) -> usize,
 {
     let n = shape.rows() as u32;
-    let Some(cap) = loss.positives_cap() else {
-        return vec![n; shape.batch()];
-    };
     (0..shape.batch())
         .map(|s| {
             let (own, per_view, kth_other) = positives_of(s);
-            let room = cap.get().saturating_sub(own);
+            let room = cap.saturating_sub(own);
             if room == 0 {
                 return 0;
             }

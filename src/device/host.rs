@@ -148,7 +148,7 @@ impl SetWords {
         let mut words = crate::alloc::filled(backend, batch * (per_set + 1), 0u64)?;
         for (b, row) in words.chunks_exact_mut(per_set + 1).enumerate() {
             let set = &sets.bits()[b * sets.words()..(b + 1) * sets.words()];
-            row[0] = set.iter().map(|w| u64::from(w.count_ones())).sum();
+            row[0] = sets.size(b);
             row[1..=set.len()].copy_from_slice(set);
         }
         Ok(SetWords {
