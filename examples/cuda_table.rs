@@ -14,7 +14,8 @@
 //! chooses among them.
 //!
 //! Batches are `[N/2, 2, D]` unit-norm features with labels from `--classes` classes, the
-//! default loss options (τ = τ_b = 0.07, contrast mode all, mean). Each row is the median of
+//! default loss options (τ = τ_b = 0.07, contrast mode all, mean; `--denominator all |
+//! only-negatives | one-positive` changes the denominator). Each row is the median of
 //! up to `--repeats` timed iterations after a warm-up, stopping early past `--cap-s` seconds;
 //! rows past `--budget-s` are reported as skipped. Peak memory is the high-water mark of the
 //! device's memory pool (cudarc allocates from it), reset after the inputs are uploaded: inputs,
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{result, sys, CudaContext};
 use half::bf16;
 use supcon::cuda::{CudaFeature, DevicePositives};
-use supcon::{BatchShape, CudaBackend, Precision, SupConLoss, Upstream};
+use supcon::{BatchShape, CudaBackend, Denominator, Precision, SupConLoss, Upstream};
 
 struct Args {
     sizes: Vec<usize>,
@@ -34,6 +35,7 @@ struct Args {
     dtypes: Vec<String>,
     precisions: Vec<Precision>,
     classes: i64,
+    denominator: Denominator,
     repeats: usize,
     cap: Duration,
     budget: Duration,
@@ -47,6 +49,7 @@ fn parse_args() -> Result<Args, String> {
         dtypes: vec!["f32".into(), "bf16".into()],
         precisions: vec![Precision::Auto, Precision::F32, Precision::Bf16x3],
         classes: 100,
+        denominator: Denominator::All,
         repeats: 10,
         cap: Duration::from_secs(10),
         budget: Duration::from_secs(120),
@@ -84,6 +87,18 @@ fn parse_args() -> Result<Args, String> {
                     .collect::<Result<_, _>>()?
             }
             "--classes" => args.classes = number(&value)?.max(1) as i64,
+            "--denominator" => {
+                args.denominator = match value.as_str() {
+                    "all" => Denominator::All,
+                    "only-negatives" => Denominator::OnlyNegatives,
+                    "one-positive" => Denominator::OnePositive,
+                    other => {
+                        return Err(format!(
+                            "--denominator {other}: all, only-negatives or one-positive"
+                        ))
+                    }
+                }
+            }
             "--repeats" => args.repeats = number(&value)?,
             "--cap-s" => args.cap = seconds(&value)?,
             "--budget-s" => args.budget = seconds(&value)?,
@@ -198,7 +213,9 @@ fn measure<T: CudaFeature>(
         w.reset();
     }
 
-    let loss = SupConLoss::default();
+    let loss = SupConLoss::builder()
+        .denominator(args.denominator)
+        .build()?;
     let features = features.as_view();
     let labels = labels.as_view();
     let positives = DevicePositives::Labels(&labels);
@@ -277,8 +294,13 @@ fn main() -> ExitCode {
             }
             let backend = cuda.clone().with_precision(precision);
             for &rows in &args.sizes {
+                let denominator = match args.denominator {
+                    Denominator::All => "",
+                    Denominator::OnlyNegatives => ", only negatives",
+                    Denominator::OnePositive => ", one positive",
+                };
                 let label = format!(
-                    "| supcon cuda {kernels} | {dtype} | {rows} | {} |",
+                    "| supcon cuda {kernels}{denominator} | {dtype} | {rows} | {} |",
                     args.dim
                 );
                 if started.elapsed() > args.budget {

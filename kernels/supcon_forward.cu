@@ -41,6 +41,15 @@
  * supcon_forward_merge (one thread per anchor) merges the shares in order y = 0, 1, ... and
  * writes the outputs: the same bits on every run, no atomics.
  *
+ * One positive (docs/math.md): each positive p joins the negatives alone, so its term
+ * softplus(LSE^N_i - s_ip) needs LSE^N_i, the log-sum-exp over every negative, first. The host
+ * launches two kernels over the same range: supcon_forward_* computes the statistics with D_i =
+ * the negatives (in_denominator), then supcon_forward_positive_terms_* sweeps the tiles again,
+ * starts each anchor row from its LSE^N_i, folds its positives into PositiveTerms
+ * (supcon_statistics.cuh), and writes l_i and the pull Psi_i and log A_i that the backward
+ * kernel needs. The second pass runs unsplit (column_splits = 1). One kernel for both passes
+ * would spill: ptxas allocates the two tile loops' registers together.
+ *
  * supcon_forward_finalize: one block of 256 threads. Thread t sums l_a and counts anchors with
  * P_a = 0 over a = t, t + 256, ... (f64 sums), warps combine by an xor butterfly, thread 0 adds
  * the 8 warp totals in order: a fixed summation order, so the loss is bitwise reproducible run to
@@ -54,38 +63,54 @@ namespace supcon {
  * statics, and only statics outside COMDAT groups get AddressSanitizer redzones. */
 namespace {
 
-template <typename T>
-__device__ __forceinline__ void forward_statistics(const SupconForwardParams& f) {
-    const SupconProblem& p = f.problem;
-    /* The stages are dead once the last tile is done; the partial statistics reuse them. */
-    union ForwardShared {
+/* A block's shared memory, declared once per kernel for both passes' instantiations. The
+ * stages are dead once the last tile is done; the partial statistics reuse them. */
+struct ForwardShared {
+    union {
         StageTiles stage;
         RowStatistics partial[kTileRows][kThreadGridCols];
+        PositiveTerms terms[kTileRows][kThreadGridCols];
     };
-    __shared__ ForwardShared shared;
-    __shared__ TileRows anchor_rows;
+    TileRows anchor_rows;
     /* Double-buffered: a tile's description is rewritten two tiles later, after barriers that
      * every thread reaches only when done reading it. */
-    __shared__ TileRows contrast_rows[2];
+    TileRows contrast_rows[2];
+};
 
+__device__ __forceinline__ RowStatistics (&partials_of(ForwardShared& shared, const RowStatistics&))[kTileRows][kThreadGridCols] {
+    return shared.partial;
+}
+__device__ __forceinline__ PositiveTerms (&partials_of(ForwardShared& shared, const PositiveTerms&))[kTileRows][kThreadGridCols] {
+    return shared.terms;
+}
+
+/* One pass over the range's anchors: Statistics = RowStatistics (the statistics) or
+ * PositiveTerms (one-positive's second pass, which starts each row from its LSE^N). */
+template <typename T, typename Statistics>
+__device__ __forceinline__ void forward_pass(const SupconForwardParams& f, ForwardShared& shared) {
+    const SupconProblem& p = f.problem;
     const T* __restrict__ features = reinterpret_cast<const T*>(p.features);
     const int ty = threadIdx.x / kThreadGridCols;
     const int tx = threadIdx.x % kThreadGridCols;
     const uint32_t first_anchor = f.anchor_begin + blockIdx.x * kTileRows;
     const int anchor_count = rows_in_tile(first_anchor, f.anchor_end);
+    const TileRows& anchor_rows = shared.anchor_rows;
 
-    describe_rows(anchor_rows, first_anchor, anchor_count, p);
-    RowStatistics stats[kMicroRows];
+    describe_rows(shared.anchor_rows, first_anchor, anchor_count, p);
+    Statistics stats[kMicroRows];
 #pragma unroll
-    for (int m = 0; m < kMicroRows; ++m) stats[m] = {-INFINITY, 0.0f, -INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (int m = 0; m < kMicroRows; ++m) {
+        const int r = ty + kThreadGridRows * m;
+        start_anchor(stats[m], first_anchor + (r < anchor_count ? r : 0), f);
+    }
 
     const TileRange tiles = column_share(f);
     int parity = 0;
     for (uint32_t first_contrast = tiles.begin * kTileCols; first_contrast < tiles.end * kTileCols;
          first_contrast += kTileCols, parity ^= 1) {
         const int contrast_count = rows_in_tile(first_contrast, p.rows);
-        const TileRows& contrasts = contrast_rows[parity];
-        describe_rows(contrast_rows[parity], first_contrast, contrast_count, p);
+        const TileRows& contrasts = shared.contrast_rows[parity];
+        describe_rows(shared.contrast_rows[parity], first_contrast, contrast_count, p);
         __syncthreads();
         float acc[kMicroRows][kMicroCols];
         dot_tile(acc, shared.stage, features, anchor_rows, anchor_count, contrasts, contrast_count, p.dim);
@@ -106,32 +131,55 @@ __device__ __forceinline__ void forward_statistics(const SupconForwardParams& f)
                 weight[n] = valid ? pair_weight(p, anchor_rows, r, contrasts, c) : 0.0f;
                 denominator[n] = valid && in_denominator(p, weight[n]);
             }
-            accumulate_row(stats[m], s, weight, denominator);
+            accumulate_row(stats[m], s, weight, denominator, p);
         }
     }
 
     /* dot_tile ended with a barrier: the stage memory is free for the partial statistics. */
+    auto& partial = partials_of(shared, stats[0]);
 #pragma unroll
-    for (int m = 0; m < kMicroRows; ++m) shared.partial[ty + kThreadGridRows * m][tx] = stats[m];
+    for (int m = 0; m < kMicroRows; ++m) partial[ty + kThreadGridRows * m][tx] = stats[m];
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < anchor_count) {
-        publish_anchor(merge_parts(shared.partial[threadIdx.x]), first_anchor + threadIdx.x, f);
+        publish_anchor(merge_parts(partial[threadIdx.x]), first_anchor + threadIdx.x, f);
     }
+}
+
+template <typename T, typename Statistics>
+__device__ __forceinline__ void forward_kernel(const SupconForwardParams& f) {
+    __shared__ ForwardShared shared;
+    forward_pass<T, Statistics>(f, shared);
 }
 
 } // namespace
 } // namespace supcon
 
 extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_f32(const SupconForwardParams params) {
-    supcon::forward_statistics<float>(params);
+    supcon::forward_kernel<float, supcon::RowStatistics>(params);
 }
 
 extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_f16(const SupconForwardParams params) {
-    supcon::forward_statistics<__half>(params);
+    supcon::forward_kernel<__half, supcon::RowStatistics>(params);
 }
 
 extern "C" __global__ void __launch_bounds__(supcon::kThreads) supcon_forward_bf16(const SupconForwardParams params) {
-    supcon::forward_statistics<__nv_bfloat16>(params);
+    supcon::forward_kernel<__nv_bfloat16, supcon::RowStatistics>(params);
+}
+
+/* One positive's second pass (see "One positive" above). */
+extern "C" __global__ void __launch_bounds__(supcon::kThreads)
+    supcon_forward_positive_terms_f32(const SupconForwardParams params) {
+    supcon::forward_kernel<float, supcon::PositiveTerms>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(supcon::kThreads)
+    supcon_forward_positive_terms_f16(const SupconForwardParams params) {
+    supcon::forward_kernel<__half, supcon::PositiveTerms>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(supcon::kThreads)
+    supcon_forward_positive_terms_bf16(const SupconForwardParams params) {
+    supcon::forward_kernel<__nv_bfloat16, supcon::PositiveTerms>(params);
 }
 
 extern "C" __global__ void __launch_bounds__(supcon::kMergeThreads) supcon_forward_merge(const SupconForwardParams f) {

@@ -20,9 +20,10 @@
  *     the same running max), their count P and their logit sum T. Tiles that are full and hold
  *     no self pair skip the validity tests. ~13 instructions per logit (scripts/sass-check.sh
  *     and docs/kernel-model.md);
- *   - weighted, for a mask or the only-negatives denominator: the online log-sum-exp over D_i,
- *     the weighted positive log-sum-exp, P, W and T (supcon_statistics.cuh, as the SIMT kernel
- *     does), ~46 instructions per logit.
+ *   - weighted, for a mask, label sets, a cap or the other denominators: the online
+ *     log-sum-exp over D_i, the weighted positive log-sum-exp, P, W and T
+ *     (supcon_statistics.cuh, as the SIMT kernel does), ~46 instructions per logit. One
+ *     positive's second pass (supcon_forward.cu) runs the same sweep into PositiveTerms.
  *
  * A positives' sum kept relative to the row's maximum underflows when every positive lies far
  * below it (|z|^2 / tau beyond ~60: huge norms or a tiny tau). Such a thread flags its row, and
@@ -237,7 +238,7 @@ __device__ __forceinline__ void sweep(Statistics (&stats)[2], SweepShared& rows,
                         denominator[q] = valid && in_denominator(p, weight[q]);
                     }
                 }
-                accumulate_row(stats[h], s, weight, denominator);
+                accumulate_row(stats[h], s, weight, denominator, p);
             }
         }
     }
@@ -298,6 +299,33 @@ __device__ __forceinline__ void forward(const SupconForwardParams& f) {
     }
 }
 
+/* One positive's second pass (supcon_forward.cu, "One positive"): the positives of each anchor
+ * against its LSE^N_i, in the weighted sweep, unsplit. */
+template <typename T>
+__device__ __forceinline__ void forward_positive_terms(const SupconForwardParams& f) {
+    const SupconProblem& p = f.problem;
+    __shared__ SweepShared rows;
+    __shared__ PositiveTerms partial[kRows][kRowParts];
+
+    const SharedRows<T> shared(p);
+    const FragmentLane lane;
+    const uint32_t first_anchor = f.anchor_begin + blockIdx.x * kRows;
+    const int anchor_count = rows_in_tile(first_anchor, f.anchor_end);
+
+    PositiveTerms terms[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        start_anchor(terms[h], first_anchor + (lane.row[h] < anchor_count ? lane.row[h] : 0), f);
+    }
+    sweep<T, false>(terms, rows, shared, first_anchor, anchor_count, column_share(f), p);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) partial[lane.row[h]][lane.quad] = terms[h];
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < anchor_count) {
+        publish_anchor(merge_parts(partial[threadIdx.x]), first_anchor + threadIdx.x, f);
+    }
+}
+
 } // namespace
 } // namespace tc
 } // namespace supcon
@@ -312,4 +340,21 @@ extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) supcon_mma_fo
 
 extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads) supcon_mma_forward_bf16(const SupconForwardParams params) {
     supcon::tc::forward<__nv_bfloat16>(params);
+}
+
+/* minBlocksPerSM = 1: without it ptxas caps the f32x3 instance at 96 registers on sm_80 and
+ * spills. */
+extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads, 1)
+    supcon_mma_forward_positive_terms_f32x3(const SupconForwardParams params) {
+    supcon::tc::forward_positive_terms<float>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads, 1)
+    supcon_mma_forward_positive_terms_f16(const SupconForwardParams params) {
+    supcon::tc::forward_positive_terms<__half>(params);
+}
+
+extern "C" __global__ void __launch_bounds__(supcon::tc::kThreads, 1)
+    supcon_mma_forward_positive_terms_bf16(const SupconForwardParams params) {
+    supcon::tc::forward_positive_terms<__nv_bfloat16>(params);
 }

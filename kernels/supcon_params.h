@@ -2,7 +2,8 @@
  * The parameter blocks of the SupCon kernels (each takes one by value), shared with Rust
  * (src/device/abi.rs mirrors them field for field; a test compares sizeof/offsetof).
  *
- *   SupconForwardParams      supcon_forward_*, supcon_mma_forward_*, supcon_forward_merge
+ *   SupconForwardParams      supcon_forward_*, supcon_mma_forward_*, supcon_forward_merge,
+ *                            supcon_forward_positive_terms_*, supcon_mma_forward_positive_terms_*
  *   SupconFinalizeParams     supcon_forward_finalize
  *   SupconCoefficientParams  supcon_backward_coefficients
  *   SupconBackwardParams     supcon_backward_*, supcon_mma_backward_*
@@ -38,6 +39,7 @@
 /* The softmax denominator set of anchor i (denominator). */
 #define SUPCON_DENOMINATOR_ALL 0u            /* every j != i */
 #define SUPCON_DENOMINATOR_ONLY_NEGATIVES 1u /* j != i with weight 0 */
+#define SUPCON_DENOMINATOR_ONE_POSITIVE 2u   /* the negatives, each positive joining them alone */
 
 /* Where the mean over positives sits (summation). */
 #define SUPCON_SUMMATION_OUTSIDE 0u /* L_out, Eq. 2 */
@@ -89,6 +91,10 @@ typedef struct SupconStatistics {
     uint64_t scaled_positive_lse_lo; /* its lo (0 without a positive) */
     uint64_t positive_weight;        /* P_i = sum_j w_ij */
     uint64_t positive_weight_max;    /* W_i = max_j w_ij (0: no positive) */
+    uint64_t pull;                   /* one-positive: Psi_i = sum_p rho_ip, the total pull of the
+                                      * positives (0 without a negative); else unused */
+    uint64_t log_share;              /* one-positive under L_in: log A_i = log sum_p w_ip pi_ip
+                                      * (0 without a negative); else unused */
 } SupconStatistics;
 
 /* How the per-anchor losses reduce. */
@@ -111,7 +117,9 @@ typedef struct SupconForwardParams {
                                   * column_splits = 1 */
     uint32_t anchor_begin;
     uint32_t anchor_end;
-    uint32_t column_splits;      /* at most the number of 64-row contrast tiles */
+    uint32_t column_splits;      /* at most the number of 64-row contrast tiles; 1 for the positive
+                                  * terms kernels (which read the range's lse, lse_lo and
+                                  * positive_weight and write its anchor_loss, pull, log_share) */
     uint32_t padding;            /* 0 */
 } SupconForwardParams;
 

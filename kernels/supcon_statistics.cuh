@@ -38,7 +38,8 @@ __device__ __forceinline__ void merge_log_sum(float& max, float& sum, float othe
 /* Folds one tile row of logits (this thread's kCols columns of it) into `stats`. */
 template <int kCols>
 __device__ __forceinline__ void accumulate_row(RowStatistics& stats, const float (&s)[kCols],
-                                               const float (&weight)[kCols], const bool (&denominator)[kCols]) {
+                                               const float (&weight)[kCols], const bool (&denominator)[kCols],
+                                               const SupconProblem&) {
     float tile_max = -INFINITY;
     float tile_positive_max = -INFINITY;
 #pragma unroll
@@ -76,11 +77,114 @@ __device__ __forceinline__ void merge_into(RowStatistics& s, const RowStatistics
 }
 
 /* The kParts partial statistics of one anchor merged in order (a fixed summation order). */
-template <int kParts>
-__device__ __forceinline__ RowStatistics merge_parts(const RowStatistics (&partial)[kParts]) {
-    RowStatistics s = partial[0];
+template <int kParts, typename Statistics>
+__device__ __forceinline__ Statistics merge_parts(const Statistics (&partial)[kParts]) {
+    Statistics s = partial[0];
     for (int q = 1; q < kParts; ++q) merge_into(s, partial[q]);
     return s;
+}
+
+/* One anchor row's sums over its positives p under the one-positive denominator, given
+ * LSE^N_i (the first pass's lse): with x_p = LSE^N_i - s_ip, pi_ip = sigma(-x_p) is positive p's
+ * softmax against the negatives, -log pi_ip = softplus(x_p) and -log(1 - pi_ip) =
+ * softplus(-x_p) = softplus(x_p) - x_p (docs/math.md, "One positive"). Both sums are
+ * log-sum-exps (max, sum), so that no term underflows (pi ~ e^-x past x ~ 87):
+ *
+ *              loss (log of)                       pull (log of)
+ *   L_out   sum_p w_p softplus(x_p)              sum_p w_p sigma(x_p)
+ *   L_in    A_i = sum_p w_p pi_p                 sum_p w_p pi_p (1 - pi_p)
+ */
+struct PositiveTerms {
+    float lse;      /* LSE^N_i, hi (-inf: no negative; the anchor's terms are then 0) */
+    float lse_lo;   /* its lo */
+    float loss_max; /* the loss sum as (max, sum) */
+    float loss_sum;
+    float pull_max; /* the pull sum as (max, sum) */
+    float pull_sum;
+};
+
+/* The sums of `anchor` before any positive: its LSE^N from the first pass. */
+__device__ __forceinline__ PositiveTerms positive_terms_of(uint32_t anchor, const SupconStatistics& saved) {
+    return {reinterpret_cast<const float*>(saved.lse)[anchor], reinterpret_cast<const float*>(saved.lse_lo)[anchor],
+            -INFINITY, 0.0f, -INFINITY, 0.0f};
+}
+
+/* (max, sum) <- the log-sum-exp pair with one more term e^t (t finite or NaN). */
+__device__ __forceinline__ void add_log_term(float& max, float& sum, float t) {
+    if (t > max) {
+        sum = fmaf(sum, expf(max - t), 1.0f);
+        max = t;
+    } else {
+        sum += expf(t - max);
+    }
+}
+
+/* softplus(x) = log(1 + e^x) and sigma(x) = 1 / (1 + e^-x) without overflow at either end. */
+__device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* Folds one tile row of logits (this thread's kCols columns) into the one-positive sums: the
+ * positives only (w > 0; the negatives are in LSE^N already, so `denominator` is unused). */
+template <int kCols>
+__device__ __forceinline__ void accumulate_row(PositiveTerms& terms, const float (&s)[kCols],
+                                               const float (&weight)[kCols], const bool (&)[kCols],
+                                               const SupconProblem& p) {
+    /* Without a negative every pi is 1 and the anchor's loss and pulls are 0. */
+    if (terms.lse == -INFINITY) return;
+#pragma unroll
+    for (int n = 0; n < kCols; ++n) {
+        if (!(weight[n] > 0.0f)) continue;
+        const float x = (terms.lse - s[n]) + terms.lse_lo;
+        const float log1p_exp = log1pf(expf(-fabsf(x)));
+        const float softplus_x = fmaxf(x, 0.0f) + log1p_exp;
+        const float softplus_minus_x = fmaxf(-x, 0.0f) + log1p_exp;
+        const float log_weight = logf(weight[n]);
+        float loss;
+        float pull;
+        if (p.summation == SUPCON_SUMMATION_OUTSIDE) {
+            /* log softplus(x) -> x where softplus(x) = e^x to float precision (and would
+             * underflow). */
+            loss = log_weight + (x < -20.0f ? x : logf(softplus_x));
+            pull = log_weight - softplus_minus_x;
+        } else {
+            loss = log_weight - softplus_x;
+            pull = loss - softplus_minus_x;
+        }
+        add_log_term(terms.loss_max, terms.loss_sum, loss);
+        add_log_term(terms.pull_max, terms.pull_sum, pull);
+    }
+}
+
+/* Adds the sums over a disjoint set of contrasts to `s` (the same LSE^N). */
+__device__ __forceinline__ void merge_into(PositiveTerms& s, const PositiveTerms& other) {
+    merge_log_sum(s.loss_max, s.loss_sum, other.loss_max, other.loss_sum);
+    merge_log_sum(s.pull_max, s.pull_sum, other.pull_max, other.pull_sum);
+}
+
+/* Writes the one-positive outputs of `anchor` from its sums over all N contrasts and the first
+ * pass's P_i: l_i, the pull Psi_i and log A_i (docs/math.md, "One positive" and "The gradient"). */
+__device__ __forceinline__ void write_positive_terms(const PositiveTerms& t, uint32_t anchor,
+                                                     const SupconForwardParams& f) {
+    const SupconProblem& p = f.problem;
+    const float positive_weight = reinterpret_cast<const float*>(f.statistics.positive_weight)[anchor];
+    float loss = 0.0f;
+    float pull = 0.0f;
+    float log_share = 0.0f;
+    if (positive_weight > 0.0f && !(t.lse == -INFINITY)) {
+        const float log_loss = t.loss_max + logf(t.loss_sum);
+        const float log_pull = t.pull_max + logf(t.pull_sum);
+        if (p.summation == SUPCON_SUMMATION_OUTSIDE) {
+            loss = p.loss_scale * (expf(log_loss) / positive_weight);
+            pull = expf(log_pull) / positive_weight;
+        } else {
+            log_share = log_loss;
+            loss = p.loss_scale * (logf(positive_weight) - log_share);
+            pull = expf(log_pull - log_share);
+        }
+    }
+    reinterpret_cast<float*>(f.anchor_loss)[anchor] = loss;
+    reinterpret_cast<float*>(f.statistics.pull)[anchor] = pull;
+    reinterpret_cast<float*>(f.statistics.log_share)[anchor] = log_share;
 }
 
 /* Writes the outputs of `anchor` from its statistics over all N contrasts. */
@@ -138,12 +242,32 @@ __device__ __forceinline__ void publish_anchor(const RowStatistics& s, uint32_t 
     }
 }
 
+/* The positive terms run unsplit (column_splits = 1): their outputs at once. */
+__device__ __forceinline__ void publish_anchor(const PositiveTerms& s, uint32_t anchor, const SupconForwardParams& f) {
+    write_positive_terms(s, anchor, f);
+}
+
+/* The running statistics of `anchor` before any contrast. */
+__device__ __forceinline__ void start_anchor(RowStatistics& s, uint32_t, const SupconForwardParams&) {
+    s = {-INFINITY, 0.0f, -INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
+}
+__device__ __forceinline__ void start_anchor(PositiveTerms& s, uint32_t anchor, const SupconForwardParams& f) {
+    s = positive_terms_of(anchor, f.statistics);
+}
+
 /* The saved statistics of the rows of one tile. */
 struct TileStatistics {
     float lse[kTileRows]; /* hi and lo (supcon_params.h) */
     float lse_lo[kTileRows];
-    float scaled_positive_lse[kTileRows];
-    float scaled_positive_lse_lo[kTileRows];
+    /* One-positive's positives need the pull and log A_i instead of the positive log-sum-exp. */
+    union {
+        float scaled_positive_lse[kTileRows];
+        float pull[kTileRows];
+    };
+    union {
+        float scaled_positive_lse_lo[kTileRows];
+        float log_share[kTileRows];
+    };
     float positive_weight[kTileRows];
     float positive_weight_max[kTileRows];
     float coef[kTileRows]; /* 0 for rows that are not anchors or whose gradient vanishes */
@@ -161,8 +285,13 @@ __device__ __forceinline__ void load_statistics(TileStatistics& tile, uint32_t f
             coef = reinterpret_cast<const float*>(b.grad_coef)[row];
             tile.lse[t] = reinterpret_cast<const float*>(saved.lse)[row];
             tile.lse_lo[t] = reinterpret_cast<const float*>(saved.lse_lo)[row];
-            tile.scaled_positive_lse[t] = reinterpret_cast<const float*>(saved.scaled_positive_lse)[row];
-            tile.scaled_positive_lse_lo[t] = reinterpret_cast<const float*>(saved.scaled_positive_lse_lo)[row];
+            if (b.problem.denominator == SUPCON_DENOMINATOR_ONE_POSITIVE) {
+                tile.pull[t] = reinterpret_cast<const float*>(saved.pull)[row];
+                tile.log_share[t] = reinterpret_cast<const float*>(saved.log_share)[row];
+            } else {
+                tile.scaled_positive_lse[t] = reinterpret_cast<const float*>(saved.scaled_positive_lse)[row];
+                tile.scaled_positive_lse_lo[t] = reinterpret_cast<const float*>(saved.scaled_positive_lse_lo)[row];
+            }
             tile.positive_weight[t] = reinterpret_cast<const float*>(saved.positive_weight)[row];
             tile.positive_weight_max[t] = reinterpret_cast<const float*>(saved.positive_weight_max)[row];
         }
@@ -173,6 +302,18 @@ __device__ __forceinline__ void load_statistics(TileStatistics& tile, uint32_t f
 /* G_ij / coef_i for the anchor whose statistics are row a of `stats`, given s_ij and w_ij. */
 __device__ __forceinline__ float logit_gradient(const SupconProblem& p, const TileStatistics& stats, int a, float s,
                                                 float weight) {
+    if (p.denominator == SUPCON_DENOMINATOR_ONE_POSITIVE) {
+        /* Psi_i q_ij on a negative, -rho_ij on a positive, with x = LSE^N_i - s_ij: rho =
+         * (w / P_i) sigma(x) for L_out, (w pi / A_i)(1 - pi) = e^(log w - softplus(x) - log A_i)
+         * sigma(x) for L_in. A coefficient is 0 where LSE^N_i = -inf, so x is finite here. */
+        if (weight == 0.0f) return stats.pull[a] * expf((s - stats.lse[a]) - stats.lse_lo[a]);
+        if (!(weight > 0.0f)) return 0.0f; /* dropped by the cap */
+        const float x = (stats.lse[a] - s) + stats.lse_lo[a];
+        const float pull = p.summation == SUPCON_SUMMATION_OUTSIDE
+                               ? weight / stats.positive_weight[a]
+                               : expf((logf(weight) - softplus(x)) - stats.log_share[a]);
+        return -pull * sigmoid(x);
+    }
     float g = in_denominator(p, weight) ? expf((s - stats.lse[a]) - stats.lse_lo[a]) : 0.0f;
     if (weight > 0.0f) {
         /* Divisions, not multiplications by reciprocals: w / w is exactly 1. */

@@ -153,6 +153,15 @@ if ((status != 0)); then
     failures=$((failures + 1))
     say "| supcon cuda | | | | $(describe_status $status) | | |"
 fi
+# The one-positive denominator (two forward sweeps) beside the default, at the largest size.
+logged "$(until_second 300)" "$here/bin/cuda_table" --sizes "${sizes##*,}" --dim "$dim" \
+    --dtypes bf16 --precisions auto --denominator one-positive --cap-s 4 --budget-s 10
+status=$?
+grep -E '^\| supcon' "$last" >>"$report"
+if ((status != 0)); then
+    failures=$((failures + 1))
+    say "| supcon cuda mma, one positive | bf16 | | | $(describe_status $status) | | |"
+fi
 # O(N·D) memory: a million rows complete on the tensor-core kernels (one timed step).
 logged "$(until_second 320)" "$here/bin/cuda_table" --sizes 1048576 --dim "$dim" \
     --dtypes bf16 --precisions auto --repeats 1 --cap-s 1 --budget-s 60

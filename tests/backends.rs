@@ -850,11 +850,11 @@ backend_suite!(
     })
 );
 
-/// What the CUDA kernels implement (emulated or on a GPU): no one-positive denominator, no
-/// fused normalisation, no f64 features.
+/// What the CUDA kernels implement (emulated or on a GPU): every option but fused
+/// normalisation, no f64 features.
 #[cfg(any(feature = "emulation", feature = "cuda"))]
 fn kernels_support(loss: &SupConLoss, _: &Positives<'_>, dtype: DType) -> bool {
-    dtype != DType::F64 && loss.denominator() != Denominator::OnePositive && !loss.normalize()
+    dtype != DType::F64 && !loss.normalize()
 }
 
 /// The kernels tile rows in blocks of 64, the depth in stages of 32 and the gradient in chunks

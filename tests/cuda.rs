@@ -15,8 +15,8 @@ use ndarray::{Array1, Array3};
 use std::sync::Arc;
 use supcon::cuda::{CudaFeature, DevicePositives};
 use supcon::{
-    AnyBackend, Backend, BatchShape, Capability, Denominator, Error, NoPositivePolicy, Positives,
-    SupConLoss, Upstream,
+    AnyBackend, Backend, BatchShape, Capability, Error, NoPositivePolicy, Positives, SupConLoss,
+    Upstream,
 };
 
 /// The CUDA backend on GPU 0, or `None` (with the reason printed) where it cannot run.
@@ -71,7 +71,6 @@ fn device_api_equals_host_api() {
     let per_anchor = Array1::from_shape_fn(b * v, |i| 0.5 + 0.01 * i as f64);
     for loss in common::option_grid(0.2, 0.1, None)
         .into_iter()
-        .filter(|l| l.denominator() != Denominator::OnePositive)
         .filter(|l| l.no_positive() != NoPositivePolicy::Error)
     {
         let upstream = common::upstream_for(&loss, &per_anchor);
@@ -280,17 +279,11 @@ fn unsupported_options_are_typed_errors_on_the_device_api() {
     let shape = BatchShape::new(4, 2, 3).unwrap();
     let z = Array3::<f32>::from_shape_fn((4, 2, 3), |(b, v, d)| (b + v + d) as f32 * 0.1);
     let features = cuda.stream().clone_htod(z.as_slice().unwrap()).unwrap();
-    let one_positive = SupConLoss::builder()
-        .denominator(Denominator::OnePositive)
-        .build()
-        .unwrap();
     let capped = SupConLoss::builder().positives_cap(1).build().unwrap();
+    let normalized = SupConLoss::builder().normalize(true).build().unwrap();
     for (loss, capability) in [
-        (
-            one_positive,
-            Capability::Denominator(Denominator::OnePositive),
-        ),
         (capped, Capability::PositivesCap),
+        (normalized, Capability::Normalize),
     ] {
         let device =
             cuda.forward_device(&loss, &features.as_view(), shape, DevicePositives::SimClr);
@@ -400,7 +393,6 @@ fn device_api_on_caller_memory_equals_the_allocating_api() {
     let stream = cuda.stream();
     for loss in common::option_grid(0.2, 0.1, None)
         .into_iter()
-        .filter(|l| l.denominator() != Denominator::OnePositive)
         .filter(|l| l.no_positive() != NoPositivePolicy::Error)
     {
         let layout = supcon::CudaBackend::workspace(&loss, batch.shape);

@@ -18,6 +18,9 @@ extern "C" {
 void supcon_forward_f32(SupconForwardParams);
 void supcon_forward_f16(SupconForwardParams);
 void supcon_forward_bf16(SupconForwardParams);
+void supcon_forward_positive_terms_f32(SupconForwardParams);
+void supcon_forward_positive_terms_f16(SupconForwardParams);
+void supcon_forward_positive_terms_bf16(SupconForwardParams);
 void supcon_forward_merge(SupconForwardParams);
 void supcon_forward_finalize(SupconFinalizeParams);
 void supcon_backward_f32(SupconBackwardParams);
@@ -27,6 +30,9 @@ void supcon_backward_coefficients(SupconCoefficientParams);
 void supcon_mma_forward_f32x3(SupconForwardParams);
 void supcon_mma_forward_f16(SupconForwardParams);
 void supcon_mma_forward_bf16(SupconForwardParams);
+void supcon_mma_forward_positive_terms_f32x3(SupconForwardParams);
+void supcon_mma_forward_positive_terms_f16(SupconForwardParams);
+void supcon_mma_forward_positive_terms_bf16(SupconForwardParams);
 void supcon_mma_backward_f32x3(SupconBackwardParams);
 void supcon_mma_backward_wide_f16(SupconBackwardParams);
 void supcon_mma_backward_wide_bf16(SupconBackwardParams);
@@ -48,6 +54,9 @@ constexpr NamedKernel kKernels[] = {
     SUPCON_KERNEL(supcon_forward_f32, SupconForwardParams),
     SUPCON_KERNEL(supcon_forward_f16, SupconForwardParams),
     SUPCON_KERNEL(supcon_forward_bf16, SupconForwardParams),
+    SUPCON_KERNEL(supcon_forward_positive_terms_f32, SupconForwardParams),
+    SUPCON_KERNEL(supcon_forward_positive_terms_f16, SupconForwardParams),
+    SUPCON_KERNEL(supcon_forward_positive_terms_bf16, SupconForwardParams),
     SUPCON_KERNEL(supcon_forward_merge, SupconForwardParams),
     SUPCON_KERNEL(supcon_forward_finalize, SupconFinalizeParams),
     SUPCON_KERNEL(supcon_backward_f32, SupconBackwardParams),
@@ -57,6 +66,9 @@ constexpr NamedKernel kKernels[] = {
     SUPCON_KERNEL(supcon_mma_forward_f32x3, SupconForwardParams),
     SUPCON_KERNEL(supcon_mma_forward_f16, SupconForwardParams),
     SUPCON_KERNEL(supcon_mma_forward_bf16, SupconForwardParams),
+    SUPCON_KERNEL(supcon_mma_forward_positive_terms_f32x3, SupconForwardParams),
+    SUPCON_KERNEL(supcon_mma_forward_positive_terms_f16, SupconForwardParams),
+    SUPCON_KERNEL(supcon_mma_forward_positive_terms_bf16, SupconForwardParams),
     SUPCON_KERNEL(supcon_mma_backward_f32x3, SupconBackwardParams),
     SUPCON_KERNEL(supcon_mma_backward_wide_f16, SupconBackwardParams),
     SUPCON_KERNEL(supcon_mma_backward_wide_bf16, SupconBackwardParams),
@@ -87,7 +99,8 @@ struct FieldLayout {
 #define SUPCON_STATISTICS_FIELDS(Struct)                                                                   \
     SUPCON_FIELD(Struct, statistics.lse), SUPCON_FIELD(Struct, statistics.lse_lo),                          \
         SUPCON_FIELD(Struct, statistics.scaled_positive_lse), SUPCON_FIELD(Struct, statistics.scaled_positive_lse_lo), \
-        SUPCON_FIELD(Struct, statistics.positive_weight), SUPCON_FIELD(Struct, statistics.positive_weight_max)
+        SUPCON_FIELD(Struct, statistics.positive_weight), SUPCON_FIELD(Struct, statistics.positive_weight_max), \
+        SUPCON_FIELD(Struct, statistics.pull), SUPCON_FIELD(Struct, statistics.log_share)
 #define SUPCON_REDUCTION_FIELDS(Struct)                                                                      \
     SUPCON_FIELD(Struct, reduction.anchors), SUPCON_FIELD(Struct, reduction.reduction),                       \
         SUPCON_FIELD(Struct, reduction.no_positive_policy), SUPCON_FIELD(Struct, reduction.padding)
@@ -166,6 +179,7 @@ constexpr NamedConstant kConstants[] = {
     {"SUPCON_LABEL_SET_FRACTION", SUPCON_LABEL_SET_FRACTION},
     {"SUPCON_DENOMINATOR_ALL", SUPCON_DENOMINATOR_ALL},
     {"SUPCON_DENOMINATOR_ONLY_NEGATIVES", SUPCON_DENOMINATOR_ONLY_NEGATIVES},
+    {"SUPCON_DENOMINATOR_ONE_POSITIVE", SUPCON_DENOMINATOR_ONE_POSITIVE},
     {"SUPCON_SUMMATION_OUTSIDE", SUPCON_SUMMATION_OUTSIDE},
     {"SUPCON_SUMMATION_INSIDE", SUPCON_SUMMATION_INSIDE},
     {"SUPCON_REDUCTION_MEAN", SUPCON_REDUCTION_MEAN},

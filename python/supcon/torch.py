@@ -10,7 +10,7 @@ without a graph break.
   (non-contiguous features are made contiguous once); float64 features run the f64 reference
   backend, so that ``torch.autograd.gradcheck`` applies. The GIL is released while it runs.
 - CUDA tensors: the crate's CUDA kernels, on the tensor's device and PyTorch's current stream.
-  What the kernels lack (float64, ``one_positive``, a positives cap, label sets, ``normalize``)
+  What the kernels lack on device tensors (float64, a positives cap, label sets, ``normalize``)
   runs on a host copy under ``backend="auto"``.
 """
 
@@ -113,11 +113,11 @@ def _state_bytes(anchors, is_cuda: bool):
     """Bytes of the saved state of R = ``anchors`` anchors (plain arithmetic, so that it also
     works on the symbolic sizes of ``torch.compile``): on the CPU LSE_i, LSE^P_i and P_i
     (``float64[R]`` each), R', whether there is a fingerprint, and its 64 bits; on a GPU the
-    kernels' workspace (the layout of ``_supcon.cuda_workspace``): the loss, the count, seven
+    kernels' workspace (the layout of ``_supcon.cuda_workspace``): the loss, the count, nine
     ``float32[R]`` statistics and the partial statistics of the forward's column shares (room
     for the most shares R anchors can take, none where that is one)."""
     if is_cuda:
-        statistics = 2 * _CUDA_ALIGN + 7 * ((4 * anchors + _CUDA_ALIGN - 1) // _CUDA_ALIGN) * _CUDA_ALIGN
+        statistics = 2 * _CUDA_ALIGN + 9 * ((4 * anchors + _CUDA_ALIGN - 1) // _CUDA_ALIGN) * _CUDA_ALIGN
         shares = (_FORWARD_TARGET_BLOCKS + (anchors + 63) // 64 - 1) // ((anchors + 63) // 64)
         # 1 - 1 // shares: 0 for one share, else 1 (arithmetic, no branch on a symbolic size).
         return statistics + (1 - 1 // shares) * shares * anchors * _ROW_STATISTICS_BYTES
@@ -144,18 +144,18 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _on_kernels(features: torch.Tensor, label_sets: Optional[torch.Tensor], denominator: str,
+def _on_kernels(features: torch.Tensor, label_sets: Optional[torch.Tensor],
                 positives_cap: int, normalize: bool, backend: str) -> bool:
     """Whether a call runs the CUDA kernels: CUDA features with backend ``"cuda"``, or with
-    ``"auto"`` where the kernels take the call (not float64, label sets, ``one_positive``, a
-    cap or ``normalize``). Every other call runs a host backend, on a copy of CUDA inputs where
+    ``"auto"`` where the kernels take the call (not float64, label sets, a cap or
+    ``normalize``). Every other call runs a host backend, on a copy of CUDA inputs where
     they are on a GPU."""
     if not features.is_cuda:
         return False
     if backend == "cuda":
         return True
     return (backend == "auto" and features.dtype != torch.float64 and label_sets is None
-            and denominator != "one_positive" and positives_cap == _NO_CAP and not normalize)
+            and positives_cap == _NO_CAP and not normalize)
 
 
 def _host(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -186,7 +186,7 @@ def _forward(
     (``[B, K]``, bool or 0/1 integers) is given."""
     options = _options(temperature, base_temperature, contrast_mode, summation, denominator,
                        positives_cap, no_positive, reduction, label_set_weight, normalize)
-    if _on_kernels(features, label_sets, denominator, positives_cap, normalize, backend):
+    if _on_kernels(features, label_sets, positives_cap, normalize, backend):
         return _forward_cuda(options, features, labels, mask, label_sets)
     output, state = _forward_host(options, _host(features), _host(labels), _host(mask),
                                   _host(label_sets), backend)
@@ -255,7 +255,7 @@ def _(features, labels, mask, label_sets, temperature, base_temperature, contras
     batch, views = features.shape[0], features.shape[1]
     anchors = batch * views if contrast_mode == "all" else batch
     output = features.new_empty((anchors,) if reduction == "none" else ())
-    on_kernels = _on_kernels(features, label_sets, denominator, positives_cap, normalize, backend)
+    on_kernels = _on_kernels(features, label_sets, positives_cap, normalize, backend)
     state = torch.empty((_state_bytes(anchors, on_kernels),), dtype=torch.uint8,
                         device=features.device if on_kernels else "cpu")
     return output, state
@@ -284,7 +284,7 @@ def _backward(
     """∂(objective)/∂features, in the features' shape, dtype and device."""
     options = _options(temperature, base_temperature, contrast_mode, summation, denominator,
                        positives_cap, no_positive, reduction, label_set_weight, normalize)
-    if _on_kernels(features, label_sets, denominator, positives_cap, normalize, backend):
+    if _on_kernels(features, label_sets, positives_cap, normalize, backend):
         return _backward_cuda(options, grad_output, features, labels, mask, label_sets, state)
     grad = _backward_host(options, _host(grad_output), _host(features), _host(labels),
                           _host(mask), _host(label_sets), state, backend)
@@ -532,7 +532,7 @@ class SupConLoss(torch.nn.Module):
         cap = _NO_CAP if self.positives_cap is None else self.positives_cap
         label_sets = labels if labels is not None and _core.is_label_sets(
             labels.dim(), labels.shape, labels.dtype == torch.bool) else None
-        if _on_kernels(features, label_sets, self.denominator, cap, self.normalize, self.backend):
+        if _on_kernels(features, label_sets, cap, self.normalize, self.backend):
             return "cuda"
         return _core.host_backend(self.backend, _DTYPES.get(features.dtype, "float32"))
 

@@ -31,7 +31,7 @@ def test_cuda_build_runs_the_kernels():
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["f32", "f16", "bf16"]
 
-# The options the kernels implement (not one_positive, not positives_cap).
+# The options the kernels implement on device tensors (not positives_cap, label sets, normalize).
 CASES = [
     ("labels", "labels", {}),
     ("simclr", "simclr", {}),
@@ -40,6 +40,8 @@ CASES = [
     ("tau_ne_base", "labels", {"temperature": 0.1, "base_temperature": 0.07}),
     ("inside_mask", "soft_mask", {"summation": "inside"}),
     ("only_neg", "labels", {"denominator": "only_negatives"}),
+    ("one_positive", "labels", {"denominator": "one_positive"}),
+    ("one_positive_inside_mask", "soft_mask", {"denominator": "one_positive", "summation": "inside"}),
     ("exclude_v1", "labels_v1", {"no_positive": "exclude"}),
     ("sum", "labels", {"reduction": "sum"}),
     ("none", "labels", {"reduction": "none"}),
@@ -164,12 +166,12 @@ def test_cuda_nan_features_error_or_propagate(gen):
     assert not bool(torch.isfinite(loss))
 
 
-HOST_ONLY = [{"denominator": "one_positive"}, {"positives_cap": 1}]
+HOST_ONLY = [{"positives_cap": 1}, {"positives_cap": 3, "denominator": "one_positive"}]
 
 
-@pytest.mark.parametrize("options", HOST_ONLY, ids=["one_positive", "cap"])
+@pytest.mark.parametrize("options", HOST_ONLY, ids=["cap", "cap_one_positive"])
 def test_cuda_unsupported_options_are_typed_errors(gen, options):
-    """Options the kernels do not implement (one_positive, positives_cap) with backend="cuda"
+    """Options the kernels do not implement on device tensors (positives_cap) with backend="cuda"
     fail with ValueError or RuntimeError, not a crash or a wrong result."""
     z = h.features(6, 2, 4, torch.float32, gen=gen, device="cuda")
     with pytest.raises((ValueError, RuntimeError)):
@@ -177,7 +179,7 @@ def test_cuda_unsupported_options_are_typed_errors(gen, options):
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpu"])
-@pytest.mark.parametrize("options", HOST_ONLY, ids=["one_positive", "cap"])
+@pytest.mark.parametrize("options", HOST_ONLY, ids=["cap", "cap_one_positive"])
 def test_cuda_tensors_on_a_host_backend(gen, options, backend):
     """backend "auto" with an option the kernels lack, or an explicit host backend, runs on a
     host copy: loss and gradient come back on the device and match the reference."""

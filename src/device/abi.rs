@@ -65,6 +65,10 @@ pub(crate) struct Statistics {
     pub positive_weight: u64,
     /// W_i = max_j w_ij (0: no positive).
     pub positive_weight_max: u64,
+    /// One positive: Ψ_i, the positives' total pull (0 without a negative); else unused.
+    pub pull: u64,
+    /// One positive under L_in: log A_i (0 without a negative); else unused.
+    pub log_share: u64,
 }
 
 /// `SupconReduction`: how the per-anchor losses reduce.
@@ -96,7 +100,7 @@ pub(crate) struct ForwardParams {
     pub partials: u64,
     pub anchor_begin: u32,
     pub anchor_end: u32,
-    /// 1 (no split) up to the number of 64-row contrast tiles.
+    /// 1 (no split) up to the number of 64-row contrast tiles; 1 for the positive terms.
     pub column_splits: u32,
     /// 0.
     pub padding: u32,
@@ -219,6 +223,8 @@ pub(crate) mod denominator {
     pub const ALL: u32 = 0;
     /// Contrasts with weight 0.
     pub const ONLY_NEGATIVES: u32 = 1;
+    /// The negatives, each positive joining them alone.
+    pub const ONE_POSITIVE: u32 = 2;
 }
 
 /// `summation` codes (`SUPCON_SUMMATION_*`).

@@ -333,8 +333,9 @@ mod tests {
                 problem.inv_temperature, problem.loss_scale, problem.set_words,
                 problem.set_weight, statistics.lse, statistics.lse_lo,
                 statistics.scaled_positive_lse, statistics.scaled_positive_lse_lo,
-                statistics.positive_weight, statistics.positive_weight_max, anchor_loss,
-                partials, anchor_begin, anchor_end, column_splits, padding,
+                statistics.positive_weight, statistics.positive_weight_max, statistics.pull,
+                statistics.log_share, anchor_loss, partials, anchor_begin, anchor_end,
+                column_splits, padding,
             ),
         );
         assert_layout::<FinalizeParams>(
@@ -362,8 +363,8 @@ mod tests {
                 problem.inv_temperature, problem.loss_scale, problem.set_words,
                 problem.set_weight, statistics.lse, statistics.lse_lo,
                 statistics.scaled_positive_lse, statistics.scaled_positive_lse_lo,
-                statistics.positive_weight, statistics.positive_weight_max, grad_coef,
-                grad_features, grad_begin, grad_end,
+                statistics.positive_weight, statistics.positive_weight_max, statistics.pull,
+                statistics.log_share, grad_coef, grad_features, grad_begin, grad_end,
             ),
         );
         // An unknown block has no size. SAFETY: a NUL-terminated name.
@@ -383,7 +384,7 @@ mod tests {
 
     #[test]
     fn option_codes_and_tile_sizes_match_the_kernels() {
-        let expected: [(&CStr, u32); 28] = [
+        let expected: [(&CStr, u32); 29] = [
             (c"SUPCON_POSITIVES_SAME_SAMPLE", abi::positives::SAME_SAMPLE),
             (c"SUPCON_POSITIVES_LABELS", abi::positives::LABELS),
             (c"SUPCON_POSITIVES_MASK", abi::positives::MASK),
@@ -398,6 +399,10 @@ mod tests {
             (
                 c"SUPCON_DENOMINATOR_ONLY_NEGATIVES",
                 abi::denominator::ONLY_NEGATIVES,
+            ),
+            (
+                c"SUPCON_DENOMINATOR_ONE_POSITIVE",
+                abi::denominator::ONE_POSITIVE,
             ),
             (c"SUPCON_SUMMATION_OUTSIDE", abi::summation::OUTSIDE),
             (c"SUPCON_SUMMATION_INSIDE", abi::summation::INSIDE),

@@ -16,13 +16,14 @@ use ndarray::{Array3, ArrayView3};
 use super::executor::{upload_slice, KernelExecutor};
 use super::kernel::FeatureType;
 use super::launch::{
-    grad_coefficients, launch_backward, launch_forward, split, to_host, SavedAddresses,
+    grad_coefficients, launch_backward, launch_forward, launch_positive_terms, split, to_host,
+    SavedAddresses, StatisticsAddresses,
 };
 use super::problem::{InputAddresses, PositiveAddresses, Problem};
 use crate::backend::{
     check_finite_gradient, check_finite_loss, ForwardOutput, SavedState, Upstream,
 };
-use crate::config::SupConLoss;
+use crate::config::{Denominator, SupConLoss};
 use crate::cpu::relation::cap_bounds;
 use crate::element::{Element, GradElement};
 use crate::error::Result;
@@ -268,12 +269,16 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
         positive_lse_lo,
         positive_weight,
         vec![1.0f32; problem.anchors()],
+        // One positive's Ψ_i, log A_i and (unused) ℓ_i, which its second pass recomputes.
+        vec![0.0f32; problem.anchors()],
+        vec![0.0f32; problem.anchors()],
+        vec![0.0f32; problem.anchors()],
     ]
     .into_iter()
     .map(|values| upload_slice(executor, &values))
     .collect::<Result<Vec<_>>>()?;
-    let [lse, lse_lo, positive_lse, positive_lse_lo, positive_weight, positive_weight_max] =
-        [0, 1, 2, 3, 4, 5].map(|k| executor.address(&uploads[k]));
+    let [lse, lse_lo, positive_lse, positive_lse_lo, positive_weight, positive_weight_max, pull, log_share, anchor_loss] =
+        [0, 1, 2, 3, 4, 5, 6, 7, 8].map(|k| executor.address(&uploads[k]));
     let saved = SavedAddresses {
         lse,
         lse_lo,
@@ -281,7 +286,22 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
         scaled_positive_lse_lo: positive_lse_lo,
         positive_weight,
         positive_weight_max,
+        pull,
+        log_share,
     };
+    if loss.denominator() == Denominator::OnePositive {
+        let at = StatisticsAddresses {
+            saved,
+            anchor_loss,
+            reduced_loss: 0,
+            anchors_without_positives: 0,
+            partials: 0,
+        };
+        // SAFETY: the inputs as in `forward`; the LSE^N_i and P_i just uploaded, R floats
+        // each for Ψ_i, log A_i and ℓ_i, alive until the download below.
+        let anchors = 0..problem.kernel_shape().anchors;
+        unsafe { launch_positive_terms(executor, problem, &inputs, &at, anchors)? };
+    }
     let (batch, views, dim) = (shape.batch(), shape.views(), shape.dim());
     let grad = executor.alloc(shape.elements() * size_of::<f32>())?;
     let grad_address = executor.address(&grad);

@@ -55,6 +55,8 @@ impl MmaOperands {
 pub(crate) enum Kernel {
     /// Per-anchor statistics and losses.
     ForwardStatistics(FeatureType),
+    /// `OnePositive`'s second forward pass: ℓ_i, Ψ_i and log A_i from LSE^N_i.
+    ForwardPositiveTerms(FeatureType),
     /// The column shares of the forward statistics merged per anchor.
     ForwardMerge,
     /// The reduction over anchors.
@@ -67,6 +69,8 @@ pub(crate) enum Kernel {
     Backward(FeatureType),
     /// Per-anchor statistics and losses on tensor cores.
     MmaForward(MmaOperands),
+    /// `OnePositive`'s second forward pass on tensor cores.
+    MmaForwardPositiveTerms(MmaOperands),
     /// The feature gradient on tensor cores; `wide`: 256 gradient columns per block (for
     /// D > 128, so that S is formed once per tile up to D = 256), else 128.
     MmaBackward { operands: MmaOperands, wide: bool },
@@ -76,10 +80,13 @@ impl Kernel {
     /// Every entry point.
     // The CUDA executor loads them all; the emulated executor's tests check them all.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) const ALL: [Kernel; 18] = [
+    pub(crate) const ALL: [Kernel; 24] = [
         Kernel::ForwardStatistics(FeatureType::F32),
         Kernel::ForwardStatistics(FeatureType::F16),
         Kernel::ForwardStatistics(FeatureType::Bf16),
+        Kernel::ForwardPositiveTerms(FeatureType::F32),
+        Kernel::ForwardPositiveTerms(FeatureType::F16),
+        Kernel::ForwardPositiveTerms(FeatureType::Bf16),
         Kernel::ForwardMerge,
         Kernel::ForwardFinalize,
         Kernel::BackwardCoefficients,
@@ -89,6 +96,9 @@ impl Kernel {
         Kernel::MmaForward(MmaOperands::F16),
         Kernel::MmaForward(MmaOperands::Bf16),
         Kernel::MmaForward(MmaOperands::F32Split),
+        Kernel::MmaForwardPositiveTerms(MmaOperands::F16),
+        Kernel::MmaForwardPositiveTerms(MmaOperands::Bf16),
+        Kernel::MmaForwardPositiveTerms(MmaOperands::F32Split),
         Kernel::mma_backward(MmaOperands::F16, false),
         Kernel::mma_backward(MmaOperands::Bf16, false),
         Kernel::mma_backward(MmaOperands::F32Split, false),
@@ -107,6 +117,9 @@ impl Kernel {
             Kernel::ForwardStatistics(FeatureType::F32) => "supcon_forward_f32",
             Kernel::ForwardStatistics(FeatureType::F16) => "supcon_forward_f16",
             Kernel::ForwardStatistics(FeatureType::Bf16) => "supcon_forward_bf16",
+            Kernel::ForwardPositiveTerms(FeatureType::F32) => "supcon_forward_positive_terms_f32",
+            Kernel::ForwardPositiveTerms(FeatureType::F16) => "supcon_forward_positive_terms_f16",
+            Kernel::ForwardPositiveTerms(FeatureType::Bf16) => "supcon_forward_positive_terms_bf16",
             Kernel::ForwardMerge => "supcon_forward_merge",
             Kernel::ForwardFinalize => "supcon_forward_finalize",
             Kernel::BackwardCoefficients => "supcon_backward_coefficients",
@@ -116,6 +129,15 @@ impl Kernel {
             Kernel::MmaForward(MmaOperands::F16) => "supcon_mma_forward_f16",
             Kernel::MmaForward(MmaOperands::Bf16) => "supcon_mma_forward_bf16",
             Kernel::MmaForward(MmaOperands::F32Split) => "supcon_mma_forward_f32x3",
+            Kernel::MmaForwardPositiveTerms(MmaOperands::F16) => {
+                "supcon_mma_forward_positive_terms_f16"
+            }
+            Kernel::MmaForwardPositiveTerms(MmaOperands::Bf16) => {
+                "supcon_mma_forward_positive_terms_bf16"
+            }
+            Kernel::MmaForwardPositiveTerms(MmaOperands::F32Split) => {
+                "supcon_mma_forward_positive_terms_f32x3"
+            }
             Kernel::MmaBackward { operands, wide } => match (operands, wide) {
                 (MmaOperands::F16, false) => "supcon_mma_backward_f16",
                 (MmaOperands::Bf16, false) => "supcon_mma_backward_bf16",
@@ -130,9 +152,11 @@ impl Kernel {
     /// The parameter block it takes.
     pub(crate) fn params(self) -> ParamsKind {
         match self {
-            Kernel::ForwardStatistics(_) | Kernel::MmaForward(_) | Kernel::ForwardMerge => {
-                ParamsKind::Forward
-            }
+            Kernel::ForwardStatistics(_)
+            | Kernel::ForwardPositiveTerms(_)
+            | Kernel::MmaForward(_)
+            | Kernel::MmaForwardPositiveTerms(_)
+            | Kernel::ForwardMerge => ParamsKind::Forward,
             Kernel::ForwardFinalize => ParamsKind::Finalize,
             Kernel::BackwardCoefficients => ParamsKind::Coefficients,
             Kernel::Backward(_) | Kernel::MmaBackward { .. } => ParamsKind::Backward,
@@ -141,14 +165,19 @@ impl Kernel {
 
     pub(crate) fn stage(self) -> Stage {
         match self {
-            Kernel::ForwardStatistics(_) => Stage::ForwardStatistics,
+            // The second pass has the first's grid and shared memory.
+            Kernel::ForwardStatistics(_) | Kernel::ForwardPositiveTerms(_) => {
+                Stage::ForwardStatistics
+            }
             Kernel::ForwardMerge => Stage::ForwardMerge,
             Kernel::ForwardFinalize => Stage::ForwardFinalize,
             Kernel::BackwardCoefficients => Stage::BackwardCoefficients,
             Kernel::Backward(_) => Stage::Backward,
-            Kernel::MmaForward(operands) => Stage::MmaForward {
-                split: operands.split(),
-            },
+            Kernel::MmaForward(operands) | Kernel::MmaForwardPositiveTerms(operands) => {
+                Stage::MmaForward {
+                    split: operands.split(),
+                }
+            }
             Kernel::MmaBackward { operands, wide } => Stage::MmaBackward {
                 split: operands.split(),
                 wide,
@@ -167,13 +196,16 @@ pub(crate) fn fatbin(kernel: Kernel) -> Result<&'static [u8]> {
     #[cfg(supcon_kernels_built)]
     {
         Ok(match kernel {
-            Kernel::ForwardStatistics(_) | Kernel::ForwardMerge | Kernel::ForwardFinalize => {
+            Kernel::ForwardStatistics(_)
+            | Kernel::ForwardPositiveTerms(_)
+            | Kernel::ForwardMerge
+            | Kernel::ForwardFinalize => {
                 include_bytes!(concat!(env!("OUT_DIR"), "/supcon_forward.fatbin"))
             }
             Kernel::BackwardCoefficients | Kernel::Backward(_) => {
                 include_bytes!(concat!(env!("OUT_DIR"), "/supcon_backward.fatbin"))
             }
-            Kernel::MmaForward(_) => {
+            Kernel::MmaForward(_) | Kernel::MmaForwardPositiveTerms(_) => {
                 include_bytes!(concat!(env!("OUT_DIR"), "/supcon_mma_forward.fatbin"))
             }
             Kernel::MmaBackward { .. } => {

@@ -4,7 +4,8 @@
 //! [`grad_coefficients`], or on the device, [`launch_coefficients`]: the same arithmetic, the
 //! same bits, nothing read back) and the backward kernel ([`launch_backward`]).
 //!
-//! Forward: `supcon_forward_<type>` (per-anchor statistics and losses), then
+//! Forward: `supcon_forward_<type>` (per-anchor statistics and losses; under `OnePositive`
+//! followed by `supcon_forward_positive_terms_<type>`, the losses from LSE^N), then
 //! `supcon_forward_finalize` (the deterministic reduction and the count of anchors without
 //! positives). Backward: `supcon_backward_<type>`, fed with the saved statistics and the
 //! coefficients c·u_i/R'.
@@ -19,7 +20,7 @@ use super::kernel::Kernel;
 use super::plan::{column_splits_bound, ROW_STATISTICS_BYTES};
 use super::problem::{InputAddresses, Problem};
 use crate::backend::{check_upstream, reduce, ForwardOutput, SavedState, Upstream};
-use crate::config::{NoPositivePolicy, Reduction};
+use crate::config::{Denominator, NoPositivePolicy, Reduction};
 use crate::error::Result;
 
 /// The forward pass's outputs, on the device.
@@ -35,6 +36,9 @@ pub(crate) struct Statistics<B> {
     pub(crate) positive_weight: B,
     /// `float[R]` W_i = max_j w_ij over positives (0: none).
     pub(crate) positive_weight_max: B,
+    /// `float[R]` Ψ_i and log A_i, one positive's (written only under it).
+    pub(crate) pull: B,
+    pub(crate) log_share: B,
     /// `float[R]` ℓ_i.
     pub(crate) anchor_loss: B,
     /// `double[1]` the reduced loss (Σℓ_i for reduction none).
@@ -60,6 +64,8 @@ impl<B> Statistics<B> {
                 scaled_positive_lse_lo: executor.address(&self.scaled_positive_lse_lo),
                 positive_weight: executor.address(&self.positive_weight),
                 positive_weight_max: executor.address(&self.positive_weight_max),
+                pull: executor.address(&self.pull),
+                log_share: executor.address(&self.log_share),
             },
             anchor_loss: executor.address(&self.anchor_loss),
             reduced_loss: executor.address(&self.reduced_loss),
@@ -90,7 +96,7 @@ pub(crate) type SavedAddresses = abi::Statistics;
 
 /// The forward's outputs laid out in one workspace of device memory that the caller owns (a
 /// framework's allocator): the reduced loss (`double`) first, the count of anchors without
-/// positives (`uint32_t`), then the seven `float[R]` statistics, each region on a 256-byte
+/// positives (`uint32_t`), then the nine `float[R]` statistics, each region on a 256-byte
 /// boundary, as the driver aligns its own allocations, and last the partial statistics of the
 /// column shares, room for [`column_splits_bound`] of them (none where that is 1: R ≥ 32768).
 // The CUDA backend's; the emulated executor's tests run it.
@@ -123,8 +129,8 @@ impl WorkspaceLayout {
         Self::ALIGN
     }
 
-    /// Offset of statistic `k` of 7: ℓ_i, then LSE_i (hi, lo), LSE^P_i − log W_i (hi, lo), P_i
-    /// and W_i.
+    /// Offset of statistic `k` of 9: ℓ_i, then LSE_i (hi, lo), LSE^P_i − log W_i (hi, lo), P_i,
+    /// W_i, Ψ_i and log A_i.
     fn statistic_offset(&self, k: usize) -> usize {
         2 * Self::ALIGN + k * self.region()
     }
@@ -136,7 +142,7 @@ impl WorkspaceLayout {
 
     /// Offset of the column shares' partial statistics.
     fn partials_offset(&self) -> usize {
-        self.statistic_offset(7)
+        self.statistic_offset(9)
     }
 
     /// Bytes of the column shares' partial statistics: `RowStatistics[S][R]` for the largest S
@@ -169,6 +175,8 @@ impl WorkspaceLayout {
                 scaled_positive_lse_lo: statistic(4),
                 positive_weight: statistic(5),
                 positive_weight_max: statistic(6),
+                pull: statistic(7),
+                log_share: statistic(8),
             },
             reduced_loss: at(self.loss_offset()),
             anchors_without_positives: at(self.anchors_without_positives_offset()),
@@ -201,6 +209,8 @@ pub(crate) unsafe fn launch_forward<E: KernelExecutor>(
         scaled_positive_lse_lo: executor.alloc(per_anchor_bytes)?,
         positive_weight: executor.alloc(per_anchor_bytes)?,
         positive_weight_max: executor.alloc(per_anchor_bytes)?,
+        pull: executor.alloc(per_anchor_bytes)?,
+        log_share: executor.alloc(per_anchor_bytes)?,
         anchor_loss: executor.alloc(per_anchor_bytes)?,
         reduced_loss: executor.alloc(size_of::<f64>())?,
         anchors_without_positives: executor.alloc(size_of::<u32>())?,
@@ -246,7 +256,8 @@ pub(crate) unsafe fn launch_forward_at<E: KernelExecutor>(
 /// Queues the forward statistics kernel for the anchors in `anchors` (a sub-range of 0..R),
 /// writing their statistics and losses `at` (the other anchors' entries are left alone). With
 /// the columns split ([`Problem::column_splits`]), the kernel writes each share's partial
-/// statistics and `supcon_forward_merge` merges them in order.
+/// statistics and `supcon_forward_merge` merges them in order. Under `OnePositive` the
+/// positive terms follow ([`launch_positive_terms`]).
 ///
 /// # Safety
 /// As [`launch_forward_at`], with `at.partials` addressing `RowStatistics[S][R]` when the
@@ -264,7 +275,54 @@ pub(crate) unsafe fn launch_forward_statistics<E: KernelExecutor>(
     }
     let column_splits = problem.column_splits();
     debug_assert!(column_splits == 1 || at.partials != 0);
-    let params = ForwardParams {
+    let params = forward_params(problem, inputs, at, &anchors, column_splits);
+    let kernel = problem.forward_kernel(executor.max_dynamic_shared_bytes());
+    let rows = anchors.len() as u32;
+    // SAFETY: inputs and outputs per this function's contract; the merge reads the partials
+    // the statistics kernel wrote before it on the same stream, the positive terms the
+    // statistics of either.
+    unsafe {
+        problem.launch(executor, kernel, &params, rows)?;
+        if column_splits > 1 {
+            problem.launch(executor, Kernel::ForwardMerge, &params, rows)?;
+        }
+        if problem.loss().denominator() == Denominator::OnePositive {
+            launch_positive_terms(executor, problem, inputs, at, anchors)?;
+        }
+    }
+    Ok(())
+}
+
+/// Queues `OnePositive`'s second forward pass for the anchors in `anchors`: from their LSE^N_i
+/// and P_i `at`, it writes their ℓ_i, Ψ_i and log A_i `at` (unsplit: one column share).
+///
+/// # Safety
+/// As [`launch_forward_at`], with the range's LSE_i (hi, lo) and P_i `at` written by the
+/// statistics pass (or rebuilt from a saved state) before this queues.
+pub(crate) unsafe fn launch_positive_terms<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    inputs: &InputAddresses,
+    at: &StatisticsAddresses,
+    anchors: Range<u32>,
+) -> Result<()> {
+    debug_assert_eq!(problem.loss().denominator(), Denominator::OnePositive);
+    let params = forward_params(problem, inputs, at, &anchors, 1);
+    let kernel = problem.positive_terms_kernel(executor.max_dynamic_shared_bytes());
+    // SAFETY: inputs and outputs per this function's contract.
+    unsafe { problem.launch_split(executor, kernel, &params, anchors.len() as u32, 1) }
+}
+
+/// The parameter block of a forward launch over `anchors`, its columns in `column_splits`
+/// shares (the partials `at` used only when there are several).
+fn forward_params(
+    problem: &Problem,
+    inputs: &InputAddresses,
+    at: &StatisticsAddresses,
+    anchors: &Range<u32>,
+    column_splits: u32,
+) -> ForwardParams {
+    ForwardParams {
         problem: problem.block(inputs),
         statistics: at.saved,
         anchor_loss: at.anchor_loss,
@@ -273,18 +331,7 @@ pub(crate) unsafe fn launch_forward_statistics<E: KernelExecutor>(
         anchor_end: anchors.end,
         column_splits,
         padding: 0,
-    };
-    let kernel = problem.forward_kernel(executor.max_dynamic_shared_bytes());
-    let rows = anchors.len() as u32;
-    // SAFETY: inputs and outputs per this function's contract; the merge reads the partials
-    // the statistics kernel wrote before it on the same stream.
-    unsafe {
-        problem.launch(executor, kernel, &params, rows)?;
-        if column_splits > 1 {
-            problem.launch(executor, Kernel::ForwardMerge, &params, rows)?;
-        }
     }
-    Ok(())
 }
 
 /// Everything the forward pass computed, on the host (synchronises): what

@@ -47,7 +47,7 @@ impl Problem {
     ///
     /// # Errors
     /// [`Error::TooLarge`] (N or D beyond the kernels' indexing), [`Error::Unsupported`] (f64
-    /// features, `OnePositive`, `normalize`).
+    /// features, `normalize`).
     pub(crate) fn new(
         backend: &'static str,
         loss: &SupConLoss,
@@ -61,9 +61,6 @@ impl Problem {
         };
         let feature_type =
             FeatureType::of(dtype).ok_or(unsupported(Capability::ElementType(dtype)))?;
-        if loss.denominator() == Denominator::OnePositive {
-            return Err(unsupported(Capability::Denominator(loss.denominator())));
-        }
         if loss.normalize() {
             return Err(unsupported(Capability::Normalize));
         }
@@ -140,6 +137,15 @@ impl Problem {
         }
     }
 
+    /// The kernel of `OnePositive`'s second forward pass: the forward statistics' twin, so that
+    /// both passes form the same logits.
+    pub(crate) fn positive_terms_kernel(&self, max_dynamic_shared_bytes: u64) -> Kernel {
+        match self.tensor_cores(max_dynamic_shared_bytes) {
+            Some(half) => Kernel::MmaForwardPositiveTerms(half),
+            None => Kernel::ForwardPositiveTerms(self.feature_type),
+        }
+    }
+
     /// The kernel of the feature gradient on a device with `max_dynamic_shared_bytes`.
     pub(crate) fn backward_kernel(&self, max_dynamic_shared_bytes: u64) -> Kernel {
         match self.tensor_cores(max_dynamic_shared_bytes) {
@@ -213,10 +219,8 @@ impl Problem {
             positive_kind,
             denominator: match loss.denominator() {
                 Denominator::All => abi::denominator::ALL,
-                // OnePositive is rejected in `new`.
-                Denominator::OnlyNegatives | Denominator::OnePositive => {
-                    abi::denominator::ONLY_NEGATIVES
-                }
+                Denominator::OnlyNegatives => abi::denominator::ONLY_NEGATIVES,
+                Denominator::OnePositive => abi::denominator::ONE_POSITIVE,
             },
             summation: match loss.summation() {
                 Summation::Outside => abi::summation::OUTSIDE,
@@ -271,16 +275,33 @@ impl Problem {
         params: &P,
         rows: u32,
     ) -> Result<()> {
+        let column_splits = match kernel {
+            Kernel::ForwardStatistics(_) | Kernel::MmaForward(_) => self.column_splits(),
+            _ => 1,
+        };
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.launch_split(executor, kernel, params, rows, column_splits) }
+    }
+
+    /// [`Problem::launch`] with the columns in `column_splits` shares (1 for every kernel but
+    /// the forward statistics').
+    ///
+    /// # Safety
+    /// As [`KernelExecutor::launch`].
+    pub(crate) unsafe fn launch_split<E: KernelExecutor, P: KernelParams>(
+        &self,
+        executor: &mut E,
+        kernel: Kernel,
+        params: &P,
+        rows: u32,
+        column_splits: u32,
+    ) -> Result<()> {
         debug_assert_eq!(
             kernel.params(),
             P::KIND,
             "{}'s parameter block",
             kernel.name()
         );
-        let column_splits = match kernel {
-            Kernel::ForwardStatistics(_) | Kernel::MmaForward(_) => self.column_splits(),
-            _ => 1,
-        };
         let config = launch_config(kernel.stage(), self.kernel_shape.dim, rows, column_splits);
         // SAFETY: forwarded from this function's contract.
         unsafe { executor.launch(kernel, config, params) }
@@ -337,15 +358,6 @@ mod tests {
             );
         };
         refused(&default, DType::F64, Capability::ElementType(DType::F64));
-        let one_positive = SupConLoss::builder()
-            .denominator(Denominator::OnePositive)
-            .build()
-            .unwrap();
-        refused(
-            &one_positive,
-            DType::F32,
-            Capability::Denominator(Denominator::OnePositive),
-        );
         let normalized = SupConLoss::builder().normalize(true).build().unwrap();
         refused(&normalized, DType::F16, Capability::Normalize);
         // A cap runs on host arrays, whose positives give the bounds; not on device buffers.
@@ -359,8 +371,14 @@ mod tests {
                 capability: Capability::PositivesCap
             }
         );
+        let one_positive = SupConLoss::builder()
+            .denominator(Denominator::OnePositive)
+            .build()
+            .unwrap();
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            assert!(Problem::new("cuda", &default, shape, dtype, Precision::Auto).is_ok());
+            for loss in [&default, &one_positive] {
+                assert!(Problem::new("cuda", loss, shape, dtype, Precision::Auto).is_ok());
+            }
         }
     }
 

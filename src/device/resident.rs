@@ -143,7 +143,11 @@ mod tests {
         let mut losses = Vec::new();
         for mode in [ContrastMode::All, ContrastMode::One] {
             for summation in [Summation::Outside, Summation::Inside] {
-                for denominator in [Denominator::All, Denominator::OnlyNegatives] {
+                for denominator in [
+                    Denominator::All,
+                    Denominator::OnlyNegatives,
+                    Denominator::OnePositive,
+                ] {
                     for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
                         for policy in [NoPositivePolicy::ZeroAndCount, NoPositivePolicy::Exclude] {
                             losses.push(

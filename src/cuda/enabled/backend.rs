@@ -68,7 +68,8 @@ pub enum DevicePositives<'a> {
 ///   [`backward_device`](Self::backward_device)).
 ///
 /// Shapes and options are validated on the host before anything is launched. Not supported
-/// (→ [`Error::Unsupported`]): `Denominator::OnePositive`, `positives_cap`, f64 features.
+/// (→ [`Error::Unsupported`]): `normalize`, f64 features, and on the device API
+/// `positives_cap`.
 /// On the device API, NaN/Inf features are not detected (they propagate to the loss).
 ///
 /// A training step on the trainer's stream:
