@@ -310,7 +310,7 @@ pub(crate) unsafe fn launch_positive_terms<E: KernelExecutor>(
     let params = forward_params(problem, inputs, at, &anchors, 1);
     let kernel = problem.positive_terms_kernel(executor.max_dynamic_shared_bytes());
     // SAFETY: inputs and outputs per this function's contract.
-    unsafe { problem.launch_split(executor, kernel, &params, anchors.len() as u32, 1) }
+    unsafe { problem.launch(executor, kernel, &params, anchors.len() as u32) }
 }
 
 /// The parameter block of a forward launch over `anchors`, its columns in `column_splits`

@@ -275,33 +275,17 @@ impl Problem {
         params: &P,
         rows: u32,
     ) -> Result<()> {
-        let column_splits = match kernel {
-            Kernel::ForwardStatistics(_) | Kernel::MmaForward(_) => self.column_splits(),
-            _ => 1,
-        };
-        // SAFETY: forwarded from this function's contract.
-        unsafe { self.launch_split(executor, kernel, params, rows, column_splits) }
-    }
-
-    /// [`Problem::launch`] with the columns in `column_splits` shares (1 for every kernel but
-    /// the forward statistics').
-    ///
-    /// # Safety
-    /// As [`KernelExecutor::launch`].
-    pub(crate) unsafe fn launch_split<E: KernelExecutor, P: KernelParams>(
-        &self,
-        executor: &mut E,
-        kernel: Kernel,
-        params: &P,
-        rows: u32,
-        column_splits: u32,
-    ) -> Result<()> {
         debug_assert_eq!(
             kernel.params(),
             P::KIND,
             "{}'s parameter block",
             kernel.name()
         );
+        // The positive-terms kernels run unsplit.
+        let column_splits = match kernel {
+            Kernel::ForwardStatistics(_) | Kernel::MmaForward(_) => self.column_splits(),
+            _ => 1,
+        };
         let config = launch_config(kernel.stage(), self.kernel_shape.dim, rows, column_splits);
         // SAFETY: forwarded from this function's contract.
         unsafe { executor.launch(kernel, config, params) }
