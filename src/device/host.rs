@@ -269,16 +269,29 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
         positive_lse_lo,
         positive_weight,
         vec![1.0f32; problem.anchors()],
-        // One positive's Ψ_i, log A_i and (unused) ℓ_i, which its second pass recomputes.
-        vec![0.0f32; problem.anchors()],
-        vec![0.0f32; problem.anchors()],
-        vec![0.0f32; problem.anchors()],
     ]
     .into_iter()
     .map(|values| upload_slice(executor, &values))
     .collect::<Result<Vec<_>>>()?;
-    let [lse, lse_lo, positive_lse, positive_lse_lo, positive_weight, positive_weight_max, pull, log_share, anchor_loss] =
-        [0, 1, 2, 3, 4, 5, 6, 7, 8].map(|k| executor.address(&uploads[k]));
+    let [lse, lse_lo, positive_lse, positive_lse_lo, positive_weight, positive_weight_max] =
+        [0, 1, 2, 3, 4, 5].map(|k| executor.address(&uploads[k]));
+    // One positive's Ψ_i, log A_i and (unused) ℓ_i, which its second pass below recomputes;
+    // no other denominator reads them.
+    let one_positive = loss.denominator() == Denominator::OnePositive;
+    let recomputed = if one_positive {
+        let bytes = problem.anchors() * size_of::<f32>();
+        (0..3)
+            .map(|_| executor.alloc(bytes))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
+    let [pull, log_share, anchor_loss] = match recomputed.as_slice() {
+        [pull, log_share, anchor_loss] => {
+            [pull, log_share, anchor_loss].map(|b| executor.address(b))
+        }
+        _ => [0; 3],
+    };
     let saved = SavedAddresses {
         lse,
         lse_lo,
@@ -289,7 +302,7 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
         pull,
         log_share,
     };
-    if loss.denominator() == Denominator::OnePositive {
+    if one_positive {
         let at = StatisticsAddresses {
             saved,
             anchor_loss,
@@ -297,8 +310,8 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
             anchors_without_positives: 0,
             partials: 0,
         };
-        // SAFETY: the inputs as in `forward`; the LSE^N_i and P_i just uploaded, R floats
-        // each for Ψ_i, log A_i and ℓ_i, alive until the download below.
+        // SAFETY: the inputs as in `forward`; the LSE^N_i and P_i just uploaded, the R floats
+        // each of Ψ_i, log A_i and ℓ_i just allocated, alive until the download below.
         let anchors = 0..problem.kernel_shape().anchors;
         unsafe { launch_positive_terms(executor, problem, &inputs, &at, anchors)? };
     }
