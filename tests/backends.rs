@@ -159,11 +159,11 @@ fn anchors_of(loss: &SupConLoss, (b, v, _): Shape) -> usize {
 }
 
 /// Every option combination (contrast mode × summation × denominator × cap × policy ×
-/// reduction) × every kind of positives, f32 features: every configuration of the option grid on the option shapes, one in nine on the tile
-/// shapes; with `SUPCON_TEST_REDUCED_GRID=1`, one in nine on every shape (each pairing of
-/// contrast mode, summation and denominator still runs: only the policy and the reduction, which
-/// do not enter the kernels, are thinned). The CI's second emulated run, compiled with FMA
-/// contraction, takes the reduced grid.
+/// reduction) × every kind of positives, f32 features: the whole grid on the option shapes, one
+/// configuration in nine on the tile shapes. With `SUPCON_TEST_REDUCED_GRID=1` (the CI's second
+/// emulated run, compiled with FMA contraction), one in nine on every shape: each pairing of
+/// contrast mode, summation and denominator still runs; only the policy and the reduction,
+/// which do not enter the kernels, are thinned.
 fn every_option_matches_reference<B: Backend>(subject: &Subject<B>, rng: &mut StdRng) {
     let mut worst = Worst::default();
     let mut compared = 0;

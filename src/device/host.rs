@@ -280,18 +280,17 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
     let one_positive = loss.denominator() == Denominator::OnePositive;
     let recomputed = if one_positive {
         let bytes = problem.anchors() * size_of::<f32>();
-        (0..3)
-            .map(|_| executor.alloc(bytes))
-            .collect::<Result<Vec<_>>>()?
+        Some([
+            executor.alloc(bytes)?,
+            executor.alloc(bytes)?,
+            executor.alloc(bytes)?,
+        ])
     } else {
-        Vec::new()
+        None
     };
-    let [pull, log_share, anchor_loss] = match recomputed.as_slice() {
-        [pull, log_share, anchor_loss] => {
-            [pull, log_share, anchor_loss].map(|b| executor.address(b))
-        }
-        _ => [0; 3],
-    };
+    let [pull, log_share, anchor_loss] = (recomputed.as_ref()).map_or([0; 3], |buffers| {
+        buffers.each_ref().map(|b| executor.address(b))
+    });
     let saved = SavedAddresses {
         lse,
         lse_lo,
