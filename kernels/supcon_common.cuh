@@ -54,6 +54,9 @@ constexpr int kFinalizeThreads = 256;
 constexpr int kCoefficientThreads = 256;
 /* Threads per block of supcon_forward_merge (one anchor each). */
 constexpr int kMergeThreads = 256;
+/* Threads per block of supcon_pack_label_sets (one sample each) and supcon_cap_bounds (one
+ * block per sample). */
+constexpr int kPositivesThreads = 256;
 /* Gradient columns (feature elements) per backward block: grid.y = ceil(D / kGradChunk). */
 constexpr int kGradChunk = 128;
 /* Padded length of one k-row of a shared tile (bank-conflict-free transposing stores). */

@@ -7,6 +7,7 @@
  *   SupconFinalizeParams     supcon_forward_finalize
  *   SupconCoefficientParams  supcon_backward_coefficients
  *   SupconBackwardParams     supcon_backward_*, supcon_mma_backward_*
+ *   SupconPositivesParams    supcon_pack_label_sets, supcon_cap_bounds
  *
  * ABI rules: fixed-width types only, every field naturally aligned, device pointers as
  * uint64_t addresses, explicit padding so the compiler inserts none. A kernel reads every field
@@ -153,5 +154,16 @@ typedef struct SupconBackwardParams {
     uint32_t grad_begin;
     uint32_t grad_end;
 } SupconBackwardParams;
+
+/* The positives prepared on the device (supcon_positives.cu): label sets packed from a multi-hot
+ * matrix, and the per-sample bounds of a positives cap. */
+typedef struct SupconPositivesParams {
+    SupconProblem problem; /* the positives; label_sets: the packed sets, written by
+                            * supcon_pack_label_sets and read by supcon_cap_bounds; cap_bounds 0 */
+    uint64_t memberships;  /* const uint8_t[B][classes] (supcon_pack_label_sets), nonzero: a member */
+    uint64_t bounds;       /* uint32_t[B]: written by supcon_cap_bounds */
+    uint32_t classes;      /* K: labels per multi-hot row */
+    uint32_t cap;          /* the positives cap (clamped to 2^32 - 1) */
+} SupconPositivesParams;
 
 #endif /* SUPCON_PARAMS_H */

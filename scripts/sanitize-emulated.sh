@@ -4,8 +4,9 @@
 #   1. Self-test (kernels/emu/sanitizer_selftest.cpp): a correct toy kernel must run clean under
 #      both sanitizers, a toy kernel missing a __syncthreads() must be reported by TSan, and one
 #      writing past a shared array must be reported by ASan. This proves the checks can fail.
-#   2. The emulated-kernel suite (tests/emulated_kernels.rs) with the emulation library built with
-#      -fsanitize=thread, then -fsanitize=address (SUPCON_EMU_SANITIZE, see
+#   2. The emulated-kernel suite (tests/emulated_kernels.rs), and the device API's positives
+#      kernels (the unit test `device::positives`, on its reduced grid), with the emulation
+#      library built with -fsanitize=thread, then -fsanitize=address (SUPCON_EMU_SANITIZE, see
 #      build/emulation.rs): any report fails the run.
 #
 # Needs a C++20 g++ with libtsan and libasan, and cargo; no GPU, no nvcc.
@@ -64,11 +65,19 @@ SUPCON_EMU_SANITIZE=thread CARGO_TARGET_DIR=$out/thread \
     TSAN_OPTIONS="suppressions=$suppressions exitcode=66" \
     cargo test --features emulation --test emulated_kernels -- "${filter[@]}" ||
     fail "the emulated kernels under ThreadSanitizer"
+SUPCON_EMU_SANITIZE=thread CARGO_TARGET_DIR=$out/thread SUPCON_TEST_REDUCED_GRID=1 \
+    TSAN_OPTIONS="suppressions=$suppressions exitcode=66" \
+    cargo test --features emulation --lib device::positives ||
+    fail "the positives kernels under ThreadSanitizer"
 
 echo "== emulated kernels under AddressSanitizer"
 SUPCON_EMU_SANITIZE=address CARGO_TARGET_DIR=$out/address \
     ASAN_OPTIONS="detect_leaks=1:strict_string_checks=1" \
     cargo test --features emulation --test emulated_kernels -- "${filter[@]}" ||
     fail "the emulated kernels under AddressSanitizer"
+SUPCON_EMU_SANITIZE=address CARGO_TARGET_DIR=$out/address SUPCON_TEST_REDUCED_GRID=1 \
+    ASAN_OPTIONS="detect_leaks=1:strict_string_checks=1" \
+    cargo test --features emulation --lib device::positives ||
+    fail "the positives kernels under AddressSanitizer"
 
 echo "sanitize-emulated: all checks passed"

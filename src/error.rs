@@ -1,6 +1,6 @@
 //! The crate's one error type.
 
-use crate::config::{Denominator, Reduction};
+use crate::config::Reduction;
 use crate::element::DType;
 
 /// Everything that can go wrong in `supcon`. No user input makes the crate panic: each failure
@@ -219,12 +219,6 @@ impl std::fmt::Display for Extent {
 pub enum Capability {
     /// Features of this element type (the kernels read f32, f16 and bf16: convert f64 to f32).
     ElementType(DType),
-    /// This denominator variant.
-    Denominator(Denominator),
-    /// A positives cap.
-    PositivesCap,
-    /// Multi-label positives ([`crate::Positives::LabelSets`]).
-    LabelSets,
     /// The fused L2 normalisation of the features ([`crate::SupConLossBuilder::normalize`]).
     Normalize,
     /// Dot products or logits as large as `largest` = max(max‖z‖², max‖z‖²/τ), beyond the
@@ -241,9 +235,6 @@ impl std::fmt::Display for Capability {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Capability::ElementType(dtype) => write!(f, "{dtype:?} features"),
-            Capability::Denominator(denominator) => write!(f, "denominator {denominator:?}"),
-            Capability::PositivesCap => f.write_str("a positives cap"),
-            Capability::LabelSets => f.write_str("label-set positives"),
             Capability::Normalize => f.write_str("fused normalisation"),
             Capability::LogitRange { largest, limit } => write!(
                 f,

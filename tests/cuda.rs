@@ -15,8 +15,8 @@ use ndarray::{Array1, Array3};
 use std::sync::Arc;
 use supcon::cuda::{CudaFeature, DevicePositives};
 use supcon::{
-    AnyBackend, Backend, BatchShape, Capability, Error, NoPositivePolicy, Positives, SupConLoss,
-    Upstream,
+    AnyBackend, Backend, BatchShape, Capability, Error, LabelSetWeight, NoPositivePolicy,
+    Positives, SupConLoss, Upstream,
 };
 
 /// The CUDA backend on GPU 0, or `None` (with the reason printed) where it cannot run.
@@ -33,12 +33,13 @@ fn cuda() -> Option<supcon::CudaBackend> {
     }
 }
 
-/// Features, labels and mask uploaded by the caller.
+/// Features, labels, mask and label sets (multi-hot bytes) uploaded by the caller.
 struct DeviceBatch<T> {
     shape: BatchShape,
     features: CudaSlice<T>,
     labels: CudaSlice<i64>,
     mask: CudaSlice<f32>,
+    memberships: CudaSlice<u8>,
 }
 
 impl<T: CudaFeature> DeviceBatch<T> {
@@ -47,18 +48,23 @@ impl<T: CudaFeature> DeviceBatch<T> {
         z: &Array3<T>,
         labels: &Array1<i64>,
         mask: &ndarray::Array2<f32>,
+        sets: &ndarray::Array2<bool>,
     ) -> Self {
         let (batch, views, dim) = z.dim();
+        let memberships: Vec<u8> = sets.iter().map(|&m| u8::from(m)).collect();
         DeviceBatch {
             shape: BatchShape::new(batch, views, dim).unwrap(),
             features: stream.clone_htod(z.as_slice().unwrap()).unwrap(),
             labels: stream.clone_htod(labels.as_slice().unwrap()).unwrap(),
             mask: stream.clone_htod(mask.as_slice().unwrap()).unwrap(),
+            memberships: stream.clone_htod(&memberships).unwrap(),
         }
     }
 }
 
-/// The device API runs the same kernels as the host API: identical numbers.
+/// The device API runs the same kernels as the host API: identical numbers, with the label
+/// sets packed and the cap bounds found on the device where the host API computes them on the
+/// host.
 #[test]
 fn device_api_equals_host_api() {
     let Some(cuda) = cuda() else { return };
@@ -67,13 +73,22 @@ fn device_api_equals_host_api() {
     let z = common::unit_features(&mut rng, (b, v, d)).mapv(|x| x as f32);
     let labels = common::labels(&mut rng, b, 5);
     let mask = common::soft_mask(&mut rng, b);
-    let batch = DeviceBatch::upload(cuda.stream(), &z, &labels, &mask);
+    let sets = common::label_sets(&mut rng, b, 70);
+    let batch = DeviceBatch::upload(cuda.stream(), &z, &labels, &mask, &sets);
     let per_anchor = Array1::from_shape_fn(b * v, |i| 0.5 + 0.01 * i as f64);
-    for loss in common::option_grid(0.2, 0.1, None)
+    let grids = [None, Some(3)].map(|cap| common::option_grid(0.2, 0.1, cap));
+    for (index, loss) in grids
         .into_iter()
+        .flatten()
         .filter(|l| l.no_positive() != NoPositivePolicy::Error)
+        .enumerate()
     {
         let upstream = common::upstream_for(&loss, &per_anchor);
+        let weight = [
+            LabelSetWeight::Any,
+            LabelSetWeight::Jaccard,
+            LabelSetWeight::Fraction,
+        ][index % 3];
         for (host_positives, device_positives) in [
             (Positives::SimClr, DevicePositives::SimClr),
             (
@@ -83,6 +98,17 @@ fn device_api_equals_host_api() {
             (
                 Positives::Mask(mask.view()),
                 DevicePositives::Mask(&batch.mask.as_view()),
+            ),
+            (
+                Positives::LabelSets {
+                    sets: sets.view(),
+                    weight,
+                },
+                DevicePositives::LabelSets {
+                    memberships: &batch.memberships.as_view(),
+                    classes: 70,
+                    weight,
+                },
             ),
         ] {
             let what = format!("{loss:?} {host_positives:?}");
@@ -141,7 +167,8 @@ fn device_api_runs_on_the_callers_stream() {
     let z = common::unit_features(&mut rng, (b, v, d)).mapv(bf16::from_f64);
     let labels = common::labels(&mut rng, b, 7);
     let mask = common::label_mask(&labels);
-    let batch = DeviceBatch::upload(&upload_stream, &z, &labels, &mask);
+    let sets = ndarray::Array2::from_shape_fn((z.dim().0, 3), |(b, k)| (b + k) % 4 == 0);
+    let batch = DeviceBatch::upload(&upload_stream, &z, &labels, &mask, &sets);
     let loss = SupConLoss::builder().temperature(0.1).build().unwrap();
     let features = batch.features.as_view();
     let labels_view = batch.labels.as_view();
@@ -279,22 +306,20 @@ fn unsupported_options_are_typed_errors_on_the_device_api() {
     let shape = BatchShape::new(4, 2, 3).unwrap();
     let z = Array3::<f32>::from_shape_fn((4, 2, 3), |(b, v, d)| (b + v + d) as f32 * 0.1);
     let features = cuda.stream().clone_htod(z.as_slice().unwrap()).unwrap();
-    let capped = SupConLoss::builder().positives_cap(1).build().unwrap();
     let normalized = SupConLoss::builder().normalize(true).build().unwrap();
-    for (loss, capability) in [
-        (capped, Capability::PositivesCap),
-        (normalized, Capability::Normalize),
-    ] {
-        let device =
-            cuda.forward_device(&loss, &features.as_view(), shape, DevicePositives::SimClr);
-        assert_eq!(
-            device.unwrap_err(),
-            Error::Unsupported {
-                backend: "cuda",
-                capability
-            }
-        );
-    }
+    let device = cuda.forward_device(
+        &normalized,
+        &features.as_view(),
+        shape,
+        DevicePositives::SimClr,
+    );
+    assert_eq!(
+        device.unwrap_err(),
+        Error::Unsupported {
+            backend: "cuda",
+            capability: Capability::Normalize
+        }
+    );
 }
 
 /// NoPositivePolicy::Error: the device scalar is computed, the error surfaces on the host.
@@ -380,7 +405,8 @@ fn backends_share_a_context_and_drop_in_any_order() {
 
 /// The device API on memory the caller owns (a framework's allocator): the workspace holds the
 /// same loss and per-anchor losses as `forward_device`, and the backward pass from it gives
-/// the same gradient, bit for bit.
+/// the same gradient, bit for bit; with labels and with label sets, with and without a cap
+/// (whose prepared positives the workspace holds too).
 #[test]
 fn device_api_on_caller_memory_equals_the_allocating_api() {
     let Some(cuda) = cuda() else { return };
@@ -389,13 +415,30 @@ fn device_api_on_caller_memory_equals_the_allocating_api() {
     let z = common::unit_features(&mut rng, (b, v, d)).mapv(|x| x as f32);
     let labels = common::labels(&mut rng, b, 5);
     let mask = common::soft_mask(&mut rng, b);
-    let batch = DeviceBatch::upload(cuda.stream(), &z, &labels, &mask);
+    let sets = common::label_sets(&mut rng, b, 65);
+    let batch = DeviceBatch::upload(cuda.stream(), &z, &labels, &mask, &sets);
     let stream = cuda.stream();
-    for loss in common::option_grid(0.2, 0.1, None)
+    let grids = [None, Some(2)].map(|cap| common::option_grid(0.2, 0.1, cap));
+    for (index, loss) in grids
         .into_iter()
+        .flatten()
         .filter(|l| l.no_positive() != NoPositivePolicy::Error)
+        .enumerate()
     {
-        let layout = supcon::CudaBackend::workspace(&loss, batch.shape);
+        let labels_view = batch.labels.as_view();
+        let memberships = batch.memberships.as_view();
+        let positives = if index % 2 == 0 {
+            DevicePositives::Labels(&labels_view)
+        } else {
+            DevicePositives::LabelSets {
+                memberships: &memberships,
+                classes: 65,
+                weight: LabelSetWeight::Jaccard,
+            }
+        };
+        let layout =
+            supcon::CudaBackend::workspace(&loss, batch.shape, positives.label_set_classes())
+                .unwrap();
         let anchors = batch.shape.anchors(loss.contrast_mode());
         let per_anchor_upstream = Array1::from_shape_fn(anchors, |i| 0.5 - 0.01 * i as f64);
         let upstream = common::upstream_for(&loss, &per_anchor_upstream);
@@ -403,8 +446,6 @@ fn device_api_on_caller_memory_equals_the_allocating_api() {
             Upstream::PerAnchor(u) => u.to_vec(),
             Upstream::Scalar(u) => vec![u; anchors],
         };
-        let labels_view = batch.labels.as_view();
-        let positives = DevicePositives::Labels(&labels_view);
         let features = batch.features.as_view();
         let forward = cuda
             .forward_device(&loss, &features, batch.shape, positives)

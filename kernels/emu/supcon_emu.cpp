@@ -39,6 +39,8 @@ void supcon_mma_backward_wide_bf16(SupconBackwardParams);
 void supcon_mma_backward_wide_f32x3(SupconBackwardParams);
 void supcon_mma_backward_f16(SupconBackwardParams);
 void supcon_mma_backward_bf16(SupconBackwardParams);
+void supcon_pack_label_sets(SupconPositivesParams);
+void supcon_cap_bounds(SupconPositivesParams);
 }
 
 namespace {
@@ -75,6 +77,8 @@ constexpr NamedKernel kKernels[] = {
     SUPCON_KERNEL(supcon_mma_backward_wide_f32x3, SupconBackwardParams),
     SUPCON_KERNEL(supcon_mma_backward_f16, SupconBackwardParams),
     SUPCON_KERNEL(supcon_mma_backward_bf16, SupconBackwardParams),
+    SUPCON_KERNEL(supcon_pack_label_sets, SupconPositivesParams),
+    SUPCON_KERNEL(supcon_cap_bounds, SupconPositivesParams),
 };
 #undef SUPCON_KERNEL
 
@@ -133,6 +137,11 @@ constexpr FieldLayout kBackwardFields[] = {
     SUPCON_FIELD(SupconBackwardParams, grad_coef),     SUPCON_FIELD(SupconBackwardParams, grad_features),
     SUPCON_FIELD(SupconBackwardParams, grad_begin),    SUPCON_FIELD(SupconBackwardParams, grad_end),
 };
+constexpr FieldLayout kPositivesFields[] = {
+    SUPCON_PROBLEM_FIELDS(SupconPositivesParams),
+    SUPCON_FIELD(SupconPositivesParams, memberships), SUPCON_FIELD(SupconPositivesParams, bounds),
+    SUPCON_FIELD(SupconPositivesParams, classes),     SUPCON_FIELD(SupconPositivesParams, cap),
+};
 #undef SUPCON_REDUCTION_FIELDS
 #undef SUPCON_STATISTICS_FIELDS
 #undef SUPCON_PROBLEM_FIELDS
@@ -160,9 +169,11 @@ SUPCON_STRUCT(SupconForwardParams, kForwardFields)
 SUPCON_STRUCT(SupconFinalizeParams, kFinalizeFields)
 SUPCON_STRUCT(SupconCoefficientParams, kCoefficientFields)
 SUPCON_STRUCT(SupconBackwardParams, kBackwardFields)
+SUPCON_STRUCT(SupconPositivesParams, kPositivesFields)
 #undef SUPCON_STRUCT
 constexpr const StructLayout* kStructs[] = {&kSupconForwardParams, &kSupconFinalizeParams,
-                                            &kSupconCoefficientParams, &kSupconBackwardParams};
+                                            &kSupconCoefficientParams, &kSupconBackwardParams,
+                                            &kSupconPositivesParams};
 
 struct NamedConstant {
     const char* name;
@@ -194,6 +205,7 @@ constexpr NamedConstant kConstants[] = {
     {"kFinalizeThreads", supcon::kFinalizeThreads},
     {"kCoefficientThreads", supcon::kCoefficientThreads},
     {"kMergeThreads", supcon::kMergeThreads},
+    {"kPositivesThreads", supcon::kPositivesThreads},
     {"sizeof(RowStatistics)", sizeof(supcon::RowStatistics)},
     {"tc::kThreads", supcon::tc::kThreads},
     {"tc::kWideGradCols", supcon::tc::kWideGradCols},

@@ -201,10 +201,24 @@ unsafe fn label_sets(array: &Array, batch: usize) -> PyResult<ArrayView2<'_, boo
 }
 
 impl PositivesArg {
+    /// How label sets weigh (`label_set_weight`).
+    fn set_weight(&self) -> PyResult<LabelSetWeight> {
+        let weight = choice(
+            "label_set_weight",
+            self.2.as_deref().unwrap_or_default(),
+            &["any", "jaccard", "fraction"],
+        )?;
+        Ok([
+            LabelSetWeight::Any,
+            LabelSetWeight::Jaccard,
+            LabelSetWeight::Fraction,
+        ][weight])
+    }
+
     /// # Safety
     /// The array's promise ([`Array`]).
     unsafe fn view(&self, batch: usize) -> PyResult<Positives<'_>> {
-        let PositivesArg(kind, array, weight) = self;
+        let PositivesArg(kind, array, _) = self;
         let array = || {
             array
                 .as_ref()
@@ -224,19 +238,10 @@ impl PositivesArg {
                 Positives::Mask(mask)
             }
             "label_sets" => {
-                let weight = choice(
-                    "label_set_weight",
-                    weight.as_deref().unwrap_or_default(),
-                    &["any", "jaccard", "fraction"],
-                )?;
                 Positives::LabelSets {
                     // SAFETY: the array's promise.
                     sets: unsafe { label_sets(array()?, batch)? },
-                    weight: [
-                        LabelSetWeight::Any,
-                        LabelSetWeight::Jaccard,
-                        LabelSetWeight::Fraction,
-                    ][weight],
+                    weight: self.set_weight()?,
                 }
             }
             other => {
@@ -492,17 +497,18 @@ mod cuda {
         }
     }
 
-    /// The layout of the forward's workspace for R anchors: (bytes, offset of the loss, of
-    /// ℓ_i, of the count of anchors without positives, of P_i, bytes of the backward's
-    /// scratch).
+    /// The layout of the forward's workspace for a batch of `shape` with label sets of
+    /// `label_set_classes` labels (`None`: other positives): (bytes, offset of the loss, of
+    /// ℓ_i, of the count of anchors without positives, bytes of the backward's scratch).
     #[pyfunction]
     pub(super) fn cuda_workspace(
         options: Options,
         shape: (usize, usize, usize),
+        label_set_classes: Option<usize>,
     ) -> PyResult<(usize, usize, usize, usize, usize)> {
         let loss = options.loss()?;
         let shape = BatchShape::new(shape.0, shape.1, shape.2).map_err(to_py)?;
-        let workspace = CudaBackend::workspace(&loss, shape);
+        let workspace = CudaBackend::workspace(&loss, shape, label_set_classes).map_err(to_py)?;
         Ok((
             workspace.bytes(),
             workspace.loss_offset(),
@@ -563,11 +569,19 @@ mod cuda {
                     let view = mask.0.as_view();
                     body(DevicePositives::Mask(&view))
                 }
-                // The kernels have no label sets yet; `backend="auto"` runs them on the host.
-                "label_sets" => Err(to_py(supcon::Error::Unsupported {
-                    backend: "cuda",
-                    capability: supcon::Capability::LabelSets,
-                })),
+                "label_sets" => {
+                    // Bytes, nonzero a member (the Python side passes 0/1 `bool` tensors).
+                    let array = array()?;
+                    let batch = self.shape.batch();
+                    // SAFETY: per this function's contract.
+                    let sets = unsafe { Borrowed::<u8>::new(stream, array, "bool")? };
+                    let view = sets.0.as_view();
+                    body(DevicePositives::LabelSets {
+                        memberships: &view,
+                        classes: array.2.checked_div(batch).unwrap_or(0),
+                        weight: positives.set_weight()?,
+                    })
+                }
                 other => Err(PyValueError::new_err(format!(
                     "unknown positives {other:?}"
                 ))),

@@ -31,7 +31,7 @@ def test_cuda_build_runs_the_kernels():
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["f32", "f16", "bf16"]
 
-# The options the kernels implement on device tensors (not positives_cap, label sets, normalize).
+# Options on device tensors (label sets and caps: PREPARED and the label-set tests below).
 CASES = [
     ("labels", "labels", {}),
     ("simclr", "simclr", {}),
@@ -166,61 +166,65 @@ def test_cuda_nan_features_error_or_propagate(gen):
     assert not bool(torch.isfinite(loss))
 
 
-HOST_ONLY = [{"positives_cap": 1}, {"positives_cap": 3, "denominator": "one_positive"}]
+PREPARED = [
+    ("cap", {"positives_cap": 1}),
+    ("cap_one_positive", {"positives_cap": 3, "denominator": "one_positive"}),
+    ("cap_inside", {"positives_cap": 2, "summation": "inside"}),
+]
 
 
-@pytest.mark.parametrize("options", HOST_ONLY, ids=["cap", "cap_one_positive"])
-def test_cuda_unsupported_options_are_typed_errors(gen, options):
-    """Options the kernels do not implement on device tensors (positives_cap) with backend="cuda"
-    fail with ValueError or RuntimeError, not a crash or a wrong result."""
-    z = h.features(6, 2, 4, torch.float32, gen=gen, device="cuda")
-    with pytest.raises((ValueError, RuntimeError)):
-        supcon_loss(z, torch.tensor([0, 1, 0, 1, 2, 2], device="cuda"), backend="cuda", **options)
-
-
-@pytest.mark.parametrize("backend", ["auto", "cpu"])
-@pytest.mark.parametrize("options", HOST_ONLY, ids=["cap", "cap_one_positive"])
-def test_cuda_tensors_on_a_host_backend(gen, options, backend):
-    """backend "auto" with an option the kernels lack, or an explicit host backend, runs on a
-    host copy: loss and gradient come back on the device and match the reference."""
-    z = h.features(10, 2, 12, torch.float32, gen=gen, device="cuda")
-    labels = h.labels(10, gen=gen).cuda()
+@pytest.mark.parametrize("backend", ["auto", "cuda"])
+@pytest.mark.parametrize("options", [o for _, o in PREPARED], ids=[i for i, _ in PREPARED])
+def test_cuda_positives_cap_runs_on_the_kernels(gen, options, backend):
+    """A positives cap runs on the kernels (its bounds found on the device): backend_for says
+    so, and loss and gradient match the reference."""
+    z = h.features(70, 2, 12, torch.float32, gen=gen, device="cuda")
+    labels = h.labels(70, gen=gen).cuda()
+    assert SupConLoss(backend=backend, **options).backend_for(z) == "cuda"
     loss, grad = h.package(z, labels, backend=backend, **options)
-    assert loss.device == z.device and grad.device == z.device
     ref_loss, ref_grad = h.reference(z, labels.cpu(), **options)
     h.assert_close(loss, ref_loss, h.F32_TOL, "loss", floor=h.LOSS_FLOOR)
     h.assert_close(grad, ref_grad, h.F32_TOL, "gradient", floor=h.gradient_floor(z, **options))
 
 
-def test_cuda_label_sets_and_normalize_run_on_the_host(gen):
-    """backend "auto" runs label sets and normalize=True (which the kernels lack) on a host
-    copy: backend_for says so, and loss and gradient come back on the device and match the
-    reference."""
+@pytest.mark.parametrize("weight", ["any", "jaccard", "fraction"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64], ids=["bool", "int64"])
+@pytest.mark.parametrize("classes", [1, 65, 200])
+def test_cuda_label_sets_run_on_the_kernels(gen, weight, dtype, classes):
+    """Label sets run on the kernels (packed on the device), with and without a cap: loss and
+    gradient match the reference on the equivalent mask."""
+    z = h.features(37, 2, 20, torch.float32, gen=gen, device="cuda")
+    sets = torch.rand(37, classes, generator=gen) < 2.0 / classes
+    sets[5] = False  # an empty set: only the own views are positives
+    assert SupConLoss().backend_for(z, sets.cuda()) == "cuda"
+    mask = label_set_mask(sets.to(torch.int64), weight)
+    for options in ({}, {"positives_cap": 3}):
+        loss, grad = h.package(z, sets.to(dtype).cuda(), label_set_weight=weight, **options)
+        ref_loss, ref_grad = h.reference(z, None, mask, **options)
+        h.assert_close(loss, ref_loss, h.F32_TOL, "loss", floor=h.LOSS_FLOOR)
+        h.assert_close(grad, ref_grad, h.F32_TOL, "gradient",
+                       floor=h.gradient_floor(z, **options))
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_cuda_tensors_on_a_host_backend(gen, backend):
+    """normalize=True (which the kernels lack) under backend "auto", or an explicit host
+    backend, runs on a host copy: backend_for says so, and loss and gradient come back on the
+    device and match the reference."""
     z = h.features(10, 2, 12, torch.float32, gen=gen, device="cuda")
-    sets = (torch.rand(10, 4, generator=gen) < 0.4).to(torch.int64)
-    assert SupConLoss().backend_for(z, sets.cuda()) == "cpu"
-    assert SupConLoss(normalize=True).backend_for(z) == "cpu"
-    assert SupConLoss().backend_for(z, sets[:, :1].cuda()) == "cuda"  # [bsz, 1]: class labels
-    loss, grad = h.package(z, sets.cuda(), label_set_weight="jaccard")
-    assert loss.device == z.device and grad.device == z.device
-    ref_loss, ref_grad = h.reference(z, None, label_set_mask(sets, "jaccard"))
-    h.assert_close(loss, ref_loss, h.F32_TOL, "loss", floor=h.LOSS_FLOOR)
-    h.assert_close(grad, ref_grad, h.F32_TOL, "gradient", floor=h.gradient_floor(z))
     labels = h.labels(10, gen=gen)
-    loss, grad = h.package(3.0 * z, labels.cuda(), normalize=True)
+    assert SupConLoss(normalize=True, backend=backend).backend_for(z) == "cpu"
+    loss, grad = h.package(3.0 * z, labels.cuda(), normalize=True, backend=backend)
     assert loss.device == z.device and grad.device == z.device
     ref_loss, ref_grad = h.reference(3.0 * z, labels, normalize=True)
     h.assert_close(loss, ref_loss, h.F32_TOL, "loss", floor=h.LOSS_FLOOR)
     h.assert_close(grad, ref_grad, h.F32_TOL, "gradient", floor=h.gradient_floor(z) / 3.0)
 
 
-def test_cuda_backend_refuses_label_sets_and_normalize(gen):
-    """backend="cuda" with label sets or normalize=True: the crate's typed Unsupported error,
-    as a ValueError naming what the kernels lack."""
+def test_cuda_backend_refuses_normalize(gen):
+    """backend="cuda" with normalize=True: the crate's typed Unsupported error, as a
+    ValueError naming what the kernels lack."""
     z = h.features(6, 2, 4, torch.float32, gen=gen, device="cuda")
-    sets = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0], [0, 1]], device="cuda")
-    with pytest.raises(ValueError, match="`cuda` does not support label-set positives"):
-        supcon_loss(z, sets, backend="cuda")
     labels = torch.tensor([0, 1, 0, 1, 2, 2], device="cuda")
     with pytest.raises(ValueError, match="`cuda` does not support fused normalisation"):
         supcon_loss(z, labels, normalize=True, backend="cuda")
@@ -234,19 +238,25 @@ def test_cuda_float64_gradcheck(gen):
     assert torch.autograd.gradcheck(lambda x: supcon_loss(x, labels, temperature=0.5), (z,))
 
 
-def test_cuda_step_does_not_synchronise(gen):
-    """A forward + backward step on CUDA tensors (labels on the device) makes no synchronising
-    PyTorch call: torch's sync debug mode turns one into an error. (The crate's own calls are
-    stream-ordered by design; the emulated tests count its downloads: zero.)"""
+@pytest.mark.parametrize("kind", ["labels", "label_sets_capped"])
+def test_cuda_step_does_not_synchronise(gen, kind):
+    """A forward + backward step on CUDA tensors (labels, or bool label sets under a cap, on
+    the device) makes no synchronising PyTorch call: torch's sync debug mode turns one into an
+    error. (The crate's own calls are stream-ordered by design; the emulated tests count its
+    downloads: zero.)"""
     z = h.features(64, 2, 32, torch.float32, gen=gen, device="cuda")
-    labels = h.labels(64, gen=gen).cuda()
+    if kind == "labels":
+        labels, options = h.labels(64, gen=gen).cuda(), {}
+    else:
+        labels = (torch.rand(64, 70, generator=gen) < 0.05).cuda()
+        options = {"positives_cap": 4}
     warm = z.clone().requires_grad_(True)
-    supcon_loss(warm, labels).backward()  # first call: contexts, modules
+    supcon_loss(warm, labels, **options).backward()  # first call: contexts, modules
     x = z.clone().requires_grad_(True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = supcon_loss(x, labels)
+        loss = supcon_loss(x, labels, **options)
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

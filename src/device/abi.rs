@@ -157,6 +157,23 @@ pub(crate) struct BackwardParams {
     pub grad_end: u32,
 }
 
+/// `SupconPositivesParams`: label sets packed and cap bounds computed on the device.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub(crate) struct PositivesParams {
+    /// The positives (`label_sets`: the packed sets, written by `supcon_pack_label_sets`);
+    /// `cap_bounds` 0.
+    pub problem: Problem,
+    /// `const uint8_t[B][classes]` multi-hot rows (nonzero: a member), else 0.
+    pub memberships: u64,
+    /// `uint32_t[B]`: the cap bounds `supcon_cap_bounds` writes, else 0.
+    pub bounds: u64,
+    /// K, labels per multi-hot row.
+    pub classes: u32,
+    /// The positives cap, clamped to `u32::MAX`.
+    pub cap: u32,
+}
+
 /// Which parameter block a kernel takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ParamsKind {
@@ -164,6 +181,7 @@ pub(crate) enum ParamsKind {
     Finalize,
     Coefficients,
     Backward,
+    Positives,
 }
 
 /// What cudarc needs to pass a block by value (`src/cuda/enabled/raw.rs` implements it for
@@ -193,6 +211,9 @@ impl KernelParams for CoefficientParams {
 }
 impl KernelParams for BackwardParams {
     const KIND: ParamsKind = ParamsKind::Backward;
+}
+impl KernelParams for PositivesParams {
+    const KIND: ParamsKind = ParamsKind::Positives;
 }
 
 /// `positive_kind` codes (`SUPCON_POSITIVES_*`).

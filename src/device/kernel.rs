@@ -74,13 +74,20 @@ pub(crate) enum Kernel {
     /// The feature gradient on tensor cores; `wide`: 256 gradient columns per block (for
     /// D > 128, so that S is formed once per tile up to D = 256), else 128.
     MmaBackward { operands: MmaOperands, wide: bool },
+    /// The device API's label sets: `[B, K]` multi-hot bytes packed into bitsets.
+    // The device API's (CUDA only); the emulated executor runs them in tests.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    PackLabelSets,
+    /// The device API's positives cap: each sample's bound.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    CapBounds,
 }
 
 impl Kernel {
     /// Every entry point.
     // The CUDA executor loads them all; the emulated executor's tests check them all.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) const ALL: [Kernel; 24] = [
+    pub(crate) const ALL: [Kernel; 26] = [
         Kernel::ForwardStatistics(FeatureType::F32),
         Kernel::ForwardStatistics(FeatureType::F16),
         Kernel::ForwardStatistics(FeatureType::Bf16),
@@ -105,6 +112,8 @@ impl Kernel {
         Kernel::mma_backward(MmaOperands::F16, true),
         Kernel::mma_backward(MmaOperands::Bf16, true),
         Kernel::mma_backward(MmaOperands::F32Split, true),
+        Kernel::PackLabelSets,
+        Kernel::CapBounds,
     ];
 
     const fn mma_backward(operands: MmaOperands, wide: bool) -> Kernel {
@@ -146,6 +155,8 @@ impl Kernel {
                 (MmaOperands::Bf16, true) => "supcon_mma_backward_wide_bf16",
                 (MmaOperands::F32Split, true) => "supcon_mma_backward_wide_f32x3",
             },
+            Kernel::PackLabelSets => "supcon_pack_label_sets",
+            Kernel::CapBounds => "supcon_cap_bounds",
         }
     }
 
@@ -160,6 +171,7 @@ impl Kernel {
             Kernel::ForwardFinalize => ParamsKind::Finalize,
             Kernel::BackwardCoefficients => ParamsKind::Coefficients,
             Kernel::Backward(_) | Kernel::MmaBackward { .. } => ParamsKind::Backward,
+            Kernel::PackLabelSets | Kernel::CapBounds => ParamsKind::Positives,
         }
     }
 
@@ -182,6 +194,8 @@ impl Kernel {
                 split: operands.split(),
                 wide,
             },
+            Kernel::PackLabelSets => Stage::PackLabelSets,
+            Kernel::CapBounds => Stage::CapBounds,
         }
     }
 }
@@ -210,6 +224,9 @@ pub(crate) fn fatbin(kernel: Kernel) -> Result<&'static [u8]> {
             }
             Kernel::MmaBackward { .. } => {
                 include_bytes!(concat!(env!("OUT_DIR"), "/supcon_mma_backward.fatbin"))
+            }
+            Kernel::PackLabelSets | Kernel::CapBounds => {
+                include_bytes!(concat!(env!("OUT_DIR"), "/supcon_positives.fatbin"))
             }
         })
     }

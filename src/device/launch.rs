@@ -51,6 +51,27 @@ pub(crate) struct Statistics<B> {
 }
 
 impl<B> Statistics<B> {
+    /// The buffers the forward kernels write.
+    // The CUDA backend records their writes on its stream.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn written_mut(&mut self) -> impl Iterator<Item = &mut B> {
+        [
+            &mut self.lse,
+            &mut self.lse_lo,
+            &mut self.scaled_positive_lse,
+            &mut self.scaled_positive_lse_lo,
+            &mut self.positive_weight,
+            &mut self.positive_weight_max,
+            &mut self.pull,
+            &mut self.log_share,
+            &mut self.anchor_loss,
+            &mut self.reduced_loss,
+            &mut self.anchors_without_positives,
+        ]
+        .into_iter()
+        .chain(self.partials.as_mut())
+    }
+
     /// The buffers by address.
     pub(crate) fn addresses<E: KernelExecutor<Buffer = B>>(
         &self,

@@ -13,6 +13,7 @@
 //! - `launch`: the launch sequences of both passes, written once;
 //! - `host`: the host-array path ([`crate::Backend`]: upload, launch, download);
 //! - `resident`: the device-resident path (the CUDA backend's device API);
+//! - `positives`: that path's label sets and cap bounds, prepared on the device;
 //! - `emulated`: [`EmulatedBackend`], the kernels compiled as C++ against a host emulation of
 //!   the CUDA execution model, run on host memory.
 
@@ -24,6 +25,9 @@ pub(crate) mod host;
 pub(crate) mod kernel;
 pub(crate) mod launch;
 pub(crate) mod plan;
+// The CUDA backend's device API; its tests run it through the emulation.
+#[cfg(any(feature = "cuda", test))]
+pub(crate) mod positives;
 pub(crate) mod problem;
 // The CUDA backend's device API; its tests run it through the emulation.
 #[cfg(any(feature = "cuda", test))]

@@ -21,6 +21,9 @@ pub(crate) const COEFFICIENT_THREADS: u32 = 256;
 /// Threads per block of the forward's merge of column shares, one anchor each
 /// (`kMergeThreads`).
 pub(crate) const MERGE_THREADS: u32 = 256;
+/// Threads per block of the device-side positives: one sample each when packing label sets,
+/// one block per sample for the cap bounds (`kPositivesThreads`).
+pub(crate) const POSITIVES_THREADS: u32 = 256;
 /// Bytes of one anchor's partial statistics in a column share (`sizeof(RowStatistics)`).
 pub(crate) const ROW_STATISTICS_BYTES: usize = 7 * size_of::<f32>();
 /// Blocks the forward aims for before it splits the columns: about 4 per SM of an H200 (132
@@ -83,6 +86,10 @@ pub(crate) enum Stage {
     MmaForward { split: bool },
     /// `supcon_mma_backward_{f16,bf16,f32x3}`: the feature gradient on tensor cores.
     MmaBackward { split: bool, wide: bool },
+    /// `supcon_pack_label_sets`: multi-hot rows packed into bitsets, one thread per sample.
+    PackLabelSets,
+    /// `supcon_cap_bounds`: the positives cap's bound of each sample, one block per sample.
+    CapBounds,
 }
 
 /// A kernel launch configuration.
@@ -99,8 +106,8 @@ pub(crate) struct LaunchConfig {
 
 /// The launch configuration of `stage` for rows of `dim` elements, covering `rows` rows: the
 /// anchors of a forward launch (its columns in `column_splits` shares) or of the merge, the
-/// gradient rows of a backward launch, the R anchors of the coefficients (the finalisation is
-/// one block whatever it reduces). `column_splits` is 1 for every stage but the forward's.
+/// gradient rows of a backward launch, the R anchors of the coefficients, the B samples of the
+/// device-side positives (the finalisation is one block whatever it reduces). `column_splits` is 1 for every stage but the forward's.
 pub(crate) fn launch_config(stage: Stage, dim: u32, rows: u32, column_splits: u32) -> LaunchConfig {
     debug_assert!(
         column_splits == 1 || matches!(stage, Stage::ForwardStatistics | Stage::MmaForward { .. }),
@@ -119,6 +126,8 @@ pub(crate) fn launch_config(stage: Stage, dim: u32, rows: u32, column_splits: u3
             TILE_THREADS,
         ),
         Stage::MmaForward { .. } => ([rows.div_ceil(TILE_ROWS), column_splits, 1], MMA_THREADS),
+        Stage::PackLabelSets => ([rows.div_ceil(POSITIVES_THREADS), 1, 1], POSITIVES_THREADS),
+        Stage::CapBounds => ([rows, 1, 1], POSITIVES_THREADS),
         Stage::MmaBackward { wide, .. } => {
             let chunk = if wide { WIDE_GRAD_CHUNK } else { GRAD_CHUNK };
             (

@@ -91,28 +91,6 @@ impl Problem {
         })
     }
 
-    /// [`Problem::new`] for the device API, whose positives are in device memory: it also
-    /// refuses a positives cap, whose per-sample bounds the host computes from the positives.
-    ///
-    /// # Errors
-    /// As [`Problem::new`]; [`Error::Unsupported`] for `positives_cap`.
-    #[cfg(any(feature = "cuda", test))]
-    pub(crate) fn on_device_buffers(
-        backend: &'static str,
-        loss: &SupConLoss,
-        shape: BatchShape,
-        dtype: DType,
-        precision: Precision,
-    ) -> Result<Self> {
-        if loss.positives_cap().is_some() {
-            return Err(Error::Unsupported {
-                backend,
-                capability: Capability::PositivesCap,
-            });
-        }
-        Self::new(backend, loss, shape, dtype, precision)
-    }
-
     /// The tensor-core operands, if this problem runs on tensor cores on a device that gives
     /// a launch up to `max_dynamic_shared_bytes`: half-precision features under
     /// [`Precision::Auto`] and [`Precision::Bf16x3`], f32 features under `Bf16x3`, when their
@@ -319,8 +297,8 @@ pub(crate) struct InputAddresses {
     pub(crate) features: u64,
     /// The positives.
     pub(crate) positives: PositiveAddresses,
-    /// `const uint32_t[B]` per-sample cap bounds (`crate::cpu::relation::cap_bounds`) under a
-    /// positives cap, else 0.
+    /// `const uint32_t[B]` per-sample cap bounds under a positives cap (from the host,
+    /// `crate::cpu::relation::cap_bounds`, or the device, `super::positives`), else 0.
     pub(crate) cap_bounds: u64,
 }
 
@@ -344,17 +322,8 @@ mod tests {
         refused(&default, DType::F64, Capability::ElementType(DType::F64));
         let normalized = SupConLoss::builder().normalize(true).build().unwrap();
         refused(&normalized, DType::F16, Capability::Normalize);
-        // A cap runs on host arrays, whose positives give the bounds; not on device buffers.
         let capped = SupConLoss::builder().positives_cap(2).build().unwrap();
         assert!(Problem::new("cuda", &capped, shape, DType::BF16, Precision::Auto).is_ok());
-        assert_eq!(
-            Problem::on_device_buffers("cuda", &capped, shape, DType::BF16, Precision::Auto)
-                .unwrap_err(),
-            Error::Unsupported {
-                backend: "cuda",
-                capability: Capability::PositivesCap
-            }
-        );
         let one_positive = SupConLoss::builder()
             .denominator(Denominator::OnePositive)
             .build()

@@ -5,14 +5,132 @@
 //! caller-owned device buffers, given by address, and the forward's outputs stay on the device
 //! (`launch::launch_forward`): nothing is copied and nothing synchronises until the caller asks
 //! for host values. The backward pass computes its per-anchor coefficients on the device too,
-//! except under `NoPositivePolicy::Error` (see [`backward`]).
+//! except under `NoPositivePolicy::Error` (see [`backward`]). Label sets and the cap bounds
+//! are prepared on the device before the forward kernels (`super::positives`), and the
+//! backward reads what the forward prepared.
 
 use super::executor::{download_vec, KernelExecutor};
 use super::launch::{self, DeviceUpstream, Statistics, WorkspaceLayout};
+use super::positives::{self, PreparedLayout, ResidentPositives};
 use super::problem::{InputAddresses, Problem};
 use crate::backend::Upstream;
-use crate::config::{NoPositivePolicy, Reduction};
-use crate::error::Result;
+use crate::config::{NoPositivePolicy, Reduction, SupConLoss};
+use crate::error::{Error, Result};
+use crate::inputs::BatchShape;
+
+/// The forward pass on resident inputs, in buffers of its own: its outputs and the positives
+/// it prepared, which the backward pass reads again.
+#[derive(Debug)]
+pub(crate) struct ResidentForward<B> {
+    pub(crate) statistics: Statistics<B>,
+    layout: PreparedLayout,
+    /// The region of `layout`; absent when it is empty.
+    prepared: Option<B>,
+}
+
+impl<B> ResidentForward<B> {
+    /// The inputs of the backward kernels for `problem`: `features` and `positives` with the
+    /// positives this forward prepared (label sets are not read again).
+    ///
+    /// # Errors
+    /// [`Error::StateMismatch`] for positives of another kind than the forward's (label sets
+    /// of another K, or given only to one of the passes), or a cap only one of them has.
+    pub(crate) fn inputs<E: KernelExecutor<Buffer = B>>(
+        &self,
+        executor: &E,
+        problem: &Problem,
+        features: u64,
+        positives: &ResidentPositives,
+    ) -> Result<InputAddresses> {
+        let layout = PreparedLayout::new(problem.loss(), problem.shape(), positives.set_classes());
+        if layout != self.layout {
+            return Err(Error::StateMismatch(
+                "the positives are not of the kind the forward pass prepared".into(),
+            ));
+        }
+        let base = self.prepared.as_ref().map_or(0, |b| executor.address(b));
+        Ok(self.layout.inputs(features, positives, base))
+    }
+
+    /// The buffers the forward kernels wrote: the statistics and the prepared positives.
+    // The CUDA backend's.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn written_mut(&mut self) -> impl Iterator<Item = &mut B> {
+        self.statistics.written_mut().chain(self.prepared.as_mut())
+    }
+}
+
+/// Queues the forward kernels on resident inputs into new buffers, after the kernels that
+/// prepare the positives. Nothing is copied or awaited.
+///
+/// # Safety
+/// As `launch::launch_forward`, with label sets as `B·K` bytes at their address.
+pub(crate) unsafe fn forward<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    features: u64,
+    positives: &ResidentPositives,
+) -> Result<ResidentForward<E::Buffer>> {
+    let layout = PreparedLayout::new(problem.loss(), problem.shape(), positives.set_classes());
+    let prepared = match layout.bytes() {
+        0 => None,
+        bytes => Some(executor.alloc(bytes)?),
+    };
+    let base = prepared.as_ref().map_or(0, |b| executor.address(b));
+    // SAFETY: the inputs per this function's contract; the region is the buffer just
+    // allocated (256-byte aligned, as every allocation), kept with the statistics.
+    let statistics = unsafe {
+        let inputs = positives::prepare(executor, problem, &layout, features, positives, base)?;
+        launch::launch_forward(executor, problem, &inputs)?
+    };
+    Ok(ResidentForward {
+        statistics,
+        layout,
+        prepared,
+    })
+}
+
+/// The caller-owned workspace of the device API: the forward's outputs ([`WorkspaceLayout`]),
+/// then, on a 256-byte boundary, the prepared positives ([`PreparedLayout`]).
+// The CUDA backend's; the emulated executor's tests run it.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ResidentWorkspace {
+    pub(crate) outputs: WorkspaceLayout,
+    prepared: PreparedLayout,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl ResidentWorkspace {
+    /// The workspace under `loss` on a batch of `shape`, for label sets of K = `set_classes`
+    /// labels or (`None`) other positives.
+    pub(crate) fn new(loss: &SupConLoss, shape: BatchShape, set_classes: Option<u32>) -> Self {
+        ResidentWorkspace {
+            outputs: WorkspaceLayout::new(shape.anchors(loss.contrast_mode())),
+            prepared: PreparedLayout::new(loss, shape, set_classes),
+        }
+    }
+
+    /// Offset of the prepared positives.
+    pub(crate) fn prepared_offset(&self) -> usize {
+        self.outputs.bytes().next_multiple_of(256)
+    }
+
+    /// Bytes of the whole workspace.
+    pub(crate) fn bytes(&self) -> usize {
+        match self.prepared.bytes() {
+            0 => self.outputs.bytes(),
+            bytes => self.prepared_offset() + bytes,
+        }
+    }
+
+    /// The inputs of the forward and backward kernels, with the positives prepared in the
+    /// workspace at `base`.
+    fn inputs(&self, features: u64, positives: &ResidentPositives, base: u64) -> InputAddresses {
+        self.prepared
+            .inputs(features, positives, base + self.prepared_offset() as u64)
+    }
+}
 
 /// The reduced loss alone (synchronises); `None` for reduction none.
 ///
@@ -74,22 +192,36 @@ pub(crate) unsafe fn backward<E: KernelExecutor>(
     unsafe { launch::launch_backward(executor, problem, inputs, saved, coefficients, grad) }
 }
 
-/// Queues the forward kernels, writing their outputs into the workspace at `workspace`
-/// ([`WorkspaceLayout`] for the problem's anchors): memory the caller owns, nothing allocated.
+/// Queues the kernels that prepare the positives and the forward kernels, writing both into
+/// the workspace at `workspace` ([`ResidentWorkspace`]): memory the caller owns, nothing
+/// allocated.
 ///
 /// # Safety
-/// As `launch::launch_forward` for `inputs`; `workspace` must address
-/// `WorkspaceLayout::bytes` writable bytes of `executor`'s memory, 256-byte aligned, that
-/// nothing else reads or writes until the kernels have finished.
+/// As [`forward`] for the inputs; `workspace` must address `ResidentWorkspace::bytes`
+/// writable bytes of `executor`'s memory, 256-byte aligned, that nothing else reads or writes
+/// until the kernels have finished.
 pub(crate) unsafe fn forward_into<E: KernelExecutor>(
     executor: &mut E,
     problem: &Problem,
-    inputs: &InputAddresses,
+    features: u64,
+    positives: &ResidentPositives,
     workspace: u64,
 ) -> Result<()> {
-    let at = WorkspaceLayout::new(problem.anchors()).addresses(workspace);
+    let layout = ResidentWorkspace::new(problem.loss(), problem.shape(), positives.set_classes());
+    let at = layout.outputs.addresses(workspace);
+    let base = workspace + layout.prepared_offset() as u64;
     // SAFETY: per this function's contract.
-    unsafe { launch::launch_forward_at(executor, problem, inputs, &at) }
+    unsafe {
+        let inputs = positives::prepare(
+            executor,
+            problem,
+            &layout.prepared,
+            features,
+            positives,
+            base,
+        )?;
+        launch::launch_forward_at(executor, problem, &inputs, &at)
+    }
 }
 
 /// Queues the backward pass from the forward's outputs in `workspace` ([`forward_into`]),
@@ -101,24 +233,28 @@ pub(crate) unsafe fn forward_into<E: KernelExecutor>(
 ///
 /// # Safety
 /// As [`forward_into`], with `workspace` holding the outputs of [`forward_into`] for `problem`
-/// and these `inputs`; `upstream` must address R doubles and `scratch` R writable floats, and
+/// and these inputs; `upstream` must address R doubles and `scratch` R writable floats, and
 /// `grad` `B·V·D` writable floats, of `executor`'s memory, none read or written by anything
 /// else until the kernels have finished.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn backward_from<E: KernelExecutor>(
     executor: &mut E,
     problem: &Problem,
-    inputs: &InputAddresses,
+    features: u64,
+    positives: &ResidentPositives,
     workspace: u64,
     upstream: u64,
     scratch: u64,
     grad: u64,
 ) -> Result<()> {
-    let at = WorkspaceLayout::new(problem.anchors()).addresses(workspace);
+    let layout = ResidentWorkspace::new(problem.loss(), problem.shape(), positives.set_classes());
+    let at = layout.outputs.addresses(workspace);
+    let inputs = layout.inputs(features, positives, workspace);
     // SAFETY: per this function's contract.
     unsafe {
         let upstream = DeviceUpstream::PerAnchor(upstream);
         launch::launch_coefficients_at(executor, problem, &at, upstream, scratch)?;
-        launch::launch_backward(executor, problem, inputs, at.saved, scratch, grad)
+        launch::launch_backward(executor, problem, &inputs, at.saved, scratch, grad)
     }
 }
 
@@ -132,10 +268,10 @@ mod tests {
     use crate::backend::Backend;
     use crate::config::{ContrastMode, Denominator, NoPositivePolicy, Summation, SupConLoss};
     use crate::device::emulated::{EmulatedBackend, HostExecutor};
-    use crate::device::launch::WorkspaceLayout;
     use crate::device::problem::PositiveAddresses;
     use crate::element::DType;
     use crate::inputs::{BatchShape, Positives};
+    use crate::label_sets::LabelSetWeight;
     use crate::precision::Precision;
     use crate::reference::ReferenceBackend;
 
@@ -202,28 +338,60 @@ mod tests {
         );
         let labels;
         let mask;
+        let memberships;
         let positives = match positives {
-            Positives::SimClr => PositiveAddresses::SameSample,
+            Positives::SimClr => ResidentPositives::Direct(PositiveAddresses::SameSample),
             Positives::Labels(values) => {
                 labels = upload(executor, bytemuck::cast_slice(values.as_slice().unwrap()));
-                PositiveAddresses::Labels(executor.address(&labels))
+                ResidentPositives::Direct(PositiveAddresses::Labels(executor.address(&labels)))
             }
             Positives::Mask(values) => {
                 mask = upload(executor, bytemuck::cast_slice(values.as_slice().unwrap()));
-                PositiveAddresses::Mask(executor.address(&mask))
+                ResidentPositives::Direct(PositiveAddresses::Mask(executor.address(&mask)))
             }
-            Positives::LabelSets { .. } => unreachable!("the device API takes no label sets"),
+            Positives::LabelSets { sets, weight } => {
+                // Members as any nonzero byte, as the device API reads them.
+                let bytes: Vec<u8> = sets.iter().map(|&m| if m { 0x80 } else { 0 }).collect();
+                memberships = upload(executor, &bytes);
+                ResidentPositives::Memberships {
+                    address: executor.address(&memberships),
+                    classes: sets.ncols() as u32,
+                    weight,
+                }
+            }
         };
-        let inputs = InputAddresses {
-            features: executor.address(&features),
-            positives,
-            cap_bounds: 0,
+        let features = executor.address(&features);
+        // SAFETY: the buffers above hold B·V·D f32, B i64, B·B f32 or B·K bytes and outlive
+        // the passes (the emulation's launches are synchronous).
+        let forward = unsafe { forward(executor, &problem, features, &positives) }.unwrap();
+        let inputs = forward
+            .inputs(executor, &problem, features, &positives)
+            .unwrap();
+        // A backward pass with positives of another kind than the forward prepared fails.
+        let other = match positives {
+            ResidentPositives::Memberships {
+                address,
+                classes,
+                weight,
+            } => ResidentPositives::Memberships {
+                address,
+                classes: classes + 64,
+                weight,
+            },
+            ResidentPositives::Direct(_) => ResidentPositives::Memberships {
+                address: 0,
+                classes: 1,
+                weight: LabelSetWeight::Any,
+            },
         };
-        // SAFETY: the buffers above hold B·V·D f32, B i64 or B·B f32 and outlive the passes
-        // (the emulation's launches are synchronous).
-        let statistics = unsafe { launch::launch_forward(executor, &problem, &inputs) }.unwrap();
-        let output = launch::to_host(executor, &problem, &statistics).unwrap();
-        let reduced = reduced_loss(executor, &problem, &statistics).unwrap();
+        let mismatch = forward.inputs(executor, &problem, features, &other);
+        assert!(
+            matches!(mismatch, Err(Error::StateMismatch(_))),
+            "{mismatch:?}"
+        );
+        let statistics = &forward.statistics;
+        let output = launch::to_host(executor, &problem, statistics).unwrap();
+        let reduced = reduced_loss(executor, &problem, statistics).unwrap();
         let grad = executor
             .alloc(batch * views * dim * size_of::<f32>())
             .unwrap();
@@ -239,7 +407,7 @@ mod tests {
                 executor,
                 &problem,
                 &inputs,
-                &statistics,
+                statistics,
                 upstream,
                 grad_address,
             )
@@ -249,12 +417,14 @@ mod tests {
 
         // The same passes in caller-owned memory: one workspace, the upstream as R doubles on
         // the device, R floats of scratch. Bit for bit the same outputs.
-        let layout = WorkspaceLayout::new(problem.anchors());
-        let workspace = executor.alloc(layout.bytes()).unwrap();
+        let workspace_layout = ResidentWorkspace::new(loss, shape, positives.set_classes());
+        let layout = workspace_layout.outputs;
+        let workspace = executor.alloc(workspace_layout.bytes()).unwrap();
         let workspace_address = executor.address(&workspace);
         // SAFETY: as above; the workspace holds the layout's bytes.
-        unsafe { forward_into(executor, &problem, &inputs, workspace_address) }.unwrap();
-        let bytes: Vec<u8> = download_vec(executor, &workspace, layout.bytes()).unwrap();
+        unsafe { forward_into(executor, &problem, features, &positives, workspace_address) }
+            .unwrap();
+        let bytes: Vec<u8> = download_vec(executor, &workspace, workspace_layout.bytes()).unwrap();
         let read_f32 = |offset: usize, k: usize| {
             f32::from_le_bytes(bytes[offset + 4 * k..][..4].try_into().unwrap())
         };
@@ -289,7 +459,8 @@ mod tests {
             backward_from(
                 executor,
                 &problem,
-                &inputs,
+                features,
+                &positives,
                 workspace_address,
                 addresses[0],
                 addresses[1],
@@ -309,9 +480,10 @@ mod tests {
         (output, reduced, grad)
     }
 
-    /// For every supported option and kind of positives, the resident path gives the host
-    /// path's results bit for bit (its backward reads the forward's own statistics, the host
-    /// path their reconstruction from the saved state) and the reference backend's up to f32
+    /// For every option and kind of positives, the resident path gives the host path's results
+    /// bit for bit (its backward reads the forward's own statistics, the host path their
+    /// reconstruction from the saved state; its label sets and cap bounds come from the
+    /// device's kernels, the host path's from the host) and the reference backend's up to f32
     /// rounding.
     #[test]
     fn resident_passes_match_the_host_path_and_the_reference() {
@@ -324,21 +496,44 @@ mod tests {
         // is the identity and the two paths see the same weights.
         let weights = [0.0f32, 0.5, 1.0, 0.25];
         let mask = Array2::from_shape_fn((batch, batch), |(i, j)| weights[(i * 3 + j) % 4]);
+        // K = 70 crosses a word; sample 3's set is empty, samples 0 and 4 share only label 69.
+        let sets = Array2::from_shape_fn((batch, 70), |(b, k)| match b {
+            0 => k == 69 || k == 2,
+            1 => k % 3 == 0,
+            2 => k == 3 || k == 40,
+            3 => false,
+            _ => k == 69 || k == 64,
+        });
         let upstream_of = |per_anchor: &Array1<f64>| {
             Array1::from_shape_fn(per_anchor.len(), |i| 0.25 + 0.5 * (i % 3) as f64)
         };
-        for loss in loss_grid() {
+        let weights = [
+            LabelSetWeight::Any,
+            LabelSetWeight::Jaccard,
+            LabelSetWeight::Fraction,
+        ];
+        // Caps that the own views fill (1, 2: V = 3), that keep some or all of the others.
+        let caps = [None, Some(1), Some(2), Some(3), Some(4), Some(7)];
+        for (index, loss) in loss_grid().iter().enumerate() {
+            let loss = &match caps[index % caps.len()] {
+                Some(cap) => loss.to_builder().positives_cap(cap).build().unwrap(),
+                None => *loss,
+            };
             for positives in [
                 Positives::SimClr,
                 Positives::Labels(labels.view()),
                 Positives::Mask(mask.view()),
+                Positives::LabelSets {
+                    sets: sets.view(),
+                    weight: weights[index % weights.len()],
+                },
             ] {
                 let what = format!("{loss:?} {positives:?}");
                 let (output, reduced, grad) =
-                    resident_passes(&loss, features.view(), positives, upstream_of);
+                    resident_passes(loss, features.view(), positives, upstream_of);
 
                 let host = EmulatedBackend::default()
-                    .forward(&loss, features.view(), positives)
+                    .forward(loss, features.view(), positives)
                     .unwrap();
                 // The device API has no fingerprint to give its state; everything else matches.
                 let host_state = crate::backend::SavedState {
@@ -355,21 +550,15 @@ mod tests {
                     _ => Upstream::Scalar(0.75),
                 };
                 let host_grad = EmulatedBackend::default()
-                    .backward(&loss, features.view(), positives, &host.state, upstream)
+                    .backward(loss, features.view(), positives, &host.state, upstream)
                     .unwrap();
                 assert_eq!(grad, host_grad, "{what}");
 
                 let reference = ReferenceBackend
-                    .forward(&loss, features.view(), positives)
+                    .forward(loss, features.view(), positives)
                     .unwrap();
                 let reference_grad = ReferenceBackend
-                    .backward(
-                        &loss,
-                        features.view(),
-                        positives,
-                        &reference.state,
-                        upstream,
-                    )
+                    .backward(loss, features.view(), positives, &reference.state, upstream)
                     .unwrap();
                 let forward_error = relative_difference(&output.per_anchor, &reference.per_anchor)
                     .max(relative_difference(&output.loss, &reference.loss));

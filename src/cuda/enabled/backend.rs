@@ -17,12 +17,15 @@ use super::executor::{allocation_error, driver_error, LoadedKernels, StreamExecu
 use super::raw::{self, DriverLibrary};
 use crate::backend::{Backend, ForwardOutput, SavedState, Upstream};
 use crate::config::SupConLoss;
-use crate::device::launch::{self, Statistics, WorkspaceLayout};
-use crate::device::problem::{InputAddresses, PositiveAddresses, Problem};
+use crate::device::launch;
+use crate::device::positives::{PreparedLayout, ResidentPositives};
+use crate::device::problem::{PositiveAddresses, Problem};
+use crate::device::resident::{ResidentForward, ResidentWorkspace};
 use crate::device::{host, resident};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::inputs::{BatchShape, Positives};
+use crate::label_sets::LabelSetWeight;
 use crate::precision::Precision;
 
 const NAME: &str = "cuda";
@@ -51,6 +54,29 @@ pub enum DevicePositives<'a> {
     /// `[B, B]` weights, row-major, finite and ≥ 0 (not checked on the device: a negative or
     /// NaN weight gives a meaningless loss rather than an error).
     Mask(&'a CudaView<'a, f32>),
+    /// Label sets: a `[B, classes]` multi-hot matrix of bytes, row-major, a nonzero byte
+    /// making label k a member of sample b's set (a `bool` tensor's layout), weighed by
+    /// `weight` (see [`Positives::LabelSets`]). The forward pass packs them into bitsets on
+    /// the device; the backward pass reads those and not the matrix again.
+    LabelSets {
+        /// `[B, classes]` bytes, nonzero: a member.
+        memberships: &'a CudaView<'a, u8>,
+        /// K, the labels of the multi-hot rows.
+        classes: usize,
+        /// How the overlap of two sets weighs.
+        weight: LabelSetWeight,
+    },
+}
+
+impl DevicePositives<'_> {
+    /// K for label sets, else `None`: what the layout of a workspace
+    /// ([`CudaBackend::workspace`]) depends on.
+    pub fn label_set_classes(&self) -> Option<usize> {
+        match *self {
+            DevicePositives::LabelSets { classes, .. } => Some(classes),
+            _ => None,
+        }
+    }
 }
 
 /// The SupCon loss on an NVIDIA GPU (compute capability 8.0 or newer, CUDA 13.0 driver).
@@ -68,8 +94,9 @@ pub enum DevicePositives<'a> {
 ///   [`backward_device`](Self::backward_device)).
 ///
 /// Shapes and options are validated on the host before anything is launched. Not supported
-/// (→ [`Error::Unsupported`]): `normalize`, f64 features, and on the device API
-/// `positives_cap`.
+/// (→ [`Error::Unsupported`]): `normalize` and f64 features. Label sets and a positives cap
+/// are prepared on the device (`kernels/supcon_positives.cu`), so the device API reads no
+/// positive back either.
 /// On the device API, NaN/Inf features are not detected (they propagate to the loss).
 ///
 /// A training step on the trainer's stream:
@@ -224,21 +251,22 @@ impl CudaBackend {
         shape: BatchShape,
         positives: DevicePositives<'_>,
     ) -> Result<DeviceForward> {
-        let problem = Problem::on_device_buffers(NAME, loss, shape, T::DTYPE, self.precision)?;
+        let problem = Problem::new(NAME, loss, shape, T::DTYPE, self.precision)?;
         let bound = self.bind_inputs(shape, features, positives)?;
         let mut executor = self.executor();
         // SAFETY: `bind_inputs` checked that the features hold B·V·D elements of T and the
-        // labels B i64 / the mask B·B f32 in this stream's context; the views borrow them for
-        // this call, and their guards (dropped after the launches) make later work on other
-        // streams wait for the kernels (cudarc's event tracking).
-        let mut statistics =
-            unsafe { launch::launch_forward(&mut executor, &problem, &bound.inputs)? };
+        // labels B i64 / the mask B·B f32 / the label sets B·K bytes in this stream's context;
+        // the views borrow them for this call, and their guards (dropped after the launches)
+        // make later work on other streams wait for the kernels (cudarc's event tracking).
+        let mut resident = unsafe {
+            resident::forward(&mut executor, &problem, bound.features, &bound.positives)?
+        };
         drop(bound);
-        record_writes(&mut statistics, &self.stream);
+        record_writes(&mut resident, &self.stream);
         Ok(DeviceForward {
             backend: self.clone(),
             problem,
-            statistics,
+            resident,
         })
     }
 
@@ -266,6 +294,12 @@ impl CudaBackend {
         let problem = forward.problem_for::<T>(self)?;
         let shape = problem.shape();
         let bound = self.bind_inputs(shape, features, positives)?;
+        let inputs = forward.resident.inputs(
+            &self.executor(),
+            &problem,
+            bound.features,
+            &bound.positives,
+        )?;
         self.check_buffer("grad", grad.len(), grad.stream(), shape.elements())?;
         let (grad_address, grad_guard) = grad.device_ptr_mut(&self.stream);
         let mut executor = self.executor();
@@ -276,8 +310,8 @@ impl CudaBackend {
             resident::backward(
                 &mut executor,
                 &problem,
-                &bound.inputs,
-                &forward.statistics,
+                &inputs,
+                &forward.resident.statistics,
                 upstream,
                 grad_address,
             )?;
@@ -318,12 +352,23 @@ impl CudaBackend {
     }
 
     /// The layout of the workspace that [`forward_device_into`](Self::forward_device_into)
-    /// writes for `loss` on a batch of `shape`, and of the backward's scratch.
-    pub fn workspace(loss: &SupConLoss, shape: BatchShape) -> DeviceWorkspace {
-        DeviceWorkspace {
-            layout: WorkspaceLayout::new(shape.anchors(loss.contrast_mode())),
+    /// writes for `loss` on a batch of `shape`, with label sets of K = `label_set_classes`
+    /// labels or (`None`) other positives
+    /// ([`DevicePositives::label_set_classes`]), and of the backward's scratch. The workspace
+    /// holds the positives the forward prepares on the device (packed label sets, cap bounds).
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] for label sets of more than `u32::MAX` labels.
+    pub fn workspace(
+        loss: &SupConLoss,
+        shape: BatchShape,
+        label_set_classes: Option<usize>,
+    ) -> Result<DeviceWorkspace> {
+        let set_classes = label_set_classes.map(PreparedLayout::classes).transpose()?;
+        Ok(DeviceWorkspace {
+            layout: ResidentWorkspace::new(loss, shape, set_classes),
             anchors: shape.anchors(loss.contrast_mode()),
-        }
+        })
     }
 
     /// Queues the forward pass into memory the caller owns (a framework's allocator): the
@@ -344,15 +389,23 @@ impl CudaBackend {
         positives: DevicePositives<'_>,
         workspace: &mut CudaViewMut<'_, u8>,
     ) -> Result<()> {
-        let problem = Problem::on_device_buffers(NAME, loss, shape, T::DTYPE, self.precision)?;
-        let layout = Self::workspace(loss, shape);
+        let problem = Problem::new(NAME, loss, shape, T::DTYPE, self.precision)?;
+        let layout = Self::workspace(loss, shape, positives.label_set_classes())?;
         let bound = self.bind_inputs(shape, features, positives)?;
         let (base, guard) = self.bind_workspace("workspace", workspace, layout.bytes())?;
         let mut executor = self.executor();
         // SAFETY: the inputs as in `forward_device`; the workspace holds the layout's bytes of
         // this context (checked), 256-byte aligned (checked), borrowed mutably for this call,
         // its guard recording the kernels' writes.
-        unsafe { resident::forward_into(&mut executor, &problem, &bound.inputs, base)? };
+        unsafe {
+            resident::forward_into(
+                &mut executor,
+                &problem,
+                bound.features,
+                &bound.positives,
+                base,
+            )?;
+        }
         drop(guard);
         drop(bound);
         Ok(())
@@ -379,8 +432,8 @@ impl CudaBackend {
         scratch: &mut CudaViewMut<'_, u8>,
         grad: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        let problem = Problem::on_device_buffers(NAME, loss, shape, T::DTYPE, self.precision)?;
-        let layout = Self::workspace(loss, shape);
+        let problem = Problem::new(NAME, loss, shape, T::DTYPE, self.precision)?;
+        let layout = Self::workspace(loss, shape, positives.label_set_classes())?;
         let bound = self.bind_inputs(shape, features, positives)?;
         self.check_buffer(
             "workspace",
@@ -410,7 +463,8 @@ impl CudaBackend {
             resident::backward_from(
                 &mut executor,
                 &problem,
-                &bound.inputs,
+                bound.features,
+                &bound.positives,
                 workspace_address,
                 upstream_address,
                 scratch_address,
@@ -498,13 +552,39 @@ impl CudaBackend {
                 guards.push(guard);
                 PositiveAddresses::Mask(address)
             }
+            DevicePositives::LabelSets {
+                memberships,
+                classes,
+                weight,
+            } => {
+                let expected = shape.batch().checked_mul(classes);
+                let expected = expected.ok_or_else(|| Error::InvalidDeviceBuffer {
+                    buffer: "label sets",
+                    reason: format!("B·K = {}·{classes} overflows usize", shape.batch()),
+                })?;
+                self.check_buffer(
+                    "label sets",
+                    memberships.len(),
+                    memberships.stream(),
+                    expected,
+                )?;
+                let classes = PreparedLayout::classes(classes)?;
+                let (address, guard) = memberships.device_ptr(&self.stream);
+                guards.push(guard);
+                return Ok(BoundInputs {
+                    features,
+                    positives: ResidentPositives::Memberships {
+                        address,
+                        classes,
+                        weight,
+                    },
+                    _guards: guards,
+                });
+            }
         };
         Ok(BoundInputs {
-            inputs: InputAddresses {
-                features,
-                positives,
-                cap_bounds: 0,
-            },
+            features,
+            positives: ResidentPositives::Direct(positives),
             _guards: guards,
         })
     }
@@ -527,7 +607,7 @@ fn check_alignment(buffer: &'static str, address: u64) -> Result<()> {
 /// what [`CudaBackend::backward_device_from`] needs as scratch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceWorkspace {
-    layout: WorkspaceLayout,
+    layout: ResidentWorkspace,
     anchors: usize,
 }
 
@@ -539,17 +619,17 @@ impl DeviceWorkspace {
 
     /// Offset of the loss (`f64`: the reduced loss, or Σℓ_i for reduction none).
     pub fn loss_offset(&self) -> usize {
-        self.layout.loss_offset()
+        self.layout.outputs.loss_offset()
     }
 
     /// Offset of the per-anchor losses ℓ_i (`f32[R]`).
     pub fn per_anchor_offset(&self) -> usize {
-        self.layout.per_anchor_offset()
+        self.layout.outputs.per_anchor_offset()
     }
 
     /// Offset of the count of anchors without positives (`u32`).
     pub fn anchors_without_positives_offset(&self) -> usize {
-        self.layout.anchors_without_positives_offset()
+        self.layout.outputs.anchors_without_positives_offset()
     }
 
     /// Bytes of the backward pass's scratch (`f32[R]`).
@@ -558,24 +638,12 @@ impl DeviceWorkspace {
     }
 }
 
-/// Records that the forward kernels queued so far on `stream` write the statistics: they write
-/// through raw addresses, which cudarc does not see, and the record makes work that another
-/// stream queues on these buffers (e.g. reading [`DeviceForward::loss`]) wait for the kernels.
-fn record_writes(statistics: &mut Statistics<CudaSlice<u8>>, stream: &CudaStream) {
-    for buffer in [
-        &mut statistics.lse,
-        &mut statistics.lse_lo,
-        &mut statistics.scaled_positive_lse,
-        &mut statistics.scaled_positive_lse_lo,
-        &mut statistics.positive_weight,
-        &mut statistics.positive_weight_max,
-        &mut statistics.anchor_loss,
-        &mut statistics.reduced_loss,
-        &mut statistics.anchors_without_positives,
-    ]
-    .into_iter()
-    .chain(statistics.partials.as_mut())
-    {
+/// Records that the forward kernels queued so far on `stream` write the statistics and the
+/// prepared positives: they write through raw addresses, which cudarc does not see, and the
+/// record makes work that another stream queues on these buffers (e.g. reading
+/// [`DeviceForward::loss`]) wait for the kernels.
+fn record_writes(forward: &mut ResidentForward<CudaSlice<u8>>, stream: &CudaStream) {
+    for buffer in forward.written_mut() {
         // Dropping the guard records the buffer's write event on `stream`.
         let (_, _written) = buffer.device_ptr_mut(stream);
     }
@@ -584,7 +652,8 @@ fn record_writes(statistics: &mut Statistics<CudaSlice<u8>>, stream: &CudaStream
 /// Device inputs by address, with cudarc's guards that order other streams' work after the
 /// kernels that read them (dropped once those kernels are queued).
 struct BoundInputs<'a> {
-    inputs: InputAddresses,
+    features: u64,
+    positives: ResidentPositives,
     _guards: Vec<SyncOnDrop<'a>>,
 }
 
@@ -595,7 +664,7 @@ struct BoundInputs<'a> {
 pub struct DeviceForward {
     backend: CudaBackend,
     problem: Problem,
-    statistics: Statistics<CudaSlice<u8>>,
+    resident: ResidentForward<CudaSlice<u8>>,
 }
 
 impl DeviceForward {
@@ -604,14 +673,17 @@ impl DeviceForward {
     /// `NoPositivePolicy::Error` it is computed as under `ZeroAndCount`; the error comes from
     /// [`loss_host`](Self::loss_host), [`to_host`](Self::to_host) and the backward pass.
     pub fn loss(&self) -> CudaView<'_, f64> {
-        raw::view_as(&self.statistics.reduced_loss, 1)
+        raw::view_as(&self.resident.statistics.reduced_loss, 1)
             .expect("the reduced-loss buffer is allocated with 8 bytes")
     }
 
     /// ℓ_i for the R anchors (view-major rows), f32, on the device.
     pub fn per_anchor(&self) -> CudaView<'_, f32> {
-        raw::view_as(&self.statistics.anchor_loss, self.problem.anchors())
-            .expect("the per-anchor buffer is allocated with R f32")
+        raw::view_as(
+            &self.resident.statistics.anchor_loss,
+            self.problem.anchors(),
+        )
+        .expect("the per-anchor buffer is allocated with R f32")
     }
 
     /// The loss on the host (synchronises the stream); `None` for `Reduction::None`.
@@ -622,7 +694,7 @@ impl DeviceForward {
         resident::reduced_loss(
             &mut self.backend.executor(),
             &self.problem,
-            &self.statistics,
+            &self.resident.statistics,
         )
     }
 
@@ -634,7 +706,7 @@ impl DeviceForward {
         launch::to_host(
             &mut self.backend.executor(),
             &self.problem,
-            &self.statistics,
+            &self.resident.statistics,
         )
     }
 

@@ -12,7 +12,7 @@ use cudarc::driver::{
 };
 
 use crate::device::abi::{
-    BackwardParams, CoefficientParams, FinalizeParams, ForwardParams, KernelParams,
+    BackwardParams, CoefficientParams, FinalizeParams, ForwardParams, KernelParams, PositivesParams,
 };
 use crate::device::plan::LaunchConfig;
 
@@ -26,6 +26,8 @@ unsafe impl DeviceRepr for FinalizeParams {}
 unsafe impl DeviceRepr for CoefficientParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for BackwardParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for PositivesParams {}
 
 /// The CUDA driver library, known to be loadable (see the module docs).
 #[derive(Debug, Clone, Copy)]
