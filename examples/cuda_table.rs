@@ -15,7 +15,10 @@
 //!
 //! Batches are `[N/2, 2, D]` unit-norm features with labels from `--classes` classes, the
 //! default loss options (τ = τ_b = 0.07, contrast mode all, mean; `--denominator all |
-//! only-negatives | one-positive` changes the denominator). Each row is the median of
+//! only-negatives | one-positive` changes the denominator). `--label-sets K` gives each sample
+//! a set of two of K labels instead (a `[B, K]` byte matrix on the device, packed by the
+//! forward), `--positives-cap k` caps the positives (bounds found on the device): both time
+//! the device-side preparation with the loss. Each row is the median of
 //! up to `--repeats` timed iterations after a warm-up, stopping early past `--cap-s` seconds;
 //! rows past `--budget-s` are reported as skipped. Peak memory is the high-water mark of the
 //! device's memory pool (cudarc allocates from it), reset after the inputs are uploaded: inputs,
@@ -27,7 +30,9 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{result, sys, CudaContext};
 use half::bf16;
 use supcon::cuda::{CudaFeature, DevicePositives};
-use supcon::{BatchShape, CudaBackend, Denominator, Precision, SupConLoss, Upstream};
+use supcon::{
+    BatchShape, CudaBackend, Denominator, LabelSetWeight, Precision, SupConLoss, Upstream,
+};
 
 struct Args {
     sizes: Vec<usize>,
@@ -36,6 +41,8 @@ struct Args {
     precisions: Vec<Precision>,
     classes: i64,
     denominator: Denominator,
+    label_sets: Option<usize>,
+    positives_cap: Option<usize>,
     repeats: usize,
     cap: Duration,
     budget: Duration,
@@ -50,6 +57,8 @@ fn parse_args() -> Result<Args, String> {
         precisions: vec![Precision::Auto, Precision::F32, Precision::Bf16x3],
         classes: 100,
         denominator: Denominator::All,
+        label_sets: None,
+        positives_cap: None,
         repeats: 10,
         cap: Duration::from_secs(10),
         budget: Duration::from_secs(120),
@@ -99,6 +108,8 @@ fn parse_args() -> Result<Args, String> {
                     }
                 }
             }
+            "--label-sets" => args.label_sets = Some(number(&value)?.max(1)),
+            "--positives-cap" => args.positives_cap = Some(number(&value)?),
             "--repeats" => args.repeats = number(&value)?,
             "--cap-s" => args.cap = seconds(&value)?,
             "--budget-s" => args.budget = seconds(&value)?,
@@ -203,8 +214,16 @@ fn measure<T: CudaFeature>(
     let labels: Vec<i64> = (0..shape.batch())
         .map(|_| (rng.next() % args.classes as u64) as i64)
         .collect();
+    // Two labels per sample: its class and one drawn at random.
+    let classes = args.label_sets.unwrap_or(1);
+    let mut memberships = vec![0u8; shape.batch() * classes];
+    for (b, &label) in labels.iter().enumerate() {
+        memberships[b * classes + label as usize % classes] = 1;
+        memberships[b * classes + (rng.next() % classes as u64) as usize] = 1;
+    }
     let features = stream.clone_htod(&features).map_err(cuda_error)?;
     let labels = stream.clone_htod(&labels).map_err(cuda_error)?;
+    let memberships = stream.clone_htod(&memberships).map_err(cuda_error)?;
     let mut grad = stream
         .alloc_zeros::<f32>(rows * args.dim)
         .map_err(cuda_error)?;
@@ -213,12 +232,22 @@ fn measure<T: CudaFeature>(
         w.reset();
     }
 
-    let loss = SupConLoss::builder()
-        .denominator(args.denominator)
-        .build()?;
+    let mut builder = SupConLoss::builder().denominator(args.denominator);
+    if let Some(cap) = args.positives_cap {
+        builder = builder.positives_cap(cap);
+    }
+    let loss = builder.build()?;
     let features = features.as_view();
     let labels = labels.as_view();
-    let positives = DevicePositives::Labels(&labels);
+    let memberships = memberships.as_view();
+    let positives = match args.label_sets {
+        Some(classes) => DevicePositives::LabelSets {
+            memberships: &memberships,
+            classes,
+            weight: LabelSetWeight::Any,
+        },
+        None => DevicePositives::Labels(&labels),
+    };
     let mut step = || -> Result<Duration, supcon::Error> {
         let start = Instant::now();
         let forward = cuda.forward_device(&loss, &features, shape, positives)?;
@@ -299,8 +328,14 @@ fn main() -> ExitCode {
                     Denominator::OnlyNegatives => ", only negatives",
                     Denominator::OnePositive => ", one positive",
                 };
+                let positives = match (args.label_sets, args.positives_cap) {
+                    (Some(k), Some(cap)) => format!(", label sets K = {k}, cap {cap}"),
+                    (Some(k), None) => format!(", label sets K = {k}"),
+                    (None, Some(cap)) => format!(", cap {cap}"),
+                    (None, None) => String::new(),
+                };
                 let label = format!(
-                    "| supcon cuda {kernels}{denominator} | {dtype} | {rows} | {} |",
+                    "| supcon cuda {kernels}{denominator}{positives} | {dtype} | {rows} | {} |",
                     args.dim
                 );
                 if started.elapsed() > args.budget {

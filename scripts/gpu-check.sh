@@ -162,6 +162,16 @@ if ((status != 0)); then
     failures=$((failures + 1))
     say "| supcon cuda mma, one positive | bf16 | | | $(describe_status $status) | | |"
 fi
+# Label sets (K = 64, packed on the device) and a positives cap (bounds from an O(B²) kernel)
+# beside the label rows, at the largest size.
+logged "$(until_second 310)" "$here/bin/cuda_table" --sizes "${sizes##*,}" --dim "$dim" \
+    --dtypes bf16 --precisions auto --label-sets 64 --positives-cap 8 --cap-s 4 --budget-s 10
+status=$?
+grep -E '^\| supcon' "$last" >>"$report"
+if ((status != 0)); then
+    failures=$((failures + 1))
+    say "| supcon cuda mma, label sets K = 64, cap 8 | bf16 | | | $(describe_status $status) | | |"
+fi
 # O(N·D) memory: a million rows complete on the tensor-core kernels (one timed step).
 logged "$(until_second 320)" "$here/bin/cuda_table" --sizes 1048576 --dim "$dim" \
     --dtypes bf16 --precisions auto --repeats 1 --cap-s 1 --budget-s 60
