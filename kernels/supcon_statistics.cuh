@@ -87,13 +87,21 @@ __device__ __forceinline__ Statistics merge_parts(const Statistics (&partial)[kP
 /* One anchor row's sums over its positives p under the one-positive denominator, given
  * LSE^N_i (the first pass's lse): with x_p = LSE^N_i - s_ip, pi_ip = sigma(-x_p) is positive p's
  * softmax against the negatives, -log pi_ip = softplus(x_p) and -log(1 - pi_ip) =
- * softplus(-x_p) = softplus(x_p) - x_p (docs/math.md, "One positive"). Both sums are
- * log-sum-exps (max, sum), so that no term underflows (pi ~ e^-x past x ~ 87):
+ * softplus(-x_p) = softplus(x_p) - x_p (docs/math.md, "One positive"). The sums are
+ * log-sum-exps (max, sum), so that no term underflows (pi ~ e^-x past x ~ 87), except L_out's
+ * loss:
  *
- *              loss (log of)                       pull (log of)
- *   L_out   sum_p w_p softplus(x_p)              sum_p w_p sigma(x_p)
- *   L_in    A_i = sum_p w_p pi_p                 sum_p w_p pi_p (1 - pi_p)
- */
+ *              loss                                  pull (log of)
+ *   L_out   sum_p w_p softplus(x_p) (linear)       sum_p w_p sigma(x_p)
+ *   L_in    log A_i = log sum_p w_p pi_p           sum_p w_p pi_p (1 - pi_p)
+ *
+ * L_out's loss is the sum itself, and a log-sum-exp would cost it a relative error of
+ * eps |log l_i| (a rounded log), beyond the logits' own at large logits. Its terms are at most
+ * ~2 s_max + log N, so it is summed linearly, scaled by 2^-32 so that N terms of logits up to
+ * the kernels' 1e36 cannot overflow; its max stays 0, so that merge_log_sum adds the sums
+ * (e^0 = 1 exactly). Terms below 2^-94 lose precision to the scaling, far below any loss's
+ * error. */
+constexpr float kLinearLossScale = 0x1p-32f;
 struct PositiveTerms {
     float lse;      /* LSE^N_i, hi (-inf: no negative; the anchor's terms are then 0) */
     float lse_lo;   /* its lo */
@@ -104,9 +112,10 @@ struct PositiveTerms {
 };
 
 /* The sums of `anchor` before any positive: its LSE^N from the first pass. */
-__device__ __forceinline__ PositiveTerms positive_terms_of(uint32_t anchor, const SupconStatistics& saved) {
-    return {reinterpret_cast<const float*>(saved.lse)[anchor], reinterpret_cast<const float*>(saved.lse_lo)[anchor],
-            -INFINITY, 0.0f, -INFINITY, 0.0f};
+__device__ __forceinline__ PositiveTerms positive_terms_of(uint32_t anchor, const SupconForwardParams& f) {
+    const float linear_loss = f.problem.summation == SUPCON_SUMMATION_OUTSIDE ? 0.0f : -INFINITY;
+    return {reinterpret_cast<const float*>(f.statistics.lse)[anchor],
+            reinterpret_cast<const float*>(f.statistics.lse_lo)[anchor], linear_loss, 0.0f, -INFINITY, 0.0f};
 }
 
 /* (max, sum) <- the log-sum-exp pair with one more term e^t (t finite or NaN). */
@@ -139,19 +148,14 @@ __device__ __forceinline__ void accumulate_row(PositiveTerms& terms, const float
         const float softplus_x = fmaxf(x, 0.0f) + log1p_exp;
         const float softplus_minus_x = fmaxf(-x, 0.0f) + log1p_exp;
         const float log_weight = logf(weight[n]);
-        float loss;
-        float pull;
         if (p.summation == SUPCON_SUMMATION_OUTSIDE) {
-            /* log softplus(x) -> x where softplus(x) = e^x to float precision (and would
-             * underflow). */
-            loss = log_weight + (x < -20.0f ? x : logf(softplus_x));
-            pull = log_weight - softplus_minus_x;
+            terms.loss_sum += weight[n] * softplus_x * kLinearLossScale;
+            add_log_term(terms.pull_max, terms.pull_sum, log_weight - softplus_minus_x);
         } else {
-            loss = log_weight - softplus_x;
-            pull = loss - softplus_minus_x;
+            const float log_share = log_weight - softplus_x;
+            add_log_term(terms.loss_max, terms.loss_sum, log_share);
+            add_log_term(terms.pull_max, terms.pull_sum, log_share - softplus_minus_x);
         }
-        add_log_term(terms.loss_max, terms.loss_sum, loss);
-        add_log_term(terms.pull_max, terms.pull_sum, pull);
     }
 }
 
@@ -171,13 +175,12 @@ __device__ __forceinline__ void write_positive_terms(const PositiveTerms& t, uin
     float pull = 0.0f;
     float log_share = 0.0f;
     if (positive_weight > 0.0f && !(t.lse == -INFINITY)) {
-        const float log_loss = t.loss_max + logf(t.loss_sum);
         const float log_pull = t.pull_max + logf(t.pull_sum);
         if (p.summation == SUPCON_SUMMATION_OUTSIDE) {
-            loss = p.loss_scale * (expf(log_loss) / positive_weight);
+            loss = p.loss_scale * ((t.loss_sum / positive_weight) / kLinearLossScale);
             pull = expf(log_pull) / positive_weight;
         } else {
-            log_share = log_loss;
+            log_share = t.loss_max + logf(t.loss_sum);
             loss = p.loss_scale * (logf(positive_weight) - log_share);
             pull = expf(log_pull - log_share);
         }
@@ -252,7 +255,7 @@ __device__ __forceinline__ void start_anchor(RowStatistics& s, uint32_t, const S
     s = {-INFINITY, 0.0f, -INFINITY, 0.0f, 0.0f, 0.0f, 0.0f};
 }
 __device__ __forceinline__ void start_anchor(PositiveTerms& s, uint32_t anchor, const SupconForwardParams& f) {
-    s = positive_terms_of(anchor, f.statistics);
+    s = positive_terms_of(anchor, f);
 }
 
 /* The saved statistics of the rows of one tile. */
