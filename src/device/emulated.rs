@@ -303,6 +303,26 @@ mod tests {
     }
 
     macro_rules! rust_fields {
+        // A block that starts with the `SupconProblem` fields, then the `SupconStatistics` ones
+        // (SUPCON_PROBLEM_FIELDS and SUPCON_STATISTICS_FIELDS in C++).
+        (problem statistics $structure:ident: $($rest:tt)*) => {
+            rust_fields!(problem $structure:
+                statistics.lse, statistics.lse_lo, statistics.scaled_positive_lse,
+                statistics.scaled_positive_lse_lo, statistics.positive_weight,
+                statistics.positive_weight_max, statistics.pull, statistics.log_share,
+                $($rest)*
+            )
+        };
+        // A block that starts with the `SupconProblem` fields (SUPCON_PROBLEM_FIELDS in C++).
+        (problem $structure:ident: $($rest:tt)*) => {
+            rust_fields!($structure:
+                problem.features, problem.labels, problem.mask, problem.label_sets,
+                problem.cap_bounds, problem.batch, problem.views, problem.dim, problem.rows,
+                problem.anchors, problem.positive_kind, problem.denominator, problem.summation,
+                problem.inv_temperature, problem.loss_scale, problem.set_words,
+                problem.set_weight, $($rest)*
+            )
+        };
         ($structure:ident: $($($field:ident).+),* $(,)?) => {{
             let params = $structure::zeroed();
             BTreeMap::from([$((
@@ -328,15 +348,8 @@ mod tests {
     fn params_layouts_match_the_cpp_structs() {
         assert_layout::<ForwardParams>(
             c"SupconForwardParams",
-            rust_fields!(ForwardParams:
-                problem.features, problem.labels, problem.mask, problem.label_sets,
-                problem.cap_bounds, problem.batch, problem.views, problem.dim, problem.rows, problem.anchors,
-                problem.positive_kind, problem.denominator, problem.summation,
-                problem.inv_temperature, problem.loss_scale, problem.set_words,
-                problem.set_weight, statistics.lse, statistics.lse_lo,
-                statistics.scaled_positive_lse, statistics.scaled_positive_lse_lo,
-                statistics.positive_weight, statistics.positive_weight_max, statistics.pull,
-                statistics.log_share, anchor_loss, partials, anchor_begin, anchor_end,
+            rust_fields!(problem statistics ForwardParams:
+                anchor_loss, partials, anchor_begin, anchor_end,
                 column_splits, padding,
             ),
         );
@@ -358,25 +371,14 @@ mod tests {
         );
         assert_layout::<BackwardParams>(
             c"SupconBackwardParams",
-            rust_fields!(BackwardParams:
-                problem.features, problem.labels, problem.mask, problem.label_sets,
-                problem.cap_bounds, problem.batch, problem.views, problem.dim, problem.rows, problem.anchors,
-                problem.positive_kind, problem.denominator, problem.summation,
-                problem.inv_temperature, problem.loss_scale, problem.set_words,
-                problem.set_weight, statistics.lse, statistics.lse_lo,
-                statistics.scaled_positive_lse, statistics.scaled_positive_lse_lo,
-                statistics.positive_weight, statistics.positive_weight_max, statistics.pull,
-                statistics.log_share, grad_coef, grad_features, grad_begin, grad_end,
+            rust_fields!(problem statistics BackwardParams:
+                grad_coef, grad_features, grad_begin, grad_end,
             ),
         );
         assert_layout::<PositivesParams>(
             c"SupconPositivesParams",
-            rust_fields!(PositivesParams:
-                problem.features, problem.labels, problem.mask, problem.label_sets,
-                problem.cap_bounds, problem.batch, problem.views, problem.dim, problem.rows, problem.anchors,
-                problem.positive_kind, problem.denominator, problem.summation,
-                problem.inv_temperature, problem.loss_scale, problem.set_words,
-                problem.set_weight, memberships, bounds, classes, cap,
+            rust_fields!(problem PositivesParams:
+                memberships, bounds, classes, cap,
             ),
         );
         // An unknown block has no size. SAFETY: a NUL-terminated name.
