@@ -18,7 +18,9 @@
 //! only-negatives | one-positive` changes the denominator). `--label-sets K` gives each sample
 //! a set of two of K labels instead (a `[B, K]` byte matrix on the device, packed by the
 //! forward), `--positives-cap k` caps the positives (bounds found on the device): both time
-//! the device-side preparation with the loss. Each row is the median of
+//! the device-side preparation with the loss. `--normalize` runs the fused normalisation (its
+//! row scales computed by the forward; the SIMT kernels, whatever the precision; the features
+//! are then scaled by 3, so that they are not unit rows already). Each row is the median of
 //! up to `--repeats` timed iterations after a warm-up, stopping early past `--cap-s` seconds;
 //! rows past `--budget-s` are reported as skipped. Peak memory is the high-water mark of the
 //! device's memory pool (cudarc allocates from it), reset after the inputs are uploaded: inputs,
@@ -43,6 +45,7 @@ struct Args {
     denominator: Denominator,
     label_sets: Option<usize>,
     positives_cap: Option<usize>,
+    normalize: bool,
     repeats: usize,
     cap: Duration,
     budget: Duration,
@@ -59,6 +62,7 @@ fn parse_args() -> Result<Args, String> {
         denominator: Denominator::All,
         label_sets: None,
         positives_cap: None,
+        normalize: false,
         repeats: 10,
         cap: Duration::from_secs(10),
         budget: Duration::from_secs(120),
@@ -68,6 +72,10 @@ fn parse_args() -> Result<Args, String> {
     while let Some(flag) = words.next() {
         if flag == "--header" {
             args.header = true;
+            continue;
+        }
+        if flag == "--normalize" {
+            args.normalize = true;
             continue;
         }
         let value = words
@@ -209,7 +217,8 @@ fn measure<T: CudaFeature>(
     for _ in 0..rows {
         let row: Vec<f32> = (0..args.dim).map(|_| rng.symmetric()).collect();
         let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
-        features.extend(row.iter().map(|&x| convert(x / norm)));
+        let scale = if args.normalize { 3.0 } else { 1.0 } / norm;
+        features.extend(row.iter().map(|&x| convert(x * scale)));
     }
     let labels: Vec<i64> = (0..shape.batch())
         .map(|_| (rng.next() % args.classes as u64) as i64)
@@ -232,7 +241,9 @@ fn measure<T: CudaFeature>(
         w.reset();
     }
 
-    let mut builder = SupConLoss::builder().denominator(args.denominator);
+    let mut builder = SupConLoss::builder()
+        .denominator(args.denominator)
+        .normalize(args.normalize);
     if let Some(cap) = args.positives_cap {
         builder = builder.positives_cap(cap);
     }
@@ -279,9 +290,10 @@ fn measure<T: CudaFeature>(
     Ok((median.as_secs_f64(), peak, sample_loss))
 }
 
-/// Which kernels `precision` runs for features of `dtype`.
-fn kernel_family(dtype: &str, precision: Precision) -> &'static str {
+/// Which kernels `precision` runs for features of `dtype` (the SIMT ones under `normalize`).
+fn kernel_family(dtype: &str, precision: Precision, normalize: bool) -> &'static str {
     match (dtype, precision) {
+        _ if normalize => "simt",
         ("f32", Precision::Bf16x3) => "mma bf16x3",
         ("f32", _) | (_, Precision::F32) => "simt",
         (_, Precision::Auto | Precision::Bf16x3) => "mma",
@@ -312,12 +324,12 @@ fn main() -> ExitCode {
     let mut failed = false;
     for dtype in &args.dtypes {
         for &precision in &args.precisions {
-            let kernels = kernel_family(dtype, precision);
+            let kernels = kernel_family(dtype, precision, args.normalize);
             // One row per kernel family: the first precision in the list that runs it.
             let first = args
                 .precisions
                 .iter()
-                .find(|&&p| kernel_family(dtype, p) == kernels);
+                .find(|&&p| kernel_family(dtype, p, args.normalize) == kernels);
             if first != Some(&precision) {
                 continue;
             }
@@ -334,8 +346,9 @@ fn main() -> ExitCode {
                     (None, Some(cap)) => format!(", cap {cap}"),
                     (None, None) => String::new(),
                 };
+                let normalized = if args.normalize { ", normalize" } else { "" };
                 let label = format!(
-                    "| supcon cuda {kernels}{denominator}{positives} | {dtype} | {rows} | {} |",
+                    "| supcon cuda {kernels}{denominator}{positives}{normalized} | {dtype} | {rows} | {} |",
                     args.dim
                 );
                 if started.elapsed() > args.budget {

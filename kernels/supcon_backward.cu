@@ -26,6 +26,16 @@
  *        at a time.
  * With contrast mode one, tiles where neither side holds an anchor are zero and skipped.
  *
+ * Fused normalisation (docs/math.md): Z is u = x r, r = 1/max(|x|, eps) per row, applied on load
+ * (supcon_common.cuh), and the gradient with respect to x is
+ *     dL/dx_k = r_k (g_k - u_k (u_k . g_k)),   g_k = dL/du_k = (1/tau) sum_j H_kj u_j,
+ * or r_k g_k where |x_k| < eps (the clamp passes no gradient to the norm). The projection needs
+ * u_k . g_k = (1/tau) sum_j H_kj (u_k . u_j) = sum_j H_kj s_kj, which step 2 accumulates beside
+ * H from the logits it already holds; the 16 threads of a row add their shares (an xor
+ * butterfly: IEEE addition commutes, so all 16 get the same bits), and every block has all of
+ * it, whatever its feature columns. The epilogue reads x_k again for its own columns. No pass
+ * over memory beyond the row scales (supcon_normalize.cu) is added.
+ *
  * supcon_backward_coefficients: grid ceil(R / 256) blocks of 256 threads, one anchor each. It
  * computes coef_i on the device from the forward's statistics and its count of anchors without
  * positives (R' as supcon_forward_finalize finds it), so that a backward pass queued after a
@@ -78,10 +88,14 @@ __device__ __forceinline__ void backward(const SupconBackwardParams& b) {
     load_statistics(own_stats, first_row, own_count, b);
 
     float grad[kMicroRows][kGradMicroCols];
+    /* This thread's share of sum_j H_kj s_kj per own row (see "Fused normalisation"). */
+    float along[kMicroRows];
 #pragma unroll
-    for (int m = 0; m < kMicroRows; ++m)
+    for (int m = 0; m < kMicroRows; ++m) {
+        along[m] = 0.0f;
 #pragma unroll
         for (int n = 0; n < kGradMicroCols; ++n) grad[m][n] = 0.0f;
+    }
 
     for (uint32_t first_contrast = 0; first_contrast < p.rows; first_contrast += kTileCols) {
         /* Anchors are rows 0..R-1: from here on neither side has one, so H is zero. */
@@ -112,6 +126,7 @@ __device__ __forceinline__ void backward(const SupconBackwardParams& b) {
                         const float w = pair_weight(p, contrast_rows, c, own_rows, r);
                         h = fmaf(contrast_stats.coef[c], logit_gradient(p, contrast_stats, c, s, w), h);
                     }
+                    along[m] = fmaf(h, s, along[m]);
                 }
                 h_tile[r][c] = h;
             }
@@ -124,7 +139,8 @@ __device__ __forceinline__ void backward(const SupconBackwardParams& b) {
                 const uint32_t column = first_column + e % kGradChunk;
                 shared.contrast_features[j][e % kGradChunk] =
                     (stage_row + j < contrast_count && column < p.dim)
-                        ? load_as_float(features + contrast_rows.offset[stage_row + j] + column)
+                        ? load_as_float(features + contrast_rows.offset[stage_row + j] + column) *
+                              contrast_rows.scale[stage_row + j]
                         : 0.0f;
             }
             __syncthreads();
@@ -145,15 +161,33 @@ __device__ __forceinline__ void backward(const SupconBackwardParams& b) {
         }
     }
 
+    const bool normalized = p.row_scales != 0;
+#pragma unroll
+    for (int m = 0; m < kMicroRows; ++m)
+        for (int lanes = kThreadGridCols / 2; lanes > 0; lanes /= 2) {
+            along[m] += __shfl_xor_sync(0xffffffffu, along[m], lanes);
+        }
     float* grad_features = reinterpret_cast<float*>(b.grad_features);
 #pragma unroll
     for (int m = 0; m < kMicroRows; ++m) {
         const int r = ty + kThreadGridRows * m;
         if (r >= own_count) continue;
+        /* r_k, and whether the projection applies (row_scales is negative under the clamp). */
+        const float scale = own_rows.scale[r];
+        const bool project =
+            normalized && reinterpret_cast<const float*>(p.row_scales)[first_row + r] > 0.0f;
 #pragma unroll
         for (int n = 0; n < kGradMicroCols; ++n) {
             const uint32_t column = first_column + tx + kThreadGridCols * n;
-            if (column < p.dim) grad_features[own_rows.offset[r] + column] = grad[m][n] * p.inv_temperature;
+            if (column >= p.dim) continue;
+            const uint64_t at = own_rows.offset[r] + column;
+            const float g = grad[m][n] * p.inv_temperature;
+            float dx = g;
+            if (normalized) {
+                const float u = load_as_float(features + at) * scale;
+                dx = scale * (project ? g - u * along[m] : g);
+            }
+            grad_features[at] = dx;
         }
     }
 }

@@ -23,6 +23,10 @@
  * threads read 32 consecutive elements of one row), converted to f32 on the way into shared
  * memory; every arithmetic operation after that is f32. Rows are addressed in place in the
  * [B, V, D] buffer (row r = v*B + b lives at (b*V + v)*D): no transpose copy; offsets are 64-bit.
+ *
+ * Fused normalisation: under `normalize` every staged element is multiplied by its row's scale
+ * 1/max(|x_r|, eps) (SupconProblem::row_scales, 1 otherwise), so Z is u = x / max(|x|, eps) for
+ * everything after the load and nothing normalised is ever stored.
  */
 #ifndef SUPCON_COMMON_CUH
 #define SUPCON_COMMON_CUH
@@ -57,6 +61,8 @@ constexpr int kMergeThreads = 256;
 /* Threads per block of supcon_pack_label_sets (one sample each) and supcon_cap_bounds (one
  * block per sample). */
 constexpr int kPositivesThreads = 256;
+/* Threads per block of supcon_row_scales_* (one warp per row). */
+constexpr int kRowScalesThreads = 256;
 /* Gradient columns (feature elements) per backward block: grid.y = ceil(D / kGradChunk). */
 constexpr int kGradChunk = 128;
 /* Padded length of one k-row of a shared tile (bank-conflict-free transposing stores). */
@@ -90,6 +96,8 @@ struct TileRows {
     uint32_t row[kTileRows];           /* the flattened row index */
     uint32_t cap_bound[kTileRows];     /* as an anchor: positives of other samples are kept below
                                         * this row (N without a cap) */
+    float scale[kTileRows];            /* what its elements are multiplied by on load: 1/max(|x|,
+                                        * eps) under normalize, else 1 */
 };
 
 /* Two shared stages of Z, k-major (see the header comment). */
@@ -114,6 +122,7 @@ __device__ __forceinline__ void describe_rows(TileRows& tile, uint32_t first_row
                                      : static_cast<int64_t>(sample);
         tile.row[t] = row;
         tile.cap_bound[t] = p.cap_bounds != 0 ? reinterpret_cast<const uint32_t*>(p.cap_bounds)[sample] : p.rows;
+        tile.scale[t] = p.row_scales != 0 ? fabsf(reinterpret_cast<const float*>(p.row_scales)[row]) : 1.0f;
     }
 }
 
@@ -176,8 +185,8 @@ __device__ __forceinline__ bool in_denominator(const SupconProblem& p, float wei
     return p.denominator == SUPCON_DENOMINATOR_ALL ? weight >= 0.0f : weight == 0.0f;
 }
 
-/* Stages elements k0 .. k0 + kTileDepth - 1 of `count` rows of `rows` into dst[k][row]
- * (zeros past D and past the last row). */
+/* Stages elements k0 .. k0 + kTileDepth - 1 of `count` rows of `rows` into dst[k][row], each
+ * times its row's scale (zeros past D and past the last row). */
 template <typename T>
 __device__ __forceinline__ void load_stage(float (*dst)[kTileStride], const T* __restrict__ features,
                                            const TileRows& rows, int count, uint32_t k0, uint32_t dim) {
@@ -186,7 +195,7 @@ __device__ __forceinline__ void load_stage(float (*dst)[kTileStride], const T* _
     const bool in_dim = k0 + k < dim;
 #pragma unroll
     for (int r = first; r < kTileRows; r += kThreads / kTileDepth) {
-        dst[k][r] = (in_dim && r < count) ? load_as_float(features + rows.offset[r] + k0 + k) : 0.0f;
+        dst[k][r] = (in_dim && r < count) ? load_as_float(features + rows.offset[r] + k0 + k) * rows.scale[r] : 0.0f;
     }
 }
 

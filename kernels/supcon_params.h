@@ -8,6 +8,7 @@
  *   SupconCoefficientParams  supcon_backward_coefficients
  *   SupconBackwardParams     supcon_backward_*, supcon_mma_backward_*
  *   SupconPositivesParams    supcon_pack_label_sets, supcon_cap_bounds
+ *   SupconRowScalesParams    supcon_row_scales_*
  *
  * ABI rules: fixed-width types only, every field naturally aligned, device pointers as
  * uint64_t addresses, explicit padding so the compiler inserts none. A kernel reads every field
@@ -65,6 +66,11 @@ typedef struct SupconProblem {
                           * sample |Y_b|, then its bitset: label k is bit k % 64 of word 1 + k / 64 */
     uint64_t cap_bounds; /* const uint32_t[B] under a positives cap, else 0: an anchor of sample b
                           * keeps a positive of another sample at row j iff j < cap_bounds[b] */
+    uint64_t row_scales; /* const float[N] under normalize, else 0: row r's 1/max(|x_r|, eps), by
+                          * flattened row, negated where |x_r| < eps (the clamp, whose gradient
+                          * has no projection); written by supcon_row_scales_*. The SIMT kernels
+                          * read it; the tensor-core kernels take 0 (the host never routes
+                          * normalize to them) */
     uint32_t batch;    /* B */
     uint32_t views;    /* V */
     uint32_t dim;      /* D */
@@ -165,5 +171,11 @@ typedef struct SupconPositivesParams {
     uint32_t classes;      /* K: labels per multi-hot row */
     uint32_t cap;          /* the positives cap (clamped to 2^32 - 1) */
 } SupconPositivesParams;
+
+/* The per-row scales of the fused normalisation (supcon_normalize.cu). */
+typedef struct SupconRowScalesParams {
+    SupconProblem problem; /* the features; row_scales 0 */
+    uint64_t scales;       /* float[N]: written, the layout of SupconProblem::row_scales */
+} SupconRowScalesParams;
 
 #endif /* SUPCON_PARAMS_H */

@@ -172,8 +172,18 @@ if ((status != 0)); then
     failures=$((failures + 1))
     say "| supcon cuda mma, label sets K = 64, cap 8 | bf16 | | | $(describe_status $status) | | |"
 fi
+# The fused normalisation (row scales, then the SIMT kernels) beside the plain bf16 rows, at the
+# largest size.
+logged "$(until_second 316)" "$here/bin/cuda_table" --sizes "${sizes##*,}" --dim "$dim" \
+    --dtypes bf16 --precisions f32 --normalize --cap-s 4 --budget-s 10
+status=$?
+grep -E '^\| supcon' "$last" >>"$report"
+if ((status != 0)); then
+    failures=$((failures + 1))
+    say "| supcon cuda simt, normalize | bf16 | | | $(describe_status $status) | | |"
+fi
 # O(N·D) memory: a million rows complete on the tensor-core kernels (one timed step).
-logged "$(until_second 320)" "$here/bin/cuda_table" --sizes 1048576 --dim "$dim" \
+logged "$(until_second 330)" "$here/bin/cuda_table" --sizes 1048576 --dim "$dim" \
     --dtypes bf16 --precisions auto --repeats 1 --cap-s 1 --budget-s 60
 status=$?
 grep -E '^\| supcon' "$last" >>"$report"

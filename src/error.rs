@@ -219,8 +219,6 @@ impl std::fmt::Display for Extent {
 pub enum Capability {
     /// Features of this element type (the kernels read f32, f16 and bf16: convert f64 to f32).
     ElementType(DType),
-    /// The fused L2 normalisation of the features ([`crate::SupConLossBuilder::normalize`]).
-    Normalize,
     /// Dot products or logits as large as `largest` = max(max‖z‖², max‖z‖²/τ), beyond the
     /// `limit` of the arithmetic the backend computes in.
     LogitRange {
@@ -235,7 +233,6 @@ impl std::fmt::Display for Capability {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Capability::ElementType(dtype) => write!(f, "{dtype:?} features"),
-            Capability::Normalize => f.write_str("fused normalisation"),
             Capability::LogitRange { largest, limit } => write!(
                 f,
                 "dot products or logits up to {largest:e} (its arithmetic allows {limit:e})"

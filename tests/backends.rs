@@ -855,11 +855,10 @@ backend_suite!(
     })
 );
 
-/// What the CUDA kernels implement (emulated or on a GPU): every option but fused
-/// normalisation, no f64 features.
+/// What the CUDA kernels implement (emulated or on a GPU): every option, no f64 features.
 #[cfg(any(feature = "emulation", feature = "cuda"))]
-fn kernels_support(loss: &SupConLoss, _: &Positives<'_>, dtype: DType) -> bool {
-    dtype != DType::F64 && !loss.normalize()
+fn kernels_support(_: &SupConLoss, _: &Positives<'_>, dtype: DType) -> bool {
+    dtype != DType::F64
 }
 
 /// The kernels tile rows in blocks of 64, the depth in stages of 32 and the gradient in chunks

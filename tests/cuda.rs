@@ -15,8 +15,8 @@ use ndarray::{Array1, Array3};
 use std::sync::Arc;
 use supcon::cuda::{CudaFeature, DevicePositives};
 use supcon::{
-    AnyBackend, Backend, BatchShape, Capability, Error, LabelSetWeight, NoPositivePolicy,
-    Positives, SupConLoss, Upstream,
+    AnyBackend, Backend, BatchShape, Error, LabelSetWeight, NoPositivePolicy, Positives,
+    SupConLoss, Upstream,
 };
 
 /// The CUDA backend on GPU 0, or `None` (with the reason printed) where it cannot run.
@@ -64,7 +64,7 @@ impl<T: CudaFeature> DeviceBatch<T> {
 
 /// The device API runs the same kernels as the host API: identical numbers, with the label
 /// sets packed and the cap bounds found on the device where the host API computes them on the
-/// host.
+/// host (both compute `normalize`'s row scales on the device).
 #[test]
 fn device_api_equals_host_api() {
     let Some(cuda) = cuda() else { return };
@@ -83,6 +83,8 @@ fn device_api_equals_host_api() {
         .filter(|l| l.no_positive() != NoPositivePolicy::Error)
         .enumerate()
     {
+        // Every other configuration under `normalize`, its row scales computed on the device.
+        let loss = loss.to_builder().normalize(index % 2 == 1).build().unwrap();
         let upstream = common::upstream_for(&loss, &per_anchor);
         let weight = [
             LabelSetWeight::Any,
@@ -298,30 +300,6 @@ fn device_buffers_are_validated_before_any_launch() {
     assert!(matches!(error, Error::UpstreamMismatch { .. }), "{error}");
 }
 
-/// What the kernels do not implement is refused on the device API too, before any launch
-/// (the host API's refusals are in `tests/backends.rs`).
-#[test]
-fn unsupported_options_are_typed_errors_on_the_device_api() {
-    let Some(cuda) = cuda() else { return };
-    let shape = BatchShape::new(4, 2, 3).unwrap();
-    let z = Array3::<f32>::from_shape_fn((4, 2, 3), |(b, v, d)| (b + v + d) as f32 * 0.1);
-    let features = cuda.stream().clone_htod(z.as_slice().unwrap()).unwrap();
-    let normalized = SupConLoss::builder().normalize(true).build().unwrap();
-    let device = cuda.forward_device(
-        &normalized,
-        &features.as_view(),
-        shape,
-        DevicePositives::SimClr,
-    );
-    assert_eq!(
-        device.unwrap_err(),
-        Error::Unsupported {
-            backend: "cuda",
-            capability: Capability::Normalize
-        }
-    );
-}
-
 /// NoPositivePolicy::Error: the device scalar is computed, the error surfaces on the host.
 #[test]
 fn anchors_without_positives_fail_under_the_error_policy() {
@@ -425,6 +403,8 @@ fn device_api_on_caller_memory_equals_the_allocating_api() {
         .filter(|l| l.no_positive() != NoPositivePolicy::Error)
         .enumerate()
     {
+        // Every other configuration under `normalize`, its row scales computed on the device.
+        let loss = loss.to_builder().normalize(index % 2 == 1).build().unwrap();
         let labels_view = batch.labels.as_view();
         let memberships = batch.memberships.as_view();
         let positives = if index % 2 == 0 {

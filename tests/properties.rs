@@ -5,7 +5,9 @@
 //! The draws span feature norms from 1e-3 to 1e19 (beyond every backend's accepted logit range,
 //! which must then refuse), τ and τ_b from 1e-4 to 1e4, mask weights from the smallest subnormal
 //! to 1e38 (within one mask a span of 1e10, the range docs/math.md guarantees: the f32 backends
-//! keep an anchor's weights relative to its largest), and upstream gradients up to 1e30. Bounded: a few hundred cases, seconds in the
+//! keep an anchor's weights relative to its largest), and upstream gradients up to 1e30; half of
+//! the cases run under `normalize`, where the norms reach the loss only through the row scales.
+//! Bounded: a few hundred cases, seconds in the
 //! default test run. `SUPCON_TEST_SEED` replays a run, `SUPCON_PROPTEST_CASES` sets the count.
 
 mod common;
@@ -39,6 +41,8 @@ struct Case {
     log_weight: f64,
     /// log10 of |u|.
     log_upstream: f64,
+    /// The fused normalisation (the draws' norms then reach the loss only through it).
+    normalize: bool,
     seed: u64,
 }
 
@@ -50,7 +54,7 @@ fn cases() -> impl Strategy<Value = Case> {
         (-4.0f64..4.0, -4.0f64..4.0),
         (0u8..2, 0u8..2, 0u8..3, 0u8..4, 0u8..3, 0u8..3),
         (0u8..3, 1usize..=4, -45.0f64..28.0),
-        (-3.0f64..30.0, any::<u64>()),
+        (-3.0f64..30.0, any::<bool>(), any::<u64>()),
     )
         .prop_map(
             |(shape, dtype, (low, spread), temperatures, options, positives, upstream)| Case {
@@ -64,7 +68,8 @@ fn cases() -> impl Strategy<Value = Case> {
                 classes: positives.1,
                 log_weight: positives.2,
                 log_upstream: upstream.0,
-                seed: upstream.1,
+                normalize: upstream.1,
+                seed: upstream.2,
             },
         )
 }
@@ -91,7 +96,8 @@ impl Case {
                     NoPositivePolicy::Error,
                 ][policy as usize],
             )
-            .reduction([Reduction::Mean, Reduction::Sum, Reduction::None][reduction as usize]);
+            .reduction([Reduction::Mean, Reduction::Sum, Reduction::None][reduction as usize])
+            .normalize(self.normalize);
         if cap > 0 {
             builder = builder.positives_cap(cap as usize);
         }

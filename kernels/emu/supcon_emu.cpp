@@ -41,6 +41,9 @@ void supcon_mma_backward_f16(SupconBackwardParams);
 void supcon_mma_backward_bf16(SupconBackwardParams);
 void supcon_pack_label_sets(SupconPositivesParams);
 void supcon_cap_bounds(SupconPositivesParams);
+void supcon_row_scales_f32(SupconRowScalesParams);
+void supcon_row_scales_f16(SupconRowScalesParams);
+void supcon_row_scales_bf16(SupconRowScalesParams);
 }
 
 namespace {
@@ -79,6 +82,9 @@ constexpr NamedKernel kKernels[] = {
     SUPCON_KERNEL(supcon_mma_backward_bf16, SupconBackwardParams),
     SUPCON_KERNEL(supcon_pack_label_sets, SupconPositivesParams),
     SUPCON_KERNEL(supcon_cap_bounds, SupconPositivesParams),
+    SUPCON_KERNEL(supcon_row_scales_f32, SupconRowScalesParams),
+    SUPCON_KERNEL(supcon_row_scales_f16, SupconRowScalesParams),
+    SUPCON_KERNEL(supcon_row_scales_bf16, SupconRowScalesParams),
 };
 #undef SUPCON_KERNEL
 
@@ -93,7 +99,8 @@ struct FieldLayout {
 #define SUPCON_PROBLEM_FIELDS(Struct)                                                                            \
     SUPCON_FIELD(Struct, problem.features), SUPCON_FIELD(Struct, problem.labels),                                 \
         SUPCON_FIELD(Struct, problem.mask), SUPCON_FIELD(Struct, problem.label_sets),                           \
-        SUPCON_FIELD(Struct, problem.cap_bounds), SUPCON_FIELD(Struct, problem.batch),                          \
+        SUPCON_FIELD(Struct, problem.cap_bounds), SUPCON_FIELD(Struct, problem.row_scales),                     \
+        SUPCON_FIELD(Struct, problem.batch),                                                                    \
         SUPCON_FIELD(Struct, problem.views),                                                                    \
         SUPCON_FIELD(Struct, problem.dim), SUPCON_FIELD(Struct, problem.rows), SUPCON_FIELD(Struct, problem.anchors), \
         SUPCON_FIELD(Struct, problem.positive_kind), SUPCON_FIELD(Struct, problem.denominator),                  \
@@ -142,6 +149,10 @@ constexpr FieldLayout kPositivesFields[] = {
     SUPCON_FIELD(SupconPositivesParams, memberships), SUPCON_FIELD(SupconPositivesParams, bounds),
     SUPCON_FIELD(SupconPositivesParams, classes),     SUPCON_FIELD(SupconPositivesParams, cap),
 };
+constexpr FieldLayout kRowScalesFields[] = {
+    SUPCON_PROBLEM_FIELDS(SupconRowScalesParams),
+    SUPCON_FIELD(SupconRowScalesParams, scales),
+};
 #undef SUPCON_REDUCTION_FIELDS
 #undef SUPCON_STATISTICS_FIELDS
 #undef SUPCON_PROBLEM_FIELDS
@@ -170,10 +181,11 @@ SUPCON_STRUCT(SupconFinalizeParams, kFinalizeFields)
 SUPCON_STRUCT(SupconCoefficientParams, kCoefficientFields)
 SUPCON_STRUCT(SupconBackwardParams, kBackwardFields)
 SUPCON_STRUCT(SupconPositivesParams, kPositivesFields)
+SUPCON_STRUCT(SupconRowScalesParams, kRowScalesFields)
 #undef SUPCON_STRUCT
 constexpr const StructLayout* kStructs[] = {&kSupconForwardParams, &kSupconFinalizeParams,
                                             &kSupconCoefficientParams, &kSupconBackwardParams,
-                                            &kSupconPositivesParams};
+                                            &kSupconPositivesParams, &kSupconRowScalesParams};
 
 struct NamedConstant {
     const char* name;
@@ -206,6 +218,7 @@ constexpr NamedConstant kConstants[] = {
     {"kCoefficientThreads", supcon::kCoefficientThreads},
     {"kMergeThreads", supcon::kMergeThreads},
     {"kPositivesThreads", supcon::kPositivesThreads},
+    {"kRowScalesThreads", supcon::kRowScalesThreads},
     {"sizeof(RowStatistics)", sizeof(supcon::RowStatistics)},
     {"tc::kThreads", supcon::tc::kThreads},
     {"tc::kWideGradCols", supcon::tc::kWideGradCols},

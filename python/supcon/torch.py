@@ -10,8 +10,8 @@ without a graph break.
   (non-contiguous features are made contiguous once); float64 features run the f64 reference
   backend, so that ``torch.autograd.gradcheck`` applies. The GIL is released while it runs.
 - CUDA tensors: the crate's CUDA kernels, on the tensor's device and PyTorch's current stream
-  (label sets and a positives cap included: they are prepared on the device). What the
-  kernels lack on device tensors (float64, ``normalize``) runs on a host copy under
+  (label sets, a positives cap and ``normalize`` included: they are prepared on the device).
+  What the kernels lack on device tensors (float64) runs on a host copy under
   ``backend="auto"``.
 """
 
@@ -110,7 +110,7 @@ def _in_dtype(values: torch.Tensor, dtype: torch.dtype, output: str) -> torch.Te
     return converted
 
 
-def _state_bytes(anchors, is_cuda: bool, batch=0, set_classes=None, capped=False):
+def _state_bytes(anchors, is_cuda: bool, batch=0, set_classes=None, capped=False, scaled_rows=None):
     """Bytes of the saved state of R = ``anchors`` anchors (plain arithmetic, so that it also
     works on the symbolic sizes of ``torch.compile``): on the CPU LSE_i, LSE^P_i and P_i
     (``float64[R]`` each), R', whether there is a fingerprint, and its 64 bits; on a GPU the
@@ -118,16 +118,20 @@ def _state_bytes(anchors, is_cuda: bool, batch=0, set_classes=None, capped=False
     ``float32[R]`` statistics and the partial statistics of the forward's column shares (room
     for the most shares R anchors can take, none where that is one), then the positives the
     forward prepares for a batch of ``batch`` samples: label sets of ``set_classes`` labels
-    packed (``uint64[B][1 + words]``), and under a cap (``capped``) the bounds (``uint32[B]``)."""
+    packed (``uint64[B][1 + words]``), under a cap (``capped``) the bounds (``uint32[B]``), and
+    under ``normalize`` the row scales of its ``scaled_rows`` = N rows (``float32[N]``; ``None``
+    without)."""
     if not is_cuda:
         return (3 * anchors + 3) * 8
     statistics = 2 * _CUDA_ALIGN + 9 * _aligned(4 * anchors)
     shares = (_FORWARD_TARGET_BLOCKS + (anchors + 63) // 64 - 1) // ((anchors + 63) // 64)
     # 1 - 1 // shares: 0 for one share, else 1 (arithmetic, no branch on a symbolic size).
     outputs = statistics + (1 - 1 // shares) * shares * anchors * _ROW_STATISTICS_BYTES
-    if set_classes is None and not capped:
+    if set_classes is None and not capped and scaled_rows is None:
         return outputs
     prepared = _aligned(4 * batch) if capped else 0
+    if scaled_rows is not None:
+        prepared = prepared + _aligned(4 * scaled_rows)
     if set_classes is not None:
         # At least one word per set: 1 // (K + 1) is 1 for K = 0, else 0.
         words = (set_classes + 63) // 64 + 1 // (set_classes + 1)
@@ -160,15 +164,15 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _on_kernels(features: torch.Tensor, normalize: bool, backend: str) -> bool:
+def _on_kernels(features: torch.Tensor, backend: str) -> bool:
     """Whether a call runs the CUDA kernels: CUDA features with backend ``"cuda"``, or with
-    ``"auto"`` where the kernels take the call (not float64 or ``normalize``). Every other
-    call runs a host backend, on a copy of CUDA inputs where they are on a GPU."""
+    ``"auto"`` where the kernels take the call (not float64). Every other call runs a host
+    backend, on a copy of CUDA inputs where they are on a GPU."""
     if not features.is_cuda:
         return False
     if backend == "cuda":
         return True
-    return backend == "auto" and features.dtype != torch.float64 and not normalize
+    return backend == "auto" and features.dtype != torch.float64
 
 
 def _host(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -199,7 +203,7 @@ def _forward(
     (``[B, K]``, bool or 0/1 integers) is given."""
     options = _options(temperature, base_temperature, contrast_mode, summation, denominator,
                        positives_cap, no_positive, reduction, label_set_weight, normalize)
-    if _on_kernels(features, normalize, backend):
+    if _on_kernels(features, backend):
         return _forward_cuda(options, features, labels, mask, label_sets)
     output, state = _forward_host(options, _host(features), _host(labels), _host(mask),
                                   _host(label_sets), backend)
@@ -236,8 +240,9 @@ def _forward_cuda(options, features, labels, mask, label_sets):
     set_classes = None if label_sets is None else label_sets.shape[1]
     size, loss_offset, per_anchor_offset, count_offset, _ = _supcon.cuda_workspace(
         cuda_options, tuple(z.shape), set_classes)
+    scaled_rows = z.shape[0] * z.shape[1] if options.normalize else None
     assert size == _state_bytes(anchors, True, z.shape[0], set_classes,
-                                options.positives_cap is not None), \
+                                options.positives_cap is not None, scaled_rows), \
         "the workspace layouts of Rust and Python differ"
     workspace = torch.empty(size, dtype=torch.uint8, device=device)
     _supcon.forward_cuda(device.index, _stream(device), cuda_options, _address(z, dtype),
@@ -271,9 +276,11 @@ def _(features, labels, mask, label_sets, temperature, base_temperature, contras
     batch, views = features.shape[0], features.shape[1]
     anchors = batch * views if contrast_mode == "all" else batch
     output = features.new_empty((anchors,) if reduction == "none" else ())
-    on_kernels = _on_kernels(features, normalize, backend)
+    on_kernels = _on_kernels(features, backend)
     set_classes = None if label_sets is None else label_sets.shape[1]
-    state_bytes = _state_bytes(anchors, on_kernels, batch, set_classes, positives_cap != _NO_CAP)
+    scaled_rows = batch * views if normalize else None
+    state_bytes = _state_bytes(anchors, on_kernels, batch, set_classes, positives_cap != _NO_CAP,
+                               scaled_rows)
     state = torch.empty((state_bytes,), dtype=torch.uint8,
                         device=features.device if on_kernels else "cpu")
     return output, state
@@ -302,7 +309,7 @@ def _backward(
     """∂(objective)/∂features, in the features' shape, dtype and device."""
     options = _options(temperature, base_temperature, contrast_mode, summation, denominator,
                        positives_cap, no_positive, reduction, label_set_weight, normalize)
-    if _on_kernels(features, normalize, backend):
+    if _on_kernels(features, backend):
         return _backward_cuda(options, grad_output, features, labels, mask, label_sets, state)
     grad = _backward_host(options, _host(grad_output), _host(features), _host(labels),
                           _host(mask), _host(label_sets), state, backend)
@@ -549,7 +556,7 @@ class SupConLoss(torch.nn.Module):
         not change it (label sets run on the kernels too); it is kept for the callers that
         pass it."""
         del labels
-        if _on_kernels(features, self.normalize, self.backend):
+        if _on_kernels(features, self.backend):
             return "cuda"
         return _core.host_backend(self.backend, _DTYPES.get(features.dtype, "float32"))
 

@@ -206,28 +206,36 @@ def test_cuda_label_sets_run_on_the_kernels(gen, weight, dtype, classes):
                        floor=h.gradient_floor(z, **options))
 
 
-@pytest.mark.parametrize("backend", ["auto", "cpu"])
-def test_cuda_tensors_on_a_host_backend(gen, backend):
-    """normalize=True (which the kernels lack) under backend "auto", or an explicit host
-    backend, runs on a host copy: backend_for says so, and loss and gradient come back on the
-    device and match the reference."""
+def test_cuda_tensors_on_a_host_backend(gen):
+    """An explicit host backend runs on a host copy: backend_for says so, and loss and gradient
+    come back on the device and match the reference."""
     z = h.features(10, 2, 12, torch.float32, gen=gen, device="cuda")
     labels = h.labels(10, gen=gen)
-    assert SupConLoss(normalize=True, backend=backend).backend_for(z) == "cpu"
-    loss, grad = h.package(3.0 * z, labels.cuda(), normalize=True, backend=backend)
+    assert SupConLoss(normalize=True, backend="cpu").backend_for(z) == "cpu"
+    loss, grad = h.package(3.0 * z, labels.cuda(), normalize=True, backend="cpu")
     assert loss.device == z.device and grad.device == z.device
     ref_loss, ref_grad = h.reference(3.0 * z, labels, normalize=True)
     h.assert_close(loss, ref_loss, h.F32_TOL, "loss", floor=h.LOSS_FLOOR)
     h.assert_close(grad, ref_grad, h.F32_TOL, "gradient", floor=h.gradient_floor(z) / 3.0)
 
 
-def test_cuda_backend_refuses_normalize(gen):
-    """backend="cuda" with normalize=True: the crate's typed Unsupported error, as a
-    ValueError naming what the kernels lack."""
-    z = h.features(6, 2, 4, torch.float32, gen=gen, device="cuda")
-    labels = torch.tensor([0, 1, 0, 1, 2, 2], device="cuda")
-    with pytest.raises(ValueError, match="`cuda` does not support fused normalisation"):
-        supcon_loss(z, labels, normalize=True, backend="cuda")
+@pytest.mark.parametrize("backend", ["auto", "cuda"])
+def test_cuda_normalize_on_the_kernels(gen, backend):
+    """normalize=True runs the kernels (their row scales, supcon_normalize.cu): loss and
+    gradient equal F.normalize + the reference, with rows of norm 0.3 to 30, 0 and 1e-20."""
+    z = h.features(40, 2, 33, torch.float32, gen=gen) * torch.logspace(-0.5, 1.5, 40).view(40, 1, 1)
+    z[3, 0] = 0.0
+    z[7, 1] *= 1e-20 / z[7, 1].norm()
+    labels = h.labels(40, gen=gen)
+    assert SupConLoss(normalize=True, backend=backend).backend_for(z.cuda()) == "cuda"
+    for options in ({}, {"positives_cap": 3, "summation": "inside"}):
+        loss, grad = h.package(z.cuda(), labels.cuda(), normalize=True, backend=backend, **options)
+        ref_loss, ref_grad = h.reference(z.to(torch.float64), labels, normalize=True, **options)
+        h.assert_close(loss, ref_loss, h.F32_TOL, "loss", floor=h.LOSS_FLOOR)
+        # Row by row: the rows of norm 0 and 1e-20 have gradients ~1e12 times the others'.
+        size = ref_grad.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+        error = ((grad.cpu().to(torch.float64) - ref_grad).abs() / size).max().item()
+        assert error <= 1e-4, f"{options}: row-relative gradient error {error:e}"
 
 
 def test_cuda_float64_gradcheck(gen):

@@ -389,21 +389,26 @@ def test_custom_op_opcheck(gen):
     (1, 2, "all"), (32, 2, "all"), (33, 2, "all"), (4096, 2, "all"), (8193, 2, "one"),
     (16384, 2, "all"), (40000, 1, "all"),
 ])
-@pytest.mark.parametrize("set_classes, cap", [
-    (None, 0), (None, 3), (0, 0), (1, 0), (64, 0), (65, 2), (200, 0),
+@pytest.mark.parametrize("set_classes, cap, normalize", [
+    (None, 0, False), (None, 3, False), (0, 0, False), (1, 0, False), (64, 0, False),
+    (65, 2, False), (200, 0, False), (None, 0, True), (65, 2, True),
 ])
-def test_cuda_workspace_size_agrees_with_the_crate(batch, views, mode, set_classes, cap):
+def test_cuda_workspace_size_agrees_with_the_crate(batch, views, mode, set_classes, cap,
+                                                   normalize):
     """The CUDA workspace's size that the package computes by plain arithmetic (for the
     symbolic shapes of torch.compile) is the crate's, including the room for the forward's
-    column shares (none from R = 32768 anchors on) and for the positives the forward prepares
-    (packed label sets of K labels, cap bounds). Needs no GPU: only the layout is asked."""
+    column shares (none from R = 32768 anchors on) and for what the forward prepares (packed
+    label sets of K labels, cap bounds, normalize's row scales). Needs no GPU: only the layout
+    is asked."""
     from supcon import _supcon
     from supcon import torch as supcon_torch
 
     if not hasattr(_supcon, "cuda_workspace"):
         pytest.skip("built without feature cuda")
     options = supcon_torch._options(0.07, 0.07, mode, "outside", "all", cap,
-                                    "zero_and_count", "mean", "any", False)
+                                    "zero_and_count", "mean", "any", normalize)
     anchors = batch * views if mode == "all" else batch
     size = _supcon.cuda_workspace(options.as_tuple(), (batch, views, 8), set_classes)[0]
-    assert size == supcon_torch._state_bytes(anchors, True, batch, set_classes, cap != 0)
+    scaled_rows = batch * views if normalize else None
+    assert size == supcon_torch._state_bytes(anchors, True, batch, set_classes, cap != 0,
+                                             scaled_rows)

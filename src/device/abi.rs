@@ -1,7 +1,8 @@
 //! The kernels' parameter blocks and option codes, mirrored from `kernels/supcon_params.h`.
 //!
 //! Each kernel takes one block by value: [`ForwardParams`], [`FinalizeParams`],
-//! [`CoefficientParams`] or [`BackwardParams`] ([`super::kernel::Kernel::params`] says which).
+//! [`CoefficientParams`], [`BackwardParams`], [`PositivesParams`] or [`RowScalesParams`]
+//! ([`super::kernel::Kernel::params`] says which).
 //! Their layouts are pinned by a test against what the C++ compiler reports (`super::emulated`,
 //! feature `emulation`); the option codes and tile sizes likewise.
 
@@ -22,6 +23,9 @@ pub(crate) struct Problem {
     pub label_sets: u64,
     /// `const uint32_t[B]` per-sample cap bounds under a positives cap, else 0.
     pub cap_bounds: u64,
+    /// `const float[N]` row scales under `normalize` (1/max(‖x_r‖, ε), negated under the
+    /// clamp), else 0.
+    pub row_scales: u64,
     /// B.
     pub batch: u32,
     /// V.
@@ -174,6 +178,16 @@ pub(crate) struct PositivesParams {
     pub cap: u32,
 }
 
+/// `SupconRowScalesParams`: the fused normalisation's row scales.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub(crate) struct RowScalesParams {
+    /// The features; `row_scales` 0.
+    pub problem: Problem,
+    /// `float[N]`: the scales `supcon_row_scales_*` writes.
+    pub scales: u64,
+}
+
 /// Which parameter block a kernel takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ParamsKind {
@@ -182,6 +196,7 @@ pub(crate) enum ParamsKind {
     Coefficients,
     Backward,
     Positives,
+    RowScales,
 }
 
 /// What cudarc needs to pass a block by value (`src/cuda/enabled/raw.rs` implements it for
@@ -214,6 +229,9 @@ impl KernelParams for BackwardParams {
 }
 impl KernelParams for PositivesParams {
     const KIND: ParamsKind = ParamsKind::Positives;
+}
+impl KernelParams for RowScalesParams {
+    const KIND: ParamsKind = ParamsKind::RowScales;
 }
 
 /// `positive_kind` codes (`SUPCON_POSITIVES_*`).

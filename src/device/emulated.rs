@@ -254,12 +254,12 @@ mod tests {
     use super::*;
     use crate::device::abi::{
         self, BackwardParams, CoefficientParams, FinalizeParams, ForwardParams, ParamsKind,
-        PositivesParams,
+        PositivesParams, RowScalesParams,
     };
     use crate::device::plan::{
         launch_config, mma_shared_bytes, Stage, COEFFICIENT_THREADS, FINALIZE_THREADS, GRAD_CHUNK,
-        MERGE_THREADS, MMA_THREADS, POSITIVES_THREADS, ROW_STATISTICS_BYTES, TILE_ROWS,
-        TILE_THREADS, WIDE_GRAD_CHUNK,
+        MERGE_THREADS, MMA_THREADS, POSITIVES_THREADS, ROW_SCALES_THREADS, ROW_STATISTICS_BYTES,
+        TILE_ROWS, TILE_THREADS, WIDE_GRAD_CHUNK,
     };
 
     unsafe extern "C" {
@@ -317,7 +317,7 @@ mod tests {
         (problem $structure:ident: $($rest:tt)*) => {
             rust_fields!($structure:
                 problem.features, problem.labels, problem.mask, problem.label_sets,
-                problem.cap_bounds, problem.batch, problem.views, problem.dim, problem.rows,
+                problem.cap_bounds, problem.row_scales, problem.batch, problem.views, problem.dim, problem.rows,
                 problem.anchors, problem.positive_kind, problem.denominator, problem.summation,
                 problem.inv_temperature, problem.loss_scale, problem.set_words,
                 problem.set_weight, $($rest)*
@@ -381,6 +381,10 @@ mod tests {
                 memberships, bounds, classes, cap,
             ),
         );
+        assert_layout::<RowScalesParams>(
+            c"SupconRowScalesParams",
+            rust_fields!(problem RowScalesParams: scales),
+        );
         // An unknown block has no size. SAFETY: a NUL-terminated name.
         assert_eq!(
             unsafe { supcon_emu_params_size(c"NoSuchParams".as_ptr()) },
@@ -398,7 +402,7 @@ mod tests {
 
     #[test]
     fn option_codes_and_tile_sizes_match_the_kernels() {
-        let expected: [(&CStr, u32); 30] = [
+        let expected: [(&CStr, u32); 31] = [
             (c"SUPCON_POSITIVES_SAME_SAMPLE", abi::positives::SAME_SAMPLE),
             (c"SUPCON_POSITIVES_LABELS", abi::positives::LABELS),
             (c"SUPCON_POSITIVES_MASK", abi::positives::MASK),
@@ -436,6 +440,7 @@ mod tests {
             (c"kCoefficientThreads", COEFFICIENT_THREADS),
             (c"kMergeThreads", MERGE_THREADS),
             (c"kPositivesThreads", POSITIVES_THREADS),
+            (c"kRowScalesThreads", ROW_SCALES_THREADS),
             (c"sizeof(RowStatistics)", ROW_STATISTICS_BYTES as u32),
             (c"tc::kThreads", MMA_THREADS),
             (c"tc::kWideGradCols", WIDE_GRAD_CHUNK),

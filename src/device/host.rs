@@ -16,8 +16,8 @@ use ndarray::{Array3, ArrayView3};
 use super::executor::{upload_slice, KernelExecutor};
 use super::kernel::FeatureType;
 use super::launch::{
-    grad_coefficients, launch_backward, launch_forward, launch_positive_terms, split, to_host,
-    SavedAddresses, StatisticsAddresses,
+    grad_coefficients, launch_backward, launch_forward, launch_positive_terms, launch_row_scales,
+    split, to_host, SavedAddresses, StatisticsAddresses,
 };
 use super::problem::{InputAddresses, PositiveAddresses, Problem};
 use crate::backend::{
@@ -28,22 +28,25 @@ use crate::cpu::relation::cap_bounds;
 use crate::element::{Element, GradElement};
 use crate::error::Result;
 use crate::inputs::{
-    check_logit_range, largest_logit, validate_inputs, Positives, ScaledMask, Validated,
-    F32_LOGIT_LIMIT,
+    check_logit_range, largest_logit, largest_logit_of, validate_inputs, Positives, ScaledMask,
+    Validated, F32_LOGIT_LIMIT,
 };
 use crate::label_sets::PackedSets;
 use crate::precision::Precision;
 
-/// Host inputs uploaded to the device (the host-array path).
+/// Host inputs uploaded to the device (the host-array path), and the row scales of
+/// `normalize` computed there from the uploaded features.
 struct UploadedInputs<B> {
     features: B,
     positives: Option<B>,
     cap_bounds: Option<B>,
+    row_scales: Option<B>,
 }
 
 impl<B> UploadedInputs<B> {
     /// Uploads the features (in `[B, V, D]` order, whatever the view's strides, converted
-    /// exactly to the kernel's element type) and the positives.
+    /// exactly to the kernel's element type) and the positives, and queues the row scales
+    /// under `normalize`.
     fn upload<E: KernelExecutor<Buffer = B>, T: Element>(
         executor: &mut E,
         backend: &'static str,
@@ -83,10 +86,22 @@ impl<B> UploadedInputs<B> {
             Some(bounds) => Some(upload_slice(executor, bounds)?),
             None => None,
         };
+        let problem = &batch.problem;
+        let row_scales = if problem.loss().normalize() {
+            let scales = executor.alloc(problem.shape().rows() * size_of::<f32>())?;
+            let (features, at) = (executor.address(&features), executor.address(&scales));
+            // SAFETY: the features were just uploaded in the kernel's type and `scales` holds
+            // N floats; both live as long as these inputs, past every kernel that reads them.
+            unsafe { launch_row_scales(executor, problem, features, at)? };
+            Some(scales)
+        } else {
+            None
+        };
         Ok(UploadedInputs {
             features,
             positives,
             cap_bounds,
+            row_scales,
         })
     }
 
@@ -111,6 +126,7 @@ impl<B> UploadedInputs<B> {
                 },
             },
             cap_bounds: self.cap_bounds.as_ref().map_or(0, |b| executor.address(b)),
+            row_scales: self.row_scales.as_ref().map_or(0, |b| executor.address(b)),
         }
     }
 }
@@ -170,7 +186,12 @@ impl Prepared {
     ) -> Result<Self> {
         let validated = validate_inputs(features, positives)?;
         let problem = Problem::new(backend, loss, validated.shape, T::DTYPE, precision)?;
-        let largest = largest_logit(features, loss.temperature());
+        // Unit rows under `normalize` (up to rounding, which the limit's margin covers).
+        let largest = if loss.normalize() {
+            largest_logit_of(1.0, loss.temperature())
+        } else {
+            largest_logit(features, loss.temperature())
+        };
         check_logit_range(backend, largest, F32_LOGIT_LIMIT)?;
         let shape = validated.shape;
         let mask = match positives {

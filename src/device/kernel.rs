@@ -81,13 +81,15 @@ pub(crate) enum Kernel {
     /// The device API's positives cap: each sample's bound.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     CapBounds,
+    /// The fused normalisation's row scales 1/max(‖x_r‖, ε).
+    RowScales(FeatureType),
 }
 
 impl Kernel {
     /// Every entry point.
     // The CUDA executor loads them all; the emulated executor's tests check them all.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) const ALL: [Kernel; 26] = [
+    pub(crate) const ALL: [Kernel; 29] = [
         Kernel::ForwardStatistics(FeatureType::F32),
         Kernel::ForwardStatistics(FeatureType::F16),
         Kernel::ForwardStatistics(FeatureType::Bf16),
@@ -114,6 +116,9 @@ impl Kernel {
         Kernel::mma_backward(MmaOperands::F32Split, true),
         Kernel::PackLabelSets,
         Kernel::CapBounds,
+        Kernel::RowScales(FeatureType::F32),
+        Kernel::RowScales(FeatureType::F16),
+        Kernel::RowScales(FeatureType::Bf16),
     ];
 
     const fn mma_backward(operands: MmaOperands, wide: bool) -> Kernel {
@@ -157,6 +162,9 @@ impl Kernel {
             },
             Kernel::PackLabelSets => "supcon_pack_label_sets",
             Kernel::CapBounds => "supcon_cap_bounds",
+            Kernel::RowScales(FeatureType::F32) => "supcon_row_scales_f32",
+            Kernel::RowScales(FeatureType::F16) => "supcon_row_scales_f16",
+            Kernel::RowScales(FeatureType::Bf16) => "supcon_row_scales_bf16",
         }
     }
 
@@ -172,6 +180,7 @@ impl Kernel {
             Kernel::BackwardCoefficients => ParamsKind::Coefficients,
             Kernel::Backward(_) | Kernel::MmaBackward { .. } => ParamsKind::Backward,
             Kernel::PackLabelSets | Kernel::CapBounds => ParamsKind::Positives,
+            Kernel::RowScales(_) => ParamsKind::RowScales,
         }
     }
 
@@ -196,6 +205,7 @@ impl Kernel {
             },
             Kernel::PackLabelSets => Stage::PackLabelSets,
             Kernel::CapBounds => Stage::CapBounds,
+            Kernel::RowScales(_) => Stage::RowScales,
         }
     }
 }
@@ -227,6 +237,9 @@ pub(crate) fn fatbin(kernel: Kernel) -> Result<&'static [u8]> {
             }
             Kernel::PackLabelSets | Kernel::CapBounds => {
                 include_bytes!(concat!(env!("OUT_DIR"), "/supcon_positives.fatbin"))
+            }
+            Kernel::RowScales(_) => {
+                include_bytes!(concat!(env!("OUT_DIR"), "/supcon_normalize.fatbin"))
             }
         })
     }

@@ -8,17 +8,20 @@
 //! followed by `supcon_forward_positive_terms_<type>`, the losses from LSE^N), then
 //! `supcon_forward_finalize` (the deterministic reduction and the count of anchors without
 //! positives). Backward: `supcon_backward_<type>`, fed with the saved statistics and the
-//! coefficients c·u_i/R'.
+//! coefficients c·u_i/R'. Under `normalize`, `supcon_row_scales_<type>` first
+//! ([`launch_row_scales`]), whose scales both passes read.
 
 use ndarray::Array1;
 
 use std::ops::Range;
 
-use super::abi::{self, BackwardParams, CoefficientParams, FinalizeParams, ForwardParams};
+use super::abi::{
+    self, BackwardParams, CoefficientParams, FinalizeParams, ForwardParams, RowScalesParams,
+};
 use super::executor::{download_vec, upload_slice, KernelExecutor};
 use super::kernel::Kernel;
 use super::plan::{column_splits_bound, ROW_STATISTICS_BYTES};
-use super::problem::{InputAddresses, Problem};
+use super::problem::{InputAddresses, PositiveAddresses, Problem};
 use crate::backend::{check_upstream, reduce, ForwardOutput, SavedState, Upstream};
 use crate::config::{Denominator, NoPositivePolicy, Reduction};
 use crate::error::Result;
@@ -620,6 +623,33 @@ pub(crate) fn split(lse: f64) -> (f32, f32) {
     (hi, lo)
 }
 
+/// Queues `supcon_row_scales_*`: the `float[N]` scales of the fused normalisation at `scales`.
+///
+/// # Safety
+/// `features` must address the problem's `B·V·D` features of its type in device memory of
+/// `executor`, and `scales` `4·N` writable bytes that nothing else reads or writes until the
+/// kernels that read them have finished.
+pub(crate) unsafe fn launch_row_scales<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    features: u64,
+    scales: u64,
+) -> Result<()> {
+    let params = RowScalesParams {
+        problem: problem.block(&InputAddresses {
+            features,
+            positives: PositiveAddresses::SameSample,
+            cap_bounds: 0,
+            row_scales: 0,
+        }),
+        scales,
+    };
+    let kernel = Kernel::RowScales(problem.feature_type());
+    let rows = problem.kernel_shape().rows;
+    // SAFETY: forwarded from this function's contract.
+    unsafe { problem.launch(executor, kernel, &params, rows) }
+}
+
 #[cfg(all(test, feature = "emulation"))]
 mod tests {
     use half::bf16;
@@ -628,7 +658,6 @@ mod tests {
     use crate::config::SupConLoss;
     use crate::device::emulated::HostExecutor;
     use crate::device::executor::download_vec;
-    use crate::device::problem::PositiveAddresses;
     use crate::element::DType;
     use crate::inputs::BatchShape;
     use crate::precision::Precision;
@@ -664,6 +693,7 @@ mod tests {
                 features: executor.address(&features),
                 positives: PositiveAddresses::Labels(executor.address(&labels)),
                 cap_bounds: 0,
+                row_scales: 0,
             };
             // SAFETY (all launches below): the buffers hold B·V·D features, B labels, R floats
             // per statistic and B·V·D gradient floats, alive across the synchronous launches.

@@ -27,7 +27,7 @@ pub(crate) mod launch;
 pub(crate) mod plan;
 // The CUDA backend's device API; its tests run it through the emulation.
 #[cfg(any(feature = "cuda", test))]
-pub(crate) mod positives;
+pub(crate) mod prepared;
 pub(crate) mod problem;
 // The CUDA backend's device API; its tests run it through the emulation.
 #[cfg(any(feature = "cuda", test))]

@@ -24,6 +24,8 @@ pub(crate) const MERGE_THREADS: u32 = 256;
 /// Threads per block of the device-side positives: one sample each when packing label sets,
 /// one block per sample for the cap bounds (`kPositivesThreads`).
 pub(crate) const POSITIVES_THREADS: u32 = 256;
+/// Threads per block of the row scales, one warp per row (`kRowScalesThreads`).
+pub(crate) const ROW_SCALES_THREADS: u32 = 256;
 /// Bytes of one anchor's partial statistics in a column share (`sizeof(RowStatistics)`).
 pub(crate) const ROW_STATISTICS_BYTES: usize = 7 * size_of::<f32>();
 /// Blocks the forward aims for before it splits the columns: about 4 per SM of an H200 (132
@@ -90,6 +92,8 @@ pub(crate) enum Stage {
     PackLabelSets,
     /// `supcon_cap_bounds`: the positives cap's bound of each sample, one block per sample.
     CapBounds,
+    /// `supcon_row_scales_{f32,f16,bf16}`: the normalisation's row scales, a warp per row.
+    RowScales,
 }
 
 /// A kernel launch configuration.
@@ -128,6 +132,10 @@ pub(crate) fn launch_config(stage: Stage, dim: u32, rows: u32, column_splits: u3
         Stage::MmaForward { .. } => ([rows.div_ceil(TILE_ROWS), column_splits, 1], MMA_THREADS),
         Stage::PackLabelSets => ([rows.div_ceil(POSITIVES_THREADS), 1, 1], POSITIVES_THREADS),
         Stage::CapBounds => ([rows, 1, 1], POSITIVES_THREADS),
+        Stage::RowScales => (
+            [rows.div_ceil(ROW_SCALES_THREADS / 32), 1, 1],
+            ROW_SCALES_THREADS,
+        ),
         Stage::MmaBackward { wide, .. } => {
             let chunk = if wide { WIDE_GRAD_CHUNK } else { GRAD_CHUNK };
             (
@@ -231,6 +239,11 @@ mod tests {
         assert_eq!(
             launch_config(Stage::ForwardMerge, 128, 300, 1).grid,
             [2, 1, 1]
+        );
+        // A warp per row, 8 per block.
+        assert_eq!(
+            launch_config(Stage::RowScales, 128, 300, 1).grid,
+            [38, 1, 1]
         );
     }
 

@@ -47,7 +47,7 @@ impl Problem {
     ///
     /// # Errors
     /// [`Error::TooLarge`] (N or D beyond the kernels' indexing), [`Error::Unsupported`] (f64
-    /// features, `normalize`).
+    /// features).
     pub(crate) fn new(
         backend: &'static str,
         loss: &SupConLoss,
@@ -61,9 +61,6 @@ impl Problem {
         };
         let feature_type =
             FeatureType::of(dtype).ok_or(unsupported(Capability::ElementType(dtype)))?;
-        if loss.normalize() {
-            return Err(unsupported(Capability::Normalize));
-        }
         let too_large = |extent, requested: usize, limit: usize| Error::TooLarge {
             extent,
             requested: requested as u128,
@@ -94,9 +91,13 @@ impl Problem {
     /// The tensor-core operands, if this problem runs on tensor cores on a device that gives
     /// a launch up to `max_dynamic_shared_bytes`: half-precision features under
     /// [`Precision::Auto`] and [`Precision::Bf16x3`], f32 features under `Bf16x3`, when their
-    /// shared rows fit. The forward and the backward pass decide
-    /// alike, so the backward reproduces the forward's logits bit for bit.
+    /// shared rows fit, and not under `normalize` (whose row scales only the SIMT kernels
+    /// apply). The forward and the backward pass decide alike, so the backward reproduces the
+    /// forward's logits bit for bit.
     fn tensor_cores(&self, max_dynamic_shared_bytes: u64) -> Option<MmaOperands> {
+        if self.loss.normalize() {
+            return None;
+        }
         let operands = match (self.precision, self.feature_type) {
             (Precision::F32, _) | (Precision::Auto, FeatureType::F32) => return None,
             (_, FeatureType::F16) => MmaOperands::F16,
@@ -188,6 +189,7 @@ impl Problem {
             mask,
             label_sets,
             cap_bounds: inputs.cap_bounds,
+            row_scales: inputs.row_scales,
             // batch and views are factors of rows ≤ MAX_ROWS (checked in `new`): they fit u32.
             batch: self.shape.batch() as u32,
             views: self.shape.views() as u32,
@@ -298,8 +300,10 @@ pub(crate) struct InputAddresses {
     /// The positives.
     pub(crate) positives: PositiveAddresses,
     /// `const uint32_t[B]` per-sample cap bounds under a positives cap (from the host,
-    /// `crate::cpu::relation::cap_bounds`, or the device, `super::positives`), else 0.
+    /// `crate::cpu::relation::cap_bounds`, or the device, `super::prepared`), else 0.
     pub(crate) cap_bounds: u64,
+    /// `const float[N]` row scales under `normalize` (`super::prepared::row_scales`), else 0.
+    pub(crate) row_scales: u64,
 }
 
 #[cfg(test)]
@@ -320,18 +324,29 @@ mod tests {
             );
         };
         refused(&default, DType::F64, Capability::ElementType(DType::F64));
-        let normalized = SupConLoss::builder().normalize(true).build().unwrap();
-        refused(&normalized, DType::F16, Capability::Normalize);
         let capped = SupConLoss::builder().positives_cap(2).build().unwrap();
         assert!(Problem::new("cuda", &capped, shape, DType::BF16, Precision::Auto).is_ok());
         let one_positive = SupConLoss::builder()
             .denominator(Denominator::OnePositive)
             .build()
             .unwrap();
+        let normalized = SupConLoss::builder().normalize(true).build().unwrap();
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            for loss in [&default, &one_positive] {
+            for loss in [&default, &one_positive, &normalized] {
                 assert!(Problem::new("cuda", loss, shape, dtype, Precision::Auto).is_ok());
             }
+        }
+        // The row scales are the SIMT kernels'.
+        for precision in [Precision::Auto, Precision::Bf16x3] {
+            let problem = Problem::new("cuda", &normalized, shape, DType::F16, precision).unwrap();
+            assert_eq!(
+                problem.forward_kernel(u64::MAX),
+                Kernel::ForwardStatistics(FeatureType::F16)
+            );
+            assert_eq!(
+                problem.backward_kernel(u64::MAX),
+                Kernel::Backward(FeatureType::F16)
+            );
         }
     }
 

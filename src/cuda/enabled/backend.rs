@@ -18,7 +18,7 @@ use super::raw::{self, DriverLibrary};
 use crate::backend::{Backend, ForwardOutput, SavedState, Upstream};
 use crate::config::SupConLoss;
 use crate::device::launch;
-use crate::device::positives::{PreparedLayout, ResidentPositives};
+use crate::device::prepared::{PreparedLayout, ResidentPositives};
 use crate::device::problem::{PositiveAddresses, Problem};
 use crate::device::resident::{ResidentForward, ResidentWorkspace};
 use crate::device::{host, resident};

@@ -12,7 +12,8 @@ use cudarc::driver::{
 };
 
 use crate::device::abi::{
-    BackwardParams, CoefficientParams, FinalizeParams, ForwardParams, KernelParams, PositivesParams,
+    BackwardParams, CoefficientParams, FinalizeParams, ForwardParams, KernelParams,
+    PositivesParams, RowScalesParams,
 };
 use crate::device::plan::LaunchConfig;
 
@@ -28,6 +29,8 @@ unsafe impl DeviceRepr for CoefficientParams {}
 unsafe impl DeviceRepr for BackwardParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for PositivesParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for RowScalesParams {}
 
 /// The CUDA driver library, known to be loadable (see the module docs).
 #[derive(Debug, Clone, Copy)]

@@ -1,15 +1,17 @@
-//! The positives of the device API, prepared on the device: label sets given as a `[B, K]`
-//! multi-hot matrix of bytes are packed into the kernels' bitsets, and a positives cap gets its
-//! per-sample bounds (`kernels/supcon_positives.cu`). The host-array path computes both on the
-//! host (`super::host`); on the device API the positives are device memory, and reading them
-//! back would synchronise the caller's stream.
+//! The inputs of the device API prepared on the device: label sets given as a `[B, K]`
+//! multi-hot matrix of bytes are packed into the kernels' bitsets, a positives cap gets its
+//! per-sample bounds (`kernels/supcon_positives.cu`), and `normalize` its row scales
+//! (`kernels/supcon_normalize.cu`). The host-array path computes the positives on the host
+//! (`super::host`) and launches the row scales itself; on the device API the positives are
+//! device memory, and reading them back would synchronise the caller's stream.
 //!
-//! The prepared state is O(B·K/64) words and B bounds, in one region ([`PreparedLayout`]) that
-//! the forward fills and the backward reads again.
+//! The prepared state is O(B·K/64) words, B bounds and N scales, in one region
+//! ([`PreparedLayout`]) that the forward fills and the backward reads again.
 
 use super::abi::PositivesParams;
 use super::executor::KernelExecutor;
 use super::kernel::Kernel;
+use super::launch::launch_row_scales;
 use super::problem::{InputAddresses, PositiveAddresses, Problem};
 use crate::config::SupConLoss;
 use crate::error::{Error, Extent, Result};
@@ -39,15 +41,17 @@ impl ResidentPositives {
     }
 }
 
-/// Where the prepared positives lie in a region: the packed label sets
-/// (`uint64_t[B][1 + words]`, first), then the cap bounds (`uint32_t[B]`), each on a 256-byte
-/// boundary; empty when neither is needed.
+/// Where the prepared inputs lie in a region: the packed label sets
+/// (`uint64_t[B][1 + words]`, first), then the cap bounds (`uint32_t[B]`), then the row
+/// scales (`float[N]`), each on a 256-byte boundary; empty when none is needed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PreparedLayout {
     batch: usize,
     /// 64-bit words per packed set (at least 1), for label sets.
     set_words: Option<u32>,
     capped: bool,
+    /// N, under `normalize`.
+    scaled_rows: Option<usize>,
 }
 
 impl PreparedLayout {
@@ -60,6 +64,7 @@ impl PreparedLayout {
             batch: shape.batch(),
             set_words: set_classes.map(|classes| classes.div_ceil(64).max(1)),
             capped: loss.positives_cap().is_some(),
+            scaled_rows: loss.normalize().then(|| shape.rows()),
         }
     }
 
@@ -83,14 +88,20 @@ impl PreparedLayout {
         })
     }
 
-    /// Bytes of the region.
-    pub(crate) fn bytes(&self) -> usize {
-        let bounds = if self.capped {
+    fn bounds_bytes(&self) -> usize {
+        if self.capped {
             (self.batch * size_of::<u32>()).next_multiple_of(Self::ALIGN)
         } else {
             0
-        };
-        self.sets_bytes() + bounds
+        }
+    }
+
+    /// Bytes of the region.
+    pub(crate) fn bytes(&self) -> usize {
+        let scales = self.scaled_rows.map_or(0, |rows| {
+            (rows * size_of::<f32>()).next_multiple_of(Self::ALIGN)
+        });
+        self.sets_bytes() + self.bounds_bytes() + scales
     }
 
     /// The inputs the forward and backward kernels read, with the prepared positives in the
@@ -122,13 +133,18 @@ impl PreparedLayout {
             } else {
                 0
             },
+            row_scales: if self.scaled_rows.is_some() {
+                base + (self.sets_bytes() + self.bounds_bytes()) as u64
+            } else {
+                0
+            },
         }
     }
 }
 
 /// Queues the kernels that prepare `positives` in the region at `base` (packing label sets,
-/// then the cap bounds, which read them) and returns the inputs of the forward and backward
-/// kernels. Nothing is launched when `layout` is empty.
+/// then the cap bounds, which read them) and the row scales, and returns the inputs of the
+/// forward and backward kernels. Nothing is launched when `layout` is empty.
 ///
 /// # Safety
 /// `features` and `positives` must address device memory of `executor` as
@@ -149,6 +165,7 @@ pub(crate) unsafe fn prepare<E: KernelExecutor>(
     let mut params = PositivesParams {
         problem: problem.block(&InputAddresses {
             cap_bounds: 0,
+            row_scales: 0,
             ..inputs
         }),
         memberships: 0,
@@ -171,6 +188,10 @@ pub(crate) unsafe fn prepare<E: KernelExecutor>(
     if inputs.cap_bounds != 0 {
         // SAFETY: as above; the packed sets it reads were queued before it on the stream.
         unsafe { problem.launch(executor, Kernel::CapBounds, &params, batch)? };
+    }
+    if inputs.row_scales != 0 {
+        // SAFETY: the features and the region per this function's contract.
+        unsafe { launch_row_scales(executor, problem, features, inputs.row_scales)? };
     }
     Ok(inputs)
 }
