@@ -5,7 +5,7 @@
 #      both sanitizers, a toy kernel missing a __syncthreads() must be reported by TSan, and one
 #      writing past a shared array must be reported by ASan. This proves the checks can fail.
 #   2. The emulated-kernel suite (tests/emulated_kernels.rs), and the device API's positives
-#      kernels (the unit test `device::positives`, on its reduced grid), with the emulation
+#      kernels (the unit test `device::prepared`, on its reduced grid), with the emulation
 #      library built with -fsanitize=thread, then -fsanitize=address (SUPCON_EMU_SANITIZE, see
 #      build/emulation.rs): any report fails the run.
 #
@@ -67,8 +67,8 @@ SUPCON_EMU_SANITIZE=thread CARGO_TARGET_DIR=$out/thread \
     fail "the emulated kernels under ThreadSanitizer"
 SUPCON_EMU_SANITIZE=thread CARGO_TARGET_DIR=$out/thread SUPCON_TEST_REDUCED_GRID=1 \
     TSAN_OPTIONS="suppressions=$suppressions exitcode=66" \
-    cargo test --features emulation --lib device::positives ||
-    fail "the positives kernels under ThreadSanitizer"
+    cargo test --features emulation --lib device::prepared ||
+    fail "the prepared-inputs kernels under ThreadSanitizer"
 
 echo "== emulated kernels under AddressSanitizer"
 SUPCON_EMU_SANITIZE=address CARGO_TARGET_DIR=$out/address \
@@ -77,7 +77,7 @@ SUPCON_EMU_SANITIZE=address CARGO_TARGET_DIR=$out/address \
     fail "the emulated kernels under AddressSanitizer"
 SUPCON_EMU_SANITIZE=address CARGO_TARGET_DIR=$out/address SUPCON_TEST_REDUCED_GRID=1 \
     ASAN_OPTIONS="detect_leaks=1:strict_string_checks=1" \
-    cargo test --features emulation --lib device::positives ||
-    fail "the positives kernels under AddressSanitizer"
+    cargo test --features emulation --lib device::prepared ||
+    fail "the prepared-inputs kernels under AddressSanitizer"
 
 echo "sanitize-emulated: all checks passed"

@@ -38,11 +38,6 @@ impl LabelSetWeight {
             LabelSetWeight::Fraction => shared / anchor.max(1.0),
         }
     }
-
-    /// Whether w_ij = w_ji for every pair.
-    pub(crate) fn is_symmetric(self) -> bool {
-        self != LabelSetWeight::Fraction
-    }
 }
 
 /// The label sets of a batch as bitsets: sample b's set is the `words` 64-bit words from
@@ -105,11 +100,6 @@ impl PackedSets {
         let union = self.sizes[anchor] + self.sizes[contrast] - shared;
         let size = self.sizes[anchor];
         self.weight.weight(shared as f32, union as f32, size as f32)
-    }
-
-    /// Whether w_ij = w_ji for every pair.
-    pub(crate) fn is_symmetric(&self) -> bool {
-        self.weight.is_symmetric()
     }
 
     /// |Y_b|.

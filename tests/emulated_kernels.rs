@@ -116,11 +116,13 @@ fn every_output_element_is_written() {
                 Reduction::None,
             ),
         ] {
+            // The second configuration under `normalize` too: its row scales and projection.
             let loss = SupConLoss::builder()
                 .contrast_mode(mode)
                 .summation(summation)
                 .denominator(denominator)
                 .reduction(reduction)
+                .normalize(mode == ContrastMode::One)
                 .build()
                 .unwrap();
             let anchors = BatchShape::new(b, v, d).unwrap().anchors(mode);

@@ -114,6 +114,13 @@ pub(super) struct MaskPairs {
 /// Label-set batches: per row its sample's set and the set's size, in row order, so that a
 /// tile row of weights is one branch-free loop over contiguous words (AND, popcount, one
 /// division), like a class compare.
+///
+/// `Fraction` (w_ij = |Y_i ∩ Y_j| / |Y_i|, asymmetric) is filled as the symmetric
+/// m_ij = |Y_i ∩ Y_j| for other samples and m = f_i = max(|Y_i|, 1) for the anchor's own views,
+/// so that w_ij = m_ij / f_i: each anchor's weights times one factor, which changes no loss and
+/// no gradient (docs/math.md, "Mask weights"; [`Pairs::anchor_scale`] rescales P_i and LSE^P_i,
+/// as for a mask). The tiles then take the symmetric path, one fill and one exponential for
+/// both directions.
 pub(super) struct SetPairs {
     rows: RowFacts,
     /// ⌈K/64⌉ (at least 1: K = 0 keeps one empty word).
@@ -123,7 +130,6 @@ pub(super) struct SetPairs {
     /// |Y| of row r's sample.
     sizes: Vec<u32>,
     weight: LabelSetWeight,
-    symmetric: bool,
 }
 
 impl Pairs {
@@ -180,7 +186,6 @@ impl Pairs {
                     row_sets,
                     sizes,
                     weight,
-                    symmetric: packed.is_symmetric(),
                 }))
             }
         }
@@ -189,11 +194,14 @@ impl Pairs {
 
 impl Pairs {
     /// W_i: the factor that anchor `anchor`'s weights were divided by (1 for labels and
-    /// SimCLR; see [`ScaledMask`]).
+    /// SimCLR; see [`ScaledMask`]; 1/max(|Y_i|, 1) for `Fraction`, see [`SetPairs`]).
     pub(super) fn anchor_scale(&self, anchor: usize) -> f64 {
         match self {
             Pairs::Class(_) => 1.0,
             Pairs::Mask(pairs) => f64::from(pairs.mask.scale[pairs.rows.sample[anchor] as usize]),
+            Pairs::Sets(pairs) if pairs.weight == LabelSetWeight::Fraction => {
+                1.0 / f64::from(pairs.sizes[anchor].max(1))
+            }
             Pairs::Sets(_) => 1.0,
         }
     }
@@ -511,10 +519,18 @@ impl SetPairs {
                     (fixed, other, size, fixed_bound)
                 };
                 let union = size + other_size - shared;
-                let raw = mode.weight(shared as f32, union as f32, anchor_size as f32);
                 let same_sample = s == sample;
+                // Fraction's m_ij (see `SetPairs`): the shared count, f_i for the own views.
+                let (raw, own) = if MODE == 2 {
+                    (shared as f32, anchor_size.max(1) as f32)
+                } else {
+                    (
+                        mode.weight(shared as f32, union as f32, anchor_size as f32),
+                        1.0,
+                    )
+                };
                 (*w, *b) = entry(
-                    if same_sample { 1.0 } else { raw },
+                    if same_sample { own } else { raw },
                     same_sample,
                     contrast < bound,
                     anchor == contrast,
@@ -579,8 +595,9 @@ fn shared_counts<const WORDS: usize, E, R>(
 }
 
 impl PairWeights for SetPairs {
+    /// Every weight mode, `Fraction` as its symmetric m_ij (see [`SetPairs`]).
     fn is_symmetric(&self) -> bool {
-        self.symmetric && !self.rows.capped
+        !self.rows.capped
     }
 
     #[inline(always)]
@@ -615,17 +632,22 @@ mod tests {
     use crate::reference::relation::{Pair, Relation};
 
     /// Every pair of every anchor, from both fills, against `Relation::pair`, whose weights
-    /// the fills hold divided by the anchor's scale ([`ScaledMask`]).
+    /// the fills hold divided by the anchor's scale ([`ScaledMask`]; for label sets, whose
+    /// scale is `Fraction`'s 1/f_i, in f64: the fills hold the exact count n_ij).
     fn assert_matches_relation(loss: &SupConLoss, shape: BatchShape, positives: Positives<'_>) {
         let relation = Relation::new(loss, shape, positives);
         let pairs = Pairs::new(loss, shape, positives).unwrap();
         let n = shape.rows();
         let (mut weight, mut bias) = (vec![0.0; n], vec![0.0; n]);
         for anchor in 0..shape.anchors(loss.contrast_mode()) {
-            let scale = pairs.anchor_scale(anchor) as f32;
+            let scale = pairs.anchor_scale(anchor);
+            let unscaled = |w: f64| match pairs {
+                Pairs::Sets(_) => (w / scale) as f32,
+                _ => w as f32 / scale as f32,
+            };
             let want: Vec<(f32, f32)> = (0..n)
                 .map(|j| match relation.pair(anchor, j) {
-                    Pair::Positive(w) => ((w as f32 / scale).max(f32::from_bits(1)), 0.0),
+                    Pair::Positive(w) => (unscaled(w).max(f32::from_bits(1)), 0.0),
                     Pair::Negative => (0.0, 0.0),
                     Pair::Excluded => (0.0, f32::NEG_INFINITY),
                 })

@@ -196,8 +196,9 @@ pub(crate) unsafe fn prepare<E: KernelExecutor>(
     Ok(inputs)
 }
 
-/// The device's packed sets and cap bounds against the host's, through the emulated kernels,
-/// on a batch whose samples span several 256-sample chunks of the bounds kernel's sweep.
+/// The device's packed sets, cap bounds and row scales against the host's, through the
+/// emulated kernels, on a batch whose samples span several 256-sample chunks of the bounds
+/// kernel's sweep.
 #[cfg(all(test, feature = "emulation"))]
 mod tests {
     use ndarray::{Array1, Array2};
@@ -209,6 +210,7 @@ mod tests {
     use crate::element::DType;
     use crate::inputs::Positives;
     use crate::label_sets::PackedSets;
+    use crate::normalize;
     use crate::precision::Precision;
 
     /// A deterministic scramble of `i` into 0..`n`.
@@ -326,6 +328,95 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The row scales of `normalize`: 1/max(‖x‖, ε) as the host computes it in f64, rounded
+    /// to f32, negated below ε; f32 rows scaled by 0, 1e-20/D, 1e-12/D (below ε), 1e20/D and
+    /// 3e38/D (whose f32 squares overflow), in every element type, by flattened row
+    /// (view-major) across several blocks of the kernel's 8 rows.
+    #[test]
+    fn row_scales_equal_the_hosts() {
+        let (batch, views, dim) = (13, 3, 37);
+        let shape = BatchShape::new(batch, views, dim).unwrap();
+        let loss = SupConLoss::builder().normalize(true).build().unwrap();
+        let extreme = [(1, 0.0), (4, 1e-20), (6, 1e-12), (9, 1e20), (11, 3e38)];
+        let executor = &mut HostExecutor;
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            // Rows of ~unit norm, scaled (f32 only: the half types hold neither extreme).
+            let features: Vec<f32> = (0..batch * views * dim)
+                .map(|k| {
+                    let x = ((k * 7919 % 211) as f32 / 105.0 - 1.0) * 0.3;
+                    let row = k / dim;
+                    match extreme.iter().find(|&&(r, _)| r == row) {
+                        Some(&(_, norm)) if dtype == DType::F32 => {
+                            (f64::from(x) * norm / dim as f64) as f32
+                        }
+                        _ => x,
+                    }
+                })
+                .collect();
+            let bytes: Vec<u8> = match dtype {
+                DType::F32 => bytemuck::cast_slice(&features).to_vec(),
+                DType::F16 => bytemuck::cast_slice(
+                    &features
+                        .iter()
+                        .map(|&x| half::f16::from_f32(x))
+                        .collect::<Vec<_>>(),
+                )
+                .to_vec(),
+                _ => bytemuck::cast_slice(
+                    &features
+                        .iter()
+                        .map(|&x| half::bf16::from_f32(x))
+                        .collect::<Vec<_>>(),
+                )
+                .to_vec(),
+            };
+            let problem = Problem::new("emulated", &loss, shape, dtype, Precision::F32).unwrap();
+            let buffer = executor.upload(&bytes).unwrap();
+            let layout = PreparedLayout::new(&loss, shape, None);
+            let region = executor.upload(&vec![0xA5u8; layout.bytes()]).unwrap();
+            let (features_at, base) = (executor.address(&buffer), executor.address(&region));
+            let positives = ResidentPositives::Direct(PositiveAddresses::SameSample);
+            // SAFETY: the features are uploaded above and alive; the region holds the
+            // layout's bytes (the emulation's launches are synchronous).
+            let inputs =
+                unsafe { prepare(executor, &problem, &layout, features_at, &positives, base) }
+                    .unwrap();
+            assert_eq!(
+                inputs.row_scales, base,
+                "{dtype:?}: the scales lead the region"
+            );
+            let scales: Vec<f32> = download_vec(executor, &region, batch * views).unwrap();
+            for (row, &scale) in scales.iter().enumerate() {
+                // Flattened row r = v·B + b is stored at (b·V + v)·D.
+                let (sample, view) = (row % batch, row / batch);
+                let at = (sample * views + view) * dim;
+                let values = match dtype {
+                    DType::F32 => features[at..at + dim].to_vec(),
+                    DType::F16 => features[at..at + dim]
+                        .iter()
+                        .map(|&x| half::f16::from_f32(x).to_f32())
+                        .collect(),
+                    _ => features[at..at + dim]
+                        .iter()
+                        .map(|&x| half::bf16::from_f32(x).to_f32())
+                        .collect(),
+                };
+                let norm = normalize::norm(values.iter().map(|&x| f64::from(x)));
+                let want = (1.0 / normalize::divisor(norm)) as f32;
+                let want = if norm < normalize::EPSILON {
+                    -want
+                } else {
+                    want
+                };
+                let ulps = (scale.to_bits() as i64 - want.to_bits() as i64).abs();
+                assert!(
+                    ulps <= 1,
+                    "{dtype:?} row {row}: device {scale:e}, host {want:e} (norm {norm:e})"
+                );
             }
         }
     }
