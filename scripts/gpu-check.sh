@@ -67,6 +67,17 @@ card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,nohe
     head -n 1)
 say "- card: ${card:-unknown (nvidia-smi failed)}"
 while IFS= read -r line; do say "- $line"; done <"$here/BUILD_INFO"
+# NCCL for the sharded loss's test: cudarc loads libnccl.so, and PyTorch's nvidia-nccl wheel
+# ships only libnccl.so.2, so a link in the work folder goes on the loader's path.
+nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(nvidia.nccl.__path__[0], "lib", "libnccl.so.2"))' 2>/dev/null ||
+    ls /usr/lib/x86_64-linux-gnu/libnccl.so.2 2>/dev/null)
+if [[ -n $nccl && -e $nccl ]]; then
+    mkdir -p "$work/nccl" && ln -sf "$nccl" "$work/nccl/libnccl.so"
+    export LD_LIBRARY_PATH="$work/nccl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    say "- NCCL: $nccl"
+else
+    say "- NCCL: not found (the sharded loss's NCCL test fails under SUPCON_REQUIRE_CUDA)"
+fi
 say ""
 
 # 1. Correctness: every test of the CUDA backend.

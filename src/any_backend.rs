@@ -1,5 +1,7 @@
 //! One value that can be any backend, chosen at run time by name or by availability.
 
+use std::ops::Range;
+
 use ndarray::{Array3, ArrayView3};
 
 use crate::backend::{Backend, ForwardOutput, SavedState, Upstream};
@@ -10,6 +12,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::inputs::Positives;
 use crate::reference::ReferenceBackend;
+use crate::shard::ShardStatistics;
 
 /// Any of the crate's backends, dispatching the [`Backend`] calls.
 #[derive(Debug, Clone)]
@@ -93,5 +96,27 @@ impl Backend for AnyBackend {
         upstream: Upstream<'_>,
     ) -> Result<(ForwardOutput, Array3<T::Grad>)> {
         dispatch!(self, b => b.forward_backward(loss, features, positives, upstream))
+    }
+
+    fn forward_shard<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        samples: Range<usize>,
+    ) -> Result<ShardStatistics> {
+        dispatch!(self, b => b.forward_shard(loss, features, positives, samples))
+    }
+
+    fn backward_shard<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+        samples: Range<usize>,
+    ) -> Result<Array3<T::Grad>> {
+        dispatch!(self, b => b.backward_shard(loss, features, positives, state, upstream, samples))
     }
 }

@@ -1,6 +1,8 @@
 //! The backend abstraction every implementation (reference, cpu, cuda, emulated kernels)
 //! implements with the same signatures, and the values that cross it.
 
+use std::ops::Range;
+
 use ndarray::{Array1, Array3, ArrayView1, ArrayView3};
 use rayon::prelude::*;
 
@@ -9,6 +11,7 @@ use crate::config::{NoPositivePolicy, Reduction, SupConLoss};
 use crate::element::{Element, GradElement};
 use crate::error::{Error, Result};
 use crate::inputs::{BatchShape, Positives, Validated};
+use crate::shard::{self, ShardStatistics};
 
 /// The gradient flowing into the loss from above (`∂(objective)/∂(loss output)`).
 #[derive(Debug, Clone, Copy)]
@@ -281,6 +284,55 @@ pub trait Backend {
         state: &SavedState,
         upstream: Upstream<'_>,
     ) -> Result<Array3<T::Grad>>;
+
+    /// The statistics of the anchors of the samples `samples` (a shard, [`crate::shard`'s
+    /// docs](ShardStatistics)) against every row of the batch. Nothing is reduced: the
+    /// no-positive policy and the reduction apply where shards are assembled
+    /// ([`ForwardOutput::from_shards`]).
+    ///
+    /// The default runs the whole forward pass and picks the shard's anchors; the CPU backend
+    /// computes only the tiles the shard's rows touch (bitwise the whole pass's values).
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), and [`Error::InvalidShard`] for samples outside the
+    /// batch.
+    fn forward_shard<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        samples: Range<usize>,
+    ) -> Result<ShardStatistics> {
+        let (batch, views, dim) = features.dim();
+        let shape = BatchShape::new(batch, views, dim)?;
+        shard::check_samples(shape, &samples)?;
+        let output = self.forward(&shard::without_policy_error(loss), features, positives)?;
+        Ok(ShardStatistics::of_output(loss, shape, samples, &output))
+    }
+
+    /// ∂(objective)/∂ the rows of the samples `samples`, `[b1 − b0, V, D]`, from the state of
+    /// the whole batch ([`ForwardOutput::from_shards`], or [`forward`](Self::forward)).
+    ///
+    /// The default runs the whole backward pass and slices it; the CPU backend computes only
+    /// the tiles the shard's rows touch.
+    ///
+    /// # Errors
+    /// As [`backward`](Self::backward), and [`Error::InvalidShard`] for samples outside the
+    /// batch.
+    fn backward_shard<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+        samples: Range<usize>,
+    ) -> Result<Array3<T::Grad>> {
+        let (batch, views, dim) = features.dim();
+        shard::check_samples(BatchShape::new(batch, views, dim)?, &samples)?;
+        let grad = self.backward(loss, features, positives, state, upstream)?;
+        Ok(shard::gradient_rows(&grad, &samples))
+    }
 
     /// Forward then backward in one call.
     fn forward_backward<T: Element>(

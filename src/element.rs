@@ -27,7 +27,9 @@ pub enum DType {
 ///
 /// Every backend computes in at least f32; the gradient comes back as [`Element::Grad`]
 /// (`f64` for `f64` features, `f32` otherwise).
-pub trait Element: sealed::Sealed + Copy + Send + Sync + std::fmt::Debug + 'static {
+pub trait Element:
+    sealed::Sealed + bytemuck::Pod + Send + Sync + std::fmt::Debug + 'static
+{
     /// The tag of this type.
     const DTYPE: DType;
     /// The gradient's element type.

@@ -107,6 +107,23 @@ pub enum Error {
     /// A saved forward state was handed to a backward call it does not belong to.
     #[error("saved state does not match this backward call: {0}")]
     StateMismatch(String),
+    /// A shard does not fit its batch: samples outside it, shards that overlap, or statistics
+    /// of the wrong length (see [`crate::ShardStatistics`]).
+    #[error("invalid shard: {0}")]
+    InvalidShard(String),
+    /// A batch does not fit a memory bank: other views, dim or kind of positives than the
+    /// bank holds, or a mask (which has no entries for the bank's rows).
+    #[error("memory bank: {0}")]
+    MemoryBank(String),
+    /// A collective operation of a sharded loss failed, or the ranks disagree about the batch
+    /// (views, dim, kind of positives, or a collective's length).
+    #[error("collective `{operation}`: {reason}")]
+    Collective {
+        /// Which operation (`all_gather`, `all_reduce`) or check.
+        operation: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
     /// A device buffer handed to the CUDA backend does not fit the call: wrong length, or memory
     /// of another CUDA context.
     #[error("device buffer `{buffer}`: {reason}")]

@@ -41,6 +41,33 @@ impl<'a> Positives<'a> {
     }
 }
 
+/// [`Positives`] that own their arrays: a batch's gathered from several ranks, or a batch's
+/// joined with a memory bank's.
+#[derive(Debug, Clone)]
+pub(crate) enum OwnedPositives {
+    SimClr,
+    Labels(ndarray::Array1<i64>),
+    Mask(ndarray::Array2<f32>),
+    LabelSets {
+        sets: ndarray::Array2<bool>,
+        weight: LabelSetWeight,
+    },
+}
+
+impl OwnedPositives {
+    pub(crate) fn view(&self) -> Positives<'_> {
+        match self {
+            OwnedPositives::SimClr => Positives::SimClr,
+            OwnedPositives::Labels(labels) => Positives::Labels(labels.view()),
+            OwnedPositives::Mask(mask) => Positives::Mask(mask.view()),
+            OwnedPositives::LabelSets { sets, weight } => Positives::LabelSets {
+                sets: sets.view(),
+                weight: *weight,
+            },
+        }
+    }
+}
+
 /// The shape of a batch of features `[B, V, D]`, valid by construction: B, V, D ≥ 1, at least
 /// two rows (N = B·V ≥ 2) and B·V·D elements that an array can hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -9,14 +9,17 @@ mod cpu;
 pub mod cuda;
 #[cfg(any(feature = "cuda", feature = "emulation"))]
 mod device;
+pub mod distributed;
 mod element;
 mod error;
 mod inputs;
 mod label_sets;
 mod math;
+mod memory_bank;
 mod normalize;
 mod precision;
 pub mod reference;
+mod shard;
 
 pub use any_backend::AnyBackend;
 pub use backend::{Backend, ForwardOutput, SavedState, Upstream};
@@ -32,5 +35,7 @@ pub use element::{DType, Element, GradElement};
 pub use error::{Capability, Error, Extent, Result};
 pub use inputs::{BatchShape, Positives};
 pub use label_sets::LabelSetWeight;
+pub use memory_bank::{BankForward, MemoryBank};
 pub use precision::Precision;
 pub use reference::ReferenceBackend;
+pub use shard::ShardStatistics;

@@ -478,3 +478,68 @@ fn device_api_on_caller_memory_equals_the_allocating_api() {
         );
     }
 }
+
+/// The sharded loss on the CUDA backend over NCCL, one rank per GPU of this process (the GPU
+/// check's machine has one), and a memory bank on the CUDA backend: both equal the CPU
+/// backend's results within the f32 kernels' error. Needs libnccl (`libnccl.so` on the loader's
+/// path); under `SUPCON_REQUIRE_CUDA=1` a missing library fails.
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_sharded_loss_and_memory_bank_on_cuda() {
+    use supcon::distributed::{NcclGroup, ShardedSupCon};
+    let Some(cuda) = cuda() else { return };
+    let mut rng = common::rng("nccl_sharded_loss_and_memory_bank_on_cuda");
+    let (batch, views, dim) = (301, 2, 64);
+    let z = common::unit_features(&mut rng, (batch, views, dim)).mapv(|x| x as f32);
+    let labels = common::labels(&mut rng, batch, 40);
+    let positives = Positives::Labels(labels.view());
+    let loss = SupConLoss::builder().temperature(0.1).build().unwrap();
+    let (want, want_grad) = supcon::CpuBackend
+        .forward_backward(&loss, z.view(), positives, Upstream::Scalar(1.0))
+        .unwrap();
+    let close = |got: f64, want: f64| (got - want).abs() <= 1e-5 * want.abs().max(1.0);
+    let grad_error = |grad: &Array3<f32>| {
+        let scale = want_grad.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+        let diff = grad
+            .iter()
+            .zip(&want_grad)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        diff / scale
+    };
+    let group = match NcclGroup::from_streams(vec![cuda.stream().clone()]) {
+        Ok(mut groups) => groups.remove(0),
+        Err(error) if std::env::var_os("SUPCON_REQUIRE_CUDA").is_some_and(|v| v != "0") => {
+            panic!("SUPCON_REQUIRE_CUDA is set, but NCCL cannot start: {error}")
+        }
+        Err(error) => return eprintln!("skipped: NCCL cannot start here ({error})"),
+    };
+    let sharded = ShardedSupCon::new(loss, cuda.clone(), group);
+    let step = sharded.forward(z.view(), positives).unwrap();
+    let grad = sharded.backward(&step, Upstream::Scalar(1.0)).unwrap();
+    assert!(close(step.loss().unwrap(), want.loss.unwrap()));
+    assert!(grad_error(&grad) < 1e-4, "sharded: {}", grad_error(&grad));
+    // A bank of the last 200 samples; the batch is the first 101.
+    let mut bank = supcon::MemoryBank::<f32>::new(200, dim).unwrap();
+    let held = z.slice(ndarray::s![101.., .., ..]);
+    bank.push(held, Positives::Labels(labels.slice(ndarray::s![101..])))
+        .unwrap();
+    let head = z.slice(ndarray::s![..101, .., ..]);
+    let head_labels = Positives::Labels(labels.slice(ndarray::s![..101]));
+    let on_cuda = bank.forward(&cuda, &loss, head, head_labels).unwrap();
+    let on_cpu = bank
+        .forward(&supcon::CpuBackend, &loss, head, head_labels)
+        .unwrap();
+    assert!(close(on_cuda.loss().unwrap(), on_cpu.loss().unwrap()));
+    let grad = bank
+        .backward(&cuda, &loss, &on_cuda, Upstream::Scalar(1.0))
+        .unwrap();
+    let want = bank
+        .backward(&supcon::CpuBackend, &loss, &on_cpu, Upstream::Scalar(1.0))
+        .unwrap();
+    let scale = want.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+    let diff = grad
+        .iter()
+        .zip(&want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff / scale < 1e-4, "bank: {}", diff / scale);
+}

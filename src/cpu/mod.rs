@@ -45,6 +45,8 @@ pub(crate) mod relation;
 mod simd;
 mod tiles;
 
+use std::ops::Range;
+
 use ndarray::{s, Array1, Array3, ArrayView3};
 use rayon::prelude::*;
 
@@ -59,6 +61,7 @@ use crate::inputs::{
     F32_LOGIT_LIMIT,
 };
 use crate::normalize;
+use crate::shard::{self, ShardStatistics};
 use forward::{AnchorStats, PositiveSums};
 use math::Aligned;
 use relation::{PairWeights, Pairs};
@@ -217,6 +220,28 @@ impl Batch {
 
     /// The forward pass on this batch.
     fn forward(&self, classes: Option<&dense::Classes>) -> Result<ForwardOutput> {
+        let [per_anchor, lse, lse_positive, positive_weight] = self.anchor_statistics(classes);
+        let (reduced, mean_denominator) = reduce(&self.loss, &per_anchor, &positive_weight)?;
+        let output = ForwardOutput {
+            loss: reduced,
+            per_anchor: Array1::from(per_anchor),
+            state: SavedState {
+                loss: self.loss,
+                shape: self.shape,
+                lse,
+                lse_positive,
+                positive_weight,
+                mean_denominator,
+                fingerprint: Some(self.fingerprint),
+            },
+        };
+        check_finite_loss(&output)?;
+        Ok(output)
+    }
+
+    /// Per anchor ℓ_i, LSE_i, LSE^P_i and P_i (exact for the anchors of blocks the schedule
+    /// keeps whole: all of them, or a shard's).
+    fn anchor_statistics(&self, classes: Option<&dense::Classes>) -> [Vec<f64>; 4] {
         let loss = &self.loss;
         let stats = match classes {
             Some(classes) => dense::statistics(self, classes),
@@ -238,22 +263,20 @@ impl Batch {
         let lse_positive = (stats.iter().enumerate())
             .map(|(i, s)| s.positive.value() + scale(i).ln())
             .collect();
-        let (reduced, mean_denominator) = reduce(loss, &per_anchor, &positive_weight)?;
-        let output = ForwardOutput {
-            loss: reduced,
-            per_anchor: Array1::from(per_anchor),
-            state: SavedState {
-                loss: *loss,
-                shape: self.shape,
-                lse,
-                lse_positive,
-                positive_weight,
-                mean_denominator,
-                fingerprint: Some(self.fingerprint),
-            },
-        };
-        check_finite_loss(&output)?;
-        Ok(output)
+        [per_anchor, lse, lse_positive, positive_weight]
+    }
+
+    /// One-positive's per-anchor sums (its pulls Ψ_i and shares), from the saved LSE^N_i, under
+    /// this batch's schedule; `None` for the other denominators.
+    fn positive_sums(&self, lse: &[f64]) -> Option<Vec<PositiveSums>> {
+        (self.loss.denominator() == Denominator::OnePositive)
+            .then(|| with_pairs!(self, pairs => forward::positive_sums(self, pairs, lse)))
+    }
+
+    /// Keeps only the tiles a shard of `samples` needs: those touching its rows.
+    fn restrict_to(&mut self, samples: &Range<usize>) {
+        let runs: Vec<Range<usize>> = shard::row_runs(self.shape, samples).collect();
+        self.schedule = Schedule::touching(self.shape.rows(), self.anchors, &runs);
     }
 
     /// The backward pass on this batch, from a state that `check`ed against it.
@@ -263,9 +286,22 @@ impl Batch {
         state: &SavedState,
         upstream: Upstream<'_>,
     ) -> Result<Array3<G>> {
+        let sums = self.positive_sums(&state.lse);
+        let grad = self.backward_unchecked(classes, state, upstream, sums.as_deref())?;
+        check_finite_gradient(grad.as_slice().expect("a fresh array"))?;
+        Ok(grad)
+    }
+
+    /// [`backward`](Self::backward) without the finiteness check: under a shard's schedule only
+    /// the shard's rows are the gradient.
+    fn backward_unchecked<G: GradElement>(
+        &self,
+        classes: Option<&dense::Classes>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+        sums: Option<&[PositiveSums]>,
+    ) -> Result<Array3<G>> {
         let coefficients = state.anchor_coefficients(upstream)?;
-        let sums = (self.loss.denominator() == Denominator::OnePositive)
-            .then(|| with_pairs!(self, pairs => forward::positive_sums(self, pairs, &state.lse)));
         // The tiles see each anchor's mask weights divided by W_i: so do P_i and LSE^P_i.
         let scaled = |values: &[f64], unscale: fn(f64, f64) -> f64| -> Vec<f64> {
             (values.iter().enumerate())
@@ -280,7 +316,7 @@ impl Batch {
             positive_weight: &positive_weight,
             coefficients: &coefficients,
         };
-        let (terms, pulls) = backward::anchor_terms(self, &saved, sums.as_deref());
+        let (terms, pulls) = backward::anchor_terms(self, &saved, sums);
         let mut dz = match classes {
             Some(classes) => dense::gradient(
                 self,
@@ -309,7 +345,6 @@ impl Batch {
                 *g = G::from_f64(x);
             }
         });
-        check_finite_gradient(&grad)?;
         let grad = Array3::from_shape_vec((b, views, dim), grad)
             .expect("the gradient has the features' shape");
         Ok(grad)
@@ -351,6 +386,61 @@ impl CpuBackend {
         state.check(loss, &validated)?;
         let batch = Batch::new(loss, &features, validated, positives, isa)?;
         batch.backward(batch.dense_classes().as_ref(), state, upstream)
+    }
+
+    fn forward_shard_on<T: Element>(
+        isa: Isa,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        samples: Range<usize>,
+    ) -> Result<ShardStatistics> {
+        let validated = validated(&features, &positives)?;
+        shard::check_samples(validated.shape, &samples)?;
+        let mut batch = Batch::new(loss, &features, validated, positives, isa)?;
+        batch.restrict_to(&samples);
+        let all = batch.anchor_statistics(batch.dense_classes().as_ref());
+        let pick = |values: &[f64]| -> Vec<f64> {
+            shard::anchor_rows(loss, batch.shape, &samples)
+                .map(|i| values[i])
+                .collect()
+        };
+        let shard = ShardStatistics::from_parts(
+            loss,
+            batch.shape,
+            samples.clone(),
+            all.each_ref().map(|v| pick(v)),
+        )?;
+        if shard.per_anchor().iter().any(|l| !l.is_finite()) {
+            return Err(crate::Error::Overflow { output: "loss" });
+        }
+        Ok(shard)
+    }
+
+    #[allow(clippy::too_many_arguments)] // the trait method's, plus the instruction set
+    fn backward_shard_on<T: Element>(
+        isa: Isa,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+        samples: Range<usize>,
+    ) -> Result<Array3<T::Grad>> {
+        let validated = validated(&features, &positives)?;
+        shard::check_samples(validated.shape, &samples)?;
+        state.check(loss, &validated)?;
+        let mut batch = Batch::new(loss, &features, validated, positives, isa)?;
+        // Every anchor's one-positive sums enter the shard's H rows, so they take the whole
+        // sweep (one more pass over all tiles, on this denominator only).
+        let sums = batch.positive_sums(&state.lse);
+        batch.restrict_to(&samples);
+        let classes = batch.dense_classes();
+        let grad: Array3<T::Grad> =
+            batch.backward_unchecked(classes.as_ref(), state, upstream, sums.as_deref())?;
+        let grad = shard::gradient_rows(&grad, &samples);
+        check_finite_gradient(grad.as_slice().expect("a fresh array"))?;
+        Ok(grad)
     }
 
     /// Forward and backward on one converted batch.
@@ -403,6 +493,31 @@ impl Backend for CpuBackend {
         upstream: Upstream<'_>,
     ) -> Result<(ForwardOutput, Array3<T::Grad>)> {
         on_pool(|| Self::forward_backward_on(Isa::detect(), loss, features, positives, upstream))
+    }
+
+    fn forward_shard<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        samples: Range<usize>,
+    ) -> Result<ShardStatistics> {
+        on_pool(|| Self::forward_shard_on(Isa::detect(), loss, features, positives, samples))
+    }
+
+    fn backward_shard<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+        samples: Range<usize>,
+    ) -> Result<Array3<T::Grad>> {
+        on_pool(|| {
+            let isa = Isa::detect();
+            Self::backward_shard_on(isa, loss, features, positives, state, upstream, samples)
+        })
     }
 }
 

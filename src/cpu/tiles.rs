@@ -52,16 +52,30 @@ impl Schedule {
     /// Tiles for `rows` rows of which the first `anchors` are anchors: a tile whose blocks hold
     /// no anchor has nothing to do and is left out.
     pub(super) fn new(rows: usize, anchors: usize) -> Self {
+        Self::touching(rows, anchors, std::slice::from_ref(&(0..rows)))
+    }
+
+    /// The tiles of [`new`](Self::new) that touch a block holding a row of `runs`: all the tiles
+    /// those rows' accumulators receive, in the same order, so their results are bitwise those of
+    /// the whole schedule (a shard's anchors and gradient rows, `crate::shard`).
+    pub(super) fn touching(rows: usize, anchors: usize, runs: &[Range<usize>]) -> Self {
         let blocks = rows.div_ceil(BLOCK);
         let anchor_blocks = anchors.div_ceil(BLOCK);
-        let mut rounds = vec![(0..anchor_blocks).map(|b| (b, b)).collect::<Vec<_>>()];
+        let mut active = vec![false; blocks];
+        for run in runs.iter().filter(|run| !run.is_empty()) {
+            active[run.start / BLOCK..=(run.end - 1) / BLOCK].fill(true);
+        }
+        let mut rounds = vec![(0..anchor_blocks)
+            .filter(|&b| active[b])
+            .map(|b| (b, b))
+            .collect::<Vec<_>>()];
         // Circle method on an even number of seats; a pair with the empty seat sits out.
         let seats = blocks + blocks % 2;
         for round in 0..seats.saturating_sub(1) {
             let mut pairs = Vec::new();
             let mut push = |a: usize, b: usize| {
                 let (i, j) = (a.min(b), a.max(b));
-                if j < blocks && i < anchor_blocks {
+                if j < blocks && i < anchor_blocks && (active[i] || active[j]) {
                     pairs.push((i, j));
                 }
             };
@@ -265,5 +279,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A shard's schedule keeps exactly the tiles that touch its blocks, in the whole
+    /// schedule's order.
+    #[test]
+    fn a_shard_keeps_the_tiles_of_its_blocks() {
+        let (rows, anchors) = (7 * BLOCK + 13, 7 * BLOCK + 13);
+        let whole = Schedule::new(rows, anchors);
+        let shard =
+            Schedule::touching(rows, anchors, &[BLOCK + 5..BLOCK + 9, 5 * BLOCK..6 * BLOCK]);
+        let touches = |&(i, j): &(usize, usize)| [1, 5].contains(&i) || [1, 5].contains(&j);
+        for (kept, all) in shard.rounds.iter().zip(&whole.rounds) {
+            let expected: Vec<_> = all.iter().copied().filter(touches).collect();
+            assert_eq!(*kept, expected);
+        }
+        let count: usize = shard.rounds.iter().map(Vec::len).sum();
+        assert_eq!(
+            count,
+            2 * 8 - 1,
+            "two blocks' tiles with each of 8 blocks, (1, 5) once"
+        );
     }
 }

@@ -24,3 +24,5 @@ pub use enabled::{
     CudaBackend, CudaFeature, DeviceForward, DevicePositives, DeviceWorkspace,
     MIN_COMPUTE_CAPABILITY, MIN_DRIVER_VERSION,
 };
+#[cfg(feature = "nccl")]
+pub use enabled::{NcclGroup, NcclId};

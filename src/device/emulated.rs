@@ -14,6 +14,7 @@
 
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::ffi::{c_char, c_int, CString};
+use std::ops::Range;
 use std::ptr::{copy_nonoverlapping, NonNull};
 
 use ndarray::{Array3, ArrayView3};
@@ -30,6 +31,7 @@ use crate::error::Extent;
 use crate::error::{Error, Result};
 use crate::inputs::Positives;
 use crate::precision::Precision;
+use crate::shard::ShardStatistics;
 
 unsafe extern "C" {
     /// kernels/emu/supcon_emu.cpp: runs `kernel` on the grid and returns 0, or a
@@ -107,6 +109,46 @@ impl Backend for EmulatedBackend {
             positives,
             state,
             upstream,
+        )
+    }
+
+    fn forward_shard<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        samples: Range<usize>,
+    ) -> Result<ShardStatistics> {
+        host::forward_shard(
+            &mut HostExecutor,
+            self.name(),
+            self.precision,
+            loss,
+            features,
+            positives,
+            samples,
+        )
+    }
+
+    fn backward_shard<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+        samples: Range<usize>,
+    ) -> Result<Array3<T::Grad>> {
+        host::backward_shard(
+            &mut HostExecutor,
+            self.name(),
+            self.precision,
+            loss,
+            features,
+            positives,
+            state,
+            upstream,
+            samples,
         )
     }
 }

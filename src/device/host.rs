@@ -10,14 +10,17 @@
 //! f64 features are rejected with [`crate::Error::Unsupported`]: the kernels read f32, f16 or
 //! bf16, and silently rounding f64 input would hide a precision loss the caller did not ask for.
 
+use std::ops::Range;
+
 use half::{bf16, f16};
 use ndarray::{Array3, ArrayView3};
 
 use super::executor::{upload_slice, KernelExecutor};
 use super::kernel::FeatureType;
 use super::launch::{
-    grad_coefficients, launch_backward, launch_forward, launch_positive_terms, launch_row_scales,
-    split, to_host, SavedAddresses, StatisticsAddresses,
+    grad_coefficients, launch_backward_rows, launch_forward, launch_forward_statistics,
+    launch_positive_terms, launch_row_scales, split, statistics_to_host, to_host, SavedAddresses,
+    Statistics, StatisticsAddresses,
 };
 use super::problem::{InputAddresses, PositiveAddresses, Problem};
 use crate::backend::{
@@ -33,6 +36,7 @@ use crate::inputs::{
 };
 use crate::label_sets::PackedSets;
 use crate::precision::Precision;
+use crate::shard::{self, ShardStatistics};
 
 /// Host inputs uploaded to the device (the host-array path), and the row scales of
 /// `normalize` computed there from the uploaded features.
@@ -253,6 +257,56 @@ pub(crate) fn forward<E: KernelExecutor, T: Element>(
     Ok(output)
 }
 
+/// The statistics of a shard's anchors on `executor` (see [`crate::Backend::forward_shard`]):
+/// the statistics kernel runs over the shard's anchor rows only, one launch per run of them
+/// (a view's rows of the shard's samples), with bitwise the values of the whole pass.
+pub(crate) fn forward_shard<E: KernelExecutor, T: Element>(
+    executor: &mut E,
+    backend: &'static str,
+    precision: Precision,
+    loss: &SupConLoss,
+    features: ArrayView3<'_, T>,
+    positives: Positives<'_>,
+    samples: Range<usize>,
+) -> Result<ShardStatistics> {
+    // The policy's error applies to the assembled batch; no kernel reads the policy.
+    let relaxed = shard::without_policy_error(loss);
+    let batch = Prepared::new(backend, precision, &relaxed, &features, &positives)?;
+    let shape = batch.validated.shape;
+    shard::check_samples(shape, &samples)?;
+    let uploaded = UploadedInputs::upload(executor, backend, &batch, &features, &positives)?;
+    let inputs = uploaded.addresses(executor, &batch, &positives);
+    let statistics = Statistics::alloc(executor, &batch.problem)?;
+    let at = statistics.addresses(executor);
+    for run in shard::anchor_runs(loss, shape, &samples) {
+        let run = run.start as u32..run.end as u32;
+        // SAFETY: the uploaded inputs as in `forward`; the statistics just allocated hold R
+        // floats each (and the column shares' partials), alive until the downloads below.
+        unsafe { launch_forward_statistics(executor, &batch.problem, &inputs, &at, run)? };
+    }
+    let all = statistics_to_host(executor, &batch.problem, &statistics)?;
+    let rows: Vec<usize> = shard::anchor_rows(loss, shape, &samples).collect();
+    let [per_anchor, lse, lse_positive, positive_weight] = all
+        .each_ref()
+        .map(|values| rows.iter().map(|&i| values[i]).collect::<Vec<f64>>());
+    // The scaled mask's P_i and LSE^P_i scale back, as in `forward`.
+    let positive_weight = (rows.iter().zip(positive_weight))
+        .map(|(&i, p)| p * batch.scales[i])
+        .collect();
+    let lse_positive = (rows.iter().zip(lse_positive))
+        .map(|(&i, lse)| lse + batch.scales[i].ln())
+        .collect();
+    if per_anchor.iter().any(|l| !l.is_finite()) {
+        return Err(crate::Error::Overflow { output: "loss" });
+    }
+    ShardStatistics::from_parts(
+        loss,
+        shape,
+        samples,
+        [per_anchor, lse, lse_positive, positive_weight],
+    )
+}
+
 /// The backward pass on `executor` (see [`crate::Backend::backward`]).
 #[allow(clippy::too_many_arguments)] // the trait method's arguments plus who runs it, and how
 pub(crate) fn backward<E: KernelExecutor, T: Element>(
@@ -265,7 +319,37 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
     state: &SavedState,
     upstream: Upstream<'_>,
 ) -> Result<Array3<T::Grad>> {
+    let batch = features.dim().0;
+    backward_shard(
+        executor,
+        backend,
+        precision,
+        loss,
+        features,
+        positives,
+        state,
+        upstream,
+        0..batch,
+    )
+}
+
+/// The gradient rows of a shard's samples on `executor` (see
+/// [`crate::Backend::backward_shard`]): the backward kernel runs over those rows only, one
+/// launch per view's run of them (one launch for the whole batch).
+#[allow(clippy::too_many_arguments)] // the trait method's arguments plus who runs it, and how
+pub(crate) fn backward_shard<E: KernelExecutor, T: Element>(
+    executor: &mut E,
+    backend: &'static str,
+    precision: Precision,
+    loss: &SupConLoss,
+    features: ArrayView3<'_, T>,
+    positives: Positives<'_>,
+    state: &SavedState,
+    upstream: Upstream<'_>,
+    samples: Range<usize>,
+) -> Result<Array3<T::Grad>> {
     let batch = Prepared::new(backend, precision, loss, &features, &positives)?;
+    shard::check_samples(batch.validated.shape, &samples)?;
     state.check(loss, &batch.validated)?;
     let (problem, shape, scales) = (&batch.problem, batch.validated.shape, &batch.scales);
     let coefficients = upload_slice(executor, &grad_coefficients(state, upstream)?)?;
@@ -339,29 +423,40 @@ pub(crate) fn backward<E: KernelExecutor, T: Element>(
     let grad = executor.alloc(shape.elements() * size_of::<f32>())?;
     let grad_address = executor.address(&grad);
     let coefficients = executor.address(&coefficients);
-    // SAFETY: the inputs as in `forward`; the statistics and coefficients hold R floats (the
-    // state matches the shape: `state.check`), the gradient B·V·D floats. All stay alive until
-    // the download.
-    unsafe {
-        launch_backward(
-            executor,
-            problem,
-            &inputs,
-            saved,
-            coefficients,
-            grad_address,
-        )?;
+    let runs: Vec<Range<usize>> = if samples.len() == batch {
+        std::iter::once(0..shape.rows()).collect()
+    } else {
+        shard::row_runs(shape, &samples).collect()
+    };
+    for run in runs {
+        // SAFETY: the inputs as in `forward`; the statistics and coefficients hold R floats
+        // (the state matches the shape: `state.check`), the gradient B·V·D floats. All stay
+        // alive until the download.
+        unsafe {
+            launch_backward_rows(
+                executor,
+                problem,
+                &inputs,
+                saved,
+                coefficients,
+                grad_address,
+                run.start as u32..run.end as u32,
+            )?;
+        }
     }
-    // The kernel writes ∂L/∂z in the features' [B, V, D] layout.
+    // The kernel writes ∂L/∂z in the features' [B, V, D] layout: the shard's samples are one
+    // run of it.
     let mut on_host = crate::alloc::filled(backend, shape.elements(), 0.0f32)?;
     executor.download(&grad, bytemuck::cast_slice_mut(&mut on_host))?;
-    let mut grad = crate::alloc::filled(backend, shape.elements(), T::Grad::from_f32(0.0))?;
-    for (g, &x) in grad.iter_mut().zip(&on_host) {
+    let width = views * dim;
+    let rows = &on_host[samples.start * width..samples.end * width];
+    let mut grad = crate::alloc::filled(backend, rows.len(), T::Grad::from_f32(0.0))?;
+    for (g, &x) in grad.iter_mut().zip(rows) {
         *g = T::Grad::from_f32(x);
     }
     check_finite_gradient(&grad)?;
-    Ok(Array3::from_shape_vec((batch, views, dim), grad)
-        .expect("the gradient has the features' shape"))
+    Ok(Array3::from_shape_vec((samples.len(), views, dim), grad)
+        .expect("the gradient has the shard's shape"))
 }
 
 /// The features in `[B, V, D]` order (whatever the view's strides), each converted by `convert`

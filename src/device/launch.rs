@@ -225,29 +225,39 @@ pub(crate) unsafe fn launch_forward<E: KernelExecutor>(
     problem: &Problem,
     inputs: &InputAddresses,
 ) -> Result<Statistics<E::Buffer>> {
-    let per_anchor_bytes = problem.anchors() * size_of::<f32>();
-    let statistics = Statistics {
-        lse: executor.alloc(per_anchor_bytes)?,
-        lse_lo: executor.alloc(per_anchor_bytes)?,
-        scaled_positive_lse: executor.alloc(per_anchor_bytes)?,
-        scaled_positive_lse_lo: executor.alloc(per_anchor_bytes)?,
-        positive_weight: executor.alloc(per_anchor_bytes)?,
-        positive_weight_max: executor.alloc(per_anchor_bytes)?,
-        pull: executor.alloc(per_anchor_bytes)?,
-        log_share: executor.alloc(per_anchor_bytes)?,
-        anchor_loss: executor.alloc(per_anchor_bytes)?,
-        reduced_loss: executor.alloc(size_of::<f64>())?,
-        anchors_without_positives: executor.alloc(size_of::<u32>())?,
-        partials: match problem.column_splits() as usize {
-            1 => None,
-            shares => Some(executor.alloc(shares * problem.anchors() * ROW_STATISTICS_BYTES)?),
-        },
-    };
+    let statistics = Statistics::alloc(executor, problem)?;
     let at = statistics.addresses(executor);
     // SAFETY: the inputs per this function's contract; the outputs are the buffers just
     // allocated, which the caller keeps (dropping a buffer frees it only after the queued work).
     unsafe { launch_forward_at(executor, problem, inputs, &at)? };
     Ok(statistics)
+}
+
+impl<B> Statistics<B> {
+    /// Buffers for every output of the problem's forward pass (uninitialised).
+    pub(crate) fn alloc<E: KernelExecutor<Buffer = B>>(
+        executor: &mut E,
+        problem: &Problem,
+    ) -> Result<Self> {
+        let per_anchor_bytes = problem.anchors() * size_of::<f32>();
+        Ok(Statistics {
+            lse: executor.alloc(per_anchor_bytes)?,
+            lse_lo: executor.alloc(per_anchor_bytes)?,
+            scaled_positive_lse: executor.alloc(per_anchor_bytes)?,
+            scaled_positive_lse_lo: executor.alloc(per_anchor_bytes)?,
+            positive_weight: executor.alloc(per_anchor_bytes)?,
+            positive_weight_max: executor.alloc(per_anchor_bytes)?,
+            pull: executor.alloc(per_anchor_bytes)?,
+            log_share: executor.alloc(per_anchor_bytes)?,
+            anchor_loss: executor.alloc(per_anchor_bytes)?,
+            reduced_loss: executor.alloc(size_of::<f64>())?,
+            anchors_without_positives: executor.alloc(size_of::<u32>())?,
+            partials: match problem.column_splits() as usize {
+                1 => None,
+                shares => Some(executor.alloc(shares * problem.anchors() * ROW_STATISTICS_BYTES)?),
+            },
+        })
+    }
 }
 
 /// Queues the forward kernels on inputs already on the device, writing their outputs `at`.
@@ -368,6 +378,35 @@ pub(crate) fn to_host<E: KernelExecutor>(
     problem: &Problem,
     statistics: &Statistics<E::Buffer>,
 ) -> Result<ForwardOutput> {
+    let [per_anchor, lse, lse_positive, positive_weight] =
+        statistics_to_host(executor, problem, statistics)?;
+    let reduced = download_vec::<_, f64>(executor, &statistics.reduced_loss, 1)?[0];
+    // The policy and R' exactly as every other backend applies them (the count the finalize
+    // kernel writes is the number of anchors with P_i ≤ 0 that this recounts).
+    let (_, mean_denominator) = reduce(problem.loss(), &per_anchor, &positive_weight)?;
+    Ok(ForwardOutput {
+        loss: (problem.loss().reduction() != Reduction::None).then_some(reduced),
+        per_anchor: Array1::from(per_anchor),
+        state: SavedState {
+            loss: *problem.loss(),
+            shape: problem.shape(),
+            lse,
+            lse_positive,
+            positive_weight,
+            mean_denominator,
+            // The host path adds the batch's fingerprint; the device API has none to give.
+            fingerprint: None,
+        },
+    })
+}
+
+/// Per anchor ℓ_i, LSE_i, LSE^P_i and P_i on the host (synchronises), as [`SavedState`] keeps
+/// them.
+pub(crate) fn statistics_to_host<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    statistics: &Statistics<E::Buffer>,
+) -> Result<[Vec<f64>; 4]> {
     let anchors = problem.anchors();
     let lse = download_split(executor, (&statistics.lse, &statistics.lse_lo), anchors)?;
     let scaled_positive_lse = download_split(
@@ -382,29 +421,15 @@ pub(crate) fn to_host<E: KernelExecutor>(
         download_vec(executor, &statistics.positive_weight_max, anchors)?;
     let positive_weight: Vec<f32> = download_vec(executor, &statistics.positive_weight, anchors)?;
     let anchor_loss: Vec<f32> = download_vec(executor, &statistics.anchor_loss, anchors)?;
-    let reduced = download_vec::<_, f64>(executor, &statistics.reduced_loss, 1)?[0];
-    let (per_anchor, positive_weight) = (widen(&anchor_loss), widen(&positive_weight));
-    // The policy and R' exactly as every other backend applies them (the count the finalize
-    // kernel writes is the number of anchors with P_i ≤ 0 that this recounts).
-    let (_, mean_denominator) = reduce(problem.loss(), &per_anchor, &positive_weight)?;
-    Ok(ForwardOutput {
-        loss: (problem.loss().reduction() != Reduction::None).then_some(reduced),
-        per_anchor: Array1::from(per_anchor),
-        state: SavedState {
-            loss: *problem.loss(),
-            shape: problem.shape(),
-            lse,
-            lse_positive: scaled_positive_lse
-                .iter()
-                .zip(&positive_weight_max)
-                .map(|(&lse, &w)| saved_positive_lse(lse, w))
-                .collect(),
-            positive_weight,
-            mean_denominator,
-            // The host path adds the batch's fingerprint; the device API has none to give.
-            fingerprint: None,
-        },
-    })
+    let lse_positive = (scaled_positive_lse.iter().zip(&positive_weight_max))
+        .map(|(&lse, &w)| saved_positive_lse(lse, w))
+        .collect();
+    Ok([
+        widen(&anchor_loss),
+        lse,
+        lse_positive,
+        widen(&positive_weight),
+    ])
 }
 
 /// The per-anchor coefficients c·u_i/R' of the backward kernel, zeroed where ℓ_i does not
@@ -522,6 +547,8 @@ pub(crate) unsafe fn launch_coefficients_at<E: KernelExecutor>(
 /// computed from (or their exact host reconstruction); `saved` and `coefficients` must address
 /// `R` floats each of `executor`'s memory, alive until the kernel has finished; `grad` must
 /// address `B·V·D` writable `f32` that nothing else reads or writes until then.
+// The device API's (`resident`, CUDA only); the host path launches row runs.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) unsafe fn launch_backward<E: KernelExecutor>(
     executor: &mut E,
     problem: &Problem,

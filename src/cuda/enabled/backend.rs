@@ -1,5 +1,6 @@
 //! The safe layer: [`CudaBackend`] and its device API.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use cudarc::driver::result::DriverError;
@@ -27,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::inputs::{BatchShape, Positives};
 use crate::label_sets::LabelSetWeight;
 use crate::precision::Precision;
+use crate::shard::ShardStatistics;
 
 const NAME: &str = "cuda";
 
@@ -784,6 +786,46 @@ impl Backend for CudaBackend {
             positives,
             state,
             upstream,
+        )
+    }
+
+    fn forward_shard<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        samples: Range<usize>,
+    ) -> Result<ShardStatistics> {
+        host::forward_shard(
+            &mut self.executor(),
+            NAME,
+            self.precision,
+            loss,
+            features,
+            positives,
+            samples,
+        )
+    }
+
+    fn backward_shard<T: Element>(
+        &self,
+        loss: &SupConLoss,
+        features: ArrayView3<'_, T>,
+        positives: Positives<'_>,
+        state: &SavedState,
+        upstream: Upstream<'_>,
+        samples: Range<usize>,
+    ) -> Result<Array3<T::Grad>> {
+        host::backward_shard(
+            &mut self.executor(),
+            NAME,
+            self.precision,
+            loss,
+            features,
+            positives,
+            state,
+            upstream,
+            samples,
         )
     }
 }

@@ -9,7 +9,11 @@
 mod backend;
 mod checks;
 mod executor;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod raw;
 
 pub use backend::{CudaBackend, CudaFeature, DeviceForward, DevicePositives, DeviceWorkspace};
 pub use checks::{MIN_COMPUTE_CAPABILITY, MIN_DRIVER_VERSION};
+#[cfg(feature = "nccl")]
+pub use nccl::{NcclGroup, NcclId};
