@@ -1,10 +1,13 @@
 //! Prints a markdown table of the CPU backend's forward+backward time, throughput and memory
 //! for N ∈ {2048, 8192, 32768, 65536} rows (D = 128, V = 2, f32, labels of 100 classes, default
 //! loss options, which take the backend's dense fast path).
-//! `cargo run --release --example cpu_table [N ...] [--inside | --variants]`; `--inside` switches
+//! `cargo run --release --example cpu_table [N ...] [--inside] [--variants | --shards]`; `--inside` switches
 //! to summation inside (L_in), which runs the general tile loops instead. `--variants` times, at
 //! each N and one after the other, the label path beside label sets (K = 64 and 200 labels,
 //! 1–3 a sample, each weight mode) and the fused normalisation, as ratios to the label path.
+//! `--shards` times one rank's share of the sharded loss (`forward_shard` + `backward_shard` of
+//! its B/W samples, on the whole batch) for W = 1, 2, 4, 8, as a ratio to the whole
+//! forward+backward in the same run (ideally 1/W).
 //!
 //! Throughput is given two ways: against the 4·N²·D flops the backend executes (half of S in the
 //! forward, half of S again and the full H·Z in the backward; docs/math.md, "Cost model") and
@@ -125,6 +128,58 @@ fn label_sets(rng: &mut StdRng, batch: usize, labels: usize) -> ndarray::Array2<
     sets
 }
 
+/// `--shards`: rank 0's shard of W ranks against the whole pass, at each N.
+fn shards(sizes: &[usize], views: usize, dim: usize, loss: &SupConLoss) {
+    let threads = rayon::current_num_threads();
+    println!(
+        "CPU backend, one rank's shard of the sharded loss (samples 0..B/W; forward_shard + \
+         backward_shard on the whole batch, collectives left out), D = {dim}, V = {views}, f32, \
+         labels (100 classes), {threads} rayon threads; best of 3\n"
+    );
+    println!("| N | W | shard wall (s) | whole fwd+bwd wall (s) | shard / whole | 1/W |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let mut rng = StdRng::seed_from_u64(7);
+    for &n in sizes {
+        let batch = n / views;
+        let features = unit_rows(&mut rng, (batch, views, dim));
+        let labels: Vec<i64> = (0..batch).map(|_| rng.random_range(0..100)).collect();
+        let positives = Positives::labels(&labels);
+        let (whole, _, _) = measure(loss, &features, positives, 3);
+        let state = CpuBackend
+            .forward(loss, features.view(), positives)
+            .expect("forward")
+            .state;
+        for ranks in [1, 2, 4, 8] {
+            let samples = 0..batch / ranks;
+            let mut best = f64::INFINITY;
+            for _ in 0..3 {
+                let start = Instant::now();
+                let statistics = CpuBackend
+                    .forward_shard(loss, features.view(), positives, samples.clone())
+                    .expect("forward_shard");
+                let grad = CpuBackend
+                    .backward_shard(
+                        loss,
+                        features.view(),
+                        positives,
+                        &state,
+                        Upstream::Scalar(1.0),
+                        samples.clone(),
+                    )
+                    .expect("backward_shard");
+                best = best.min(start.elapsed().as_secs_f64());
+                assert!(statistics.per_anchor().iter().all(|l| l.is_finite()));
+                assert!(grad.iter().all(|g| g.is_finite()));
+            }
+            println!(
+                "| {n} | {ranks} | {best:.3} | {whole:.3} | {:.3} | {:.3} |",
+                best / whole,
+                1.0 / ranks as f64
+            );
+        }
+    }
+}
+
 /// `--variants`: the label path beside label sets and normalisation, at each N.
 fn variants(sizes: &[usize], views: usize, dim: usize) {
     let threads = rayon::current_num_threads();
@@ -240,6 +295,9 @@ fn main() {
     } else {
         SupConLoss::default()
     };
+    if std::env::args().any(|a| a == "--shards") {
+        return shards(&sizes, views, dim, &loss);
+    }
     println!(
         "CPU backend, forward+backward, D = {dim}, V = {views}, f32, labels (100 classes), {}, \
          {} rayon threads\n",

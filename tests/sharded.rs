@@ -758,3 +758,88 @@ fn kernel_shards_are_bitwise_the_whole_pass() {
         }
     }
 }
+
+/// Ranks that disagree, or one rank's bad inputs, make every rank return an error (none waits
+/// forever in a collective).
+#[test]
+fn ranks_that_disagree_all_fail() {
+    let mut rng = rng("ranks_that_disagree_all_fail");
+    let loss = SupConLoss::default();
+    let z = [
+        unit_features(&mut rng, (5, 2, 6)),
+        unit_features(&mut rng, (4, 2, 7)),
+    ];
+    let y = Array1::from(vec![0i64, 1, 0, 1, 1]);
+    // Other dims; then rank 1's labels of the wrong length.
+    for (dims, labels_of_rank_1) in [((6, 7), 4), ((6, 6), 3)] {
+        let z1 = if dims.1 == 7 {
+            z[1].clone()
+        } else {
+            unit_features(&mut rng, (4, 2, 6))
+        };
+        let inputs = [
+            (z[0].clone(), y.clone()),
+            (z1, y.slice(s![..labels_of_rank_1]).to_owned()),
+        ];
+        let results: Vec<_> = thread::scope(|scope| {
+            let handles: Vec<_> = InProcessGroup::new(2)
+                .into_iter()
+                .zip(&inputs)
+                .map(|(group, (features, labels))| {
+                    scope.spawn(move || {
+                        ShardedSupCon::new(loss, CpuBackend, group)
+                            .forward(features.view(), Positives::Labels(labels.view()))
+                            .map(|_| ())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(
+            matches!(results[0], Err(Error::Collective { .. })),
+            "{:?}",
+            results[0]
+        );
+        if labels_of_rank_1 == 3 {
+            assert_eq!(
+                results[1],
+                Err(Error::LabelsLength {
+                    expected: 4,
+                    got: 3
+                })
+            );
+        } else {
+            assert!(
+                matches!(results[1], Err(Error::Collective { .. })),
+                "{:?}",
+                results[1]
+            );
+        }
+    }
+    // A NaN upstream gradient on rank 1.
+    let results: Vec<_> = thread::scope(|scope| {
+        let handles: Vec<_> = InProcessGroup::new(2)
+            .into_iter()
+            .enumerate()
+            .map(|(rank, group)| {
+                let (features, labels) = (&z[0], &y);
+                scope.spawn(move || {
+                    let sharded = ShardedSupCon::new(loss, CpuBackend, group);
+                    let step =
+                        sharded.forward(features.view(), Positives::Labels(labels.view()))?;
+                    let upstream = if rank == 1 { f64::NAN } else { 1.0 };
+                    sharded
+                        .backward(&step, Upstream::Scalar(upstream))
+                        .map(|_| ())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        matches!(results[0], Err(Error::Collective { .. })),
+        "{:?}",
+        results[0]
+    );
+    assert_eq!(results[1], Err(Error::NonFiniteUpstream));
+}

@@ -96,8 +96,13 @@ pub fn all_gather<T: bytemuck::Pod, C: Collectives + ?Sized>(
 }
 
 /// What every rank must agree on: the kind of positives (and a label set weight), V, D and K
-/// (the label sets' classes, or the mask's columns).
-fn header(features: &ArrayView3<'_, impl Element>, positives: &Positives<'_>) -> [u64; 6] {
+/// (the label sets' classes, or the mask's columns); after B_r, and before whether the rank's
+/// own inputs are valid (1) or not (0).
+fn header(
+    features: &ArrayView3<'_, impl Element>,
+    positives: &Positives<'_>,
+    valid: bool,
+) -> [u64; 6] {
     let (batch, views, dim) = features.dim();
     let (kind, width) = match positives {
         Positives::SimClr => (0, 0),
@@ -111,7 +116,7 @@ fn header(features: &ArrayView3<'_, impl Element>, positives: &Positives<'_>) ->
         dim as u64,
         kind,
         width as u64,
-        0,
+        u64::from(valid),
     ]
 }
 
@@ -187,14 +192,20 @@ impl<B: Backend, C: Collectives> ShardedSupCon<B, C> {
         features: ArrayView3<'_, T>,
         positives: Positives<'_>,
     ) -> Result<ShardedForward<T>> {
-        let (local, views, dim) = features.dim();
-        check_local(local, &positives)?;
-        let headers = all_gather(&self.group, &header(&features, &positives))?;
-        let mine = header(&features, &positives);
-        if headers
-            .iter()
-            .any(|h| h.len() != 6 || h[1..5] != mine[1..5])
-        {
+        let (_, views, dim) = features.dim();
+        // Every rank learns of every other's bad inputs before the next collective, so that all
+        // return an error instead of some waiting forever.
+        let local = check_local(features.dim().0, &positives);
+        let mine = header(&features, &positives, local.is_ok());
+        let headers = all_gather(&self.group, &mine)?;
+        local?;
+        if let Some(rank) = headers.iter().position(|h| h.len() != 6 || h[5] != 1) {
+            return Err(Error::Collective {
+                operation: "forward",
+                reason: format!("rank {rank}'s inputs are invalid"),
+            });
+        }
+        if headers.iter().any(|h| h[1..5] != mine[1..5]) {
             return Err(Error::Collective {
                 operation: "forward",
                 reason: "the ranks' views, dim or positives differ".into(),
@@ -278,24 +289,34 @@ impl<B: Backend, C: Collectives> ShardedSupCon<B, C> {
         let state = &forward.output.state;
         let (loss, samples) = (&self.loss, forward.samples());
         let local_anchors = anchor_rows(loss, state.shape, samples).count();
-        crate::backend::check_upstream(loss.reduction(), local_anchors, upstream)?;
+        // As in `forward`: every rank learns whether every other's upstream is valid before it
+        // uses the values.
+        let check = crate::backend::check_upstream(loss.reduction(), local_anchors, upstream);
+        let valid = f64::from(u8::from(check.is_ok()));
         let global_upstream = match upstream {
             Upstream::Scalar(u) => {
-                let mut total = [u];
+                let mut total = [if check.is_ok() { u } else { 0.0 }, valid];
                 self.group.all_reduce_sum(&mut total)?;
+                check?;
+                if total[1] != self.group.world() as f64 {
+                    return Err(invalid_upstream());
+                }
                 GlobalUpstream::Scalar(total[0])
             }
             Upstream::PerAnchor(u) => {
-                let gathered = all_gather(&self.group, &u.to_vec())?;
+                let mut payload = u.to_vec();
+                payload.push(valid);
+                let gathered = all_gather(&self.group, &payload)?;
+                check?;
                 let mut values = vec![0.0; state.shape.anchors(loss.contrast_mode())];
-                for (shard, values_of_rank) in forward.shards.iter().zip(gathered) {
+                for (shard, payload_of_rank) in forward.shards.iter().zip(gathered) {
                     let rows: Vec<usize> = anchor_rows(loss, state.shape, shard).collect();
-                    if rows.len() != values_of_rank.len() {
-                        return Err(collective_error(
-                            "a rank's upstream gradient has the wrong length",
-                        ));
+                    let (flag, values_of_rank) =
+                        payload_of_rank.split_last().unwrap_or((&0.0, &[]));
+                    if *flag != 1.0 || rows.len() != values_of_rank.len() {
+                        return Err(invalid_upstream());
                     }
-                    for (i, value) in rows.into_iter().zip(values_of_rank) {
+                    for (i, &value) in rows.into_iter().zip(values_of_rank) {
                         values[i] = value;
                     }
                 }
@@ -356,6 +377,13 @@ impl<B: Backend, C: Collectives> ShardedSupCon<B, C> {
 enum GlobalUpstream {
     Scalar(f64),
     PerAnchor(Array1<f64>),
+}
+
+fn invalid_upstream() -> Error {
+    Error::Collective {
+        operation: "backward",
+        reason: "another rank's upstream gradient is invalid".into(),
+    }
 }
 
 fn collective_error(reason: &str) -> Error {
