@@ -10,12 +10,13 @@
 //! memory runs out.
 
 use half::{bf16, f16};
-use ndarray::{ArrayView1, ArrayView2, ArrayView3};
+use ndarray::{Array3, ArrayView1, ArrayView2, ArrayView3};
 use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use supcon::{
-    AnyBackend, Backend, BatchShape, ContrastMode, Denominator, Element, Error, LabelSetWeight,
-    NoPositivePolicy, Positives, Reduction, SavedState, Summation, SupConLoss, Upstream,
+    AnyBackend, Backend, BatchShape, ContrastMode, Denominator, Element, Error, ForwardOutput,
+    LabelSetWeight, NoPositivePolicy, Positives, Reduction, SavedState, ShardStatistics, Summation,
+    SupConLoss, Upstream,
 };
 
 pyo3::create_exception!(
@@ -347,6 +348,70 @@ enum UpstreamArg {
     PerAnchor(Array),
 }
 
+impl UpstreamArg {
+    /// # Safety
+    /// The array's promise ([`Array`]).
+    unsafe fn view(&self) -> PyResult<Upstream<'_>> {
+        Ok(match self {
+            UpstreamArg::Scalar(u) => Upstream::Scalar(*u),
+            // SAFETY: the array's promise.
+            UpstreamArg::PerAnchor(array) => {
+                Upstream::PerAnchor(ArrayView1::from(unsafe { array.slice::<f64>("float64")? }))
+            }
+        })
+    }
+}
+
+/// The saved state from the Python side's arrays: LSE_i, LSE^P_i and P_i (`float64[R]` each),
+/// R' and the fingerprint.
+///
+/// # Safety
+/// The arrays' promise ([`Array`]).
+unsafe fn saved_state(
+    loss: SupConLoss,
+    shape: BatchShape,
+    state: &[Array; 3],
+    mean_denominator: f64,
+    fingerprint: Option<u64>,
+) -> PyResult<SavedState> {
+    // SAFETY: the arrays' promise.
+    let [lse, lse_positive, positive_weight] = state
+        .each_ref()
+        .map(|array| unsafe { array.slice::<f64>("float64") }.map(<[f64]>::to_vec));
+    SavedState::from_parts(
+        loss,
+        shape,
+        [lse?, lse_positive?, positive_weight?],
+        mean_denominator,
+        fingerprint,
+    )
+    .map_err(to_py)
+}
+
+/// Copies a gradient into `grad`: float64 for float64 features, float32 otherwise.
+///
+/// # Safety
+/// The array's promise ([`Array`]), and nothing else reads or writes it during the call.
+unsafe fn write_gradient<T: Element>(grad: &Array, values: &Array3<T::Grad>) -> PyResult<()> {
+    let dtype = if T::DTYPE == supcon::DType::F64 {
+        "float64"
+    } else {
+        "float32"
+    };
+    let values = values.as_slice().expect("a fresh array");
+    // SAFETY: per this function's contract.
+    let target = unsafe { grad.slice_mut::<T::Grad>(dtype)? };
+    if target.len() != values.len() {
+        return Err(PyValueError::new_err(format!(
+            "the gradient array holds {} values, the gradient {}",
+            target.len(),
+            values.len()
+        )));
+    }
+    target.copy_from_slice(values);
+    Ok(())
+}
+
 /// The backward pass on CPU arrays, from the state of [`forward`]: writes ∂(objective)/∂z into
 /// `grad` (`[B, V, D]`, float64 for float64 features, float32 otherwise).
 #[pyfunction]
@@ -369,35 +434,167 @@ fn backward(
     let batch_shape = BatchShape::new(shape.0, shape.1, shape.2).map_err(to_py)?;
     let dtype = features.1.clone();
     with_dtype!(dtype.as_str(), T => {
-        // SAFETY: the arrays' promise ([`Array`]).
+        // SAFETY: the arrays' promise ([`Array`]); `grad` is not read by Python during the
+        // call (it waits for it).
         unsafe {
             let z = features_view::<T>(&features, &dtype, shape)?;
             let positives = positives.view(shape.0)?;
-            let [lse, lse_positive, positive_weight] = [&state[0], &state[1], &state[2]]
-                .map(|array| array.slice::<f64>("float64").map(<[f64]>::to_vec));
-            let saved = SavedState::from_parts(
-                loss,
-                batch_shape,
-                [lse?, lse_positive?, positive_weight?],
-                mean_denominator,
-                fingerprint,
-            )
-            .map_err(to_py)?;
-            let upstream_values;
-            let upstream = match &upstream {
-                UpstreamArg::Scalar(u) => Upstream::Scalar(*u),
-                UpstreamArg::PerAnchor(array) => {
-                    upstream_values = array.slice::<f64>("float64")?;
-                    Upstream::PerAnchor(ArrayView1::from(upstream_values))
-                }
-            };
+            let saved = saved_state(loss, batch_shape, &state, mean_denominator, fingerprint)?;
+            let upstream = upstream.view()?;
             let result = py
                 .detach(|| backend.backward(&loss, z, positives, &saved, upstream))
                 .map_err(to_py)?;
-            let values = result.as_slice().expect("a fresh array");
-            let grad_dtype = if <T as Element>::DTYPE == supcon::DType::F64 { "float64" } else { "float32" };
-            grad.slice_mut::<<T as Element>::Grad>(grad_dtype)?.copy_from_slice(values);
+            write_gradient::<T>(&grad, &result)
+        }
+    })
+}
+
+/// The statistics of one shard's anchors (the anchors of samples `b0..b1`) against every row
+/// of the whole batch `features` `[B, V, D]`: writes ℓ_i, LSE_i, LSE^P_i and P_i
+/// (`float64[A]` each, A the shard's anchors) into `outputs`, in shard order (for each anchor
+/// view v, the shard's samples in order). Nothing is reduced: [`assemble`] applies the
+/// no-positive policy and the reduction to the whole batch.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn forward_shard(
+    py: Python<'_>,
+    backend: &str,
+    options: Options,
+    features: Array,
+    shape: (usize, usize, usize),
+    positives: PositivesArg,
+    samples: (usize, usize),
+    outputs: [Array; 4],
+) -> PyResult<()> {
+    let loss = options.loss()?;
+    let backend = host_backend(backend)?;
+    let dtype = features.1.clone();
+    with_dtype!(dtype.as_str(), T => {
+        // SAFETY: the arrays' promise ([`Array`]); the outputs are not read by Python during
+        // the call (it waits for it).
+        unsafe {
+            let z = features_view::<T>(&features, &dtype, shape)?;
+            let positives = positives.view(shape.0)?;
+            let shard = py
+                .detach(|| backend.forward_shard(&loss, z, positives, samples.0..samples.1))
+                .map_err(to_py)?;
+            let values = [
+                shard.per_anchor(),
+                shard.lse(),
+                shard.lse_positive(),
+                shard.positive_weight(),
+            ];
+            for (array, values) in outputs.iter().zip(values) {
+                copy_into(array, values)?;
+            }
             Ok(())
+        }
+    })
+}
+
+/// Copies `values` into the `float64` array `array`, which must hold as many.
+///
+/// # Safety
+/// The array's promise ([`Array`]), and nothing else reads or writes it during the call.
+unsafe fn copy_into(array: &Array, values: &[f64]) -> PyResult<()> {
+    // SAFETY: per this function's contract.
+    let target = unsafe { array.slice_mut::<f64>("float64")? };
+    if target.len() != values.len() {
+        return Err(PyValueError::new_err(format!(
+            "an output array holds {} values, the result {}",
+            target.len(),
+            values.len()
+        )));
+    }
+    target.copy_from_slice(values);
+    Ok(())
+}
+
+/// The whole batch's forward output from the statistics of disjoint shards, each
+/// `(b0, b1, [ℓ, LSE, LSE^P, P])` as [`forward_shard`] wrote them: writes ℓ_i of all R anchors
+/// into `per_anchor` (0 for anchors no shard covers) and LSE_i, LSE^P_i, P_i of all R anchors
+/// into `state` (`float64[R]` each); returns the loss reduced over the covered anchors (`None`
+/// for reduction none) and R'. Samples no shard covers are contrasts only: not anchors, and
+/// without gradient terms.
+#[pyfunction]
+fn assemble(
+    options: Options,
+    shape: (usize, usize, usize),
+    shards: Vec<(usize, usize, [Array; 4])>,
+    per_anchor: Array,
+    state: [Array; 3],
+) -> PyResult<(Option<f64>, f64)> {
+    let loss = options.loss()?;
+    let batch_shape = BatchShape::new(shape.0, shape.1, shape.2).map_err(to_py)?;
+    let statistics = shards
+        .iter()
+        .map(|(b0, b1, parts)| {
+            // SAFETY: the arrays' promise ([`Array`]).
+            let parts = parts
+                .each_ref()
+                .map(|array| unsafe { array.slice::<f64>("float64") }.map(<[f64]>::to_vec));
+            let [per_anchor, lse, lse_positive, positive_weight] = parts;
+            ShardStatistics::from_parts(
+                &loss,
+                batch_shape,
+                *b0..*b1,
+                [per_anchor?, lse?, lse_positive?, positive_weight?],
+            )
+            .map_err(to_py)
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let output = ForwardOutput::from_shards(&loss, batch_shape, &statistics).map_err(to_py)?;
+    let s = &output.state;
+    // SAFETY: the arrays' promise ([`Array`]); the outputs are not read by Python during the
+    // call (it waits for it).
+    unsafe {
+        copy_into(&per_anchor, output.per_anchor.as_slice().expect("a vector"))?;
+        for (array, values) in state
+            .iter()
+            .zip([s.lse(), s.lse_positive(), s.positive_weight()])
+        {
+            copy_into(array, values)?;
+        }
+    }
+    Ok((output.loss, s.mean_denominator()))
+}
+
+/// The gradient of one shard's rows (the views of samples `b0..b1`) from the *whole batch's*
+/// state (of [`assemble`]; no fingerprint): writes ∂(objective)/∂z of those rows into `grad`
+/// (`[b1 − b0, V, D]`, float64 for float64 features, float32 otherwise). A per-anchor upstream
+/// is `float64[R]` over every anchor of the whole batch.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn backward_shard(
+    py: Python<'_>,
+    backend: &str,
+    options: Options,
+    features: Array,
+    shape: (usize, usize, usize),
+    positives: PositivesArg,
+    state: [Array; 3],
+    mean_denominator: f64,
+    upstream: UpstreamArg,
+    samples: (usize, usize),
+    grad: Array,
+) -> PyResult<()> {
+    let loss = options.loss()?;
+    let backend = host_backend(backend)?;
+    let batch_shape = BatchShape::new(shape.0, shape.1, shape.2).map_err(to_py)?;
+    let dtype = features.1.clone();
+    with_dtype!(dtype.as_str(), T => {
+        // SAFETY: the arrays' promise ([`Array`]); `grad` is not read by Python during the
+        // call (it waits for it).
+        unsafe {
+            let z = features_view::<T>(&features, &dtype, shape)?;
+            let positives = positives.view(shape.0)?;
+            let saved = saved_state(loss, batch_shape, &state, mean_denominator, None)?;
+            let upstream = upstream.view()?;
+            let samples = samples.0..samples.1;
+            let result = py
+                .detach(|| backend.backward_shard(&loss, z, positives, &saved, upstream, samples))
+                .map_err(to_py)?;
+            write_gradient::<T>(&grad, &result)
         }
     })
 }
@@ -723,6 +920,9 @@ mod cuda {
 fn _supcon(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(forward, module)?)?;
     module.add_function(wrap_pyfunction!(backward, module)?)?;
+    module.add_function(wrap_pyfunction!(forward_shard, module)?)?;
+    module.add_function(wrap_pyfunction!(assemble, module)?)?;
+    module.add_function(wrap_pyfunction!(backward_shard, module)?)?;
     #[cfg(feature = "cuda")]
     {
         module.add_function(wrap_pyfunction!(cuda::cuda_workspace, module)?)?;

@@ -2,7 +2,8 @@
 
 - :func:`loss_and_grad`: the loss and its gradient for NumPy arrays.
 - :mod:`supcon.torch`: ``SupConLoss``, a drop-in ``torch.nn.Module`` with autograd, for CPU
-  and CUDA tensors (``import supcon.torch``; PyTorch is optional).
+  and CUDA tensors (``import supcon.torch``; PyTorch is optional); also sharded over the ranks
+  of a ``torch.distributed`` group, or against a ``MemoryBank`` of past embeddings.
 
 Errors: ``ValueError`` for bad inputs or options, ``RuntimeError`` for a device that cannot run,
 :class:`OutOfMemoryError` (a ``MemoryError``) when memory runs out.

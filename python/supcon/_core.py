@@ -126,3 +126,37 @@ def backward(
         upstream,
         grad,
     )
+
+
+def forward_shard(backend, options, features, shape, positives, samples, outputs):
+    """`_supcon.forward_shard` (see its docs): the statistics of the anchors of ``samples``
+    ``(b0, b1)`` against the whole batch, into ``outputs`` (four ``float64`` arrays)."""
+    _supcon.forward_shard(
+        backend, options.as_tuple(), features, shape, positives, samples, outputs
+    )
+
+
+def assemble(options, shape, shards, per_anchor, state):
+    """`_supcon.assemble` (see its docs): the whole batch's loss and R' from the statistics of
+    disjoint shards, each ``(b0, b1, [ℓ, LSE, LSE^P, P])``."""
+    return _supcon.assemble(options.as_tuple(), shape, shards, per_anchor, state)
+
+
+def backward_shard(
+    backend, options, features, shape, positives, state, mean_denominator, upstream, samples,
+    grad,
+):
+    """`_supcon.backward_shard` (see its docs): the gradient of the rows of ``samples``
+    ``(b0, b1)`` from the whole batch's state."""
+    _supcon.backward_shard(
+        backend,
+        options.as_tuple(),
+        features,
+        shape,
+        positives,
+        state,
+        mean_denominator,
+        upstream,
+        samples,
+        grad,
+    )

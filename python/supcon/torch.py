@@ -13,17 +13,38 @@ without a graph break.
   (label sets, a positives cap and ``normalize`` included: they are prepared on the device).
   What the kernels lack on device tensors (float64) runs on a host copy under
   ``backend="auto"``.
+
+Two losses go beyond one batch on one process. Both are built on the crate's shards
+(``src/shard.rs``): the statistics of a run of samples' anchors against every row of a batch
+(``forward_shard``), assembled into the whole batch's output (``assemble``), and the gradient of
+that run's rows from the whole batch's state (``backward_shard``).
+
+- The sharded loss (``distributed=True``, or ``process_group=``): every rank of a
+  ``torch.distributed`` group passes its own samples; its samples are its shard of the ranks'
+  samples concatenated in rank order, and the result is exactly one process's on that batch
+  (docs/scaling.md, "The sharded step"). Host tensors, on any backend that takes them (gloo);
+  CUDA tensors raise NotImplementedError until the sharded CUDA path is built.
+- :class:`MemoryBank`: past embeddings as extra contrasts. The batch's samples are the one shard
+  of the batch followed by the bank, so the bank's samples are contrasts only (CUDA tensors
+  run on a host copy).
+
+They run as a ``torch.autograd.Function`` rather than through the custom operators: collectives
+and a bank's contents cannot live inside a ``torch.library`` operator's pure function, so
+``torch.compile`` breaks its graph there. The host backend is chosen as on the host path
+(float64 features: the reference backend, else the fused CPU backend).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from . import _core, _supcon
 
-__all__ = ["SupConLoss", "supcon_loss"]
+__all__ = ["MemoryBank", "SupConLoss", "supcon_loss"]
 
 _DTYPES = {
     torch.float32: "float32",
@@ -44,8 +65,10 @@ def _options(temperature, base_temperature, contrast_mode, summation, denominato
 
 
 def _as_batch(features: torch.Tensor) -> torch.Tensor:
-    """[bsz, n_views, ...] as a contiguous [B, V, D] tensor (a view where it already is one)."""
-    return features.reshape(features.shape[0], features.shape[1], -1).contiguous()
+    """[bsz, n_views, ...] as a contiguous [B, V, D] tensor (a view where it already is one).
+    D is spelled out: a -1 would be ambiguous for a rank of the sharded loss without samples."""
+    dim = math.prod(features.shape[2:])
+    return features.reshape(features.shape[0], features.shape[1], dim).contiguous()
 
 
 def _address(tensor: torch.Tensor, dtype: str):
@@ -68,19 +91,36 @@ def _memberships(label_sets: torch.Tensor) -> torch.Tensor:
     return label_sets.contiguous()
 
 
+def _positive_rows(labels: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                   label_sets: Optional[torch.Tensor]):
+    """The positives' kind and their one tensor with a row per sample, contiguous: labels
+    (``int64``), the mask's rows (``float32``) or label sets (``bool``); ``None`` for SimCLR.
+    Rows are what the shard path gathers and appends."""
+    if label_sets is not None:
+        return "label_sets", _memberships(label_sets)
+    if labels is not None:
+        return "labels", labels.reshape(-1).to(torch.int64).contiguous()
+    if mask is not None:
+        return "mask", mask.to(torch.float32).contiguous()
+    return "simclr", None
+
+
+_ROW_DTYPES = {"labels": "int64", "mask": "float32", "label_sets": "bool"}
+
+
+def _as_positives(kind: str, rows: Optional[torch.Tensor], label_set_weight: str):
+    """``_positive_rows``'s result as the extension takes it."""
+    if rows is None:
+        return ("simclr", None, None)
+    weight = label_set_weight if kind == "label_sets" else None
+    return (kind, _address(rows, _ROW_DTYPES[kind]), weight)
+
+
 def _positives(labels: Optional[torch.Tensor], mask: Optional[torch.Tensor],
                label_sets: Optional[torch.Tensor], label_set_weight: str):
     """The positives as the extension takes them, and the tensors that must stay alive."""
-    if label_sets is not None:
-        sets = _memberships(label_sets)
-        return ("label_sets", _address(sets, "bool"), label_set_weight), sets
-    if labels is not None:
-        labels = labels.reshape(-1).to(torch.int64).contiguous()
-        return ("labels", _address(labels, "int64"), None), labels
-    if mask is not None:
-        mask = mask.to(torch.float32).contiguous()
-        return ("mask", _address(mask, "float32"), None), mask
-    return ("simclr", None, None), None
+    kind, rows = _positive_rows(labels, mask, label_sets)
+    return _as_positives(kind, rows, label_set_weight), rows
 
 
 def _prepare(options, features, labels, mask, label_sets):
@@ -401,29 +441,13 @@ torch.library.register_autograd(
 )
 
 
-def supcon_loss(
-    features: torch.Tensor,
-    labels: Optional[torch.Tensor] = None,
-    mask: Optional[torch.Tensor] = None,
-    *,
-    temperature: float = 0.07,
-    contrast_mode: str = "all",
-    base_temperature: float = 0.07,
-    summation: str = "outside",
-    denominator: str = "all",
-    positives_cap: Optional[int] = None,
-    no_positive: str = "zero_and_count",
-    reduction: str = "mean",
-    label_set_weight: str = "any",
-    normalize: bool = False,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """The SupCon loss of ``features`` ``[bsz, n_views, ...]``; see :class:`SupConLoss` for
-    the arguments (``labels`` as class labels or, 2-D, as label sets) and options."""
-    options = _core.Options(temperature, base_temperature, contrast_mode, summation,
-                            denominator, positives_cap, no_positive, reduction,
-                            label_set_weight, normalize)
-    _core.check_backend(backend)
+def _checked_inputs(features: torch.Tensor, labels: Optional[torch.Tensor],
+                    mask: Optional[torch.Tensor], sharded: bool):
+    """A call's checked inputs: ``(labels, mask, label_sets)``, at most one of them given, on
+    the features' device (label sets told apart from class labels). Under the sharded loss
+    (``sharded``) the features may hold no samples, and the mask holds the rank's rows of the
+    whole batch's mask, ``[B_r, B]``: its columns are checked once the ranks' sizes are
+    known."""
     if features.dim() < 3:
         raise ValueError(
             "`features` needs to be [bsz, n_views, ...], at least 3 dimensions are required"
@@ -432,7 +456,8 @@ def supcon_loss(
         raise ValueError(
             f"features must be float32, float16, bfloat16 or float64, got {features.dtype}"
         )
-    if features.numel() == 0:
+    empty = 0 in features.shape[1:] if sharded else features.numel() == 0
+    if empty:
         raise ValueError(f"features have an empty dimension: shape {list(features.shape)}")
     batch = features.shape[0]
     if labels is not None and mask is not None:
@@ -454,9 +479,300 @@ def supcon_loss(
                 raise ValueError("Num of labels does not match num of features")
             labels = labels.to(features.device)
     if mask is not None:
-        if tuple(mask.shape) != (batch, batch):
+        if sharded:
+            if mask.dim() != 2 or mask.shape[0] != batch:
+                raise ValueError(
+                    f"a rank's mask must be [{batch}, B], its samples' rows of the whole "
+                    f"batch's mask, got {list(mask.shape)}"
+                )
+        elif tuple(mask.shape) != (batch, batch):
             raise ValueError(f"mask must be [{batch}, {batch}], got {list(mask.shape)}")
         mask = mask.detach().to(features.device)
+    return labels, mask, label_sets
+
+
+def _shard_backend(backend: str, dtype: torch.dtype) -> str:
+    """The host backend of the shard path (the sharded loss, the memory bank): the host path's
+    choice. The CUDA kernels do not run shards from Python yet."""
+    if backend == "cuda":
+        raise NotImplementedError(
+            "backend='cuda' runs the single-process loss only: the sharded loss and the memory "
+            "bank run the host backends (the sharded CUDA path is not yet built)"
+        )
+    return _core.host_backend(backend, _DTYPES.get(dtype, "float32"))
+
+
+def _all_gather(tensor: torch.Tensor, group) -> List[torch.Tensor]:
+    """Every rank's ``tensor`` (the same shape and dtype on every rank), in rank order."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor, group=group)
+    return parts
+
+
+def _gather_rows(tensor: torch.Tensor, sizes: List[int], group) -> torch.Tensor:
+    """Every rank's ``tensor`` (``sizes[rank]`` rows; the same trailing shape and dtype on every
+    rank) concatenated in rank order. The rows travel as bytes, padded to the largest rank's
+    count: one all-gather of equal shapes carries ragged sizes and any dtype (bool and bfloat16
+    included, which not every backend reduces or gathers)."""
+    width = math.prod(tensor.shape[1:])
+    shape = (sum(sizes), *tensor.shape[1:])
+    if width == 0:
+        return tensor.new_empty(shape)
+    # Flattened first: a [n, 1] tensor may count as contiguous with a stride other than 1.
+    data = tensor.contiguous().reshape(-1).view(torch.uint8)
+    data = data.reshape(tensor.shape[0], width * tensor.element_size())
+    padded = data.new_zeros((max(sizes), data.shape[1]))
+    padded[: data.shape[0]] = data
+    parts = _all_gather(padded, group)
+    gathered = torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    return gathered.view(tensor.dtype).reshape(shape)
+
+
+_KINDS = ("simclr", "labels", "mask", "label_sets")
+
+
+def _agree(group, features: torch.Tensor, kind: str, rows: Optional[torch.Tensor],
+           problem: Optional[ValueError]) -> List[int]:
+    """Every rank's number of samples, once the ranks have checked that they agree: one
+    all-gather of a header per rank (whether its inputs are valid, B_r, V, D, the kind of
+    positives, their width (the mask's columns, the label sets' classes) and the dtype).
+    Every rank sees every header, so where one rank's inputs are wrong or the ranks disagree,
+    all of them raise a ValueError, rather than some waiting in a later collective."""
+    if problem is None:
+        width = 0 if rows is None or kind == "labels" else rows.shape[1]
+        header = [1, features.shape[0], features.shape[1], math.prod(features.shape[2:]),
+                  _KINDS.index(kind), width, list(_DTYPES).index(features.dtype)]
+    else:
+        header = [0] * 7
+    headers = [part.tolist() for part in _all_gather(torch.tensor(header), group)]
+    if problem is not None:
+        raise problem
+    failed = [rank for rank, other in enumerate(headers) if not other[0]]
+    if failed:
+        raise ValueError(
+            f"the sharded loss's inputs are invalid on rank(s) {failed} (each raises its error)"
+        )
+    if any(other[2:] != header[2:] for other in headers):
+        described = "; ".join(
+            f"rank {rank}: V={other[2]}, D={other[3]}, {_KINDS[other[4]]} of width "
+            f"{other[5]}, {list(_DTYPES)[other[6]]}" for rank, other in enumerate(headers)
+        )
+        raise ValueError(
+            f"the ranks' features and positives must agree in views, dim, kind of positives, "
+            f"their width and dtype: {described}"
+        )
+    sizes = [other[1] for other in headers]
+    batch = sum(sizes)
+    if batch == 0:
+        raise ValueError("no rank has samples: the whole batch is empty")
+    if kind == "mask" and header[5] != batch:
+        raise ValueError(
+            f"each rank's mask must be [B_r, {batch}], its rows of the whole batch's mask, "
+            f"got {header[5]} columns"
+        )
+    return sizes
+
+
+class _Group:
+    """The sharded loss's exchange over a process group: each rank's samples are its shard of
+    the ranks' samples concatenated in rank order."""
+
+    def __init__(self, group, sizes: List[int]) -> None:
+        self.group, self.sizes = group, sizes
+        starts = [sum(sizes[:rank]) for rank in range(len(sizes))]
+        self.shards = [(start, start + size) for start, size in zip(starts, sizes)]
+        self.samples = self.shards[dist.get_rank(group)]
+
+    def batch(self, z: torch.Tensor, rows: Optional[torch.Tensor]):
+        """The whole batch: every rank's features and positives' rows, gathered."""
+        gathered = None if rows is None else _gather_rows(rows, self.sizes, self.group)
+        return _gather_rows(z, self.sizes, self.group), gathered
+
+    def gather(self, values: torch.Tensor):
+        """Every shard's ``values`` (one row per sample of the shard) as ``(b0, b1, rows)``,
+        for each shard that has samples."""
+        gathered = _gather_rows(values, self.sizes, self.group)
+        return [(b0, b1, gathered[b0:b1]) for b0, b1 in self.shards if b1 > b0]
+
+    def sum(self, value: float) -> float:
+        """The sum of every rank's ``value``."""
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total, group=self.group)
+        return float(total)
+
+
+class _Appended:
+    """The memory bank's exchange: the bank's samples (``features``, ``rows`` of positives:
+    lists of parts, oldest first) follow the batch's, which are the one shard."""
+
+    def __init__(self, batch: int, features: List[torch.Tensor],
+                 rows: List[torch.Tensor]) -> None:
+        self.features, self.rows = features, rows
+        self.samples = (0, batch)
+
+    def batch(self, z: torch.Tensor, rows: Optional[torch.Tensor]):
+        """The batch followed by the bank, on the host, in the batch's dtypes."""
+        bank = [part.to("cpu", z.dtype) for part in self.features]
+        if rows is not None:
+            rows = torch.cat([rows, *(part.to("cpu", rows.dtype) for part in self.rows)])
+        return torch.cat([z, *bank]), rows
+
+    def gather(self, values: torch.Tensor):
+        """The one shard's ``values``, as ``_Group.gather`` gives them."""
+        return [(0, values.shape[0], values)]
+
+    def sum(self, value: float) -> float:
+        """The one shard's ``value``: its upstream gradient is the whole batch's."""
+        return value
+
+
+class _ShardedLoss(torch.autograd.Function):
+    """The loss of one shard of a whole batch that ``exchange`` puts together (a process
+    group's samples, or a batch and a memory bank): ``forward_shard`` for the shard's samples
+    against the whole batch, the shards' statistics assembled (every shard gets the whole
+    batch's loss), and in the backward the shard's rows of the gradient from the whole batch's
+    state. It keeps the whole batch's features and positives (O(N·D)) and the O(N) state."""
+
+    @staticmethod
+    def forward(ctx, features, kind, rows, options, backend, exchange):
+        """``kind`` and ``rows``: the positives of ``features``' samples (``_positive_rows``)."""
+        z, rows = exchange.batch(_as_batch(_host(features)), _host(rows))
+        shape = tuple(z.shape)
+        views = options.anchors(1, shape[1])  # anchor views: V under "all", 1 under "one"
+        b0, b1 = exchange.samples
+        dtype = _DTYPES[z.dtype]
+        positives = _as_positives(kind, rows, options.label_set_weight)
+        # ℓ, LSE, LSE^P and P of the shard's anchors, in shard order: [views, b1 - b0] each.
+        own = torch.empty(4, views, b1 - b0, dtype=torch.float64)
+        if b1 > b0:
+            _core.forward_shard(backend, options, _address(z, dtype), shape, positives,
+                                (b0, b1), [_f64(part) for part in own])
+        shards = [(s0, s1, values.permute(1, 2, 0).contiguous())
+                  for s0, s1, values in exchange.gather(own.permute(2, 0, 1))]
+        per_anchor = torch.empty(views * shape[0], dtype=torch.float64)
+        state = torch.empty(3, views * shape[0], dtype=torch.float64)
+        statistics = [(s0, s1, [_f64(part) for part in values]) for s0, s1, values in shards]
+        loss, mean_denominator = _core.assemble(options, shape, statistics, _f64(per_anchor),
+                                                [_f64(part) for part in state])
+        ctx.options, ctx.backend, ctx.exchange = options, backend, exchange
+        ctx.batch, ctx.kind, ctx.rows, ctx.state = z, kind, rows, state
+        ctx.mean_denominator, ctx.views = mean_denominator, views
+        ctx.features = (features.shape, features.dtype, features.device)
+        if options.reduction == "none":
+            output = per_anchor.view(views, shape[0])[:, b0:b1].reshape(-1)
+        else:
+            output = torch.tensor(loss, dtype=torch.float64)
+        return _in_dtype(output, features.dtype, "loss").to(features.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        options, z, views = ctx.options, ctx.batch, ctx.views
+        b0, b1 = ctx.exchange.samples
+        if options.reduction == "none":
+            # Every shard's upstream values, placed at the whole batch's anchor rows.
+            u = grad_output.detach().cpu().to(torch.float64).reshape(views, b1 - b0)
+            placed = torch.zeros(views, z.shape[0], dtype=torch.float64)
+            for s0, s1, values in ctx.exchange.gather(u.T):
+                placed[:, s0:s1] = values.T
+            upstream = _f64(placed)
+        else:
+            upstream = ctx.exchange.sum(float(grad_output))
+        dtype = _DTYPES[z.dtype]
+        grad_dtype = "float64" if dtype == "float64" else "float32"
+        grad = torch.empty((b1 - b0, *z.shape[1:]), dtype=getattr(torch, grad_dtype))
+        if b1 > b0:
+            _core.backward_shard(
+                ctx.backend, options, _address(z, dtype), tuple(z.shape),
+                _as_positives(ctx.kind, ctx.rows, options.label_set_weight),
+                [_f64(part) for part in ctx.state], ctx.mean_denominator, upstream, (b0, b1),
+                _address(grad, grad_dtype),
+            )
+        shape, features_dtype, device = ctx.features
+        grad = _in_dtype(grad, features_dtype, "gradient").reshape(shape).to(device)
+        return grad, None, None, None, None, None
+
+
+def _sharded_loss(features, labels, mask, options, backend, process_group):
+    """This rank's part of the sharded loss (see :class:`SupConLoss`) over ``process_group``
+    (``None``: the default group). The ranks agree on their inputs before anything else, so
+    that a bad input raises on every rank."""
+    if any(t is not None and t.is_cuda for t in (features, labels, mask)):
+        raise NotImplementedError(
+            "the sharded loss on CUDA tensors needs the sharded CUDA path, not yet built; use "
+            "CPU tensors or distributed=False"
+        )
+    backend = _shard_backend(backend, features.dtype)
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "distributed=True needs torch.distributed's default process group: call "
+                "torch.distributed.init_process_group first"
+            )
+        process_group = dist.group.WORLD
+    kind, rows, problem = "simclr", None, None
+    try:
+        labels, mask, label_sets = _checked_inputs(features, labels, mask, sharded=True)
+        # Label sets' values are checked here, before the ranks agree, like their shape.
+        kind, rows = _positive_rows(labels, mask, label_sets)
+    except ValueError as error:
+        problem = error
+    sizes = _agree(process_group, features, kind, rows, problem)
+    return _ShardedLoss.apply(features, kind, rows, options, backend,
+                              _Group(process_group, sizes))
+
+
+def supcon_loss(
+    features: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 0.07,
+    contrast_mode: str = "all",
+    base_temperature: float = 0.07,
+    summation: str = "outside",
+    denominator: str = "all",
+    positives_cap: Optional[int] = None,
+    no_positive: str = "zero_and_count",
+    reduction: str = "mean",
+    label_set_weight: str = "any",
+    normalize: bool = False,
+    backend: str = "auto",
+    process_group=None,
+    distributed: bool = False,
+    memory_bank: Optional["MemoryBank"] = None,
+) -> torch.Tensor:
+    """The SupCon loss of ``features`` ``[bsz, n_views, ...]``; see :class:`SupConLoss` for
+    the arguments (``labels`` as class labels or, 2-D, as label sets), the options, the sharded
+    loss (``process_group``, ``distributed``) and ``memory_bank``."""
+    options = _core.Options(temperature, base_temperature, contrast_mode, summation,
+                            denominator, positives_cap, no_positive, reduction,
+                            label_set_weight, normalize)
+    _core.check_backend(backend)
+    if not isinstance(distributed, bool):
+        raise ValueError(f"distributed must be True or False, got {distributed!r}")
+    sharded = distributed or process_group is not None
+    if memory_bank is not None and sharded:
+        raise ValueError("a memory bank with the sharded loss is not supported yet")
+    if sharded:
+        return _sharded_loss(features, labels, mask, options, backend, process_group)
+    given_labels = labels
+    labels, mask, label_sets = _checked_inputs(features, labels, mask, sharded=False)
+    if memory_bank is not None:
+        if mask is not None:
+            raise ValueError(
+                "a memory bank takes labels, label sets or neither (SimCLR), not a mask: its "
+                "samples have no mask columns"
+            )
+        # Checked before the loss, so that a batch the bank refuses leaves everything as it was.
+        entries = memory_bank._entries(features, given_labels)
+        kind, rows = _positive_rows(labels, None, label_sets)
+        loss = _ShardedLoss.apply(
+            features, kind, rows, options, _shard_backend(backend, features.dtype),
+            _Appended(features.shape[0], *memory_bank._contents()),
+        )
+        memory_bank._write(*entries)
+        return loss
     # [B, V, D], contiguous: a view of contiguous features, else their one copy (autograd
     # carries the gradient back through it), which the backward pass then reads in place too.
     output, _state = torch.ops.supcon.forward(
@@ -501,6 +817,39 @@ class SupConLoss(torch.nn.Module):
 
     Where the original is finite, the loss and gradient are the same; where it returns NaN
     (un-normalised features, small temperatures), this one stays finite.
+
+    **Sharded over ranks** (``distributed=True``: the default ``torch.distributed`` group;
+    ``process_group=g``: the group g). Each rank passes its own samples: features
+    ``[B_r, V, ...]`` (B_r may differ between ranks, 0 included) and labels ``[B_r]``, label
+    sets ``[B_r, K]``, its rows of the whole batch's mask ``[B_r, B]`` (columns in the
+    concatenated order) or nothing (SimCLR). The loss is exactly one process's on the ranks'
+    samples concatenated in rank order: every rank returns the whole batch's reduced loss, or
+    under ``reduction="none"`` ℓ of its own anchors in shard order (for each anchor view v, the
+    rank's samples b in order: the entries v·B + b of the one-process result). The forward
+    all-gathers the features and positives (kept for the backward: O(N·D)) and 4 doubles per
+    anchor; the backward all-reduces the upstream gradient (all-gathers it under reduction
+    none) and computes only this rank's rows of the gradient. Every rank must call the forward
+    and the backward pass (they run collectives; so features require a gradient on every rank,
+    one without samples included, or on none), with the same options. Where a rank's inputs
+    are invalid, or the ranks' V, D, dtype or kind of positives differ, every rank raises a
+    ValueError. Host tensors only, on a backend that takes them (gloo): on CUDA tensors it
+    raises NotImplementedError, as the sharded CUDA path is future work.
+
+    The gradient is that of the sum of every rank's objective. For a reduced loss L that is
+    Σ_r u_r·L, with u_r rank r's upstream gradient (1 for a plain ``loss.backward()``): rank r
+    gets its rows of (Σ_r u_r)·∂L/∂Z, which is W·∂L/∂Z when each of W ranks calls
+    ``loss.backward()``. ``DistributedDataParallel`` averages the parameter gradients over the
+    W ranks, dividing by W, so a plain ``loss.backward()`` under DDP gives exactly the
+    one-process gradient of the whole batch's loss: do not scale the loss by the world size.
+
+    **Memory bank** (``forward(..., memory_bank=bank)``, a :class:`MemoryBank`): the anchors
+    are the batch's, the contrasts the batch's rows followed by the bank's (oldest first), with
+    positives by the same rule (labels, label sets or SimCLR). The bank's samples are contrasts
+    only: not anchors, not counted in the mean, and without gradient. The batch joins the bank
+    after its loss is computed, as pytorch-metric-learning's CrossBatchMemory does.
+    ``reduction="none"`` returns ℓ of the batch's anchors in the usual order. A mask, or a
+    memory bank with the sharded loss (not supported yet), raises ValueError. On CUDA tensors
+    the loss runs the host backends on a host copy.
     """
 
     def __init__(
@@ -517,12 +866,20 @@ class SupConLoss(torch.nn.Module):
         label_set_weight: str = "any",
         normalize: bool = False,
         backend: str = "auto",
+        process_group=None,
+        distributed: bool = False,
     ) -> None:
         super().__init__()
         # Checked now, so that a bad option fails at construction, not in the training loop.
         _core.Options(temperature, base_temperature, contrast_mode, summation, denominator,
                       positives_cap, no_positive, reduction, label_set_weight, normalize)
         _core.check_backend(backend)
+        if not isinstance(distributed, bool):
+            raise ValueError(f"distributed must be True or False, got {distributed!r}")
+        # The group is looked up at each call, so that a module may be made before
+        # torch.distributed.init_process_group runs.
+        self.process_group = process_group
+        self.distributed = distributed
         self.temperature = temperature
         self.contrast_mode = contrast_mode
         self.base_temperature = base_temperature
@@ -540,6 +897,8 @@ class SupConLoss(torch.nn.Module):
         features: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        *,
+        memory_bank: Optional["MemoryBank"] = None,
     ) -> torch.Tensor:
         return supcon_loss(
             features, labels, mask, temperature=self.temperature,
@@ -547,7 +906,8 @@ class SupConLoss(torch.nn.Module):
             summation=self.summation, denominator=self.denominator,
             positives_cap=self.positives_cap, no_positive=self.no_positive,
             reduction=self.reduction, label_set_weight=self.label_set_weight,
-            normalize=self.normalize, backend=self.backend,
+            normalize=self.normalize, backend=self.backend, process_group=self.process_group,
+            distributed=self.distributed, memory_bank=memory_bank,
         )
 
     def backend_for(self, features: torch.Tensor, labels: Optional[torch.Tensor] = None) -> str:
@@ -567,5 +927,127 @@ class SupConLoss(torch.nn.Module):
             f"denominator={self.denominator!r}, positives_cap={self.positives_cap}, "
             f"no_positive={self.no_positive!r}, reduction={self.reduction!r}, "
             f"label_set_weight={self.label_set_weight!r}, normalize={self.normalize}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, "
+            f"distributed={self.distributed or self.process_group is not None}"
         )
+
+
+class MemoryBank:
+    """A FIFO memory bank of past embeddings, the extra contrasts of
+    ``SupConLoss.forward(..., memory_bank=bank)``: up to ``size`` samples, each ``[V, dim]``
+    detached features with its labels or label sets (a bank holds one kind of positives; a
+    SimCLR bank holds none).
+
+    ``push(features, labels=None)`` appends a batch ``[n, V, ...]`` (trailing dimensions
+    flattened to ``dim``); when the bank is full the oldest samples drop out, and a push of more
+    than ``size`` samples keeps its newest ``size``. The first push fixes V, the kind of
+    positives (and the label sets' K), the dtype and the device; later pushes with another V,
+    dim or kind raise ValueError, and their values are converted to the bank's dtype and
+    device. ``features`` and ``labels`` are copies of the contents, oldest first (``None``
+    before the first push, and ``labels`` of a SimCLR bank). ``clear()`` empties the bank and
+    keeps what the first push fixed.
+
+    The storage is one ring buffer, allocated by the first push: a push writes its samples in
+    place of the oldest (wrapping around the end), without reallocating or concatenating.
+    """
+
+    def __init__(self, size: int, dim: int) -> None:
+        for name, value in (("size", size), ("dim", dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        self.size, self.dim = size, dim
+        self._features: Optional[torch.Tensor] = None  # [size, V, dim], from the first push
+        self._labels: Optional[torch.Tensor] = None  # [size] int64 or [size, K] bool
+        self._kind: Optional[str] = None  # "simclr", "labels" or "label_sets"
+        self._start = 0  # the slot of the oldest sample
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def features(self) -> Optional[torch.Tensor]:
+        """The bank's features, ``[len(bank), V, dim]``, oldest first."""
+        return None if self._features is None else torch.cat(self._parts(self._features))
+
+    @property
+    def labels(self) -> Optional[torch.Tensor]:
+        """The bank's labels (``[len(bank)]``) or label sets (``[len(bank), K]``, bool),
+        oldest first; ``None`` for a SimCLR bank."""
+        return None if self._labels is None else torch.cat(self._parts(self._labels))
+
+    def push(self, features: torch.Tensor, labels: Optional[torch.Tensor] = None) -> None:
+        """Appends the samples of ``features`` ``[n, V, ...]`` (detached) and their labels
+        (``[n]``), label sets (``[n, K]``) or nothing (a SimCLR bank)."""
+        self._write(*self._entries(features, labels))
+
+    def clear(self) -> None:
+        """Empties the bank."""
+        self._start = self._count = 0
+
+    def _entries(self, features: torch.Tensor, labels: Optional[torch.Tensor]):
+        """A push's samples as ``([n, V, dim] features, their positives' rows or None, kind)``,
+        checked against what the bank holds."""
+        if features.dim() < 3 or math.prod(features.shape[2:]) != self.dim:
+            raise ValueError(
+                f"the bank holds [n, V, {self.dim}] features (trailing dimensions flattened), "
+                f"got {list(features.shape)}"
+            )
+        n, views = features.shape[0], features.shape[1]
+        z = features.detach().reshape(n, views, self.dim)
+        if labels is None:
+            kind, rows = "simclr", None
+        else:
+            if labels.is_floating_point() or labels.is_complex():
+                raise ValueError(f"labels must be integers, got {labels.dtype}")
+            is_sets = _core.is_label_sets(labels.dim(), labels.shape, labels.dtype == torch.bool)
+            if (labels.shape[0] if is_sets else labels.numel()) != n:
+                raise ValueError(f"the bank needs one label or label set per sample, got "
+                                 f"{list(labels.shape)} for {n} samples")
+            kind, rows = _positive_rows(None if is_sets else labels.detach(), None,
+                                        labels.detach() if is_sets else None)
+        if self._features is not None:
+            held = self._features.shape[1]
+            if views != held:
+                raise ValueError(f"the bank holds samples of {held} views, got {views}")
+            if kind != self._kind:
+                raise ValueError(f"the bank holds {self._kind} positives, got {kind}")
+            if kind == "label_sets" and rows.shape[1] != self._labels.shape[1]:
+                raise ValueError(f"the bank holds label sets of {self._labels.shape[1]} "
+                                 f"classes, got {rows.shape[1]}")
+        return z, rows, kind
+
+    def _write(self, z: torch.Tensor, rows: Optional[torch.Tensor], kind: str) -> None:
+        if self._features is None:
+            self._features = z.new_empty((self.size, *z.shape[1:]))
+            if rows is not None:
+                self._labels = torch.empty((self.size, *rows.shape[1:]), dtype=rows.dtype,
+                                           device=z.device)
+            self._kind = kind
+        # Only the newest `size` samples of a push can stay.
+        n = min(z.shape[0], self.size)
+        z = z[z.shape[0] - n:]
+        rows = None if rows is None else rows[rows.shape[0] - n:]
+        free = (self._start + self._count) % self.size  # the first free slot, or the oldest
+        first = min(n, self.size - free)  # what fits before the end; the rest wraps to slot 0
+        for buffer, values in ((self._features, z), (self._labels, rows)):
+            if values is not None:
+                buffer[free:free + first] = values[:first]
+                buffer[:n - first] = values[first:]
+        dropped = max(0, self._count + n - self.size)
+        self._start = (self._start + dropped) % self.size
+        self._count = min(self.size, self._count + n)
+
+    def _parts(self, buffer: torch.Tensor) -> List[torch.Tensor]:
+        """The held part of a ring buffer as one or two views, oldest first."""
+        end = self._start + self._count
+        if end <= self.size:
+            return [buffer[self._start:end]]
+        return [buffer[self._start:], buffer[:end - self.size]]
+
+    def _contents(self):
+        """The features' and the positives' rows as lists of parts, oldest first."""
+        if self._features is None:
+            return [], []
+        labels = [] if self._labels is None else self._parts(self._labels)
+        return self._parts(self._features), labels

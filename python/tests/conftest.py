@@ -74,6 +74,13 @@ def gen(request) -> torch.Generator:
     return g
 
 
+@pytest.fixture(scope="module")
+def module_seed(request) -> int:
+    """A seed for a module-scoped fixture's inputs (shared by the module's tests), derived from
+    the base seed and the module's node id as each test's is."""
+    return _test_seed(request.node.nodeid)
+
+
 @pytest.fixture
 def rng(request) -> np.random.Generator:
     """A NumPy generator seeded for this test."""
