@@ -285,13 +285,14 @@ pub trait Backend {
         upstream: Upstream<'_>,
     ) -> Result<Array3<T::Grad>>;
 
-    /// The statistics of the anchors of the samples `samples` (a shard, [`crate::shard`'s
-    /// docs](ShardStatistics)) against every row of the batch. Nothing is reduced: the
+    /// The statistics of the anchors of the samples `samples` (a shard: see
+    /// [`ShardStatistics`]) against every row of the batch. Nothing is reduced: the
     /// no-positive policy and the reduction apply where shards are assembled
     /// ([`ForwardOutput::from_shards`]).
     ///
-    /// The default runs the whole forward pass and picks the shard's anchors; the CPU backend
-    /// computes only the tiles the shard's rows touch (bitwise the whole pass's values).
+    /// The default (the reference's) runs the whole forward pass and picks the shard's anchors.
+    /// The CPU backend computes only the tiles that touch the shard's rows, the kernels only
+    /// the shard's anchor rows: bitwise the whole pass's values.
     ///
     /// # Errors
     /// As [`forward`](Self::forward), and [`Error::InvalidShard`] for samples outside the
@@ -313,8 +314,9 @@ pub trait Backend {
     /// ∂(objective)/∂ the rows of the samples `samples`, `[b1 − b0, V, D]`, from the state of
     /// the whole batch ([`ForwardOutput::from_shards`], or [`forward`](Self::forward)).
     ///
-    /// The default runs the whole backward pass and slices it; the CPU backend computes only
-    /// the tiles the shard's rows touch.
+    /// The default (the reference's) runs the whole backward pass and slices it. The CPU
+    /// backend computes only the tiles that touch the shard's rows, the kernels only the
+    /// shard's gradient rows.
     ///
     /// # Errors
     /// As [`backward`](Self::backward), and [`Error::InvalidShard`] for samples outside the

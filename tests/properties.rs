@@ -7,8 +7,8 @@
 //! to 1e38 (within one mask a span of 1e10, the range docs/math.md guarantees: the f32 backends
 //! keep an anchor's weights relative to its largest), and upstream gradients up to 1e30; half of
 //! the cases run under `normalize`, where the norms reach the loss only through the row scales.
-//! Bounded: a few hundred cases, seconds in the
-//! default test run. `SUPCON_TEST_SEED` replays a run, `SUPCON_PROPTEST_CASES` sets the count.
+//! Bounded: a few hundred cases, seconds in the default test run. `SUPCON_TEST_SEED` replays a
+//! run, `SUPCON_PROPTEST_CASES` sets the count.
 
 mod common;
 

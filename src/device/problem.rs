@@ -302,7 +302,8 @@ pub(crate) struct InputAddresses {
     /// `const uint32_t[B]` per-sample cap bounds under a positives cap (from the host,
     /// `crate::cpu::relation::cap_bounds`, or the device, `super::prepared`), else 0.
     pub(crate) cap_bounds: u64,
-    /// `const float[N]` row scales under `normalize` (`super::prepared::row_scales`), else 0.
+    /// `const float[N]` row scales under `normalize` (`super::launch::launch_row_scales` writes
+    /// them), else 0.
     pub(crate) row_scales: u64,
 }
 
