@@ -308,7 +308,7 @@ pub trait Backend {
         let shape = BatchShape::new(batch, views, dim)?;
         shard::check_samples(shape, &samples)?;
         let output = self.forward(&shard::without_policy_error(loss), features, positives)?;
-        Ok(ShardStatistics::of_output(loss, shape, samples, &output))
+        ShardStatistics::of_output(loss, shape, samples, &output)
     }
 
     /// ∂(objective)/∂ the rows of the samples `samples`, `[b1 − b0, V, D]`, from the state of

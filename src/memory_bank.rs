@@ -12,7 +12,7 @@
 //! Memory: the bank holds capacity·V·D elements in a ring; a step copies batch and bank into one
 //! `[B + S, V, D]` batch for the backend (O((B + S)·D)), nothing (B + S)².
 
-use ndarray::{s, Array1, Array2, Array3, ArrayView3, Axis};
+use ndarray::{s, Array1, Array2, Array3, ArrayView3};
 
 use crate::backend::{Backend, ForwardOutput, Upstream};
 use crate::config::SupConLoss;
@@ -20,7 +20,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::inputs::{BatchShape, OwnedPositives, Positives};
 use crate::label_sets::LabelSetWeight;
-use crate::shard::anchor_rows;
+use crate::shard;
 
 /// What a bank stores of each sample's positives.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,9 +71,8 @@ impl<T> BankForward<T> {
     /// ℓ_i of the batch's anchors, in the order of the batch alone (row v·B + b).
     pub fn per_anchor(&self) -> Array1<f64> {
         let state = &self.output.state;
-        anchor_rows(&state.loss, state.shape, &(0..self.batch))
-            .map(|i| self.output.per_anchor[i])
-            .collect()
+        let all = self.output.per_anchor.as_slice().expect("a vector");
+        Array1::from(shard::pick(&state.loss, state.shape, &(0..self.batch), all))
     }
 
     /// The joined batch's forward output (batch then bank samples).
@@ -223,12 +222,14 @@ impl<T: Element> MemoryBank<T> {
     ) -> Result<BankForward<T>> {
         let (batch, views, dim) = features.dim();
         self.check_fits(views, dim, &positives, batch)?;
-        let held = self.features().filter(|held| !held.is_empty());
-        let joined = match &held {
-            Some(held) => ndarray::concatenate(Axis(0), &[features.view(), held.view()])
-                .expect("views and dim match"),
-            None => features.to_owned(),
-        };
+        // The batch's samples, then the held ones oldest first: one copy of each.
+        let mut joined: Vec<T> = Vec::with_capacity((batch + self.len) * views * dim);
+        joined.extend(features.iter().copied());
+        for k in 0..self.len {
+            joined.extend_from_slice(self.sample(k));
+        }
+        let joined =
+            Array3::from_shape_vec((batch + self.len, views, dim), joined).expect("whole samples");
         let positives = self.joined_positives(&positives);
         let shape = BatchShape::new(batch + self.len, views, dim)?;
         let shard = backend.forward_shard(loss, joined.view(), positives.view(), 0..batch)?;
@@ -255,14 +256,14 @@ impl<T: Element> MemoryBank<T> {
         upstream: Upstream<'_>,
     ) -> Result<Array3<T::Grad>> {
         let state = &forward.output.state;
-        let rows: Vec<usize> = anchor_rows(loss, state.shape, &(0..forward.batch)).collect();
-        crate::backend::check_upstream(loss.reduction(), rows.len(), upstream)?;
+        let samples = 0..forward.batch;
+        let anchors = shard::anchor_rows(loss, state.shape, &samples).count();
+        crate::backend::check_upstream(loss.reduction(), anchors, upstream)?;
         let placed = match upstream {
             Upstream::PerAnchor(values) => {
                 let mut all = Array1::zeros(state.shape.anchors(loss.contrast_mode()));
-                for (&i, &u) in rows.iter().zip(values) {
-                    all[i] = u;
-                }
+                let (values, all_values) = (values.to_vec(), all.as_slice_mut().expect("a vector"));
+                shard::place(loss, state.shape, &samples, &values, all_values);
                 Some(all)
             }
             Upstream::Scalar(_) => None,
@@ -373,12 +374,7 @@ impl<T: Element> MemoryBank<T> {
                         all.extend_from_slice(&held[slot * classes..(slot + 1) * classes]);
                     }
                 }
-                let rows = all.len() / classes.max(1);
-                let rows = if classes == 0 {
-                    sets.nrows() + self.len
-                } else {
-                    rows
-                };
+                let rows = sets.nrows() + self.len;
                 OwnedPositives::LabelSets {
                     sets: Array2::from_shape_vec((rows, classes), all).expect("whole rows"),
                     weight: *weight,

@@ -52,16 +52,8 @@ impl ShardStatistics {
         samples: Range<usize>,
         [per_anchor, lse, lse_positive, positive_weight]: [Vec<f64>; 4],
     ) -> Result<Self> {
-        check_samples(shape, &samples)?;
-        let anchors = shard_anchors(loss, shape, &samples);
-        if [&per_anchor, &lse, &lse_positive, &positive_weight]
-            .iter()
-            .any(|values| values.len() != anchors)
-        {
-            return Err(Error::InvalidShard(format!(
-                "samples {samples:?} have {anchors} anchors, so each statistic needs {anchors} values"
-            )));
-        }
+        let parts = [&per_anchor, &lse, &lse_positive, &positive_weight];
+        check_parts(loss, shape, &samples, parts.map(Vec::as_slice))?;
         Ok(ShardStatistics {
             samples,
             per_anchor,
@@ -92,26 +84,96 @@ impl ShardStatistics {
         &self.positive_weight
     }
 
-    /// The statistics of `samples` picked out of a whole batch's forward output.
+    /// The statistics of `samples` picked out of a whole batch's per-anchor ℓ, LSE, LSE^P and
+    /// P (entries of other anchors are not read).
+    ///
+    /// # Errors
+    /// [`Error::InvalidShard`] for samples outside the batch; [`Error::Overflow`] for a
+    /// non-finite ℓ_i, as the whole forward pass reports it.
+    pub(crate) fn pick(
+        loss: &SupConLoss,
+        shape: BatchShape,
+        samples: Range<usize>,
+        all: [&[f64]; 4],
+    ) -> Result<Self> {
+        check_samples(shape, &samples)?;
+        let [per_anchor, lse, lse_positive, positive_weight] =
+            all.map(|values| pick(loss, shape, &samples, values));
+        if per_anchor.iter().any(|l| !l.is_finite()) {
+            return Err(Error::Overflow { output: "loss" });
+        }
+        Ok(ShardStatistics {
+            samples,
+            per_anchor,
+            lse,
+            lse_positive,
+            positive_weight,
+        })
+    }
+
+    /// The statistics of `samples` out of a whole batch's forward output.
+    ///
+    /// # Errors
+    /// As [`pick`](Self::pick).
     pub(crate) fn of_output(
         loss: &SupConLoss,
         shape: BatchShape,
         samples: Range<usize>,
         output: &ForwardOutput,
-    ) -> Self {
-        let pick = |values: &[f64]| -> Vec<f64> {
-            anchor_rows(loss, shape, &samples)
-                .map(|i| values[i])
-                .collect()
-        };
+    ) -> Result<Self> {
         let state = &output.state;
-        ShardStatistics {
-            per_anchor: pick(output.per_anchor.as_slice().expect("a vector")),
-            lse: pick(&state.lse),
-            lse_positive: pick(&state.lse_positive),
-            positive_weight: pick(&state.positive_weight),
-            samples,
-        }
+        let per_anchor = output.per_anchor.as_slice().expect("a vector");
+        let all = [
+            per_anchor,
+            &state.lse,
+            &state.lse_positive,
+            &state.positive_weight,
+        ];
+        Self::pick(loss, shape, samples, all)
+    }
+}
+
+/// Fails unless `samples` fit `shape` and each part holds one value per anchor of theirs.
+fn check_parts(
+    loss: &SupConLoss,
+    shape: BatchShape,
+    samples: &Range<usize>,
+    parts: [&[f64]; 4],
+) -> Result<()> {
+    check_samples(shape, samples)?;
+    let anchors = anchor_views(loss, shape) * samples.len();
+    if parts.iter().any(|values| values.len() != anchors) {
+        return Err(Error::InvalidShard(format!(
+            "samples {samples:?} have {anchors} anchors, so each statistic needs {anchors} values"
+        )));
+    }
+    Ok(())
+}
+
+/// The entries of a shard's anchors out of per-anchor `values` of the whole batch, in shard
+/// order.
+pub(crate) fn pick(
+    loss: &SupConLoss,
+    shape: BatchShape,
+    samples: &Range<usize>,
+    values: &[f64],
+) -> Vec<f64> {
+    anchor_rows(loss, shape, samples)
+        .map(|i| values[i])
+        .collect()
+}
+
+/// A shard's per-anchor `values` (shard order) written at its anchors' entries of the whole
+/// batch's `all`.
+pub(crate) fn place(
+    loss: &SupConLoss,
+    shape: BatchShape,
+    samples: &Range<usize>,
+    values: &[f64],
+    all: &mut [f64],
+) {
+    for (i, &value) in anchor_rows(loss, shape, samples).zip(values) {
+        all[i] = value;
     }
 }
 
@@ -137,31 +199,23 @@ fn anchor_views(loss: &SupConLoss, shape: BatchShape) -> usize {
     }
 }
 
-/// How many anchors a shard of `samples` has.
-fn shard_anchors(loss: &SupConLoss, shape: BatchShape, samples: &Range<usize>) -> usize {
-    anchor_views(loss, shape) * samples.len()
-}
-
 /// The anchor rows (`v·B + b`) of a shard, in shard order.
 pub(crate) fn anchor_rows(
     loss: &SupConLoss,
     shape: BatchShape,
     samples: &Range<usize>,
 ) -> impl Iterator<Item = usize> {
-    let (batch, samples) = (shape.batch(), samples.clone());
-    (0..anchor_views(loss, shape)).flat_map(move |v| samples.clone().map(move |b| v * batch + b))
+    anchor_runs(loss, shape, samples).flatten()
 }
 
 /// The anchor rows of a shard as runs of consecutive rows, one per anchor view (the kernels'
-/// launches).
-#[cfg(any(feature = "cuda", feature = "emulation"))]
+/// launches): the first of its [`row_runs`].
 pub(crate) fn anchor_runs(
     loss: &SupConLoss,
     shape: BatchShape,
     samples: &Range<usize>,
 ) -> impl Iterator<Item = Range<usize>> {
-    let (batch, samples) = (shape.batch(), samples.clone());
-    (0..anchor_views(loss, shape)).map(move |v| v * batch + samples.start..v * batch + samples.end)
+    row_runs(shape, samples).take(anchor_views(loss, shape))
 }
 
 /// The rows of a shard's views as view-major row runs `v·B + b0 .. v·B + b1`, one per view.
@@ -218,28 +272,24 @@ impl ForwardOutput {
             return Err(Error::InvalidShard("no shard covers any sample".into()));
         }
         for shard in shards {
-            let checked = ShardStatistics::from_parts(
-                loss,
-                shape,
-                shard.samples(),
-                [
-                    shard.per_anchor.clone(),
-                    shard.lse.clone(),
-                    shard.lse_positive.clone(),
-                    shard.positive_weight.clone(),
-                ],
-            )?;
-            for (k, i) in anchor_rows(loss, shape, &checked.samples).enumerate() {
+            let parts = [
+                &shard.per_anchor[..],
+                &shard.lse,
+                &shard.lse_positive,
+                &shard.positive_weight,
+            ];
+            check_parts(loss, shape, &shard.samples, parts)?;
+            for (k, i) in anchor_rows(loss, shape, &shard.samples).enumerate() {
                 if std::mem::replace(&mut covered[i], true) {
                     return Err(Error::InvalidShard(format!(
                         "shards overlap at sample {}",
                         shape.sample_of(i)
                     )));
                 }
-                per_anchor[i] = checked.per_anchor[k];
-                lse[i] = checked.lse[k];
-                lse_positive[i] = checked.lse_positive[k];
-                positive_weight[i] = checked.positive_weight[k];
+                per_anchor[i] = shard.per_anchor[k];
+                lse[i] = shard.lse[k];
+                lse_positive[i] = shard.lse_positive[k];
+                positive_weight[i] = shard.positive_weight[k];
             }
         }
         let rows: Vec<usize> = (0..anchors).filter(|&i| covered[i]).collect();

@@ -498,11 +498,12 @@ fn nccl_sharded_loss_and_memory_bank_on_cuda() {
         .forward_backward(&loss, z.view(), positives, Upstream::Scalar(1.0))
         .unwrap();
     let close = |got: f64, want: f64| (got - want).abs() <= 1e-5 * want.abs().max(1.0);
-    let grad_error = |grad: &Array3<f32>| {
-        let scale = want_grad.iter().fold(0.0f32, |m, g| m.max(g.abs()));
-        let diff = grad
+    // ‖got − want‖∞ / ‖want‖∞.
+    let relative = |got: &Array3<f32>, want: &Array3<f32>| {
+        let scale = want.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+        let diff = got
             .iter()
-            .zip(&want_grad)
+            .zip(want)
             .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         diff / scale
     };
@@ -517,7 +518,8 @@ fn nccl_sharded_loss_and_memory_bank_on_cuda() {
     let step = sharded.forward(z.view(), positives).unwrap();
     let grad = sharded.backward(&step, Upstream::Scalar(1.0)).unwrap();
     assert!(close(step.loss().unwrap(), want.loss.unwrap()));
-    assert!(grad_error(&grad) < 1e-4, "sharded: {}", grad_error(&grad));
+    let error = relative(&grad, &want_grad);
+    assert!(error < 1e-4, "sharded: {error}");
     // A bank of the last 200 samples; the batch is the first 101.
     let mut bank = supcon::MemoryBank::<f32>::new(200, dim).unwrap();
     let held = z.slice(ndarray::s![101.., .., ..]);
@@ -536,10 +538,6 @@ fn nccl_sharded_loss_and_memory_bank_on_cuda() {
     let want = bank
         .backward(&supcon::CpuBackend, &loss, &on_cpu, Upstream::Scalar(1.0))
         .unwrap();
-    let scale = want.iter().fold(0.0f32, |m, g| m.max(g.abs()));
-    let diff = grad
-        .iter()
-        .zip(&want)
-        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(diff / scale < 1e-4, "bank: {}", diff / scale);
+    let error = relative(&grad, &want);
+    assert!(error < 1e-4, "bank: {error}");
 }

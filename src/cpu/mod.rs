@@ -400,21 +400,12 @@ impl CpuBackend {
         let mut batch = Batch::new(loss, &features, validated, positives, isa)?;
         batch.restrict_to(&samples);
         let all = batch.anchor_statistics(batch.dense_classes().as_ref());
-        let pick = |values: &[f64]| -> Vec<f64> {
-            shard::anchor_rows(loss, batch.shape, &samples)
-                .map(|i| values[i])
-                .collect()
-        };
-        let shard = ShardStatistics::from_parts(
+        ShardStatistics::pick(
             loss,
             batch.shape,
-            samples.clone(),
-            all.each_ref().map(|v| pick(v)),
-        )?;
-        if shard.per_anchor().iter().any(|l| !l.is_finite()) {
-            return Err(crate::Error::Overflow { output: "loss" });
-        }
-        Ok(shard)
+            samples,
+            all.each_ref().map(Vec::as_slice),
+        )
     }
 
     #[allow(clippy::too_many_arguments)] // the trait method's, plus the instruction set

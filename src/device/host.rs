@@ -180,6 +180,19 @@ impl SetWords {
 }
 
 impl Prepared {
+    /// P_i and LSE^P_i of the kernels' statistics, which saw the mask scaled row by row,
+    /// scaled back to the caller's weights (every anchor's entries).
+    fn scale_back(&self, positive_weight: &mut [f64], lse_positive: &mut [f64]) {
+        for ((p, lse), scale) in positive_weight
+            .iter_mut()
+            .zip(lse_positive)
+            .zip(&self.scales)
+        {
+            *p *= scale;
+            *lse += scale.ln();
+        }
+    }
+
     /// Validates the batch and checks it against what the kernels implement and represent.
     fn new<T: Element>(
         backend: &'static str,
@@ -248,10 +261,7 @@ pub(crate) fn forward<E: KernelExecutor, T: Element>(
     let statistics = unsafe { launch_forward(executor, &batch.problem, &inputs)? };
     let mut output = to_host(executor, &batch.problem, &statistics)?;
     let state = &mut output.state;
-    for (i, scale) in batch.scales.iter().enumerate() {
-        state.positive_weight[i] *= scale;
-        state.lse_positive[i] += scale.ln();
-    }
+    batch.scale_back(&mut state.positive_weight, &mut state.lse_positive);
     state.fingerprint = Some(batch.validated.fingerprint);
     check_finite_loss(&output)?;
     Ok(output)
@@ -284,27 +294,11 @@ pub(crate) fn forward_shard<E: KernelExecutor, T: Element>(
         // floats each (and the column shares' partials), alive until the downloads below.
         unsafe { launch_forward_statistics(executor, &batch.problem, &inputs, &at, run)? };
     }
-    let all = statistics_to_host(executor, &batch.problem, &statistics)?;
-    let rows: Vec<usize> = shard::anchor_rows(loss, shape, &samples).collect();
-    let [per_anchor, lse, lse_positive, positive_weight] = all
-        .each_ref()
-        .map(|values| rows.iter().map(|&i| values[i]).collect::<Vec<f64>>());
-    // The scaled mask's P_i and LSE^P_i scale back, as in `forward`.
-    let positive_weight = (rows.iter().zip(positive_weight))
-        .map(|(&i, p)| p * batch.scales[i])
-        .collect();
-    let lse_positive = (rows.iter().zip(lse_positive))
-        .map(|(&i, lse)| lse + batch.scales[i].ln())
-        .collect();
-    if per_anchor.iter().any(|l| !l.is_finite()) {
-        return Err(crate::Error::Overflow { output: "loss" });
-    }
-    ShardStatistics::from_parts(
-        loss,
-        shape,
-        samples,
-        [per_anchor, lse, lse_positive, positive_weight],
-    )
+    let [per_anchor, lse, mut lse_positive, mut positive_weight] =
+        statistics_to_host(executor, &batch.problem, &statistics)?;
+    batch.scale_back(&mut positive_weight, &mut lse_positive);
+    let all = [&per_anchor, &lse, &lse_positive, &positive_weight].map(Vec::as_slice);
+    ShardStatistics::pick(loss, shape, samples, all)
 }
 
 /// The backward pass on `executor` (see [`crate::Backend::backward`]).

@@ -28,7 +28,7 @@ use crate::config::SupConLoss;
 use crate::element::{Element, GradElement};
 use crate::error::{Error, Result};
 use crate::inputs::{BatchShape, OwnedPositives, Positives};
-use crate::shard::{anchor_rows, ShardStatistics};
+use crate::shard::{self, anchor_rows, ShardStatistics};
 
 #[cfg(feature = "nccl")]
 pub use crate::cuda::{NcclGroup, NcclId};
@@ -149,10 +149,9 @@ impl<T> ShardedForward<T> {
     /// ℓ_i of this rank's anchors, in shard order (`crate::ShardStatistics`): for each anchor
     /// view, this rank's samples in order.
     pub fn local_per_anchor(&self) -> Vec<f64> {
-        let loss = &self.output.state.loss;
-        anchor_rows(loss, self.output.state.shape, self.samples())
-            .map(|i| self.output.per_anchor[i])
-            .collect()
+        let state = &self.output.state;
+        let all = self.output.per_anchor.as_slice().expect("a vector");
+        shard::pick(&state.loss, state.shape, self.samples(), all)
     }
     /// The whole batch's forward output (ℓ_i of every anchor, the state).
     pub fn output(&self) -> &ForwardOutput {
@@ -309,16 +308,14 @@ impl<B: Backend, C: Collectives> ShardedSupCon<B, C> {
                 let gathered = all_gather(&self.group, &payload)?;
                 check?;
                 let mut values = vec![0.0; state.shape.anchors(loss.contrast_mode())];
-                for (shard, payload_of_rank) in forward.shards.iter().zip(gathered) {
-                    let rows: Vec<usize> = anchor_rows(loss, state.shape, shard).collect();
+                for (samples, payload_of_rank) in forward.shards.iter().zip(gathered) {
+                    let anchors = anchor_rows(loss, state.shape, samples).count();
                     let (flag, values_of_rank) =
                         payload_of_rank.split_last().unwrap_or((&0.0, &[]));
-                    if *flag != 1.0 || rows.len() != values_of_rank.len() {
+                    if *flag != 1.0 || values_of_rank.len() != anchors {
                         return Err(invalid_upstream());
                     }
-                    for (i, &value) in rows.into_iter().zip(values_of_rank) {
-                        values[i] = value;
-                    }
+                    shard::place(loss, state.shape, samples, values_of_rank, &mut values);
                 }
                 GlobalUpstream::PerAnchor(Array1::from(values))
             }
