@@ -520,6 +520,32 @@ fn nccl_sharded_loss_and_memory_bank_on_cuda() {
     assert!(close(step.loss().unwrap(), want.loss.unwrap()));
     let error = relative(&grad, &want_grad);
     assert!(error < 1e-4, "sharded: {error}");
+    // The same step on device buffers: the loss and the gradient bit for bit the device
+    // API's on the whole batch (one rank's shard is the whole batch).
+    let stream = cuda.stream();
+    let features = stream.clone_htod(z.as_slice().unwrap()).unwrap();
+    let device_labels = stream.clone_htod(labels.as_slice().unwrap()).unwrap();
+    let (features, device_labels) = (features.as_view(), device_labels.as_view());
+    let device_positives = supcon::cuda::DevicePositives::Labels(&device_labels);
+    let step = sharded
+        .forward_device(&features, (batch, views, dim), device_positives)
+        .unwrap();
+    let grad = sharded
+        .backward_device(&step, Upstream::Scalar(1.0))
+        .unwrap();
+    let shape = supcon::BatchShape::new(batch, views, dim).unwrap();
+    let alone = cuda
+        .forward_device(&loss, &features, shape, device_positives)
+        .unwrap();
+    let alone_grad = cuda
+        .backward_device(&alone, &features, device_positives, Upstream::Scalar(1.0))
+        .unwrap();
+    assert_eq!(step.loss_host(&loss).unwrap(), alone.loss_host().unwrap());
+    assert_eq!(
+        stream.clone_dtoh(&grad).unwrap(),
+        stream.clone_dtoh(&alone_grad).unwrap(),
+        "the device path's gradient"
+    );
     // A bank of the last 200 samples; the batch is the first 101.
     let mut bank = supcon::MemoryBank::<f32>::new(200, dim).unwrap();
     let held = z.slice(ndarray::s![101.., .., ..]);

@@ -604,6 +604,7 @@ fn backward_shard(
 mod cuda {
     use std::collections::HashMap;
     use std::mem::ManuallyDrop;
+    use std::ops::Range;
     use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
     use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DeviceRepr};
@@ -702,7 +703,7 @@ mod cuda {
         options: Options,
         shape: (usize, usize, usize),
         label_set_classes: Option<usize>,
-    ) -> PyResult<(usize, usize, usize, usize, usize)> {
+    ) -> PyResult<(usize, usize, usize, usize, usize, usize)> {
         let loss = options.loss()?;
         let shape = BatchShape::new(shape.0, shape.1, shape.2).map_err(to_py)?;
         let workspace = CudaBackend::workspace(&loss, shape, label_set_classes).map_err(to_py)?;
@@ -712,7 +713,38 @@ mod cuda {
             workspace.per_anchor_offset(),
             workspace.anchors_without_positives_offset(),
             workspace.scratch_bytes(),
+            workspace.statistics_stride(),
         ))
+    }
+
+    /// The forward pass's last kernel on a `workspace` whose per-anchor statistics every
+    /// shard wrote ([`forward_cuda`] with `samples`, gathered): the reduced loss and the count
+    /// of anchors without positives.
+    #[pyfunction]
+    pub(super) fn finalize_cuda(
+        py: Python<'_>,
+        ordinal: usize,
+        stream: usize,
+        options: Options,
+        shape: (usize, usize, usize),
+        label_set_classes: Option<usize>,
+        workspace: Array,
+    ) -> PyResult<()> {
+        let call = Call::new(ordinal, stream, &options, shape)?;
+        py.detach(|| {
+            let stream = call.backend.stream();
+            // SAFETY: the Python side's promise: a uint8 device tensor, alive for the call and
+            // ordered on `stream`.
+            let mut workspace = unsafe { Borrowed::<u8>::new(stream, &workspace, "uint8")? };
+            call.backend
+                .finalize_device(
+                    &call.loss,
+                    call.shape,
+                    label_set_classes,
+                    &mut workspace.0.as_view_mut(),
+                )
+                .map_err(to_py)
+        })
     }
 
     /// The features, the positives and the stream's backend, for one call.
@@ -795,6 +827,7 @@ mod cuda {
             dtype: &str,
             positives: &PositivesArg,
             workspace: &Array,
+            samples: Option<Range<usize>>,
         ) -> PyResult<()> {
             let stream = self.backend.stream();
             // SAFETY: per this function's contract.
@@ -802,15 +835,17 @@ mod cuda {
                 let features = Borrowed::<T>::new(stream, features, dtype)?;
                 let mut workspace = Borrowed::<u8>::new(stream, workspace, "uint8")?;
                 self.with_positives(positives, |positives| {
-                    self.backend
-                        .forward_device_into(
-                            &self.loss,
-                            &features.0.as_view(),
-                            self.shape,
-                            positives,
-                            &mut workspace.0.as_view_mut(),
-                        )
-                        .map_err(to_py)
+                    let (features, workspace) =
+                        (&features.0.as_view(), &mut workspace.0.as_view_mut());
+                    match samples {
+                        None => self.backend.forward_device_into(
+                            &self.loss, features, self.shape, positives, workspace,
+                        ),
+                        Some(samples) => self.backend.forward_shard_device_into(
+                            &self.loss, features, self.shape, positives, samples, workspace,
+                        ),
+                    }
+                    .map_err(to_py)
                 })
             }
         }
@@ -829,6 +864,7 @@ mod cuda {
             upstream: &Array,
             scratch: &Array,
             grad: &Array,
+            samples: Range<usize>,
         ) -> PyResult<()> {
             let stream = self.backend.stream();
             // SAFETY: per this function's contract.
@@ -840,11 +876,12 @@ mod cuda {
                 let mut grad = Borrowed::<f32>::new(stream, grad, "float32")?;
                 self.with_positives(positives, |positives| {
                     self.backend
-                        .backward_device_from(
+                        .backward_shard_device_from(
                             &self.loss,
                             &features.0.as_view(),
                             self.shape,
                             positives,
+                            samples,
                             &workspace.0.as_view(),
                             &upstream.0.as_view(),
                             &mut scratch.0.as_view_mut(),
@@ -858,8 +895,11 @@ mod cuda {
 
     /// The forward pass on PyTorch CUDA tensors, queued on PyTorch's `stream` of device
     /// `ordinal`: the loss, ℓ_i and the backward's statistics go into `workspace` (laid out as
-    /// [`cuda_workspace`] says). Nothing is allocated, copied or awaited.
+    /// [`cuda_workspace`] says). Nothing is allocated, copied or awaited. With `samples`
+    /// (b0, b1), only that shard's anchors' statistics are written, and no loss reduced
+    /// ([`finalize_cuda`] does, once every shard's statistics are in the workspace).
     #[pyfunction]
+    #[pyo3(signature = (ordinal, stream, options, features, shape, positives, workspace, samples=None))]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn forward_cuda(
         py: Python<'_>,
@@ -870,22 +910,28 @@ mod cuda {
         shape: (usize, usize, usize),
         positives: PositivesArg,
         workspace: Array,
+        samples: Option<(usize, usize)>,
     ) -> PyResult<()> {
         let call = Call::new(ordinal, stream, &options, shape)?;
         let dtype = features.1.clone();
+        let samples = samples.map(|(b0, b1)| b0..b1);
         py.detach(|| {
             with_cuda_dtype!(dtype.as_str(), T => {
                 // SAFETY: the Python side's promise: device tensors of the named types, alive
                 // for the call and ordered on `stream`.
-                unsafe { call.forward::<T>(&features, &dtype, &positives, &workspace) }
+                unsafe {
+                    call.forward::<T>(&features, &dtype, &positives, &workspace, samples.clone())
+                }
             })
         })
     }
 
     /// The backward pass on PyTorch CUDA tensors, from a [`forward_cuda`] workspace, with the
     /// upstream gradient as R doubles on the device, R floats of `scratch`, into `grad`
-    /// (float32, the features' shape).
+    /// (float32, the features' shape). With `samples` (b0, b1), the gradient of that shard's
+    /// samples only, `grad` holding `[b1 − b0, V, D]`.
     #[pyfunction]
+    #[pyo3(signature = (ordinal, stream, options, features, shape, positives, workspace, upstream, scratch, grad, samples=None))]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward_cuda(
         py: Python<'_>,
@@ -899,15 +945,24 @@ mod cuda {
         upstream: Array,
         scratch: Array,
         grad: Array,
+        samples: Option<(usize, usize)>,
     ) -> PyResult<()> {
         let call = Call::new(ordinal, stream, &options, shape)?;
         let dtype = features.1.clone();
+        let samples = samples.map_or(0..call.shape.batch(), |(b0, b1)| b0..b1);
         py.detach(|| {
             with_cuda_dtype!(dtype.as_str(), T => {
                 // SAFETY: as in `forward_cuda`.
                 unsafe {
                     call.backward::<T>(
-                        &features, &dtype, &positives, &workspace, &upstream, &scratch, &grad,
+                        &features,
+                        &dtype,
+                        &positives,
+                        &workspace,
+                        &upstream,
+                        &scratch,
+                        &grad,
+                        samples.clone(),
                     )
                 }
             })
@@ -928,6 +983,7 @@ fn _supcon(module: &Bound<'_, PyModule>) -> PyResult<()> {
         module.add_function(wrap_pyfunction!(cuda::cuda_workspace, module)?)?;
         module.add_function(wrap_pyfunction!(cuda::forward_cuda, module)?)?;
         module.add_function(wrap_pyfunction!(cuda::backward_cuda, module)?)?;
+        module.add_function(wrap_pyfunction!(cuda::finalize_cuda, module)?)?;
     }
     module.add(
         "OutOfMemoryError",

@@ -22,16 +22,17 @@ that run's rows from the whole batch's state (``backward_shard``).
 - The sharded loss (``distributed=True``, or ``process_group=``): every rank of a
   ``torch.distributed`` group passes its own samples; its samples are its shard of the ranks'
   samples concatenated in rank order, and the result is exactly one process's on that batch
-  (docs/scaling.md, "The sharded step"). Host tensors, on any backend that takes them (gloo);
-  CUDA tensors raise NotImplementedError until the sharded CUDA path is built.
+  (docs/scaling.md, "The sharded step"). CUDA tensors run the kernels on the device, the
+  collectives on the group's backend (NCCL); host tensors the host backends (gloo, or any
+  backend, through the group's device).
 - :class:`MemoryBank`: past embeddings as extra contrasts. The batch's samples are the one shard
-  of the batch followed by the bank, so the bank's samples are contrasts only (CUDA tensors
-  run on a host copy).
+  of the batch followed by the bank, so the bank's samples are contrasts only.
 
 They run as a ``torch.autograd.Function`` rather than through the custom operators: collectives
 and a bank's contents cannot live inside a ``torch.library`` operator's pure function, so
-``torch.compile`` breaks its graph there. The host backend is chosen as on the host path
-(float64 features: the reference backend, else the fused CPU backend).
+``torch.compile`` breaks its graph there. The backend is chosen as on the single-process path
+(CUDA tensors: the kernels; float64 features: the reference backend, else the fused CPU
+backend).
 """
 
 from __future__ import annotations
@@ -278,7 +279,7 @@ def _forward_cuda(options, features, labels, mask, label_sets):
     device = features.device
     cuda_options = options.as_tuple()
     set_classes = None if label_sets is None else label_sets.shape[1]
-    size, loss_offset, per_anchor_offset, count_offset, _ = _supcon.cuda_workspace(
+    size, loss_offset, per_anchor_offset, count_offset, _, _ = _supcon.cuda_workspace(
         cuda_options, tuple(z.shape), set_classes)
     scaled_rows = z.shape[0] * z.shape[1] if options.normalize else None
     assert size == _state_bytes(anchors, True, z.shape[0], set_classes,
@@ -290,18 +291,25 @@ def _forward_cuda(options, features, labels, mask, label_sets):
     # Freeing the inputs' converted copies now is safe: PyTorch's allocator hands their memory
     # out again in stream order, after the queued kernels.
     del keep
-    if options.no_positive == "error":
-        # The policy's error needs the count on the host: the one synchronisation of a step.
-        count = int(workspace[count_offset : count_offset + 4].view(torch.int32).item())
-        if count:
-            weights = workspace[per_anchor_offset + 5 * _region(anchors):].view(torch.float32)[:anchors]
-            first = int(torch.nonzero(weights <= 0)[0].item())
-            raise ValueError(f"anchor row {first} has no positive (NoPositivePolicy::Error)")
+    _check_positives(options, workspace, count_offset, per_anchor_offset, anchors)
     if options.reduction == "none":
         per_anchor = workspace[per_anchor_offset : per_anchor_offset + 4 * anchors]
         return per_anchor.view(torch.float32).to(features.dtype), workspace
     loss = workspace[loss_offset : loss_offset + 8].view(torch.float64)[0]
     return loss.to(features.dtype), workspace
+
+
+def _check_positives(options, workspace, count_offset, per_anchor_offset, anchors):
+    """Under the no-positive policy ``error``, the ValueError for the first anchor without
+    positives in a CUDA workspace: the count is read on the host, the one synchronisation of a
+    step."""
+    if options.no_positive != "error":
+        return
+    count = int(workspace[count_offset : count_offset + 4].view(torch.int32).item())
+    if count:
+        weights = workspace[per_anchor_offset + 5 * _region(anchors):].view(torch.float32)[:anchors]
+        first = int(torch.nonzero(weights <= 0)[0].item())
+        raise ValueError(f"anchor row {first} has no positive (NoPositivePolicy::Error)")
 
 
 def _region(anchors: int) -> int:
@@ -491,22 +499,33 @@ def _checked_inputs(features: torch.Tensor, labels: Optional[torch.Tensor],
     return labels, mask, label_sets
 
 
-def _shard_backend(backend: str, dtype: torch.dtype) -> str:
-    """The host backend of the shard path (the sharded loss, the memory bank): the host path's
-    choice. The CUDA kernels do not run shards from Python yet."""
-    if backend == "cuda":
-        raise NotImplementedError(
-            "backend='cuda' runs the single-process loss only: the sharded loss and the memory "
-            "bank run the host backends (the sharded CUDA path is not yet built)"
-        )
-    return _core.host_backend(backend, _DTYPES.get(dtype, "float32"))
+_KERNELS = "cuda"  # the shard path's backend on the CUDA kernels
+
+
+def _shard_backend(backend: str, features: torch.Tensor) -> str:
+    """The backend of the shard path (the sharded loss, the memory bank), chosen as on the
+    single-process path: the CUDA kernels for CUDA features they take, else a host backend (on
+    a host copy of CUDA features)."""
+    if _on_kernels(features, backend):
+        return _KERNELS
+    return _core.host_backend(backend, _DTYPES.get(features.dtype, "float32"))
+
+
+def _collective_device(group) -> torch.device:
+    """Where the group's collectives take their tensors: the current GPU under NCCL, else the
+    host."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _all_gather(tensor: torch.Tensor, group) -> List[torch.Tensor]:
-    """Every rank's ``tensor`` (the same shape and dtype on every rank), in rank order."""
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, tensor, group=group)
-    return parts
+    """Every rank's ``tensor`` (the same shape and dtype on every rank), in rank order, on
+    ``tensor``'s device; the collective runs on the group's device."""
+    sent = tensor.to(_collective_device(group))
+    parts = [torch.empty_like(sent) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, sent, group=group)
+    return [part.to(tensor.device) for part in parts]
 
 
 def _gather_rows(tensor: torch.Tensor, sizes: List[int], group) -> torch.Tensor:
@@ -544,7 +563,7 @@ def _agree(group, features: torch.Tensor, kind: str, rows: Optional[torch.Tensor
                   _KINDS.index(kind), width, list(_DTYPES).index(features.dtype)]
     else:
         header = [0] * 7
-    headers = [part.tolist() for part in _all_gather(torch.tensor(header), group)]
+    headers = [part.tolist() for part in _all_gather(torch.tensor(header, dtype=torch.int64), group)]
     if problem is not None:
         raise problem
     failed = [rank for rank, other in enumerate(headers) if not other[0]]
@@ -594,11 +613,11 @@ class _Group:
         gathered = _gather_rows(values, self.sizes, self.group)
         return [(b0, b1, gathered[b0:b1]) for b0, b1 in self.shards if b1 > b0]
 
-    def sum(self, value: float) -> float:
-        """The sum of every rank's ``value``."""
-        total = torch.tensor([value], dtype=torch.float64)
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of every rank's ``value`` (float64), on ``value``'s device."""
+        total = value.to(_collective_device(self.group))
         dist.all_reduce(total, group=self.group)
-        return float(total)
+        return total.to(value.device)
 
 
 class _Appended:
@@ -611,31 +630,38 @@ class _Appended:
         self.samples = (0, batch)
 
     def batch(self, z: torch.Tensor, rows: Optional[torch.Tensor]):
-        """The batch followed by the bank, on the host, in the batch's dtypes."""
-        bank = [part.to("cpu", z.dtype) for part in self.features]
+        """The batch followed by the bank, on the batch's device, in its dtypes."""
+        bank = [part.to(z.device, z.dtype) for part in self.features]
         if rows is not None:
-            rows = torch.cat([rows, *(part.to("cpu", rows.dtype) for part in self.rows)])
+            rows = torch.cat([rows, *(part.to(rows.device, rows.dtype) for part in self.rows)])
         return torch.cat([z, *bank]), rows
 
     def gather(self, values: torch.Tensor):
         """The one shard's ``values``, as ``_Group.gather`` gives them."""
         return [(0, values.shape[0], values)]
 
-    def sum(self, value: float) -> float:
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
         """The one shard's ``value``: its upstream gradient is the whole batch's."""
         return value
 
 
 class _ShardedLoss(torch.autograd.Function):
     """The loss of one shard of a whole batch that ``exchange`` puts together (a process
-    group's samples, or a batch and a memory bank): ``forward_shard`` for the shard's samples
+    group's samples, or a batch and a memory bank): the statistics of the shard's samples
     against the whole batch, the shards' statistics assembled (every shard gets the whole
     batch's loss), and in the backward the shard's rows of the gradient from the whole batch's
-    state. It keeps the whole batch's features and positives (O(N·D)) and the O(N) state."""
+    state. It keeps the whole batch's features and positives (O(N·D)) and the O(N) state.
+    On the host backends the state is ``forward_shard``'s statistics assembled by
+    ``assemble``; on the CUDA kernels it is a workspace of the whole batch on the device
+    (``_forward_kernels``)."""
 
     @staticmethod
     def forward(ctx, features, kind, rows, options, backend, exchange):
         """``kind`` and ``rows``: the positives of ``features``' samples (``_positive_rows``)."""
+        ctx.options, ctx.backend, ctx.exchange, ctx.kind = options, backend, exchange, kind
+        ctx.features = (features.shape, features.dtype, features.device)
+        if backend == _KERNELS:
+            return _ShardedLoss._forward_kernels(ctx, features, rows)
         z, rows = exchange.batch(_as_batch(_host(features)), _host(rows))
         shape = tuple(z.shape)
         views = options.anchors(1, shape[1])  # anchor views: V under "all", 1 under "one"
@@ -654,10 +680,8 @@ class _ShardedLoss(torch.autograd.Function):
         statistics = [(s0, s1, [_f64(part) for part in values]) for s0, s1, values in shards]
         loss, mean_denominator = _core.assemble(options, shape, statistics, _f64(per_anchor),
                                                 [_f64(part) for part in state])
-        ctx.options, ctx.backend, ctx.exchange = options, backend, exchange
-        ctx.batch, ctx.kind, ctx.rows, ctx.state = z, kind, rows, state
+        ctx.batch, ctx.rows, ctx.state = z, rows, state
         ctx.mean_denominator, ctx.views = mean_denominator, views
-        ctx.features = (features.shape, features.dtype, features.device)
         if options.reduction == "none":
             output = per_anchor.view(views, shape[0])[:, b0:b1].reshape(-1)
         else:
@@ -665,31 +689,92 @@ class _ShardedLoss(torch.autograd.Function):
         return _in_dtype(output, features.dtype, "loss").to(features.device)
 
     @staticmethod
+    def _forward_kernels(ctx, features, rows):
+        """The forward pass on the CUDA kernels, on the features' device and PyTorch's current
+        stream: the whole batch gathered on the device; the shard's anchors' statistics
+        written into a workspace of the whole batch (``forward_cuda`` with ``samples``);
+        every shard's entries of the nine per-anchor statistics gathered into it; the loss
+        reduced there (``finalize_cuda``), the same bits on every rank. Nothing is read back
+        except under the no-positive policy ``error``."""
+        options, exchange = ctx.options, ctx.exchange
+        z, rows = exchange.batch(_as_batch(features.detach()), rows)
+        shape, device, dtype = tuple(z.shape), z.device, _DTYPES[z.dtype]
+        views = options.anchors(1, shape[1])
+        anchors = views * shape[0]
+        b0, b1 = exchange.samples
+        set_classes = rows.shape[1] if ctx.kind == "label_sets" else None
+        cuda_options = options.as_tuple()
+        size, loss_offset, per_anchor_offset, count_offset, _, stride = _supcon.cuda_workspace(
+            cuda_options, shape, set_classes)
+        workspace = torch.empty(size, dtype=torch.uint8, device=device)
+        positives = _as_positives(ctx.kind, rows, options.label_set_weight)
+        stream = _stream(device)
+        workspace_array = _core.array(workspace.data_ptr(), "uint8", size)
+        if b1 > b0:
+            _supcon.forward_cuda(device.index, stream, cuda_options, _address(z, dtype), shape,
+                                 positives, workspace_array, (b0, b1))
+        # The nine float32[R] statistics, every `stride` bytes: [9, views, B] (anchor v·B + b).
+        statistics = workspace[per_anchor_offset : per_anchor_offset + 9 * stride]
+        statistics = statistics.view(torch.float32).view(9, stride // 4)[:, :anchors]
+        statistics = statistics.view(9, views, shape[0])
+        own = statistics[:, :, b0:b1].permute(2, 0, 1).contiguous()  # a row per sample
+        for s0, s1, values in exchange.gather(own):
+            statistics[:, :, s0:s1] = values.permute(1, 2, 0)
+        _supcon.finalize_cuda(device.index, stream, cuda_options, shape, set_classes,
+                              workspace_array)
+        _check_positives(options, workspace, count_offset, per_anchor_offset, anchors)
+        ctx.batch, ctx.rows, ctx.state, ctx.views = z, rows, workspace, views
+        if options.reduction == "none":
+            output = statistics[0, :, b0:b1].reshape(-1)
+        else:
+            output = workspace[loss_offset : loss_offset + 8].view(torch.float64)[0]
+        return output.to(features.dtype)
+
+    @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         options, z, views = ctx.options, ctx.batch, ctx.views
         b0, b1 = ctx.exchange.samples
+        anchors = views * z.shape[0]
+        device = z.device
         if options.reduction == "none":
             # Every shard's upstream values, placed at the whole batch's anchor rows.
-            u = grad_output.detach().cpu().to(torch.float64).reshape(views, b1 - b0)
-            placed = torch.zeros(views, z.shape[0], dtype=torch.float64)
-            for s0, s1, values in ctx.exchange.gather(u.T):
+            u = grad_output.detach().to(device, torch.float64).reshape(views, b1 - b0)
+            placed = torch.zeros(views, z.shape[0], dtype=torch.float64, device=device)
+            for s0, s1, values in ctx.exchange.gather(u.T.contiguous()):
                 placed[:, s0:s1] = values.T
-            upstream = _f64(placed)
+            placed = placed.reshape(-1)
         else:
-            upstream = ctx.exchange.sum(float(grad_output))
+            total = grad_output.detach().to(device, torch.float64).reshape(1)
+            placed = ctx.exchange.sum(total)
         dtype = _DTYPES[z.dtype]
         grad_dtype = "float64" if dtype == "float64" else "float32"
-        grad = torch.empty((b1 - b0, *z.shape[1:]), dtype=getattr(torch, grad_dtype))
-        if b1 > b0:
+        grad = torch.empty((b1 - b0, *z.shape[1:]), dtype=getattr(torch, grad_dtype),
+                           device=device)
+        positives = _as_positives(ctx.kind, ctx.rows, options.label_set_weight)
+        if b1 > b0 and ctx.backend == _KERNELS:
+            upstream = placed.expand(anchors).contiguous()
+            scratch = torch.empty(4 * anchors, dtype=torch.uint8, device=device)
+            _supcon.backward_cuda(
+                device.index, _stream(device), options.as_tuple(), _address(z, dtype),
+                tuple(z.shape), positives,
+                _core.array(ctx.state.data_ptr(), "uint8", ctx.state.numel()), _f64(upstream),
+                _core.array(scratch.data_ptr(), "uint8", scratch.numel()),
+                _address(grad, "float32"), (b0, b1),
+            )
+        elif b1 > b0:
+            upstream = _f64(placed) if options.reduction == "none" else float(placed)
             _core.backward_shard(
-                ctx.backend, options, _address(z, dtype), tuple(z.shape),
-                _as_positives(ctx.kind, ctx.rows, options.label_set_weight),
+                ctx.backend, options, _address(z, dtype), tuple(z.shape), positives,
                 [_f64(part) for part in ctx.state], ctx.mean_denominator, upstream, (b0, b1),
                 _address(grad, grad_dtype),
             )
-        shape, features_dtype, device = ctx.features
-        grad = _in_dtype(grad, features_dtype, "gradient").reshape(shape).to(device)
+        shape, features_dtype, features_device = ctx.features
+        if ctx.backend == _KERNELS:
+            grad = grad.to(features_dtype)
+        else:
+            grad = _in_dtype(grad, features_dtype, "gradient")
+        grad = grad.reshape(shape).to(features_device)
         return grad, None, None, None, None, None
 
 
@@ -697,12 +782,7 @@ def _sharded_loss(features, labels, mask, options, backend, process_group):
     """This rank's part of the sharded loss (see :class:`SupConLoss`) over ``process_group``
     (``None``: the default group). The ranks agree on their inputs before anything else, so
     that a bad input raises on every rank."""
-    if any(t is not None and t.is_cuda for t in (features, labels, mask)):
-        raise NotImplementedError(
-            "the sharded loss on CUDA tensors needs the sharded CUDA path, not yet built; use "
-            "CPU tensors or distributed=False"
-        )
-    backend = _shard_backend(backend, features.dtype)
+    backend = _shard_backend(backend, features)
     if process_group is None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -768,7 +848,7 @@ def supcon_loss(
         entries = memory_bank._entries(features, given_labels)
         kind, rows = _positive_rows(labels, None, label_sets)
         loss = _ShardedLoss.apply(
-            features, kind, rows, options, _shard_backend(backend, features.dtype),
+            features, kind, rows, options, _shard_backend(backend, features),
             _Appended(features.shape[0], *memory_bank._contents()),
         )
         memory_bank._write(*entries)
@@ -832,8 +912,11 @@ class SupConLoss(torch.nn.Module):
     and the backward pass (they run collectives; so features require a gradient on every rank,
     one without samples included, or on none), with the same options. Where a rank's inputs
     are invalid, or the ranks' V, D, dtype or kind of positives differ, every rank raises a
-    ValueError. Host tensors only, on a backend that takes them (gloo): on CUDA tensors it
-    raises NotImplementedError, as the sharded CUDA path is future work.
+    ValueError. CUDA tensors run the kernels on the device: the batch is gathered there, each
+    rank writes its anchors' statistics into a workspace of the whole batch, the workspaces are
+    completed with one all-gather and the loss reduced on the device, nothing read back. The
+    collectives run on the group's device (the GPU under NCCL, the host under gloo, with a
+    copy each way).
 
     The gradient is that of the sum of every rank's objective. For a reduced loss L that is
     Σ_r u_r·L, with u_r rank r's upstream gradient (1 for a plain ``loss.backward()``): rank r

@@ -1,7 +1,8 @@
 """One rank of test_distributed.py's process groups: ``python distributed_worker.py RANK WORLD
 PORT SEED DIRECTORY`` joins a gloo group of WORLD processes on 127.0.0.1:PORT, runs every case
 of that world size in order, and writes ``{case: None, or the failure's traceback}`` to
-DIRECTORY/rank<RANK>.json.
+DIRECTORY/rank<RANK>.json. With ``SUPCON_TEST_DEVICE=cuda`` the group is NCCL's and the
+comparisons' tensors live on the rank's GPU (the sharded CUDA path; one rank per GPU).
 
 Every rank draws the same whole batch from the case's seed and takes its own samples (ragged
 counts, and among 4 ranks one without samples). It checks its results against the package's
@@ -28,13 +29,14 @@ import helpers as h
 from supcon.torch import SupConLoss
 
 CASES = {}  # name -> (check(rank, world, gen), world sizes)
+DEVICE = torch.device(os.environ.get("SUPCON_TEST_DEVICE", "cpu"))
 
 
 def case(*worlds):
-    """Registers a check for these world sizes (2 and 4 unless given)."""
+    """Registers a check for these world sizes (1, 2 and 4 unless given)."""
 
     def register(check):
-        CASES[check.__name__] = (check, worlds or (2, 4))
+        CASES[check.__name__] = (check, worlds or (1, 2, 4))
         return check
 
     return register
@@ -46,8 +48,8 @@ def cases(world: int):
 
 
 def sizes(world, gen):
-    """Ragged sample counts, 2 to 9 per rank; among 4 ranks a random one holds none."""
-    counts = torch.randint(2, 10, (world,), generator=gen).tolist()
+    """Ragged sample counts, 3 to 9 per rank; among 4 ranks a random one holds none."""
+    counts = torch.randint(3, 10, (world,), generator=gen).tolist()
     if world == 4:
         counts[int(torch.randint(world, (), generator=gen))] = 0
     return counts
@@ -85,6 +87,9 @@ def compare(rank, world, gen, positives="labels", dtype=torch.float64, views=2, 
     anchor_views = views if options.get("contrast_mode", "all") == "all" else 1
     per_anchor = torch.randn(anchor_views, batch, generator=gen, dtype=torch.float64).to(dtype)
     b0, b1 = span(rank, counts)
+    host_z = z
+    z, labels, mask, per_anchor = (None if t is None else t.to(DEVICE)
+                                   for t in (z, labels, mask, per_anchor))
 
     def own(tensor):
         return None if tensor is None else tensor[b0:b1]
@@ -111,9 +116,10 @@ def compare(rank, world, gen, positives="labels", dtype=torch.float64, views=2, 
     tol = 1e-12 if dtype == torch.float64 else h.tolerance(dtype)
     assert loss.shape == expected_loss.shape and loss.dtype == dtype, (loss.shape, loss.dtype)
     assert leaf.grad.shape == leaf.shape and leaf.grad.dtype == dtype
-    h.assert_close(loss, expected_loss, tol, "loss", floor=h.LOSS_FLOOR)
-    floor = h.gradient_floor(z, upstream, **options)
-    h.assert_close(leaf.grad, whole.grad[b0:b1], tol, "gradient", floor=floor)
+    assert loss.device == leaf.grad.device == DEVICE, (loss.device, leaf.grad.device)
+    h.assert_close(loss.cpu(), expected_loss.cpu(), tol, "loss", floor=h.LOSS_FLOOR)
+    floor = h.gradient_floor(host_z, upstream, **options)
+    h.assert_close(leaf.grad.cpu(), whole.grad[b0:b1].cpu(), tol, "gradient", floor=floor)
 
 
 def raised(call) -> str:
@@ -232,7 +238,7 @@ def no_positive_error(rank, world, gen):
     assert message == expected and "2" in message, (message, expected)
 
 
-@case()
+@case(2, 4)
 def mismatched_dim(rank, world, gen):
     """Rank 0's features have another D: every rank raises a ValueError naming the ranks'
     shapes (they agree on their inputs before any other collective)."""
@@ -303,7 +309,10 @@ def ddp_step(rank, world, gen):
 
 def main(rank: int, world: int, port: int, seed: int, directory: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    backend = "nccl" if DEVICE.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     outcomes = {}
     for name in cases(world):

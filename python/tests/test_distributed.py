@@ -1,6 +1,6 @@
 """The sharded loss (``distributed=True``) on real processes and real collectives: gloo groups
-of 2 and 4 processes on the loopback interface, each rank with a ragged number of samples (one
-of the 4 ranks with none). Each rank's loss must be the one-process loss of the concatenated
+of 1, 2 and 4 processes on the loopback interface, each rank with a ragged number of samples
+(one of the 4 ranks with none); on a GPU, one NCCL rank on CUDA tensors. Each rank's loss must be the one-process loss of the concatenated
 batch and its gradient the matching rows of the one-process gradient, for every kind of
 positives and the options that change the assembly (contrast mode one, reduction none and sum,
 exclude, a cap, normalize), with a distinct upstream gradient per rank; ranks whose inputs are
@@ -26,7 +26,7 @@ import distributed_worker as worker
 from supcon.torch import SupConLoss
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_worker.py")
-WORLDS = (2, 4)
+WORLDS = (1, 2, 4)
 TIMEOUT_S = 180  # a whole group's run: process start-up, every case, shutdown
 
 
@@ -36,12 +36,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(world: int, seed: int, directory):
-    """Runs ``world`` worker processes in one group: every rank's ``{case: failure}``, or why
-    the group failed (a string)."""
+def launch(world: int, seed: int, directory, device: str = "cpu"):
+    """Runs ``world`` worker processes in one group, their tensors on ``device``: every rank's
+    ``{case: failure}``, or why the group failed (a string)."""
     # Loopback only; one thread per process (the batches are small, the cores few).
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "RAYON_NUM_THREADS": "1"}
+           "RAYON_NUM_THREADS": "1", "SUPCON_TEST_DEVICE": device}
     port = free_port()
     processes = [
         subprocess.Popen([sys.executable, WORKER, str(rank), str(world), str(port), str(seed),
@@ -96,13 +96,15 @@ def test_rank_matches_one_process(outcomes, world, name):
                                    for rank, failure in failures.items())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA tensor")
-def test_cuda_tensors_are_not_implemented():
-    """CUDA features raise NotImplementedError before any collective (so no group is needed
-    to see it)."""
-    z = torch.randn(4, 2, 8, device="cuda")
-    with pytest.raises(NotImplementedError, match="sharded CUDA path"):
-        SupConLoss(distributed=True)(z, torch.arange(4, device="cuda"))
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_one_nccl_rank_on_cuda_tensors(module_seed, tmp_path):
+    """The sharded CUDA path: one rank of an NCCL group (the GPU check's machine has one GPU)
+    runs every one-rank case on CUDA tensors, each against the single-process loss on the
+    device."""
+    outcomes = launch(1, module_seed, tmp_path, device="cuda")
+    assert not isinstance(outcomes, str), outcomes
+    failures = {name: failure for name, failure in outcomes[0].items() if failure}
+    assert len(outcomes[0]) == len(worker.cases(1)) and not failures, failures
 
 
 def test_distributed_needs_an_initialised_group():

@@ -25,4 +25,4 @@ pub use enabled::{
     MIN_COMPUTE_CAPABILITY, MIN_DRIVER_VERSION,
 };
 #[cfg(feature = "nccl")]
-pub use enabled::{NcclGroup, NcclId};
+pub use enabled::{NcclGroup, NcclId, ShardedDeviceForward};

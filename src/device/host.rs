@@ -18,9 +18,9 @@ use ndarray::{Array3, ArrayView3};
 use super::executor::{upload_slice, KernelExecutor};
 use super::kernel::FeatureType;
 use super::launch::{
-    grad_coefficients, launch_backward_rows, launch_forward, launch_forward_statistics,
-    launch_positive_terms, launch_row_scales, split, statistics_to_host, to_host, SavedAddresses,
-    Statistics, StatisticsAddresses,
+    anchor_launches, grad_coefficients, launch_backward_rows, launch_forward,
+    launch_forward_statistics, launch_positive_terms, launch_row_scales, row_launches, split,
+    statistics_to_host, to_host, SavedAddresses, Statistics, StatisticsAddresses,
 };
 use super::problem::{InputAddresses, PositiveAddresses, Problem};
 use crate::backend::{
@@ -288,7 +288,7 @@ pub(crate) fn forward_shard<E: KernelExecutor, T: Element>(
     let inputs = uploaded.addresses(executor, &batch, &positives);
     let statistics = Statistics::alloc(executor, &batch.problem)?;
     let at = statistics.addresses(executor);
-    for run in shard::anchor_runs(loss, shape, &samples) {
+    for run in anchor_launches(&batch.problem, &samples) {
         let run = run.start as u32..run.end as u32;
         // SAFETY: the uploaded inputs as in `forward`; the statistics just allocated hold R
         // floats each (and the column shares' partials), alive until the downloads below.
@@ -413,16 +413,11 @@ pub(crate) fn backward_shard<E: KernelExecutor, T: Element>(
         let anchors = 0..problem.kernel_shape().anchors;
         unsafe { launch_positive_terms(executor, problem, &inputs, &at, anchors)? };
     }
-    let (batch, views, dim) = (shape.batch(), shape.views(), shape.dim());
+    let (views, dim) = (shape.views(), shape.dim());
     let grad = executor.alloc(shape.elements() * size_of::<f32>())?;
     let grad_address = executor.address(&grad);
     let coefficients = executor.address(&coefficients);
-    let runs: Vec<Range<usize>> = if samples.len() == batch {
-        std::iter::once(0..shape.rows()).collect()
-    } else {
-        shard::row_runs(shape, &samples).collect()
-    };
-    for run in runs {
+    for run in row_launches(shape, &samples) {
         // SAFETY: the inputs as in `forward`; the statistics and coefficients hold R floats
         // (the state matches the shape: `state.check`), the gradient B·V·D floats. All stay
         // alive until the download.

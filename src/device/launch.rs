@@ -25,6 +25,7 @@ use super::problem::{InputAddresses, PositiveAddresses, Problem};
 use crate::backend::{check_upstream, reduce, ForwardOutput, SavedState, Upstream};
 use crate::config::{Denominator, NoPositivePolicy, Reduction};
 use crate::error::Result;
+use crate::inputs::BatchShape;
 
 /// The forward pass's outputs, on the device.
 #[derive(Debug)]
@@ -133,6 +134,9 @@ pub(crate) struct WorkspaceLayout {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 impl WorkspaceLayout {
     const ALIGN: usize = 256;
+    /// The per-anchor statistics, `float[R]` each, at [`Self::per_anchor_offset`] and every
+    /// [`Self::statistics_stride`] bytes after it.
+    pub(crate) const STATISTICS: usize = 9;
 
     pub(crate) fn new(anchors: usize) -> Self {
         WorkspaceLayout { anchors }
@@ -153,20 +157,25 @@ impl WorkspaceLayout {
         Self::ALIGN
     }
 
-    /// Offset of statistic `k` of 9: ℓ_i, then LSE_i (hi, lo), LSE^P_i − log W_i (hi, lo), P_i,
+    /// Offset of statistic `k` of [`Self::STATISTICS`]: ℓ_i, then LSE_i (hi, lo), LSE^P_i − log W_i (hi, lo), P_i,
     /// W_i, Ψ_i and log A_i.
     fn statistic_offset(&self, k: usize) -> usize {
         2 * Self::ALIGN + k * self.region()
     }
 
-    /// Offset of ℓ_i (`float[R]`).
+    /// Offset of ℓ_i (`float[R]`), the first of the nine statistics.
     pub(crate) fn per_anchor_offset(&self) -> usize {
         self.statistic_offset(0)
     }
 
+    /// Bytes from one statistic's region to the next's.
+    pub(crate) fn statistics_stride(&self) -> usize {
+        self.region()
+    }
+
     /// Offset of the column shares' partial statistics.
     fn partials_offset(&self) -> usize {
-        self.statistic_offset(9)
+        self.statistic_offset(Self::STATISTICS)
     }
 
     /// Bytes of the column shares' partial statistics: `RowStatistics[S][R]` for the largest S
@@ -276,15 +285,31 @@ pub(crate) unsafe fn launch_forward_at<E: KernelExecutor>(
     // SAFETY: inputs and outputs per this function's contract.
     unsafe {
         launch_forward_statistics(executor, problem, inputs, at, 0..anchors)?;
-        let params = FinalizeParams {
-            anchor_loss: at.anchor_loss,
-            positive_weight: at.saved.positive_weight,
-            reduced_loss: at.reduced_loss,
-            anchors_without_positives: at.anchors_without_positives,
-            reduction: problem.reduction_block(),
-        };
-        problem.launch(executor, Kernel::ForwardFinalize, &params, anchors)
+        launch_finalize(executor, problem, at)
     }
+}
+
+/// Queues `supcon_forward_finalize`: from every anchor's ℓ_i and P_i `at`, the reduced loss
+/// and the count of anchors without positives, written `at`.
+///
+/// # Safety
+/// As [`launch_forward_at`] for `at`, with every anchor's statistics written before the
+/// kernel runs.
+pub(crate) unsafe fn launch_finalize<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    at: &StatisticsAddresses,
+) -> Result<()> {
+    let params = FinalizeParams {
+        anchor_loss: at.anchor_loss,
+        positive_weight: at.saved.positive_weight,
+        reduced_loss: at.reduced_loss,
+        anchors_without_positives: at.anchors_without_positives,
+        reduction: problem.reduction_block(),
+    };
+    let anchors = problem.kernel_shape().anchors;
+    // SAFETY: the kernel reads R floats of ℓ and P and writes a double and a u32, all `at`.
+    unsafe { problem.launch(executor, Kernel::ForwardFinalize, &params, anchors) }
 }
 
 /// Queues the forward statistics kernel for the anchors in `anchors` (a sub-range of 0..R),
@@ -325,6 +350,26 @@ pub(crate) unsafe fn launch_forward_statistics<E: KernelExecutor>(
         }
     }
     Ok(())
+}
+
+/// The runs of a shard's anchors that the statistics kernel launches over: one launch for the
+/// whole batch, else one per anchor view (`crate::shard::anchor_runs`).
+pub(crate) fn anchor_launches(problem: &Problem, samples: &Range<usize>) -> Vec<Range<usize>> {
+    if samples.len() == problem.shape().batch() {
+        std::iter::once(0..problem.anchors()).collect()
+    } else {
+        crate::shard::anchor_runs(problem.loss(), problem.shape(), samples).collect()
+    }
+}
+
+/// The runs of a shard's gradient rows that the backward kernel launches over: one launch for
+/// the whole batch, else one per view (`crate::shard::row_runs`).
+pub(crate) fn row_launches(shape: BatchShape, samples: &Range<usize>) -> Vec<Range<usize>> {
+    if samples.len() == shape.batch() {
+        std::iter::once(0..shape.rows()).collect()
+    } else {
+        crate::shard::row_runs(shape, samples).collect()
+    }
 }
 
 /// Queues `OnePositive`'s second forward pass for the anchors in `anchors`: from their LSE^N_i

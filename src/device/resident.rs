@@ -9,6 +9,8 @@
 //! the row scales of `normalize` are prepared on the device before the forward kernels
 //! (`super::prepared`), and the backward reads what the forward prepared.
 
+use std::ops::Range;
+
 use super::executor::{download_vec, KernelExecutor};
 use super::launch::{self, DeviceUpstream, Statistics, WorkspaceLayout};
 use super::prepared::{self, PreparedLayout, ResidentPositives};
@@ -192,22 +194,32 @@ pub(crate) unsafe fn backward<E: KernelExecutor>(
     unsafe { launch::launch_backward(executor, problem, inputs, saved, coefficients, grad) }
 }
 
-/// Queues the kernels that prepare the positives and the forward kernels, writing both into
-/// the workspace at `workspace` ([`ResidentWorkspace`]): memory the caller owns, nothing
-/// allocated.
+/// Queues the kernels that prepare the positives (for the whole batch) and the statistics
+/// kernel over the anchors of the shard `samples` (`crate::shard::anchor_runs`), writing
+/// both into the workspace at `workspace` ([`ResidentWorkspace`]: memory the caller owns,
+/// nothing allocated). Only the shard's anchors' statistics are written, bitwise those of
+/// the whole batch's pass: a sharded loss fills every other anchor's with the other ranks'
+/// statistics, then calls [`finalize_into`], as the whole batch's pass does after its one
+/// shard of every sample.
+///
+/// # Errors
+/// [`Error::InvalidShard`] unless `samples` is a non-empty run of the batch's samples.
 ///
 /// # Safety
 /// As [`forward`] for the inputs; `workspace` must address `ResidentWorkspace::bytes`
 /// writable bytes of `executor`'s memory, 256-byte aligned, that nothing else reads or writes
 /// until the kernels have finished.
-pub(crate) unsafe fn forward_into<E: KernelExecutor>(
+pub(crate) unsafe fn forward_shard_into<E: KernelExecutor>(
     executor: &mut E,
     problem: &Problem,
     features: u64,
     positives: &ResidentPositives,
     workspace: u64,
+    samples: Range<usize>,
 ) -> Result<()> {
-    let layout = ResidentWorkspace::new(problem.loss(), problem.shape(), positives.set_classes());
+    let shape = problem.shape();
+    crate::shard::check_samples(shape, &samples)?;
+    let layout = ResidentWorkspace::new(problem.loss(), shape, positives.set_classes());
     let at = layout.outputs.addresses(workspace);
     let base = workspace + layout.prepared_offset() as u64;
     // SAFETY: per this function's contract.
@@ -220,24 +232,51 @@ pub(crate) unsafe fn forward_into<E: KernelExecutor>(
             positives,
             base,
         )?;
-        launch::launch_forward_at(executor, problem, &inputs, &at)
+        for run in launch::anchor_launches(problem, &samples) {
+            let run = run.start as u32..run.end as u32;
+            launch::launch_forward_statistics(executor, problem, &inputs, &at, run)?;
+        }
     }
+    Ok(())
 }
 
-/// Queues the backward pass from the forward's outputs in `workspace` ([`forward_into`]),
-/// the upstream gradient `const double[R]` at `upstream` (R copies of the scalar for a reduced
-/// loss), with `scratch` (R floats) for the per-anchor coefficients, writing `∂L/∂features`
-/// (`float[B][V][D]`) at `grad`. Nothing is allocated, copied or awaited. Under
+/// Queues `supcon_forward_finalize` on the workspace's statistics of every anchor: the
+/// reduced loss and the count of anchors without positives.
+///
+/// # Safety
+/// As [`forward_shard_into`], with every anchor's statistics in the workspace written (by
+/// [`forward_shard_into`] on this rank or another's, copied in) before the kernel runs.
+pub(crate) unsafe fn finalize_into<E: KernelExecutor>(
+    executor: &mut E,
+    problem: &Problem,
+    set_classes: Option<u32>,
+    workspace: u64,
+) -> Result<()> {
+    let layout = ResidentWorkspace::new(problem.loss(), problem.shape(), set_classes);
+    let at = layout.outputs.addresses(workspace);
+    // SAFETY: per this function's contract.
+    unsafe { launch::launch_finalize(executor, problem, &at) }
+}
+
+/// Queues the backward pass from the forward's outputs in `workspace` (finalised:
+/// [`finalize_into`]), the upstream gradient `const double[R]`
+/// at `upstream` (R copies of the scalar for a reduced loss), with `scratch` (R floats) for the
+/// per-anchor coefficients, writing `∂L/∂features` of the shard `samples`
+/// (`float[b1 − b0][V][D]`; all of them: `float[B][V][D]`) at `grad`, bitwise those rows of
+/// the whole pass. Nothing is allocated, copied or awaited. Under
 /// [`NoPositivePolicy::Error`] R' is computed as under `ZeroAndCount`: the caller reads the
 /// count from the workspace to raise the error.
 ///
+/// # Errors
+/// [`Error::InvalidShard`] unless `samples` is a non-empty run of the batch's samples.
+///
 /// # Safety
-/// As [`forward_into`], with `workspace` holding the outputs of [`forward_into`] for `problem`
-/// and these inputs; `upstream` must address R doubles and `scratch` R writable floats, and
-/// `grad` `B·V·D` writable floats, of `executor`'s memory, none read or written by anything
+/// As [`forward_shard_into`], with `workspace` holding the outputs of the forward for `problem` and
+/// these inputs; `upstream` must address R doubles, `scratch` R writable floats and `grad`
+/// `(b1 − b0)·V·D` writable floats, of `executor`'s memory, none read or written by anything
 /// else until the kernels have finished.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn backward_from<E: KernelExecutor>(
+pub(crate) unsafe fn backward_shard_from<E: KernelExecutor>(
     executor: &mut E,
     problem: &Problem,
     features: u64,
@@ -246,16 +285,29 @@ pub(crate) unsafe fn backward_from<E: KernelExecutor>(
     upstream: u64,
     scratch: u64,
     grad: u64,
+    samples: Range<usize>,
 ) -> Result<()> {
-    let layout = ResidentWorkspace::new(problem.loss(), problem.shape(), positives.set_classes());
+    let shape = problem.shape();
+    crate::shard::check_samples(shape, &samples)?;
+    let layout = ResidentWorkspace::new(problem.loss(), shape, positives.set_classes());
     let at = layout.outputs.addresses(workspace);
     let inputs = layout.inputs(features, positives, workspace);
-    // SAFETY: per this function's contract.
+    // The kernel writes row (b, v) at ((b·V + v)·D) floats from the address it is given; the
+    // shard's rows start at b0·V·D, so an address that many floats before `grad` puts them in
+    // `grad`. The kernel adds the offset back and never touches the rows outside the runs.
+    let before = (samples.start * shape.views() * shape.dim() * size_of::<f32>()) as u64;
+    let grad = grad.wrapping_sub(before);
+    // SAFETY: per this function's contract; each launch writes the rows of one run, all of
+    // them within the shard's `(b1 − b0)·V·D` floats at the caller's address.
     unsafe {
         let upstream = DeviceUpstream::PerAnchor(upstream);
         launch::launch_coefficients_at(executor, problem, &at, upstream, scratch)?;
-        launch::launch_backward(executor, problem, &inputs, at.saved, scratch, grad)
+        for run in launch::row_launches(shape, &samples) {
+            let run = run.start as u32..run.end as u32;
+            launch::launch_backward_rows(executor, problem, &inputs, at.saved, scratch, grad, run)?;
+        }
     }
+    Ok(())
 }
 
 /// The device-resident sequence run through the emulated kernels: its backward pass reads the
@@ -274,6 +326,26 @@ mod tests {
     use crate::label_sets::LabelSetWeight;
     use crate::precision::Precision;
     use crate::reference::ReferenceBackend;
+
+    /// The whole batch's forward pass into a workspace: its one shard, finalised.
+    ///
+    /// # Safety
+    /// As [`forward_shard_into`].
+    unsafe fn forward_into(
+        executor: &mut HostExecutor,
+        problem: &Problem,
+        features: u64,
+        positives: &ResidentPositives,
+        workspace: u64,
+    ) -> Result<()> {
+        let samples = 0..problem.shape().batch();
+        // SAFETY: per this function's contract; the shard of every sample writes every
+        // anchor's statistics before the finalisation reads them.
+        unsafe {
+            forward_shard_into(executor, problem, features, positives, workspace, samples)?;
+            finalize_into(executor, problem, positives.set_classes(), workspace)
+        }
+    }
 
     fn loss_grid() -> Vec<SupConLoss> {
         let mut losses = Vec::new();
@@ -456,7 +528,7 @@ mod tests {
         // SAFETY: as above; the upstream holds R doubles, the scratch R floats, `into` B·V·D
         // floats.
         unsafe {
-            backward_from(
+            backward_shard_from(
                 executor,
                 &problem,
                 features,
@@ -465,6 +537,7 @@ mod tests {
                 addresses[0],
                 addresses[1],
                 addresses[2],
+                0..batch,
             )
         }
         .unwrap();
@@ -633,6 +706,246 @@ mod tests {
                     if poison.is_nan() {
                         assert!(output.state.lse().iter().all(|l| l.is_nan()), "{what}");
                     }
+                }
+            }
+        }
+    }
+
+    /// The sharded sequence of one rank per shard, as a sharded loss runs it: each rank
+    /// writes its shard's statistics (`forward_shard_into`), the ranks copy each other's
+    /// entries into their workspaces (a collective's job, here a host copy), every rank
+    /// finalises and writes its shard's gradient rows (`backward_shard_from`). Every rank's
+    /// workspace then equals the whole pass's bytes for bytes, and the shards' gradients are
+    /// its rows bit for bit; for every kind of positives, both contrast modes, the three
+    /// denominators and reductions, `normalize` and a cap.
+    #[test]
+    fn sharded_workspaces_match_the_whole_pass_bit_for_bit() {
+        let (batch, views, dim) = (7, 2, 5);
+        let features = Array3::<f32>::from_shape_fn((batch, views, dim), |(b, v, d)| {
+            ((b * 11 + v * 7 + d * 3) as f32 * 0.29).sin()
+        });
+        let labels = Array1::from(vec![3i64, 1, 3, 8, 1, 1, 5]);
+        let mask =
+            Array2::from_shape_fn((batch, batch), |(i, j)| [0.0f32, 0.5, 2.0][(i * 2 + j) % 3]);
+        let sets = Array2::from_shape_fn((batch, 3), |(b, k)| (b + k) % 3 == 0 || b == k + 4);
+        let shape = BatchShape::new(batch, views, dim).unwrap();
+        let executor = &mut HostExecutor;
+        let features_buffer = executor
+            .upload(bytemuck::cast_slice(features.as_slice().unwrap()))
+            .unwrap();
+        let labels_buffer = executor
+            .upload(bytemuck::cast_slice(labels.as_slice().unwrap()))
+            .unwrap();
+        let mask_buffer = executor
+            .upload(bytemuck::cast_slice(mask.as_slice().unwrap()))
+            .unwrap();
+        let set_bytes: Vec<u8> = sets.iter().map(|&m| u8::from(m)).collect();
+        let sets_buffer = executor.upload(&set_bytes).unwrap();
+        let features_address = executor.address(&features_buffer);
+        let all_positives = [
+            ResidentPositives::Direct(PositiveAddresses::SameSample),
+            ResidentPositives::Direct(PositiveAddresses::Labels(executor.address(&labels_buffer))),
+            ResidentPositives::Direct(PositiveAddresses::Mask(executor.address(&mask_buffer))),
+            ResidentPositives::Memberships {
+                address: executor.address(&sets_buffer),
+                classes: 3,
+                weight: LabelSetWeight::Jaccard,
+            },
+        ];
+        let losses = [
+            SupConLoss::default(),
+            SupConLoss::builder()
+                .contrast_mode(ContrastMode::One)
+                .denominator(Denominator::OnePositive)
+                .reduction(Reduction::None)
+                .build()
+                .unwrap(),
+            SupConLoss::builder()
+                .summation(Summation::Inside)
+                .denominator(Denominator::OnlyNegatives)
+                .reduction(Reduction::Sum)
+                .normalize(true)
+                .positives_cap(2)
+                .build()
+                .unwrap(),
+            SupConLoss::builder()
+                .denominator(Denominator::OnePositive)
+                .no_positive(NoPositivePolicy::Exclude)
+                .build()
+                .unwrap(),
+        ];
+        for loss in &losses {
+            for positives in &all_positives {
+                let what = format!("{loss:?} {positives:?}");
+                let problem =
+                    Problem::new("emulated", loss, shape, DType::F32, Precision::Auto).unwrap();
+                let layout = ResidentWorkspace::new(loss, shape, positives.set_classes());
+                let anchors = problem.anchors();
+                let upstream: Vec<f64> =
+                    (0..anchors).map(|i| 0.5 + 0.25 * (i % 3) as f64).collect();
+                let upstream = executor.upload(bytemuck::cast_slice(&upstream)).unwrap();
+                let upstream_address = executor.address(&upstream);
+                let scratch = executor.alloc(anchors * size_of::<f32>()).unwrap();
+                let scratch_address = executor.address(&scratch);
+                // The whole pass.
+                let whole = executor.alloc(layout.bytes()).unwrap();
+                let whole_grad = executor.alloc(shape.elements() * size_of::<f32>()).unwrap();
+                let [whole_address, whole_grad_address] =
+                    [&whole, &whole_grad].map(|b| executor.address(b));
+                // SAFETY: the inputs hold B·V·D f32, B i64, B·B f32 or B·K bytes, the
+                // workspace its layout's bytes, the upstream R doubles, the scratch R floats,
+                // the gradient B·V·D floats; all outlive the synchronous emulated launches.
+                unsafe {
+                    forward_into(
+                        executor,
+                        &problem,
+                        features_address,
+                        positives,
+                        whole_address,
+                    )
+                    .unwrap();
+                    backward_shard_from(
+                        executor,
+                        &problem,
+                        features_address,
+                        positives,
+                        whole_address,
+                        upstream_address,
+                        scratch_address,
+                        whole_grad_address,
+                        0..batch,
+                    )
+                    .unwrap();
+                }
+                let expected: Vec<u8> = download_vec(executor, &whole, layout.bytes()).unwrap();
+                let expected_grad: Vec<f32> =
+                    download_vec(executor, &whole_grad, shape.elements()).unwrap();
+                for sizes in [vec![7], vec![3, 1, 3], vec![2, 0, 5], vec![1, 2, 1, 3]] {
+                    let shards: Vec<Range<usize>> = sizes
+                        .iter()
+                        .scan(0, |start, &size| {
+                            *start += size;
+                            Some(*start - size..*start)
+                        })
+                        .collect();
+                    let workspaces: Vec<_> = shards
+                        .iter()
+                        .map(|_| executor.alloc(layout.bytes()).unwrap())
+                        .collect();
+                    let addresses: Vec<u64> =
+                        workspaces.iter().map(|w| executor.address(w)).collect();
+                    for (samples, &at) in shards.iter().zip(&addresses) {
+                        // Poison: every byte that no shard and no copy writes shows.
+                        // SAFETY: the workspace holds the layout's bytes.
+                        unsafe { std::ptr::write_bytes(at as *mut u8, 0xA5, layout.bytes()) };
+                        if samples.is_empty() {
+                            continue;
+                        }
+                        // SAFETY: as for the whole pass.
+                        unsafe {
+                            forward_shard_into(
+                                executor,
+                                &problem,
+                                features_address,
+                                positives,
+                                at,
+                                samples.clone(),
+                            )
+                            .unwrap();
+                        }
+                    }
+                    // The exchange: each shard's anchors' entries of the nine statistics.
+                    let outputs = layout.outputs;
+                    for (source, samples) in shards.iter().enumerate() {
+                        for run in crate::shard::anchor_runs(loss, shape, samples) {
+                            for k in 0..WorkspaceLayout::STATISTICS {
+                                let offset = outputs.per_anchor_offset()
+                                    + k * outputs.statistics_stride()
+                                    + run.start * size_of::<f32>();
+                                for (target, &at) in addresses.iter().enumerate() {
+                                    if target != source {
+                                        // SAFETY: both workspaces hold the layout's bytes.
+                                        unsafe {
+                                            std::ptr::copy_nonoverlapping(
+                                                (addresses[source] + offset as u64) as *const u8,
+                                                (at + offset as u64) as *mut u8,
+                                                run.len() * size_of::<f32>(),
+                                            );
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let mut grad = Vec::new();
+                    for (rank, samples) in shards.iter().enumerate() {
+                        let at = addresses[rank];
+                        let rows = samples.len() * views * dim;
+                        let shard_grad = executor.alloc(rows.max(1) * size_of::<f32>()).unwrap();
+                        let shard_grad_address = executor.address(&shard_grad);
+                        // SAFETY: as for the whole pass; the shard's gradient holds its
+                        // (b1 − b0)·V·D floats.
+                        unsafe {
+                            finalize_into(executor, &problem, positives.set_classes(), at).unwrap();
+                            if !samples.is_empty() {
+                                backward_shard_from(
+                                    executor,
+                                    &problem,
+                                    features_address,
+                                    positives,
+                                    at,
+                                    upstream_address,
+                                    scratch_address,
+                                    shard_grad_address,
+                                    samples.clone(),
+                                )
+                                .unwrap();
+                            }
+                        }
+                        grad.extend(download_vec::<_, f32>(executor, &shard_grad, rows).unwrap());
+                        // The loss, the count and the statistics (Ψ_i and log A_i are one
+                        // positive's only); the regions' padding, the prepared positives' and
+                        // the column shares' partials are no outputs (the gradient reads the
+                        // prepared positives).
+                        let got: Vec<u8> =
+                            download_vec(executor, &workspaces[rank], layout.bytes()).unwrap();
+                        let written = match loss.denominator() {
+                            Denominator::OnePositive => WorkspaceLayout::STATISTICS,
+                            _ => WorkspaceLayout::STATISTICS - 2,
+                        };
+                        let regions = (0..written).map(|k| {
+                            let at = outputs.per_anchor_offset() + k * outputs.statistics_stride();
+                            at..at + anchors * size_of::<f32>()
+                        });
+                        let count = outputs.anchors_without_positives_offset();
+                        for region in [0..8, count..count + 4].into_iter().chain(regions) {
+                            assert!(
+                                got[region.clone()] == expected[region.clone()],
+                                "{what} {sizes:?}: rank {rank}'s workspace at {region:?}"
+                            );
+                        }
+                    }
+                    let bits = |g: &[f32]| g.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&grad),
+                        bits(&expected_grad),
+                        "{what} {sizes:?}: gradient"
+                    );
+                }
+                // An empty or out-of-range shard is refused before anything runs.
+                for samples in [3..3, 5..8] {
+                    // SAFETY: nothing is launched for a refused shard.
+                    let refused = unsafe {
+                        forward_shard_into(
+                            executor,
+                            &problem,
+                            features_address,
+                            positives,
+                            whole_address,
+                            samples,
+                        )
+                    };
+                    assert!(matches!(refused, Err(Error::InvalidShard(_))), "{what}");
                 }
             }
         }

@@ -31,7 +31,7 @@ use crate::inputs::{BatchShape, OwnedPositives, Positives};
 use crate::shard::{self, anchor_rows, ShardStatistics};
 
 #[cfg(feature = "nccl")]
-pub use crate::cuda::{NcclGroup, NcclId};
+pub use crate::cuda::{NcclGroup, NcclId, ShardedDeviceForward};
 pub use in_process::InProcessGroup;
 
 /// The collective operations a sharded loss needs, over a fixed group of ranks. Every rank of
@@ -98,18 +98,11 @@ pub fn all_gather<T: bytemuck::Pod, C: Collectives + ?Sized>(
 /// What every rank must agree on: the kind of positives (and a label set weight), V, D and K
 /// (the label sets' classes, or the mask's columns); after B_r, and before whether the rank's
 /// own inputs are valid (1) or not (0).
-fn header(
-    features: &ArrayView3<'_, impl Element>,
-    positives: &Positives<'_>,
+pub(crate) fn header(
+    (batch, views, dim): (usize, usize, usize),
+    (kind, width): (u64, usize),
     valid: bool,
 ) -> [u64; 6] {
-    let (batch, views, dim) = features.dim();
-    let (kind, width) = match positives {
-        Positives::SimClr => (0, 0),
-        Positives::Labels(_) => (1, 0),
-        Positives::Mask(mask) => (2, mask.ncols()),
-        Positives::LabelSets { sets, weight } => (3 + *weight as u64, sets.ncols()),
-    };
     [
         batch as u64,
         views as u64,
@@ -118,6 +111,49 @@ fn header(
         width as u64,
         u64::from(valid),
     ]
+}
+
+/// The kind of host positives and their width, as [`header`] takes them.
+fn kind_of(positives: &Positives<'_>) -> (u64, usize) {
+    match positives {
+        Positives::SimClr => (0, 0),
+        Positives::Labels(_) => (1, 0),
+        Positives::Mask(mask) => (2, mask.ncols()),
+        Positives::LabelSets { sets, weight } => (3 + *weight as u64, sets.ncols()),
+    }
+}
+
+/// Every rank's samples in the whole batch, once the ranks have exchanged their [`header`]s
+/// (`mine`) and found them valid and in agreement: each rank learns of every other's bad
+/// inputs before the next collective, so that all return an error instead of some waiting
+/// forever. `local` is this rank's own check, returned after the exchange.
+pub(crate) fn agree<C: Collectives + ?Sized>(
+    group: &C,
+    mine: [u64; 6],
+    local: Result<()>,
+) -> Result<Vec<Range<usize>>> {
+    let headers = all_gather(group, &mine)?;
+    local?;
+    if let Some(rank) = headers.iter().position(|h| h.len() != 6 || h[5] != 1) {
+        return Err(Error::Collective {
+            operation: "forward",
+            reason: format!("rank {rank}'s inputs are invalid"),
+        });
+    }
+    if headers.iter().any(|h| h[1..5] != mine[1..5]) {
+        return Err(Error::Collective {
+            operation: "forward",
+            reason: "the ranks' views, dim or positives differ".into(),
+        });
+    }
+    let mut shards = Vec::with_capacity(headers.len());
+    let mut batch = 0usize;
+    for h in &headers {
+        let size = usize::try_from(h[0]).expect("a rank's batch fits usize");
+        shards.push(batch..batch + size);
+        batch += size;
+    }
+    Ok(shards)
 }
 
 /// The SupCon loss over a group of ranks, each holding its own samples (see the module docs):
@@ -178,6 +214,16 @@ impl<B: Backend, C: Collectives> ShardedSupCon<B, C> {
         &self.group
     }
 
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The loss configuration.
+    pub fn loss(&self) -> &SupConLoss {
+        &self.loss
+    }
+
     /// This rank's forward pass on its `[B_r, V, D]` features and their positives: labels or
     /// label sets of its samples (`[B_r]`, `[B_r, K]`), SimCLR, or its rows of the whole
     /// batch's mask (`[B_r, B]`, columns in the concatenated order). Every rank of the group
@@ -192,31 +238,10 @@ impl<B: Backend, C: Collectives> ShardedSupCon<B, C> {
         positives: Positives<'_>,
     ) -> Result<ShardedForward<T>> {
         let (_, views, dim) = features.dim();
-        // Every rank learns of every other's bad inputs before the next collective, so that all
-        // return an error instead of some waiting forever.
         let local = check_local(features.dim().0, &positives);
-        let mine = header(&features, &positives, local.is_ok());
-        let headers = all_gather(&self.group, &mine)?;
-        local?;
-        if let Some(rank) = headers.iter().position(|h| h.len() != 6 || h[5] != 1) {
-            return Err(Error::Collective {
-                operation: "forward",
-                reason: format!("rank {rank}'s inputs are invalid"),
-            });
-        }
-        if headers.iter().any(|h| h[1..5] != mine[1..5]) {
-            return Err(Error::Collective {
-                operation: "forward",
-                reason: "the ranks' views, dim or positives differ".into(),
-            });
-        }
-        let mut shards = Vec::with_capacity(headers.len());
-        let mut batch = 0usize;
-        for h in &headers {
-            let size = usize::try_from(h[0]).expect("a rank's batch fits usize");
-            shards.push(batch..batch + size);
-            batch += size;
-        }
+        let mine = header(features.dim(), kind_of(&positives), local.is_ok());
+        let shards = agree(&self.group, mine, local)?;
+        let batch = shards.last().map_or(0, |last| last.end);
         let shape = BatchShape::new(batch, views, dim)?;
         if let Positives::Mask(mask) = positives {
             if mask.ncols() != batch {
@@ -287,39 +312,8 @@ impl<B: Backend, C: Collectives> ShardedSupCon<B, C> {
     ) -> Result<Array3<T::Grad>> {
         let state = &forward.output.state;
         let (loss, samples) = (&self.loss, forward.samples());
-        let local_anchors = anchor_rows(loss, state.shape, samples).count();
-        // As in `forward`: every rank learns whether every other's upstream is valid before it
-        // uses the values.
-        let check = crate::backend::check_upstream(loss.reduction(), local_anchors, upstream);
-        let valid = f64::from(u8::from(check.is_ok()));
-        let global_upstream = match upstream {
-            Upstream::Scalar(u) => {
-                let mut total = [if check.is_ok() { u } else { 0.0 }, valid];
-                self.group.all_reduce_sum(&mut total)?;
-                check?;
-                if total[1] != self.group.world() as f64 {
-                    return Err(invalid_upstream());
-                }
-                GlobalUpstream::Scalar(total[0])
-            }
-            Upstream::PerAnchor(u) => {
-                let mut payload = u.to_vec();
-                payload.push(valid);
-                let gathered = all_gather(&self.group, &payload)?;
-                check?;
-                let mut values = vec![0.0; state.shape.anchors(loss.contrast_mode())];
-                for (samples, payload_of_rank) in forward.shards.iter().zip(gathered) {
-                    let anchors = anchor_rows(loss, state.shape, samples).count();
-                    let (flag, values_of_rank) =
-                        payload_of_rank.split_last().unwrap_or((&0.0, &[]));
-                    if *flag != 1.0 || values_of_rank.len() != anchors {
-                        return Err(invalid_upstream());
-                    }
-                    shard::place(loss, state.shape, samples, values_of_rank, &mut values);
-                }
-                GlobalUpstream::PerAnchor(Array1::from(values))
-            }
-        };
+        let global_upstream =
+            self.global_upstream(state.shape, &forward.shards, samples, upstream)?;
         let upstream = match &global_upstream {
             GlobalUpstream::Scalar(u) => Upstream::Scalar(*u),
             GlobalUpstream::PerAnchor(values) => Upstream::PerAnchor(values.view()),
@@ -336,6 +330,50 @@ impl<B: Backend, C: Collectives> ShardedSupCon<B, C> {
             upstream,
             samples.clone(),
         )
+    }
+
+    /// The upstream gradient of the whole batch from every rank's `upstream` (a reduced loss:
+    /// their sum; reduction none: each rank's values placed at its anchors). As in `forward`,
+    /// every rank learns whether every other's upstream is valid before it uses the values.
+    pub(crate) fn global_upstream(
+        &self,
+        shape: BatchShape,
+        shards: &[Range<usize>],
+        samples: &Range<usize>,
+        upstream: Upstream<'_>,
+    ) -> Result<GlobalUpstream> {
+        let loss = &self.loss;
+        let local_anchors = anchor_rows(loss, shape, samples).count();
+        let check = crate::backend::check_upstream(loss.reduction(), local_anchors, upstream);
+        let valid = f64::from(u8::from(check.is_ok()));
+        Ok(match upstream {
+            Upstream::Scalar(u) => {
+                let mut total = [if check.is_ok() { u } else { 0.0 }, valid];
+                self.group.all_reduce_sum(&mut total)?;
+                check?;
+                if total[1] != self.group.world() as f64 {
+                    return Err(invalid_upstream());
+                }
+                GlobalUpstream::Scalar(total[0])
+            }
+            Upstream::PerAnchor(u) => {
+                let mut payload = u.to_vec();
+                payload.push(valid);
+                let gathered = all_gather(&self.group, &payload)?;
+                check?;
+                let mut values = vec![0.0; shape.anchors(loss.contrast_mode())];
+                for (samples, payload_of_rank) in shards.iter().zip(gathered) {
+                    let anchors = anchor_rows(loss, shape, samples).count();
+                    let (flag, values_of_rank) =
+                        payload_of_rank.split_last().unwrap_or((&0.0, &[]));
+                    if *flag != 1.0 || values_of_rank.len() != anchors {
+                        return Err(invalid_upstream());
+                    }
+                    shard::place(loss, shape, samples, values_of_rank, &mut values);
+                }
+                GlobalUpstream::PerAnchor(Array1::from(values))
+            }
+        })
     }
 
     fn gather_positives(&self, positives: &Positives<'_>, batch: usize) -> Result<OwnedPositives> {
@@ -371,7 +409,7 @@ impl<B: Backend, C: Collectives> ShardedSupCon<B, C> {
 }
 
 /// The upstream gradient of the whole batch, owned.
-enum GlobalUpstream {
+pub(crate) enum GlobalUpstream {
     Scalar(f64),
     PerAnchor(Array1<f64>),
 }

@@ -18,7 +18,7 @@ use super::executor::{allocation_error, driver_error, LoadedKernels, StreamExecu
 use super::raw::{self, DriverLibrary};
 use crate::backend::{Backend, ForwardOutput, SavedState, Upstream};
 use crate::config::SupConLoss;
-use crate::device::launch;
+use crate::device::launch::{self, WorkspaceLayout};
 use crate::device::prepared::{PreparedLayout, ResidentPositives};
 use crate::device::problem::{PositiveAddresses, Problem};
 use crate::device::resident::{ResidentForward, ResidentWorkspace};
@@ -391,26 +391,9 @@ impl CudaBackend {
         positives: DevicePositives<'_>,
         workspace: &mut CudaViewMut<'_, u8>,
     ) -> Result<()> {
-        let problem = Problem::new(NAME, loss, shape, T::DTYPE, self.precision)?;
-        let layout = Self::workspace(loss, shape, positives.label_set_classes())?;
-        let bound = self.bind_inputs(shape, features, positives)?;
-        let (base, guard) = self.bind_workspace("workspace", workspace, layout.bytes())?;
-        let mut executor = self.executor();
-        // SAFETY: the inputs as in `forward_device`; the workspace holds the layout's bytes of
-        // this context (checked), 256-byte aligned (checked), borrowed mutably for this call,
-        // its guard recording the kernels' writes.
-        unsafe {
-            resident::forward_into(
-                &mut executor,
-                &problem,
-                bound.features,
-                &bound.positives,
-                base,
-            )?;
-        }
-        drop(guard);
-        drop(bound);
-        Ok(())
+        let samples = 0..shape.batch();
+        self.forward_shard_device_into(loss, features, shape, positives, samples, workspace)?;
+        self.finalize_device(loss, shape, positives.label_set_classes(), workspace)
     }
 
     /// Queues the backward pass from a `workspace` that
@@ -434,8 +417,120 @@ impl CudaBackend {
         scratch: &mut CudaViewMut<'_, u8>,
         grad: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
+        let samples = 0..shape.batch();
+        self.backward_shard_device_from(
+            loss, features, shape, positives, samples, workspace, upstream, scratch, grad,
+        )
+    }
+
+    /// [`forward_device_into`](Self::forward_device_into) for one shard of the batch, the
+    /// samples `samples` (a non-empty run of `0..B`; `crate::shard` in the docs of the
+    /// sharded loss): the positives are prepared for the whole batch, and the statistics
+    /// kernel runs over the shard's anchors only (anchor i = v·B + b for b in the run, each
+    /// anchor view v), writing their entries of the workspace's per-anchor statistics
+    /// ([`DeviceWorkspace::statistics_offset`]) bit for bit as the whole pass does, and
+    /// nothing else: no loss is reduced.
+    ///
+    /// A sharded loss runs it on the whole batch gathered on every rank, each rank for its own
+    /// samples; copies every rank's entries of the nine statistics into every other rank's
+    /// workspace (a collective: NCCL, `torch.distributed`); then reduces the loss with
+    /// [`finalize_device`](Self::finalize_device) and takes its own rows of the gradient with
+    /// [`backward_shard_device_from`](Self::backward_shard_device_from). Every rank's
+    /// workspace then holds the whole pass's bytes.
+    ///
+    /// # Errors
+    /// As [`forward_device_into`](Self::forward_device_into); [`Error::InvalidShard`] for
+    /// an empty run or one past the batch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_shard_device_into<T: CudaFeature>(
+        &self,
+        loss: &SupConLoss,
+        features: &CudaView<'_, T>,
+        shape: BatchShape,
+        positives: DevicePositives<'_>,
+        samples: Range<usize>,
+        workspace: &mut CudaViewMut<'_, u8>,
+    ) -> Result<()> {
         let problem = Problem::new(NAME, loss, shape, T::DTYPE, self.precision)?;
         let layout = Self::workspace(loss, shape, positives.label_set_classes())?;
+        let bound = self.bind_inputs(shape, features, positives)?;
+        let (base, guard) = self.bind_workspace("workspace", workspace, layout.bytes())?;
+        let mut executor = self.executor();
+        // SAFETY: the inputs as in `forward_device`; the workspace holds the layout's bytes of
+        // this context (checked), 256-byte aligned (checked), borrowed mutably for this call,
+        // its guard recording the kernels' writes.
+        unsafe {
+            resident::forward_shard_into(
+                &mut executor,
+                &problem,
+                bound.features,
+                &bound.positives,
+                base,
+                samples,
+            )?;
+        }
+        drop(guard);
+        drop(bound);
+        Ok(())
+    }
+
+    /// Queues the forward pass's last kernel on a workspace whose per-anchor statistics are
+    /// all written (by [`forward_shard_device_into`](Self::forward_shard_device_into) on
+    /// every shard, gathered): the reduced loss and the count of anchors without positives,
+    /// as [`forward_device_into`](Self::forward_device_into) ends. Deterministic: every rank
+    /// of a sharded loss reduces the same bits.
+    ///
+    /// # Errors
+    /// [`Error::InvalidDeviceBuffer`] for a workspace of another length or context, or not
+    /// 256-byte aligned; option and shape errors as [`Backend::forward`].
+    pub fn finalize_device(
+        &self,
+        loss: &SupConLoss,
+        shape: BatchShape,
+        label_set_classes: Option<usize>,
+        workspace: &mut CudaViewMut<'_, u8>,
+    ) -> Result<()> {
+        // The kernel reads no feature: any element type gives the same problem here.
+        let problem = Problem::new(NAME, loss, shape, crate::DType::F32, self.precision)?;
+        let layout = Self::workspace(loss, shape, label_set_classes)?;
+        let set_classes = label_set_classes.map(PreparedLayout::classes).transpose()?;
+        let (base, guard) = self.bind_workspace("workspace", workspace, layout.bytes())?;
+        // SAFETY: the workspace holds the layout's bytes of this context (checked), 256-byte
+        // aligned (checked), borrowed mutably for this call; its statistics are the caller's
+        // to have written (documented).
+        unsafe {
+            resident::finalize_into(&mut self.executor(), &problem, set_classes, base)?;
+        }
+        drop(guard);
+        Ok(())
+    }
+
+    /// [`backward_device_from`](Self::backward_device_from) for the rows of one shard's
+    /// samples `samples`: from a workspace holding every anchor's statistics and the reduced
+    /// loss ([`finalize_device`](Self::finalize_device)) and the upstream gradient of every
+    /// anchor (`upstream`, R doubles), it writes `∂(objective)/∂features` of the shard's
+    /// samples, `[b1 − b0, V, D]` f32, into `grad`: bit for bit those rows of the whole
+    /// pass's gradient.
+    ///
+    /// # Errors
+    /// As [`backward_device_from`](Self::backward_device_from); [`Error::InvalidShard`] as
+    /// [`forward_shard_device_into`](Self::forward_shard_device_into).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_shard_device_from<T: CudaFeature>(
+        &self,
+        loss: &SupConLoss,
+        features: &CudaView<'_, T>,
+        shape: BatchShape,
+        positives: DevicePositives<'_>,
+        samples: Range<usize>,
+        workspace: &CudaView<'_, u8>,
+        upstream: &CudaView<'_, f64>,
+        scratch: &mut CudaViewMut<'_, u8>,
+        grad: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let problem = Problem::new(NAME, loss, shape, T::DTYPE, self.precision)?;
+        let layout = Self::workspace(loss, shape, positives.label_set_classes())?;
+        crate::shard::check_samples(shape, &samples)?;
         let bound = self.bind_inputs(shape, features, positives)?;
         self.check_buffer(
             "workspace",
@@ -449,7 +544,8 @@ impl CudaBackend {
             upstream.stream(),
             layout.anchors,
         )?;
-        self.check_buffer("grad", grad.len(), grad.stream(), shape.elements())?;
+        let rows = samples.len() * shape.views() * shape.dim();
+        self.check_buffer("grad", grad.len(), grad.stream(), rows)?;
         let (workspace_address, workspace_guard) = workspace.device_ptr(&self.stream);
         check_alignment("workspace", workspace_address)?;
         let (upstream_address, upstream_guard) = upstream.device_ptr(&self.stream);
@@ -459,10 +555,11 @@ impl CudaBackend {
         let mut executor = self.executor();
         // SAFETY: inputs as in `forward_device`; the workspace holds a forward's outputs for
         // this problem (the caller's promise, documented), the upstream R doubles, the scratch
-        // R floats and `grad` B·V·D floats, all of this context (checked) and borrowed for the
-        // call, their guards ordering other streams' work after the kernels.
+        // R floats and `grad` the shard's (b1 − b0)·V·D floats, all of this context (checked)
+        // and borrowed for the call, their guards ordering other streams' work after the
+        // kernels.
         unsafe {
-            resident::backward_from(
+            resident::backward_shard_from(
                 &mut executor,
                 &problem,
                 bound.features,
@@ -471,6 +568,7 @@ impl CudaBackend {
                 upstream_address,
                 scratch_address,
                 grad_address,
+                samples,
             )?;
         }
         drop((
@@ -638,6 +736,21 @@ impl DeviceWorkspace {
     pub fn scratch_bytes(&self) -> usize {
         self.anchors * size_of::<f32>()
     }
+
+    /// Offset of the first of the [`STATISTICS`](Self::STATISTICS) per-anchor statistics
+    /// (`f32[R]` each, anchor i = v·B + b; ℓ_i first), which a sharded loss gathers between
+    /// its ranks.
+    pub fn statistics_offset(&self) -> usize {
+        self.layout.outputs.per_anchor_offset()
+    }
+
+    /// Bytes from one per-anchor statistic to the next (R floats, rounded up to 256 bytes).
+    pub fn statistics_stride(&self) -> usize {
+        self.layout.outputs.statistics_stride()
+    }
+
+    /// How many per-anchor statistics the workspace holds.
+    pub const STATISTICS: usize = WorkspaceLayout::STATISTICS;
 }
 
 /// Records that the forward kernels queued so far on `stream` write the statistics and the

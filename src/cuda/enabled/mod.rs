@@ -12,8 +12,12 @@ mod executor;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod raw;
+#[cfg(feature = "nccl")]
+mod sharded;
 
 pub use backend::{CudaBackend, CudaFeature, DeviceForward, DevicePositives, DeviceWorkspace};
 pub use checks::{MIN_COMPUTE_CAPABILITY, MIN_DRIVER_VERSION};
 #[cfg(feature = "nccl")]
 pub use nccl::{NcclGroup, NcclId};
+#[cfg(feature = "nccl")]
+pub use sharded::ShardedDeviceForward;

@@ -30,7 +30,7 @@ pub struct NcclGroup {
 /// before joining: [`NcclGroup::new_id`], [`NcclGroup::from_rank`].
 pub type NcclId = [std::ffi::c_char; 128];
 
-fn nccl_error(operation: &'static str) -> impl FnOnce(NcclError) -> Error {
+pub(super) fn nccl_error(operation: &'static str) -> impl FnOnce(NcclError) -> Error {
     move |error| Error::Collective {
         operation,
         reason: format!("NCCL error {:?}", error.0),
@@ -87,6 +87,11 @@ impl NcclGroup {
         let comm = Comm::from_rank(stream, rank, world, Id::uninit(id))
             .map_err(nccl_error("ncclCommInitRank"))?;
         Ok(NcclGroup { comm })
+    }
+
+    /// The communicator, on the stream it was created with.
+    pub(super) fn comm(&self) -> &Comm {
+        &self.comm
     }
 
     /// All-gathers `count` values of every rank through the GPU.
