@@ -728,7 +728,8 @@ class _ShardedLoss(torch.autograd.Function):
             output = statistics[0, :, b0:b1].reshape(-1)
         else:
             output = workspace[loss_offset : loss_offset + 8].view(torch.float64)[0]
-        return output.to(features.dtype)
+        # A copy: the workspace is the backward's state.
+        return output.to(features.dtype, copy=True)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

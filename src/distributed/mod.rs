@@ -11,6 +11,10 @@
 //!    all-gathered), then compute the rank's rows of ∂L/∂Z from every anchor's statistics
 //!    ([`Backend::backward_shard`]). No N × D gradient is communicated.
 //!
+//! On device buffers, with a [`crate::CudaBackend`] and an `NcclGroup` on one stream,
+//! `ShardedSupCon::forward_device` and `backward_device` (feature `nccl`) run the same steps
+//! with the features, the statistics and the gradient on the GPU.
+//!
 //! The gradient is that of the sum of every rank's objective, Σ_r u_r·L: each rank's L is the
 //! whole batch's loss, as with gather-with-grad, whose reduce-scatter sums the same terms. So
 //! under data parallelism, which averages parameter gradients over W ranks, a plain

@@ -30,7 +30,7 @@ use super::executor::{allocation_error, driver_error};
 use super::nccl::{nccl_error, NcclGroup};
 use crate::backend::Upstream;
 use crate::config::{NoPositivePolicy, Reduction};
-use crate::distributed::{agree, header, GlobalUpstream, ShardedSupCon};
+use crate::distributed::{agree, all_gather, header, GlobalUpstream, ShardedSupCon};
 use crate::error::{Error, Result};
 use crate::inputs::BatchShape;
 use crate::label_sets::LabelSetWeight;
@@ -216,10 +216,20 @@ impl ShardedSupCon<CudaBackend, NcclGroup> {
         let batch = shards.last().map_or(0, |last| last.end);
         let shape = BatchShape::new(batch, views, dim)?;
         if let DevicePositives::Mask(mask) = positives {
-            if mask.len() != rows * batch {
+            // A mask's columns are known once B is: the ranks check them, then learn whether
+            // every rank's fit, so that all fail together.
+            let fits = mask.len() == rows * batch;
+            let all = all_gather(self.group(), &[u64::from(fits)])?;
+            if !fits {
                 return Err(Error::MaskShape {
                     expected: batch,
                     got: [rows, mask.len().checked_div(rows).unwrap_or(0)],
+                });
+            }
+            if let Some(rank) = all.iter().position(|fit| fit[..] != [1]) {
+                return Err(Error::Collective {
+                    operation: "forward",
+                    reason: format!("rank {rank}'s mask rows are not [B_r, {batch}]"),
                 });
             }
         }
@@ -287,7 +297,8 @@ impl ShardedSupCon<CudaBackend, NcclGroup> {
     /// This rank's ∂(objective)/∂features, `[B_r, V, D]` f32 on the device, where the
     /// objective is the sum over ranks of each rank's `upstream` times its output, as
     /// [`ShardedSupCon::backward`]. The upstream values are combined over the group on the
-    /// host (one synchronisation). Every rank of the group calls it.
+    /// host (one synchronisation). Every rank of the group calls it. A rank without samples
+    /// gets one element (zero): the driver allocates nothing empty.
     ///
     /// # Errors
     /// As [`ShardedSupCon::backward`]; [`Error::AnchorWithoutPositives`] under
