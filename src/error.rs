@@ -111,6 +111,10 @@ pub enum Error {
     /// of the wrong length (see [`crate::ShardStatistics`]).
     #[error("invalid shard: {0}")]
     InvalidShard(String),
+    /// An argument of the C ABI is invalid: a null pointer, an unknown enum value, a length
+    /// that overflows (see `include/supcon.h`).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     /// A batch does not fit a memory bank: other views, dim or kind of positives than the
     /// bank holds, or a mask (which has no entries for the bank's rows).
     #[error("memory bank: {0}")]
