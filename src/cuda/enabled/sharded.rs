@@ -30,6 +30,7 @@ use super::executor::{allocation_error, driver_error};
 use super::nccl::{nccl_error, NcclGroup};
 use crate::backend::Upstream;
 use crate::config::{NoPositivePolicy, Reduction};
+use crate::device::problem::Problem;
 use crate::distributed::{agree, all_gather, header, GlobalUpstream, ShardedSupCon};
 use crate::error::{Error, Result};
 use crate::inputs::BatchShape;
@@ -215,6 +216,9 @@ impl ShardedSupCon<CudaBackend, NcclGroup> {
         )?;
         let batch = shards.last().map_or(0, |last| last.end);
         let shape = BatchShape::new(batch, views, dim)?;
+        // What the kernels refuse for the whole batch, every rank refuses before the next
+        // collective (those without samples run no kernel that would check it).
+        Problem::new("cuda", self.loss(), shape, T::DTYPE, backend.precision())?;
         if let DevicePositives::Mask(mask) = positives {
             // A mask's columns are known once B is: the ranks check them, then learn whether
             // every rank's fit, so that all fail together.
