@@ -109,11 +109,12 @@ fn the_header_declares_what_the_library_defines() {
     );
 }
 
-/// The directory of the test's cdylib (`target/<profile>`: the test binary lies in its
-/// `deps/`).
+/// The directory of the cdylib this test was built with: `target/<profile>/deps`, beside the
+/// test binary. (The copy in `target/<profile>` is the last `cargo build`'s, whatever its
+/// features.)
 fn library_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    exe.parent().unwrap().to_path_buf()
 }
 
 /// The C program `source` compiled against the header and linked with the cdylib, as
@@ -150,13 +151,21 @@ fn the_readmes_c_snippet_runs() {
     let source = out.join("train.c");
     std::fs::write(&source, snippet).unwrap();
     let program = compiled(&source, &out.join("train"));
-    let run = Command::new(&program).output().unwrap();
+    let run = run_linked(&program).output().unwrap();
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success() && stdout.starts_with("loss = "),
         "{stdout}"
     );
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// A command running `program` with this test's cdylib: cargo's `LD_LIBRARY_PATH` lists the
+/// profile's directory too, whose `libsupcon.so` may come from a build without `capi`.
+fn run_linked(program: &Path) -> Command {
+    let mut command = Command::new(program);
+    command.env("LD_LIBRARY_PATH", library_dir());
+    command
 }
 
 /// One run's inputs: the features, the positives (kind code, and their bytes) and options.
@@ -240,7 +249,7 @@ fn a_c_program_gets_the_cpu_backends_loss_and_gradient() {
             out.join(format!("out{index}")),
         );
         std::fs::write(&input_path, &input).unwrap();
-        let run = Command::new(&program)
+        let run = run_linked(&program)
             .arg(&input_path)
             .arg(&output_path)
             .output()
