@@ -73,7 +73,8 @@ for m in messages("test.json"):
     target = m["target"]
     if not m["profile"]["test"]:
         continue
-    if "lib" in target["kind"]:
+    # The library's kinds: ["lib"], or the crate types ["rlib", "cdylib"].
+    if {"lib", "rlib", "cdylib"} & set(target["kind"]):
         out.append(("tests/lib", m["executable"]))
     elif "test" in target["kind"] and uses_cuda(target["src_path"]):
         out.append((f"tests/{target['name']}", m["executable"]))
