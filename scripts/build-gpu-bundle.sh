@@ -8,6 +8,7 @@
 #   python/   the Python package as a wheel (wheels/), its pytest suite (tests/) and its
 #             benchmark (bench.py); examples/python/digits.py and README.md, which tests read
 #   gpu-check.sh, torch_baseline.py, BUILD_INFO
+# tests/, benches/ and bin/ travel packed in binaries.tar.xz (gpu-check.sh unpacks them).
 # All with --all-features and the kernels compiled by the pinned nvcc 13.0
 # (scripts/install-nvcc.sh), by default for sm_90 only (the H200; SUPCON_CUDA_ARCHS overrides),
 # which keeps the bundle small. Binaries are x86-64 Linux, stripped of debug info.
@@ -140,6 +141,12 @@ fi
     echo "nvcc: $("$NVCC" --version | tail -n 1)"
     echo "cuda archs: $SUPCON_CUDA_ARCHS"
 } >"$bundle/BUILD_INFO"
+
+# The binaries each embed the same ~22 MiB of fatbins: one solid xz archive (a 64 MiB window)
+# keeps them once, ~5 MiB in all; gpu-check.sh unpacks it beside itself.
+echo "== packing the binaries into binaries.tar.xz" >&2
+tar -C "$bundle" -cf - tests benches bin | xz -9 -T1 >"$bundle/binaries.tar.xz"
+rm -rf "$bundle/tests" "$bundle/benches" "$bundle/bin"
 
 size_kib=$(du -sk "$bundle" | cut -f1)
 echo "== $bundle: $((size_kib / 1024)) MiB" >&2

@@ -55,6 +55,12 @@ describe_status() {
     esac
 }
 
+# The binaries travel packed (scripts/build-gpu-bundle.sh): unpacked once, beside this script.
+if [[ ! -x $here/bin/cuda_table && -f $here/binaries.tar.xz ]]; then
+    tar -C "$here" -xJf "$here/binaries.tar.xz" ||
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+            "$here/binaries.tar.xz" "$here"
+fi
 if [[ ! -x $here/bin/cuda_table ]]; then
     echo "gpu-check: no bundle next to this script ($here/bin/cuda_table is missing):" \
         "build it with scripts/build-gpu-bundle.sh and run gpu-bundle/gpu-check.sh" >&2
