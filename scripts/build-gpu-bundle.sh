@@ -103,7 +103,11 @@ artifacts=$(select_artifacts)
 # The wheel: pip fetches maturin into an isolated build environment; the kernels come from
 # the same nvcc and architectures as above.
 echo "== pip wheel ./python" >&2
-python3 -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$wheels" ./python >&2
+# Its own target directory: the Python crate's dependency graph unifies other features, and
+# its builds in the tests' directory left two ndarray builds there that later test builds
+# could not tell apart.
+CARGO_TARGET_DIR="$CARGO_TARGET_DIR/wheel" \
+    python3 -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$wheels" ./python >&2
 python3 - "$wheels" <<'PY'
 import sys, zipfile, pathlib
 wheel, = pathlib.Path(sys.argv[1]).glob("supcon-*.whl")
