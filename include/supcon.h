@@ -1,7 +1,7 @@
 /* supcon.h: the C ABI of the supcon crate (feature `capi`), exported by libsupcon.so.
  *
  * The Supervised Contrastive loss (Khosla et al. 2020) and its gradient from fused kernels
- * that never build the N x N similarity matrix. See src/capi.rs for the contract of each
+ * that never build the N x N similarity matrix. See src/capi/ for the contract of each
  * function; tests/capi.rs checks that this header declares exactly what the library defines.
  *
  * - Every function returns a status: SUPCON_OK, or an error code whose message is
@@ -11,6 +11,10 @@
  * - Arrays are row-major and contiguous: features [B][V][D] of the element type `dtype`,
  *   labels int64_t[B], a mask float[B*B], label sets uint8_t[B*K] (nonzero: a member). The
  *   gradient is float[B*V*D] (double for SUPCON_F64 features).
+ * - The _device functions take device pointers and queue the CUDA kernels on the caller's
+ *   CUstream (of GPU 0's primary context, the CUDA runtime's), on a handle of
+ *   SUPCON_BACKEND_CUDA: supcon_device_layout sizes the workspace and scratch the caller
+ *   allocates; nothing is allocated, copied or awaited.
  */
 #ifndef SUPCON_H
 #define SUPCON_H
@@ -90,6 +94,16 @@ typedef struct SupconPositives {
     size_t classes;      /* K of the label sets */
 } SupconPositives;
 
+/* Where supcon_forward_device writes its outputs, and the buffers the device passes need. */
+typedef struct SupconDeviceLayout {
+    size_t workspace_bytes;  /* the workspace, 256-byte aligned */
+    size_t scratch_bytes;    /* the backward pass's scratch */
+    size_t loss_offset;      /* double: the reduced loss (sum of l_i under reduction none) */
+    size_t per_anchor_offset; /* float[anchors]: l_i */
+    size_t anchors_without_positives_offset; /* uint32_t, for SUPCON_NO_POSITIVE_ERROR */
+    size_t anchors;          /* R: the length of l_i and of the upstream gradient */
+} SupconDeviceLayout;
+
 typedef struct SupconHandle SupconHandle;
 typedef struct SupconState SupconState;
 
@@ -111,6 +125,17 @@ int32_t supcon_backward(const SupconHandle *handle, const SupconState *state,
 int32_t supcon_forward_backward(const SupconHandle *handle, const void *features,
                                 uint32_t dtype, size_t batch, size_t views, size_t dim,
                                 const SupconPositives *positives, double *loss, void *grad);
+int32_t supcon_device_layout(const SupconHandle *handle, size_t batch, size_t views, size_t dim,
+                             const SupconPositives *positives, SupconDeviceLayout *layout);
+int32_t supcon_forward_device(const SupconHandle *handle, void *stream, const void *features,
+                              uint32_t dtype, size_t batch, size_t views, size_t dim,
+                              const SupconPositives *positives, void *workspace,
+                              size_t workspace_bytes);
+int32_t supcon_backward_device(const SupconHandle *handle, void *stream, const void *features,
+                               uint32_t dtype, size_t batch, size_t views, size_t dim,
+                               const SupconPositives *positives, const void *workspace,
+                               size_t workspace_bytes, const double *upstream, void *scratch,
+                               size_t scratch_bytes, float *grad);
 
 #ifdef __cplusplus
 }

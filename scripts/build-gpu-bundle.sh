@@ -26,6 +26,8 @@ export SUPCON_CUDA_ARCHS=${SUPCON_CUDA_ARCHS:-sm_90}
 NVCC=${NVCC:-$(scripts/install-nvcc.sh)}
 export NVCC
 export CARGO_TARGET_DIR=$(realpath -m "${SUPCON_BUNDLE_TARGET_DIR:-target/gpu-bundle-build}")
+# One fatbin cache for the tests' build and the wheel's (build/fatbins.rs): nvcc runs once.
+export SUPCON_FATBIN_CACHE=${SUPCON_FATBIN_CACHE:-$CARGO_TARGET_DIR/fatbin-cache}
 export CARGO_TERM_COLOR=never
 echo "== nvcc: $NVCC ($SUPCON_CUDA_ARCHS); target directory $CARGO_TARGET_DIR" >&2
 

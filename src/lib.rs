@@ -4,6 +4,8 @@
 mod alloc;
 mod any_backend;
 mod backend;
+#[cfg(feature = "candle")]
+pub mod candle;
 #[cfg(feature = "capi")]
 pub mod capi;
 mod config;

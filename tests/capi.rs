@@ -1,4 +1,4 @@
-//! The C ABI (feature `capi`): `include/supcon.h` declares exactly what `src/capi.rs` defines,
+//! The C ABI (feature `capi`): `include/supcon.h` declares exactly what `src/capi/` defines,
 //! and a C program compiled against the header and linked with the cdylib gets the CPU
 //! backend's loss and gradient bit for bit (the reference's within f32 rounding), with error
 //! statuses for bad arguments (`tests/capi/check.c`).
@@ -22,7 +22,7 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// `name → value` of the `SUPCON_*` constants, and `name → parameter count` of the functions.
 type Declarations = (BTreeMap<String, String>, BTreeMap<String, usize>);
 
-/// What `src/capi.rs` defines: `pub const SUPCON_X: T = V;` and `extern "C" fn name(…)`.
+/// What `src/capi/` defines: `pub const SUPCON_X: T = V;` and `extern "C" fn name(…)`.
 fn rust_declarations(source: &str) -> Declarations {
     let mut constants = BTreeMap::new();
     let mut functions = BTreeMap::new();
@@ -97,11 +97,14 @@ fn count_parameters(parameters: &str) -> usize {
 
 #[test]
 fn the_header_declares_what_the_library_defines() {
-    let source = std::fs::read_to_string(Path::new(ROOT).join("src/capi.rs")).unwrap();
+    let mut source = String::new();
+    for file in ["src/capi/mod.rs", "src/capi/device.rs"] {
+        source += &std::fs::read_to_string(Path::new(ROOT).join(file)).unwrap();
+    }
     let header = std::fs::read_to_string(Path::new(ROOT).join("include/supcon.h")).unwrap();
     let (rust_constants, rust_functions) = rust_declarations(&source);
     let (header_constants, header_functions) = header_declarations(&header);
-    assert!(rust_constants.len() > 30 && rust_functions.len() >= 11);
+    assert!(rust_constants.len() > 30 && rust_functions.len() >= 14);
     assert_eq!(header_constants, rust_constants, "the header's constants");
     assert_eq!(
         header_functions, rust_functions,
@@ -317,4 +320,367 @@ fn a_c_program_gets_the_cpu_backends_loss_and_gradient() {
         );
     }
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// A handle of the C ABI for `options` on `backend`.
+fn handle(options: &supcon::capi::SupconOptions, backend: u32) -> *mut supcon::capi::SupconHandle {
+    let mut handle = std::ptr::null_mut();
+    // SAFETY: valid pointers.
+    let status = unsafe { supcon::capi::supcon_new(options, backend, &mut handle) };
+    assert_eq!(status, supcon::capi::SUPCON_OK, "{}", last_error());
+    handle
+}
+
+fn last_error() -> String {
+    // SAFETY: the library's NUL-terminated, thread-local message.
+    unsafe { std::ffi::CStr::from_ptr(supcon::capi::supcon_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn default_options() -> supcon::capi::SupconOptions {
+    let mut options = std::mem::MaybeUninit::uninit();
+    // SAFETY: a writable `SupconOptions`.
+    let status = unsafe { supcon::capi::supcon_options_default(options.as_mut_ptr()) };
+    assert_eq!(status, supcon::capi::SUPCON_OK);
+    // SAFETY: filled in above.
+    unsafe { options.assume_init() }
+}
+
+/// The device entry points refuse, with a status and a message, what they cannot run: a handle
+/// of another backend, null pointers; and the layout is the device API's.
+#[test]
+fn device_entry_points_refuse_what_they_cannot_run() {
+    use supcon::capi::*;
+    let options = default_options();
+    let cpu = handle(&options, SUPCON_BACKEND_CPU);
+    let labels = [3i64, 1, 3, 2, 1];
+    let positives = SupconPositives {
+        kind: SUPCON_POSITIVES_LABELS,
+        set_weight: 0,
+        data: labels.as_ptr().cast(),
+        classes: 0,
+    };
+    let features = [0.5f32; 5 * 2 * 4];
+    let mut workspace = [0u8; 4096];
+    // SAFETY: live handle and buffers (host memory: the call must refuse before any use).
+    let status = unsafe {
+        supcon_forward_device(
+            cpu,
+            std::ptr::null_mut(),
+            features.as_ptr().cast(),
+            SUPCON_F32,
+            5,
+            2,
+            4,
+            &positives,
+            workspace.as_mut_ptr().cast(),
+            workspace.len(),
+        )
+    };
+    let message = last_error();
+    if cfg!(feature = "cuda") {
+        assert_eq!(status, SUPCON_INVALID_ARGUMENT, "{message}");
+        assert!(message.contains("SUPCON_BACKEND_CUDA"), "{message}");
+    } else {
+        assert_eq!(status, SUPCON_NO_CUDA, "{message}");
+    }
+    // SAFETY: null handle, then null positives: refused before anything is read.
+    let (null_handle, null_positives) = unsafe {
+        (
+            supcon_forward_device(
+                std::ptr::null(),
+                std::ptr::null_mut(),
+                features.as_ptr().cast(),
+                SUPCON_F32,
+                5,
+                2,
+                4,
+                &positives,
+                workspace.as_mut_ptr().cast(),
+                workspace.len(),
+            ),
+            supcon_backward_device(
+                cpu,
+                std::ptr::null_mut(),
+                features.as_ptr().cast(),
+                SUPCON_F32,
+                5,
+                2,
+                4,
+                std::ptr::null(),
+                workspace.as_ptr().cast(),
+                workspace.len(),
+                std::ptr::null(),
+                std::ptr::null_mut(),
+                0,
+                std::ptr::null_mut(),
+            ),
+        )
+    };
+    assert_eq!(null_handle, SUPCON_INVALID_ARGUMENT);
+    assert_eq!(null_positives, SUPCON_INVALID_ARGUMENT);
+    assert!(
+        last_error().contains("positives is null"),
+        "{}",
+        last_error()
+    );
+
+    let mut layout = SupconDeviceLayout::default();
+    // SAFETY: live handle, positives and layout.
+    let status = unsafe { supcon_device_layout(cpu, 5, 2, 4, &positives, &mut layout) };
+    #[cfg(feature = "cuda")]
+    {
+        assert_eq!(status, SUPCON_OK, "{}", last_error());
+        let shape = supcon::BatchShape::new(5, 2, 4).unwrap();
+        let want = supcon::CudaBackend::workspace(&SupConLoss::default(), shape, None).unwrap();
+        assert_eq!(
+            layout,
+            SupconDeviceLayout {
+                workspace_bytes: want.bytes(),
+                scratch_bytes: want.scratch_bytes(),
+                loss_offset: want.loss_offset(),
+                per_anchor_offset: want.per_anchor_offset(),
+                anchors_without_positives_offset: want.anchors_without_positives_offset(),
+                anchors: 10,
+            }
+        );
+        // An empty batch is the loss's error.
+        // SAFETY: as above.
+        let status = unsafe { supcon_device_layout(cpu, 0, 2, 4, &positives, &mut layout) };
+        assert_eq!(status, SUPCON_INVALID_ARGUMENT);
+    }
+    #[cfg(not(feature = "cuda"))]
+    assert_eq!(status, SUPCON_NO_CUDA);
+    // SAFETY: from `supcon_new`, not used again.
+    unsafe { supcon_free(cpu) };
+}
+
+/// On a GPU: the device entry points, on a stream of the caller's, give the device API's
+/// loss, per-anchor losses and gradient bit for bit, for f32 and bf16 features and every kind
+/// of positives.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_device_entry_points_equal_the_device_api() {
+    use cudarc::driver::CudaSlice;
+    use supcon::capi::*;
+    use supcon::cuda::DevicePositives;
+    let backend = match supcon::CudaBackend::new(0) {
+        Ok(backend) => backend,
+        Err(error) if std::env::var_os("SUPCON_REQUIRE_CUDA").is_some_and(|v| v != "0") => {
+            panic!("SUPCON_REQUIRE_CUDA is set, but the CUDA backend cannot run: {error}")
+        }
+        Err(error) => {
+            eprintln!("skipped: the CUDA backend cannot run here ({error})");
+            return;
+        }
+    };
+    let mut rng = common::rng("cuda_device_entry_points_equal_the_device_api");
+    // The caller's own stream, in GPU 0's primary context.
+    let stream = backend.context().new_stream().unwrap();
+    let (batch, views, dim, classes) = (37usize, 2usize, 45usize, 7usize);
+    let shape = supcon::BatchShape::new(batch, views, dim).unwrap();
+    let z = common::unit_features(&mut rng, (batch, views, dim));
+    let labels = common::labels(&mut rng, batch, 4);
+    let mask = common::soft_mask(&mut rng, batch);
+    let sets: Vec<u8> = common::label_sets(&mut rng, batch, classes)
+        .iter()
+        .map(|&m| u8::from(m))
+        .collect();
+    let labels_d = stream.clone_htod(labels.as_slice().unwrap()).unwrap();
+    let mask_d = stream.clone_htod(mask.as_slice().unwrap()).unwrap();
+    let sets_d = stream.clone_htod(&sets).unwrap();
+    for (index, reduction) in [
+        SUPCON_REDUCTION_MEAN,
+        SUPCON_REDUCTION_NONE,
+        SUPCON_REDUCTION_SUM,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut options = default_options();
+        options.temperature = 0.1;
+        options.reduction = reduction;
+        let cuda = handle(&options, SUPCON_BACKEND_CUDA);
+        let loss = SupConLoss::builder()
+            .temperature(0.1)
+            .reduction([Reduction::Mean, Reduction::None, Reduction::Sum][index])
+            .build()
+            .unwrap();
+        for kind in 0..4u32 {
+            let (data, device_positives): (u64, DevicePositives<'_>) = match kind {
+                SUPCON_POSITIVES_SIMCLR => (0, DevicePositives::SimClr),
+                SUPCON_POSITIVES_LABELS => {
+                    (raw(&labels_d), DevicePositives::Labels(&labels_d.as_view()))
+                }
+                SUPCON_POSITIVES_MASK => (raw(&mask_d), DevicePositives::Mask(&mask_d.as_view())),
+                _ => (
+                    raw(&sets_d),
+                    DevicePositives::LabelSets {
+                        memberships: &sets_d.as_view(),
+                        classes,
+                        weight: LabelSetWeight::Fraction,
+                    },
+                ),
+            };
+            let positives = SupconPositives {
+                kind,
+                set_weight: SUPCON_SET_WEIGHT_FRACTION,
+                data: data as *const std::ffi::c_void,
+                classes,
+            };
+            for dtype in [SUPCON_F32, SUPCON_BF16] {
+                let what = format!("reduction {reduction}, positives {kind}, dtype {dtype}");
+                let features: CudaSlice<u8> = match dtype {
+                    SUPCON_F32 => stream
+                        .clone_htod(bytemuck::cast_slice::<f32, u8>(
+                            z.mapv(|x| x as f32).as_slice().unwrap(),
+                        ))
+                        .unwrap(),
+                    _ => stream
+                        .clone_htod(bytemuck::cast_slice::<half::bf16, u8>(
+                            z.mapv(half::bf16::from_f64).as_slice().unwrap(),
+                        ))
+                        .unwrap(),
+                };
+                let mut layout = SupconDeviceLayout::default();
+                // SAFETY: live handle, positives and layout.
+                let status = unsafe {
+                    supcon_device_layout(cuda, batch, views, dim, &positives, &mut layout)
+                };
+                assert_eq!(status, SUPCON_OK, "{what}: {}", last_error());
+                let anchors = layout.anchors;
+                let mut workspace = stream.alloc_zeros::<u8>(layout.workspace_bytes).unwrap();
+                let mut scratch = stream.alloc_zeros::<u8>(layout.scratch_bytes).unwrap();
+                let mut grad = stream
+                    .clone_htod(&vec![f32::NAN; shape.elements()])
+                    .unwrap();
+                let upstream: Vec<f64> =
+                    (0..anchors).map(|i| 0.5 + 0.25 * (i % 3) as f64).collect();
+                let upstream = if reduction == SUPCON_REDUCTION_NONE {
+                    upstream
+                } else {
+                    vec![0.75; anchors]
+                };
+                let upstream_d = stream.clone_htod(&upstream).unwrap();
+                let cu_stream = stream.cu_stream() as *mut std::ffi::c_void;
+                // SAFETY: live buffers of this context, alive until the stream is synchronised.
+                unsafe {
+                    let status = supcon_forward_device(
+                        cuda,
+                        cu_stream,
+                        raw(&features) as *const std::ffi::c_void,
+                        dtype,
+                        batch,
+                        views,
+                        dim,
+                        &positives,
+                        raw(&workspace) as *mut std::ffi::c_void,
+                        layout.workspace_bytes,
+                    );
+                    assert_eq!(status, SUPCON_OK, "{what}: {}", last_error());
+                    let status = supcon_backward_device(
+                        cuda,
+                        cu_stream,
+                        raw(&features) as *const std::ffi::c_void,
+                        dtype,
+                        batch,
+                        views,
+                        dim,
+                        &positives,
+                        raw(&workspace) as *const std::ffi::c_void,
+                        layout.workspace_bytes,
+                        raw(&upstream_d) as *const f64,
+                        raw(&scratch) as *mut std::ffi::c_void,
+                        layout.scratch_bytes,
+                        raw(&grad) as *mut f32,
+                    );
+                    assert_eq!(status, SUPCON_OK, "{what}: {}", last_error());
+                }
+                stream.synchronize().unwrap();
+                let bytes = stream.clone_dtoh(&workspace).unwrap();
+                let got_loss = f64::from_le_bytes(
+                    bytes[layout.loss_offset..layout.loss_offset + 8]
+                        .try_into()
+                        .unwrap(),
+                );
+                let got_per_anchor: Vec<f32> = bytes
+                    [layout.per_anchor_offset..layout.per_anchor_offset + 4 * anchors]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                let got_grad = stream.clone_dtoh(&grad).unwrap();
+                let _ = (&mut workspace, &mut scratch, &mut grad);
+
+                // The device API on the backend's own stream, from the same features.
+                let own = backend.stream();
+                let upstream_host = Array1::from(upstream.clone());
+                let upstream_arg = if reduction == SUPCON_REDUCTION_NONE {
+                    Upstream::PerAnchor(upstream_host.view())
+                } else {
+                    Upstream::Scalar(0.75)
+                };
+                stream.synchronize().unwrap();
+                let (want_loss, want_per_anchor, want_grad) = match dtype {
+                    SUPCON_F32 => device_api(
+                        &backend,
+                        &loss,
+                        own,
+                        &z.mapv(|x| x as f32),
+                        shape,
+                        device_positives,
+                        upstream_arg,
+                    ),
+                    _ => device_api(
+                        &backend,
+                        &loss,
+                        own,
+                        &z.mapv(half::bf16::from_f64),
+                        shape,
+                        device_positives,
+                        upstream_arg,
+                    ),
+                };
+                assert_eq!(got_loss.to_bits(), want_loss.to_bits(), "{what}: loss");
+                assert_eq!(got_per_anchor, want_per_anchor, "{what}: ℓ_i");
+                assert_eq!(got_grad, want_grad, "{what}: gradient");
+            }
+        }
+        // SAFETY: from `supcon_new`, not used again.
+        unsafe { supcon_free(cuda) };
+    }
+}
+
+/// A device buffer's address.
+#[cfg(feature = "cuda")]
+fn raw<T>(slice: &cudarc::driver::CudaSlice<T>) -> u64 {
+    use cudarc::driver::DevicePtr;
+    let stream = slice.stream().clone();
+    let (pointer, _sync) = slice.device_ptr(&stream);
+    pointer
+}
+
+/// The device API's loss, ℓ_i and gradient for features `z` on the backend's stream.
+#[cfg(feature = "cuda")]
+fn device_api<T: supcon::cuda::CudaFeature>(
+    backend: &supcon::CudaBackend,
+    loss: &SupConLoss,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    z: &Array3<T>,
+    shape: supcon::BatchShape,
+    positives: supcon::cuda::DevicePositives<'_>,
+    upstream: Upstream<'_>,
+) -> (f64, Vec<f32>, Vec<f32>) {
+    let _ = loss;
+    let features = stream.clone_htod(z.as_slice().unwrap()).unwrap();
+    let forward = backend
+        .forward_device(loss, &features.as_view(), shape, positives)
+        .unwrap();
+    let grad = backend
+        .backward_device(&forward, &features.as_view(), positives, upstream)
+        .unwrap();
+    let loss_value = stream.clone_dtoh(&forward.loss()).unwrap()[0];
+    let per_anchor = stream.clone_dtoh(&forward.per_anchor()).unwrap();
+    let grad = stream.clone_dtoh(&grad).unwrap();
+    (loss_value, per_anchor, grad)
 }

@@ -22,6 +22,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use half::{bf16, f16};
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayView3};
 
+mod device;
+
+pub use device::{
+    supcon_backward_device, supcon_device_layout, supcon_forward_device, SupconDeviceLayout,
+};
+
 use crate::{
     AnyBackend, Backend, ContrastMode, Denominator, Error, GradElement, LabelSetWeight,
     NoPositivePolicy, Positives, Reduction, SavedState, Summation, SupConLoss, Upstream,
@@ -560,13 +566,7 @@ impl BatchArrays<'_> {
                     let sets = Array2::from_shape_fn((batch, classes), |(b, k)| {
                         bytes[b * classes + k] != 0
                     });
-                    let weight = match positives.set_weight {
-                        SUPCON_SET_WEIGHT_ANY => LabelSetWeight::Any,
-                        SUPCON_SET_WEIGHT_JACCARD => LabelSetWeight::Jaccard,
-                        SUPCON_SET_WEIGHT_FRACTION => LabelSetWeight::Fraction,
-                        other => return Err(invalid(format!("unknown set weight {other}"))),
-                    };
-                    PositivesArg::LabelSets(sets, weight)
+                    PositivesArg::LabelSets(sets, set_weight(positives.set_weight)?)
                 }
                 other => return Err(invalid(format!("unknown positives kind {other}"))),
             }
@@ -686,6 +686,16 @@ fn loss_of(options: &SupconOptions) -> Result<SupConLoss, Error> {
         cap => builder.positives_cap(usize::try_from(cap).map_err(|_| invalid("cap too large"))?),
     };
     builder.build()
+}
+
+/// The crate's weight of label-set overlaps for `SUPCON_SET_WEIGHT_*`.
+fn set_weight(value: u32) -> Result<LabelSetWeight, Error> {
+    match value {
+        SUPCON_SET_WEIGHT_ANY => Ok(LabelSetWeight::Any),
+        SUPCON_SET_WEIGHT_JACCARD => Ok(LabelSetWeight::Jaccard),
+        SUPCON_SET_WEIGHT_FRACTION => Ok(LabelSetWeight::Fraction),
+        other => Err(invalid(format!("unknown set weight {other}"))),
+    }
 }
 
 fn invalid(reason: impl Into<String>) -> Error {
