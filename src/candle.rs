@@ -374,12 +374,14 @@ fn unsupported_dtype(dtype: DType) -> Error {
     ))
 }
 
-/// Host values as a CPU storage of `dtype` (rounded to nearest).
+/// Host values as a CPU storage of `dtype`, rounded to nearest through f32 as PyTorch rounds
+/// f64 to half types (`half`'s own `from_f64` drops low bits before it rounds).
 fn storage_of(dtype: DType, values: &[f64]) -> CpuStorage {
+    let f32_of = |v: &f64| *v as f32;
     match dtype {
         DType::F64 => CpuStorage::F64(values.to_vec()),
-        DType::F16 => CpuStorage::F16(values.iter().map(|&v| f16::from_f64(v)).collect()),
-        DType::BF16 => CpuStorage::BF16(values.iter().map(|&v| bf16::from_f64(v)).collect()),
+        DType::F16 => CpuStorage::F16(values.iter().map(f32_of).map(f16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(values.iter().map(f32_of).map(bf16::from_f32).collect()),
         _ => CpuStorage::F32(values.iter().map(|&v| v as f32).collect()),
     }
 }
